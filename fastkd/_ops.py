@@ -1,0 +1,129 @@
+"""The fastkd op contract: every ``torch.library`` schema (namespace ``fastkd``), its fake kernel,
+its autograd rule, and the device-independent implementation that dispatches on the resolved
+backend string.
+
+The ops exist whether or not ``fastkd._C`` was built: C++ only adds CUDA implementations with
+``TORCH_LIBRARY_IMPL(fastkd, CUDA, m)``. The Python implementations are registered for every device
+("default"), so a CPU tensor or a missing extension falls back to the reference with no special code.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+NAMESPACE = "fastkd"
+
+
+def _kernels(family: str):
+    """Import a Triton kernel module lazily: triton is optional on the CPU path."""
+    import importlib
+
+    return importlib.import_module(f"fastkd.kernels.{family}")
+
+
+# --------------------------------------------------------------------------------------------
+# KD loss
+#   kd_loss_forward(student (N,V), teacher (N,V), target (N,)?, T, alpha, ignore_index, backend)
+#     -> (row_loss (N,) fp32, row_stats (N,3) fp32)
+#   kd_loss_backward(grad_rows (N,), student, teacher, target?, row_stats, T, alpha,
+#                    ignore_index, backend) -> grad_student (N,V) in the student dtype
+# --------------------------------------------------------------------------------------------
+
+torch.library.define(
+    "fastkd::kd_loss_forward",
+    "(Tensor student, Tensor teacher, Tensor? target, float temperature, float alpha, "
+    "int ignore_index, str backend) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "fastkd::kd_loss_backward",
+    "(Tensor grad_rows, Tensor student, Tensor teacher, Tensor? target, Tensor row_stats, "
+    "float temperature, float alpha, int ignore_index, str backend) -> Tensor",
+)
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.register_kernel("fastkd::kd_loss_forward", None)
+def _kd_loss_forward(student, teacher, target, temperature, alpha, ignore_index, backend):
+    impl = _kernels("kd_loss") if backend == "triton" else reference
+    return impl.kd_loss_forward(
+        _unit_stride(student), _unit_stride(teacher), target, temperature, alpha, ignore_index
+    )
+
+
+@torch.library.register_kernel("fastkd::kd_loss_backward", None)
+def _kd_loss_backward(
+    grad_rows, student, teacher, target, row_stats, temperature, alpha, ignore_index, backend
+):
+    impl = _kernels("kd_loss") if backend == "triton" else reference
+    return impl.kd_loss_backward(
+        grad_rows,
+        _unit_stride(student),
+        _unit_stride(teacher),
+        target,
+        row_stats,
+        temperature,
+        alpha,
+        ignore_index,
+    )
+
+
+@torch.library.register_fake("fastkd::kd_loss_forward")
+def _kd_loss_forward_fake(student, teacher, target, temperature, alpha, ignore_index, backend):
+    n = student.shape[0]
+    return (
+        student.new_empty((n,), dtype=torch.float32),
+        student.new_empty((n, 3), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("fastkd::kd_loss_backward")
+def _kd_loss_backward_fake(
+    grad_rows, student, teacher, target, row_stats, temperature, alpha, ignore_index, backend
+):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _kd_loss_setup_context(ctx, inputs, output):
+    student, teacher, target, temperature, alpha, ignore_index, backend = inputs
+    _, row_stats = output
+    ctx.save_for_backward(student, teacher, target, row_stats)
+    ctx.args = (temperature, alpha, ignore_index, backend)
+
+
+def _kd_loss_autograd_backward(ctx, grad_rows, _grad_stats):
+    student, teacher, target, row_stats = ctx.saved_tensors
+    grad_student = None
+    if ctx.needs_input_grad[0]:
+        grad_student = torch.ops.fastkd.kd_loss_backward(
+            grad_rows, student, teacher, target, row_stats, *ctx.args
+        )
+    return grad_student, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastkd::kd_loss_forward", _kd_loss_autograd_backward, setup_context=_kd_loss_setup_context
+)
+
+
+def kd_loss_rows(
+    student: Tensor,
+    teacher: Tensor,
+    target: Optional[Tensor],
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    backend: str,
+) -> Tensor:
+    """Per-row KD loss through the dispatcher (autograd reaches the student only)."""
+    rows, _ = torch.ops.fastkd.kd_loss_forward(
+        student, teacher, target, temperature, alpha, ignore_index, backend
+    )
+    return rows

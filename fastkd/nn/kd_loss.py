@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .. import functional as F
+from .._backend import BACKEND_CHOICES
+from .._validate import check_number, check_reduction
+
+
+class KDLoss(nn.Module):
+    """Knowledge-distillation loss as a module; see :func:`fastkd.functional.kd_loss`.
+
+    ``loss = KDLoss(temperature=2.0, alpha=0.5)(student_logits, teacher_logits, target)``
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        # Checked here too, so a bad setting fails when the loss is built, not mid-training.
+        self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+        self.alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
+        self.ignore_index = int(ignore_index)
+        self.reduction = check_reduction(reduction)
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        self.backend = backend
+
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None
+    ) -> Tensor:
+        return F.kd_loss(
+            student_logits,
+            teacher_logits,
+            target,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, alpha={self.alpha}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"backend={self.backend!r}"
+        )

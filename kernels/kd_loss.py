@@ -1,0 +1,270 @@
+"""Fused knowledge-distillation loss kernels (Triton).
+
+One program per row streams the student and teacher logits in blocks of BLOCK_V with an online
+(running max, rescaled sum) softmax, so nothing of size N x V is ever held in fp32.
+
+Forward, per row, in one pass over s and t (base-2 arithmetic: x2 = x * log2(e) / T):
+    m_s, d_s : running max and sum of 2^(s2 - m_s)          -> lse_s = ln2 * (m_s + log2 d_s)
+    m_t, d_t : the same for the teacher                     -> lse_t
+    acc      : sum of 2^(t2 - m_t) * ((t2 - m_t) - (s2 - m_s)), rescaled when m_s or m_t move
+    KL(p_t || p_s) = ln2 * (acc / d_t - log2 d_t + log2 d_s)
+    CE(s, y) = lse_1 - s[y], lse_1 the log-sum-exp of s at T = 1 (a third running pair if T != 1)
+    row = alpha * T^2 * KL + (1 - alpha) * CE   (T^2 * KL without target; 0 on ignored rows)
+The forward writes the row loss and (lse_s, lse_t, lse_1) per row.
+
+Backward, per row, a second pass over s and t that writes the student gradient once:
+    grad = g_row * (c_kl * (softmax(s/T) - softmax(t/T)) + (1 - alpha) * (softmax(s) - onehot(y)))
+with c_kl = alpha * T (T without target) and g_row the incoming gradient of the row loss.
+
+Saving three floats per row instead of the N x V gradient keeps the whole step at five passes over
+N x V elements (read s, t; read s, t, write grad) and its extra memory at the gradient alone.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _kd_loss_fwd_kernel(
+    student_ptr,
+    teacher_ptr,
+    target_ptr,
+    loss_ptr,
+    stats_ptr,
+    stride_s,
+    stride_t,
+    n_cols,
+    scale2,  # log2(e) / T
+    temp_sq,
+    alpha,
+    ignore_index,
+    HAS_TARGET: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * stride_s
+    t_row = teacher_ptr + row * stride_t
+    n_loop = n_cols
+    if HAS_TARGET:
+        tgt = tl.load(target_ptr + row)
+        valid = tgt != ignore_index
+        n_loop = tl.where(valid, n_cols, 0)  # ignored rows read nothing
+    neg_inf = float("-inf")
+    m_s = neg_inf
+    d_s = 0.0
+    m_t = neg_inf
+    d_t = 0.0
+    acc = 0.0
+    m_1 = neg_inf
+    d_1 = 0.0
+    for start in range(0, n_loop, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        s = tl.load(s_row + cols, mask=in_row, other=neg_inf).to(tl.float32)
+        t = tl.load(t_row + cols, mask=in_row, other=neg_inf).to(tl.float32)
+        s2 = s * scale2
+        t2 = t * scale2
+        new_m_s = tl.maximum(m_s, tl.max(s2, 0))
+        new_m_t = tl.maximum(m_t, tl.max(t2, 0))
+        # While a row has seen only -inf its max stays -inf: shift by 0 then (all terms are 0).
+        sh_s = tl.where(new_m_s == neg_inf, 0.0, new_m_s)
+        sh_t = tl.where(new_m_t == neg_inf, 0.0, new_m_t)
+        # Rescale acc to the new shifts: a' = a - dt, b' = b - ds, so
+        # acc' = 2^-dt * (acc + (ds - dt) * d_t). Guarded for d_t = 0 (nothing accumulated yet).
+        keep_t = tl.exp2(m_t - sh_t)
+        acc = tl.where(d_t > 0, keep_t * (acc + ((sh_s - m_s) - (sh_t - m_t)) * d_t), 0.0)
+        e_t = tl.exp2(t2 - sh_t)
+        diff = (t2 - sh_t) - (s2 - sh_s)
+        acc += tl.sum(tl.where(e_t > 0, e_t * diff, 0.0), 0)
+        d_t = d_t * keep_t + tl.sum(e_t, 0)
+        d_s = d_s * tl.exp2(m_s - sh_s) + tl.sum(tl.exp2(s2 - sh_s), 0)
+        m_s = sh_s
+        m_t = sh_t
+        if SEPARATE_CE:
+            s1 = s * 1.4426950408889634
+            new_m_1 = tl.maximum(m_1, tl.max(s1, 0))
+            sh_1 = tl.where(new_m_1 == neg_inf, 0.0, new_m_1)
+            d_1 = d_1 * tl.exp2(m_1 - sh_1) + tl.sum(tl.exp2(s1 - sh_1), 0)
+            m_1 = sh_1
+
+    # An ignored row accumulated nothing (d = 0): use 1 so its discarded values stay finite.
+    d_s = tl.where(d_s > 0, d_s, 1.0)
+    d_t = tl.where(d_t > 0, d_t, 1.0)
+    d_1 = tl.where(d_1 > 0, d_1, 1.0)
+    log2_d_s = tl.log2(d_s)
+    log2_d_t = tl.log2(d_t)
+    kl = 0.6931471805599453 * (acc / d_t - log2_d_t + log2_d_s)
+    kl = tl.maximum(kl, 0.0)
+    lse_s = 0.6931471805599453 * (m_s + log2_d_s)
+    lse_t = 0.6931471805599453 * (m_t + log2_d_t)
+    if HAS_TARGET:
+        if SEPARATE_CE:
+            lse_1 = 0.6931471805599453 * (m_1 + tl.log2(d_1))
+        else:
+            lse_1 = lse_s
+        safe_tgt = tl.where(valid, tgt, 0).to(tl.int64)
+        s_y = tl.load(s_row + safe_tgt).to(tl.float32)
+        row_loss = alpha * temp_sq * kl + (1.0 - alpha) * (lse_1 - s_y)
+        row_loss = tl.where(valid, row_loss, 0.0)
+        # Ignored rows keep finite (zero) statistics so the backward's exponentials stay 0.
+        lse_s = tl.where(valid, lse_s, 0.0)
+        lse_t = tl.where(valid, lse_t, 0.0)
+        lse_1 = tl.where(valid, lse_1, 0.0)
+    else:
+        row_loss = temp_sq * kl
+        lse_1 = lse_s
+    tl.store(loss_ptr + row, row_loss)
+    tl.store(stats_ptr + row * 3 + 0, lse_s)
+    tl.store(stats_ptr + row * 3 + 1, lse_t)
+    tl.store(stats_ptr + row * 3 + 2, lse_1)
+
+
+@triton.jit
+def _kd_loss_bwd_kernel(
+    grad_rows_ptr,
+    stride_g,
+    student_ptr,
+    teacher_ptr,
+    target_ptr,
+    stats_ptr,
+    grad_ptr,
+    stride_s,
+    stride_t,
+    stride_out,
+    n_cols,
+    scale2,  # log2(e) / T
+    c_kl,
+    c_ce,
+    ignore_index,
+    HAS_TARGET: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * stride_s
+    t_row = teacher_ptr + row * stride_t
+    out_row = grad_ptr + row * stride_out
+    g = tl.load(grad_rows_ptr + row * stride_g).to(tl.float32)
+    lse_s2 = tl.load(stats_ptr + row * 3 + 0) * 1.4426950408889634
+    lse_t2 = tl.load(stats_ptr + row * 3 + 1) * 1.4426950408889634
+    lse_12 = tl.load(stats_ptr + row * 3 + 2) * 1.4426950408889634
+    tgt = -1
+    n_read = n_cols
+    if HAS_TARGET:
+        tgt = tl.load(target_ptr + row)
+        g = tl.where(tgt != ignore_index, g, 0.0)
+        # An ignored row loads nothing: every probability below is 0 and it writes zeros.
+        n_read = tl.where(tgt != ignore_index, n_cols, 0)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        load_mask = cols < n_read
+        s = tl.load(s_row + cols, mask=load_mask, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_row + cols, mask=load_mask, other=float("-inf")).to(tl.float32)
+        p_s = tl.exp2(s * scale2 - lse_s2)
+        p_t = tl.exp2(t * scale2 - lse_t2)
+        grad = c_kl * (p_s - p_t)
+        if HAS_TARGET:
+            if SEPARATE_CE:
+                p_1 = tl.exp2(s * 1.4426950408889634 - lse_12)
+            else:
+                p_1 = p_s
+            grad += c_ce * (p_1 - tl.where(cols == tgt, 1.0, 0.0))
+        tl.store(out_row + cols, (grad * g).to(out_row.dtype.element_ty), mask=in_row)
+
+
+def _launch_config(n_cols: int) -> tuple[int, int]:
+    """BLOCK_V and num_warps for a row of n_cols logits."""
+    cap = 8192 if os.environ.get("TRITON_INTERPRET", "0") != "1" else 16384
+    block = min(cap, triton.next_power_of_2(max(n_cols, 16)))
+    num_warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return block, num_warps
+
+
+def kd_loss_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: Optional[torch.Tensor],
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row losses (N,) and row statistics (N, 3), both fp32, for (N, V) logits with unit column stride."""
+    n_rows, n_cols = student.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
+    stats = torch.empty(n_rows, 3, dtype=torch.float32, device=student.device)
+    if n_rows == 0:
+        return loss, stats
+    block, num_warps = _launch_config(n_cols)
+    has_target = target is not None
+    _kd_loss_fwd_kernel[(n_rows,)](
+        student,
+        teacher,
+        target if has_target else loss,
+        loss,
+        stats,
+        student.stride(0),
+        teacher.stride(0),
+        n_cols,
+        LOG2E / temperature,
+        temperature * temperature,
+        alpha,
+        ignore_index,
+        HAS_TARGET=has_target,
+        SEPARATE_CE=has_target and temperature != 1.0,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
+    return loss, stats
+
+
+def kd_loss_backward(
+    grad_rows: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Student gradient (N, V) in the student's dtype; grad_rows may be a stride-0 broadcast."""
+    n_rows, n_cols = student.shape
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    if n_rows == 0:
+        return grad
+    block, num_warps = _launch_config(n_cols)
+    has_target = target is not None
+    stats = stats.contiguous()
+    _kd_loss_bwd_kernel[(n_rows,)](
+        grad_rows,
+        grad_rows.stride(0),
+        student,
+        teacher,
+        target if has_target else stats,
+        stats,
+        grad,
+        student.stride(0),
+        teacher.stride(0),
+        grad.stride(0),
+        n_cols,
+        LOG2E / temperature,
+        alpha * temperature if has_target else temperature,
+        1.0 - alpha,
+        ignore_index,
+        HAS_TARGET=has_target,
+        SEPARATE_CE=has_target and temperature != 1.0,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
+    return grad
