@@ -1,0 +1,508 @@
+"""Distillation as a few lines of user code: :class:`Distiller`.
+
+    distiller = fastkd.Distiller(teacher, student, temperature=4.0, alpha=0.5)
+    history = distiller.fit(train_loader, epochs=10, eval_loader=test_loader)
+    metrics = distiller.evaluate(test_loader)   # {"loss", "accuracy", "agreement"}
+
+What one training step computes (``s``/``t`` the student's/teacher's outputs, ``y`` the target):
+
+- classification: ``KDLoss(T, alpha)(s, t, y)`` = ``alpha * T^2 * KL(p_t^T || p_s^T) +
+  (1 - alpha) * CE(s, y)``, or the KL term alone when the batch carries no target
+  (:class:`fastkd.nn.KDLoss`, so the fused kernel runs on a GPU);
+- regression: ``alpha * MSE(s, t) + (1 - alpha) * MSE(s, y)``, or ``MSE(s, t)`` without a target;
+- plus, with ``hints``, ``hint_weight * sum_i MSE(proj_i(f_s_i), f_t_i)`` (FitNets, Romero et al.
+  2015): forward hooks capture the student feature ``f_s_i`` and the teacher feature ``f_t_i``, and
+  a learned projection ``proj_i`` (a ``Linear`` on the last dimension, or a 1x1 ``Conv2d`` on
+  4-d ``(N, C, H, W)`` features) maps the student's width to the teacher's. The projections are
+  built from the first batch's shapes and trained by the same optimizer as the student.
+
+The teacher runs in eval mode under ``torch.no_grad()`` (and under ``torch.autocast`` with
+``teacher_autocast``); its parameters are never updated. The student keeps whatever layers it has:
+a pruned student (``fastkd.nn.MaskedLinear``) keeps its mask because that layer gives pruned
+weights a zero gradient, and only trainable parameters are optimized.
+
+Batches may be a tensor (inputs only), a tuple/list ``(inputs, target, ...)`` (``inputs`` may itself be
+a tuple of positional arguments), or a mapping of keyword arguments with an optional ``"labels"``
+entry (Hugging Face style). Model outputs may be a tensor, a tuple (first element), or an object or
+mapping with ``logits``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Mapping
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as fkd_functional
+from ._validate import check_number
+from .nn.kd_loss import KDLoss
+
+TASKS = ("classification", "regression")
+
+OptimizerArg = Union[None, torch.optim.Optimizer, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]
+
+
+def _get_submodule(model: nn.Module, path: str, which: str) -> nn.Module:
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"{which} hint path must be a non-empty str, got {path!r}")
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise ValueError(
+            f"{which} has no module at path {path!r}; its modules are: {shown or '(none)'}"
+        ) from None
+
+
+def _output_tensor(out, who: str) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(
+        f"{who} returned {type(out).__name__}; expected a tensor, a tuple whose first element is "
+        "a tensor, or an object/mapping with a 'logits' tensor"
+    )
+
+
+def _to_device(obj, device: torch.device):
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _split_batch(batch):
+    """-> (call, target): call(model) runs the model on the batch's inputs."""
+    if isinstance(batch, Mapping):
+        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+        return (lambda m: m(**kwargs)), batch.get("labels")
+    if isinstance(batch, Tensor):
+        return (lambda m: m(batch)), None
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise ValueError("a batch is an empty tuple/list")
+        inputs = batch[0]
+        target = batch[1] if len(batch) > 1 else None
+        if isinstance(inputs, (tuple, list)):
+            return (lambda m: m(*inputs)), target
+        return (lambda m: m(inputs)), target
+    raise TypeError(
+        f"a batch must be a tensor, a tuple/list (inputs, target) or a mapping; got "
+        f"{type(batch).__name__}"
+    )
+
+
+def _first_tensor(out) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(f"a hinted module returned {type(out).__name__}, not a tensor")
+
+
+def _autocast_dtype(device: torch.device, setting) -> Optional[torch.dtype]:
+    if setting is None or setting is False:
+        return None
+    if isinstance(setting, torch.dtype):
+        return setting
+    if setting is True:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    raise TypeError(f"teacher_autocast must be None, a bool or a torch.dtype, got {setting!r}")
+
+
+def _nonempty(loader, name: str) -> None:
+    if loader is None:
+        raise ValueError(f"{name} is None")
+    try:
+        n = len(loader)
+    except TypeError:
+        return  # an iterable without len: checked after iterating
+    if n == 0:
+        raise ValueError(f"{name} is empty (len 0): there is nothing to train or evaluate on")
+
+
+class _HintCapture:
+    """Forward hooks that store the latest output of each hinted module, installed only while a
+    Distiller method runs (so a later module swap, e.g. sparsify_, never leaves stale hooks)."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.values: list[Optional[Tensor]] = [None] * len(modules)
+        self._handles = []
+        for i, m in enumerate(modules):
+            self._handles.append(m.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i):
+        def hook(_module, _inputs, output):
+            self.values[i] = _first_tensor(output)
+
+        return hook
+
+    def take(self) -> list[Tensor]:
+        vals = list(self.values)
+        self.values = [None] * len(vals)
+        for i, v in enumerate(vals):
+            if v is None:
+                raise RuntimeError(f"hinted module {i} did not run in the forward pass")
+        return vals
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class Distiller:
+    """Train ``student`` to match ``teacher``; see the module docstring for the objective.
+
+    Args:
+        teacher, student: ``nn.Module``s with outputs of the same shape (``(..., classes)`` for
+            classification). Both are moved to ``device``.
+        temperature: softening temperature ``T > 0`` (classification).
+        alpha: weight of the teacher term in ``[0, 1]``; ``1 - alpha`` weighs the hard target.
+            ``alpha=0`` trains on hard labels only (the teacher is still run for the metrics).
+        optimizer: ``None`` (Adam with ``lr``), an optimizer over the student's parameters (the
+            hint projections are added to it as a new parameter group), or a callable that takes
+            an iterable of parameters and returns an optimizer.
+        lr: learning rate of the default Adam, and of the projections' group in a given optimizer.
+        device: where to train; default: the student's device (CPU for a parameterless student).
+        task: ``"classification"`` (KD loss) or ``"regression"`` (MSE).
+        hints: ``[(student_path, teacher_path), ...]`` module paths (as in ``named_modules()``)
+            for FitNets feature distillation.
+        hint_weight: weight of the hint term (>= 0).
+        teacher_autocast: ``None``/``False`` (off), ``True`` (bf16, or fp16 on a GPU without bf16)
+            or a dtype: run the teacher under ``torch.autocast``.
+        backend: the KD loss backend (``"auto"``, ``"torch"``, ``"triton"``).
+        progress: show a tqdm progress bar with the running loss during ``fit``.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        temperature: float = 4.0,
+        alpha: float = 0.5,
+        optimizer: OptimizerArg = None,
+        lr: float = 1e-3,
+        device=None,
+        task: str = "classification",
+        hints: Optional[Sequence[tuple[str, str]]] = None,
+        hint_weight: float = 1.0,
+        teacher_autocast=None,
+        backend: str = "auto",
+        progress: bool = True,
+    ):
+        if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
+            raise TypeError("teacher and student must be torch.nn.Module instances")
+        if teacher is student:
+            raise ValueError("teacher and student must be different modules")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+        self.alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
+        self.lr = check_number(lr, "lr", low=0.0, low_open=True)
+        self.hint_weight = check_number(hint_weight, "hint_weight", low=0.0)
+        self.task = task
+        self.backend = backend
+        self.progress = bool(progress)
+
+        if device is None:
+            first = next(iter(student.parameters()), None)
+            if first is None:
+                first = next(iter(student.buffers()), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        self.teacher = teacher.to(self.device)
+        self.student = student.to(self.device)
+        self._autocast_dtype = _autocast_dtype(self.device, teacher_autocast)
+
+        self.hints = [tuple(h) for h in (hints or [])]
+        for h in self.hints:
+            if len(h) != 2:
+                raise ValueError(f"each hint is a (student_path, teacher_path) pair, got {h!r}")
+            _get_submodule(self.student, h[0], "student")
+            _get_submodule(self.teacher, h[1], "teacher")
+        # Built from the first batch's feature shapes (see _build_projections).
+        self.hint_projections: Optional[nn.ModuleList] = None
+
+        self.loss_fn = KDLoss(temperature=self.temperature, alpha=self.alpha, backend=backend)
+        if optimizer is not None and not (
+            isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)
+        ):
+            raise TypeError(
+                "optimizer must be None, a torch.optim.Optimizer, or a callable returning one"
+            )
+        self._optimizer_arg = optimizer
+        self.optimizer: Optional[torch.optim.Optimizer] = (
+            optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+        )
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ pieces of a step
+
+    def _teacher_forward(self, call):
+        ctx = (
+            torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+            if self._autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), ctx:
+            return _output_tensor(call(self.teacher), "teacher")
+
+    def _check_outputs(self, s: Tensor, t: Tensor) -> None:
+        if s.shape != t.shape:
+            raise ValueError(
+                f"student output shape {tuple(s.shape)} does not match teacher output shape "
+                f"{tuple(t.shape)}; the student must predict the same "
+                + ("classes" if self.task == "classification" else "targets")
+            )
+
+    def _output_loss(self, s: Tensor, t: Tensor, target: Optional[Tensor], reduction="mean"):
+        """Returns (loss, count): the mean (or the sum with reduction="sum") and its row count."""
+        if self.task == "classification":
+            if reduction == "mean":
+                return self.loss_fn(s, t, target), None
+            rows = fkd_functional.kd_loss(
+                s, t, target, temperature=self.temperature, alpha=self.alpha,
+                reduction="none", backend=self.backend,
+            )
+            if target is None:
+                return rows.sum(), rows.numel()
+            valid = target != self.loss_fn.ignore_index
+            return rows.sum(), valid.sum()
+        t = t.to(s.dtype)
+        teacher_term = F.mse_loss(s, t, reduction=reduction)
+        if target is None or self.alpha == 1.0:
+            loss = teacher_term
+        else:
+            target = target.to(s.dtype)
+            if target.shape != s.shape:
+                raise ValueError(
+                    f"regression target shape {tuple(target.shape)} does not match the output "
+                    f"shape {tuple(s.shape)}"
+                )
+            loss = self.alpha * teacher_term + (1 - self.alpha) * F.mse_loss(
+                s, target, reduction=reduction
+            )
+        return loss, (s.numel() if reduction == "sum" else None)
+
+    def _build_projections(self, s_feats: list[Tensor], t_feats: list[Tensor]) -> None:
+        projs = []
+        for (s_path, t_path), fs, ft in zip(self.hints, s_feats, t_feats):
+            if fs.dim() == 4 and ft.dim() == 4:
+                if fs.shape[0] != ft.shape[0] or fs.shape[2:] != ft.shape[2:]:
+                    raise ValueError(
+                        f"hint {s_path!r} -> {t_path!r}: feature maps {tuple(fs.shape)} and "
+                        f"{tuple(ft.shape)} must agree in batch and spatial size"
+                    )
+                proj = nn.Conv2d(fs.shape[1], ft.shape[1], kernel_size=1)
+            else:
+                if fs.dim() < 1 or fs.shape[:-1] != ft.shape[:-1]:
+                    raise ValueError(
+                        f"hint {s_path!r} -> {t_path!r}: features {tuple(fs.shape)} and "
+                        f"{tuple(ft.shape)} must agree in all but the last dimension"
+                    )
+                proj = nn.Linear(fs.shape[-1], ft.shape[-1])
+            projs.append(proj)
+        self.hint_projections = nn.ModuleList(projs).to(self.device)
+
+    def _hint_loss(self, s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
+        total = None
+        for proj, fs, ft in zip(self.hint_projections, s_feats, t_feats):
+            mapped = proj(fs.float())
+            term = F.mse_loss(mapped, ft.detach().float())
+            total = term if total is None else total + term
+        return total
+
+    def _ensure_optimizer(self) -> None:
+        proj_params = list(self.hint_projections.parameters()) if self.hint_projections else []
+        if self.optimizer is None:
+            params = [p for p in self.student.parameters() if p.requires_grad] + proj_params
+            if not params:
+                raise ValueError("the student has no trainable parameters (requires_grad=True)")
+            if callable(self._optimizer_arg):
+                self.optimizer = self._optimizer_arg(params)
+                if not isinstance(self.optimizer, torch.optim.Optimizer):
+                    raise TypeError("the optimizer callable must return a torch.optim.Optimizer")
+            else:
+                self.optimizer = torch.optim.Adam(params, lr=self.lr)
+            return
+        have = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        missing = [p for p in proj_params if id(p) not in have]
+        if missing:
+            self.optimizer.add_param_group({"params": missing, "lr": self.lr})
+        if not have and not missing:
+            raise ValueError("the given optimizer has no parameters")
+
+    def _hooks(self):
+        if not self.hints:
+            return None, None
+        s_mods = [_get_submodule(self.student, s, "student") for s, _ in self.hints]
+        t_mods = [_get_submodule(self.teacher, t, "teacher") for _, t in self.hints]
+        return _HintCapture(s_mods), _HintCapture(t_mods)
+
+    # ------------------------------------------------------------------ public API
+
+    def fit(self, train_loader, epochs: int = 1, eval_loader=None) -> list[dict]:
+        """Train the student for ``epochs`` passes over ``train_loader``.
+
+        Returns the history: one dict per epoch with ``epoch``, ``train_loss`` (the mean of the
+        whole objective), ``train_hint_loss`` with hints, ``seconds``, and ``eval_<metric>`` for
+        every metric of :meth:`evaluate` when ``eval_loader`` is given. The list is also appended
+        to ``self.history``.
+        """
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        _nonempty(train_loader, "train_loader")
+        if eval_loader is not None:
+            _nonempty(eval_loader, "eval_loader")
+        from tqdm.auto import tqdm
+
+        self.teacher.eval()
+        s_cap, t_cap = self._hooks()
+        out: list[dict] = []
+        try:
+            for epoch in range(1, epochs + 1):
+                self.student.train()
+                if self.hint_projections is not None:
+                    self.hint_projections.train()
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), device=self.device)
+                hint_sum = torch.zeros((), device=self.device)
+                steps = 0
+                bar = tqdm(
+                    train_loader,
+                    desc=f"epoch {epoch}/{epochs}",
+                    disable=not self.progress,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
+                for batch in bar:
+                    call, target = _split_batch(_to_device(batch, self.device))
+                    t_out = self._teacher_forward(call)
+                    s_out = _output_tensor(call(self.student), "student")
+                    self._check_outputs(s_out, t_out)
+                    loss, _ = self._output_loss(s_out, t_out, target)
+                    if s_cap is not None:
+                        s_feats, t_feats = s_cap.take(), t_cap.take()
+                        if self.hint_projections is None:
+                            self._build_projections(s_feats, t_feats)
+                        hint = self._hint_loss(s_feats, t_feats)
+                        hint_sum += hint.detach()
+                        loss = loss + self.hint_weight * hint
+                    if self.optimizer is None or steps == 0:
+                        self._ensure_optimizer()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    loss_sum += loss.detach()
+                    steps += 1
+                    # .item() syncs the device; do it only now and then, for the bar.
+                    if self.progress and (steps % 10 == 1):
+                        bar.set_postfix(loss=f"{(loss_sum / steps).item():.4f}")
+                bar.close()
+                if steps == 0:
+                    raise ValueError("train_loader produced no batches")
+                train_loss = (loss_sum / steps).item()
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(
+                        f"training loss became {train_loss} in epoch {epoch}; lower the lr"
+                    )
+                record = {"epoch": len(self.history) + 1, "train_loss": train_loss}
+                if self.hints:
+                    record["train_hint_loss"] = (hint_sum / steps).item()
+                if eval_loader is not None:
+                    if s_cap is not None:
+                        s_cap.remove()
+                        t_cap.remove()
+                        s_cap = t_cap = None
+                    for k, v in self.evaluate(eval_loader).items():
+                        record[f"eval_{k}"] = v
+                    s_cap, t_cap = self._hooks()
+                record["seconds"] = time.perf_counter() - t0
+                if self.progress:
+                    shown = ", ".join(
+                        f"{k}={v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")
+                    )
+                    tqdm.write(f"epoch {epoch}/{epochs}: {shown}")
+                self.history.append(record)
+                out.append(record)
+        finally:
+            if s_cap is not None:
+                s_cap.remove()
+                t_cap.remove()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict:
+        """Metrics of the student on ``loader``: ``loss`` (the output objective, without hints),
+        and for classification ``agreement`` (fraction of rows whose arg-max matches the
+        teacher's) and ``accuracy`` (when batches carry targets; ``ignore_index`` rows are left
+        out). With hints and built projections, ``hint_loss`` too. The student's train/eval mode
+        is restored afterwards."""
+        _nonempty(loader, "loader")
+        was_training = self.student.training
+        self.student.eval()
+        self.teacher.eval()
+        s_cap, t_cap = self._hooks() if self.hint_projections is not None else (None, None)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        hint_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        labelled = torch.zeros((), dtype=torch.float64, device=self.device)
+        agree = torch.zeros((), dtype=torch.float64, device=self.device)
+        rows = 0
+        batches = 0
+        try:
+            for batch in loader:
+                call, target = _split_batch(_to_device(batch, self.device))
+                t_out = self._teacher_forward(call)
+                s_out = _output_tensor(call(self.student), "student")
+                self._check_outputs(s_out, t_out)
+                total, n = self._output_loss(s_out, t_out, target, reduction="sum")
+                loss_sum += total.double()
+                count += n
+                batches += 1
+                if s_cap is not None:
+                    hint_sum += self._hint_loss(s_cap.take(), t_cap.take()).double()
+                if self.task == "classification":
+                    pred = s_out.argmax(-1)
+                    agree += (pred == t_out.argmax(-1)).sum()
+                    rows += pred.numel()
+                    if target is not None:
+                        valid = target != self.loss_fn.ignore_index
+                        correct += ((pred == target) & valid).sum()
+                        labelled += valid.sum()
+        finally:
+            if s_cap is not None:
+                s_cap.remove()
+                t_cap.remove()
+            self.student.train(was_training)
+        if batches == 0:
+            raise ValueError("loader produced no batches")
+        metrics = {"loss": (loss_sum / count.clamp_min(1)).item()}
+        if self.task == "classification":
+            if labelled.item() > 0:
+                metrics["accuracy"] = (correct / labelled).item()
+            metrics["agreement"] = (agree / max(rows, 1)).item()
+        if s_cap is not None:
+            metrics["hint_loss"] = (hint_sum / batches).item()
+        return metrics
