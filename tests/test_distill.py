@@ -1,0 +1,280 @@
+"""fastkd.Distiller on small synthetic problems (CPU, a few seconds in all)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastkd
+from fastkd import Distiller
+
+
+def _mlp(d_in, hidden, d_out, seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+def _classification_data(seed=0, n=1600, d=20, classes=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, classes, generator=g)
+    y = (x @ w + 0.5 * torch.randn(n, classes, generator=g)).argmax(1)
+    split = n * 3 // 4
+    train = DataLoader(
+        TensorDataset(x[:split], y[:split]),
+        batch_size=64,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    test = DataLoader(TensorDataset(x[split:], y[split:]), batch_size=200)
+    return train, test, (x[split:], y[split:])
+
+
+def _train_supervised(model, loader, epochs, lr=1e-2):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for xb, yb in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def problem():
+    train, test, (x_test, y_test) = _classification_data()
+    teacher = _train_supervised(_mlp(20, 128, 5, seed=1), train, epochs=15)
+    with torch.no_grad():
+        teacher_acc = (teacher(x_test).argmax(1) == y_test).float().mean().item()
+    return train, test, teacher, teacher_acc
+
+
+def test_student_reaches_teacher_accuracy_and_loss_falls(problem):
+    train, test, teacher, teacher_acc = problem
+    assert teacher_acc > 0.8  # the problem is learnable, or the comparison means nothing
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    student = _mlp(20, 32, 5, seed=2)
+    d = Distiller(teacher, student, temperature=4.0, alpha=0.5, lr=1e-2, progress=False)
+    history = d.fit(train, epochs=12, eval_loader=test)
+
+    assert len(history) == 12 and d.history == history
+    assert [h["epoch"] for h in history] == list(range(1, 13))
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["eval_loss"] < history[0]["eval_loss"]
+    metrics = d.evaluate(test)
+    assert set(metrics) == {"loss", "accuracy", "agreement"}
+    assert metrics["accuracy"] >= teacher_acc - 0.05
+    assert metrics["agreement"] >= 0.85
+    assert metrics["accuracy"] == pytest.approx(history[-1]["eval_accuracy"])
+    # the teacher is never trained
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_state[k]), k
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_evaluate_matches_a_direct_computation(problem):
+    _, test, teacher, _ = problem
+    student = _mlp(20, 16, 5, seed=3)
+    d = Distiller(teacher, student, temperature=2.0, alpha=0.3, progress=False)
+    student.train()
+    m = d.evaluate(test)
+    assert student.training  # mode restored
+    x, y = test.dataset.tensors
+    with torch.no_grad():
+        s, t = student(x), teacher(x)
+    kl = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True,
+                  reduction="none").sum(-1)
+    expected = (0.3 * 4 * kl + 0.7 * F.cross_entropy(s, y, reduction="none")).mean()
+    assert m["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert m["accuracy"] == pytest.approx((s.argmax(1) == y).float().mean().item())
+    assert m["agreement"] == pytest.approx((s.argmax(1) == t.argmax(1)).float().mean().item())
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+def test_training_objective_is_the_kd_loss(alpha):
+    """One batch, one epoch: the recorded loss is the objective at the initial weights, and the
+    SGD step moves the weights by exactly lr times its gradient."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 7), torch.randint(0, 4, (32,))
+    teacher, student = _mlp(7, 9, 4, seed=4), _mlp(7, 5, 4, seed=5)
+    ref = copy.deepcopy(student)
+    d = Distiller(teacher, student, temperature=3.0, alpha=alpha,
+                  optimizer=lambda p: torch.optim.SGD(p, lr=0.1), progress=False)
+    hist = d.fit([(x, y)], epochs=1)
+    with torch.no_grad():
+        t = teacher(x)
+    s = ref(x)
+    kl = F.kl_div(F.log_softmax(s / 3, -1), F.log_softmax(t / 3, -1), log_target=True,
+                  reduction="batchmean")
+    expected = alpha * 9 * kl + (1 - alpha) * F.cross_entropy(s, y)
+    assert hist[0]["train_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    expected.backward()
+    for p_new, p_old in zip(student.parameters(), ref.parameters()):
+        torch.testing.assert_close(p_new, p_old - 0.1 * p_old.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_regression_mode():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(800, 6, generator=g)
+    teacher = _mlp(6, 32, 3, seed=6)
+    with torch.no_grad():
+        y = teacher(x) + 0.01 * torch.randn(800, 3, generator=g)
+    train = DataLoader(TensorDataset(x[:600], y[:600]), batch_size=50, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    test = DataLoader(TensorDataset(x[600:], y[600:]), batch_size=100)
+    student = _mlp(6, 32, 3, seed=7)
+    d = Distiller(teacher, student, task="regression", alpha=0.8, lr=1e-2, progress=False)
+    before = d.evaluate(test)
+    assert set(before) == {"loss"}  # no accuracy / agreement for regression
+    hist = d.fit(train, epochs=15, eval_loader=test)
+    assert hist[-1]["train_loss"] < 0.2 * hist[0]["train_loss"]
+    after = d.evaluate(test)
+    assert after["loss"] < 0.1 * before["loss"]
+    # loss is alpha * MSE(s, t) + (1 - alpha) * MSE(s, y), checked directly
+    with torch.no_grad():
+        s, t = student(x[600:]), teacher(x[600:])
+    expected = 0.8 * F.mse_loss(s, t) + 0.2 * F.mse_loss(s, y[600:])
+    assert after["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    # without targets: MSE to the teacher only
+    d_nolabel = Distiller(teacher, student, task="regression", progress=False)
+    assert d_nolabel.evaluate([x[600:]])["loss"] == pytest.approx(F.mse_loss(s, t).item(), rel=1e-5)
+
+
+def test_hints_train_the_projection_and_hint_loss_falls(problem):
+    train, test, teacher, _ = problem
+    student = _mlp(20, 12, 5, seed=8)
+    d = Distiller(teacher, student, hints=[("0", "0"), ("1", "1")], hint_weight=0.5, lr=1e-2,
+                  progress=False)
+    assert d.hint_projections is None
+    hist = d.fit(train, epochs=1)
+    projs = d.hint_projections
+    assert [tuple(p.weight.shape) for p in projs] == [(128, 12), (128, 12)]
+    # the projections are optimized together with the student
+    opt_params = {id(p) for g in d.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in opt_params for p in projs.parameters())
+    w0 = [p.detach().clone() for p in projs.parameters()]
+    hist += d.fit(train, epochs=5, eval_loader=test)
+    assert all(not torch.equal(a, b) for a, b in zip(w0, projs.parameters()))
+    assert hist[-1]["train_hint_loss"] < 0.7 * hist[0]["train_hint_loss"]
+    assert "eval_hint_loss" in hist[-1] and hist[-1]["eval_hint_loss"] > 0
+    # hooks are removed once fit returns: a plain forward leaves nothing behind
+    assert not student[0]._forward_hooks and not teacher[0]._forward_hooks
+
+
+def test_hints_with_a_given_optimizer_and_conv_features():
+    class Net(nn.Module):
+        def __init__(self, c, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.body = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.ReLU())
+            self.head = nn.Linear(c * 5 * 5, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x).flatten(1))
+
+    teacher, student = Net(8, 0), Net(3, 1)
+    x, y = torch.randn(40, 1, 5, 5), torch.randint(0, 3, (40,))
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    d = Distiller(teacher, student, optimizer=opt, hints=[("body.0", "body.0")], progress=False)
+    hist = d.fit([(x[:20], y[:20]), (x[20:], y[20:])], epochs=8)
+    (proj,) = d.hint_projections
+    assert isinstance(proj, nn.Conv2d) and proj.in_channels == 3 and proj.out_channels == 8
+    assert d.optimizer is opt and len(opt.param_groups) == 2
+    assert hist[-1]["train_hint_loss"] < hist[0]["train_hint_loss"]
+
+
+def test_torch_pruned_student_keeps_its_zeros(problem):
+    """A student pruned with torch.nn.utils.prune (weight = weight_orig * mask) stays pruned."""
+    train, _, teacher, _ = problem
+    student = _mlp(20, 32, 5, seed=9)
+    torch.nn.utils.prune.l1_unstructured(student[0], "weight", amount=0.6)
+    zeros = student[0].weight_mask == 0
+    Distiller(teacher, student, lr=1e-2, progress=False).fit(train, epochs=2)
+    assert zeros.sum() == round(0.6 * zeros.numel())
+    assert torch.all(student[0].weight[zeros] == 0)
+
+
+@pytest.mark.skipif(not hasattr(fastkd.nn, "MaskedLinear") or not hasattr(fastkd, "sparsify_"),
+                    reason="needs fastkd.sparsify_ / fastkd.nn.MaskedLinear (issue 3)")
+@pytest.mark.parametrize("opt", ["adam", "adamw"])
+def test_masked_student_keeps_its_zeros(problem, opt):
+    train, test, teacher, _ = problem
+    student = fastkd.sparsify_(_mlp(20, 32, 5, seed=10), sparsity=0.5)
+    layers = [m for m in student.modules() if isinstance(m, fastkd.nn.MaskedLinear)]
+    assert len(layers) == 2
+    pruned = [(~m.mask).clone() for m in layers]
+    make = (lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)) if opt == "adamw" else None
+    d = Distiller(teacher, student, optimizer=make, lr=1e-2, progress=False)
+    hist = d.fit(train, epochs=3)
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    for m, off in zip(layers, pruned):
+        assert torch.equal(~m.mask, off)  # the mask is kept
+        assert torch.all(m.weight[off] == 0)
+
+
+def test_teacher_autocast_and_mapping_batches():
+    class Dict(nn.Module):
+        def __init__(self, hidden, seed):
+            super().__init__()
+            self.net = _mlp(4, hidden, 3, seed)
+
+        def forward(self, input_ids):
+            return {"logits": self.net(input_ids)}
+
+    torch.manual_seed(0)
+    batches = [{"input_ids": torch.randn(16, 4), "labels": torch.randint(0, 3, (16,))}
+               for _ in range(3)]
+    d = Distiller(Dict(16, 0), Dict(8, 1), teacher_autocast=True, progress=False)
+    hist = d.fit(batches, epochs=2, eval_loader=batches)
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in hist)
+    assert 0.0 <= hist[-1]["eval_accuracy"] <= 1.0
+
+
+def test_bad_inputs(problem):
+    train, _, teacher, _ = problem
+    student = _mlp(20, 8, 5, seed=11)
+    x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
+
+    with pytest.raises(ValueError, match=r"student output shape \(8, 4\).*teacher output shape \(8, 5\)"):
+        Distiller(teacher, _mlp(20, 8, 4, seed=0), progress=False).fit([(x, y)])
+    d = Distiller(teacher, student, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        d.fit(DataLoader(TensorDataset(x[:0], y[:0]), batch_size=4))
+    with pytest.raises(ValueError, match="no batches"):
+        d.fit(iter([]))
+    with pytest.raises(ValueError, match="empty"):
+        d.evaluate([])
+    with pytest.raises(ValueError, match="epochs"):
+        d.fit([(x, y)], epochs=0)
+    with pytest.raises(ValueError, match=r"student has no module at path '0\.nope'"):
+        Distiller(teacher, student, hints=[("0.nope", "0")])
+    with pytest.raises(ValueError, match="teacher has no module at path 'missing'"):
+        Distiller(teacher, student, hints=[("0", "missing")])
+    with pytest.raises(ValueError, match="pair"):
+        Distiller(teacher, student, hints=[("0",)])
+    with pytest.raises(ValueError, match="task"):
+        Distiller(teacher, student, task="ranking")
+    with pytest.raises(ValueError, match="temperature"):
+        Distiller(teacher, student, temperature=0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        Distiller(teacher, student, alpha=1.5)
+    with pytest.raises(ValueError, match="different modules"):
+        Distiller(teacher, teacher)
+    with pytest.raises(TypeError, match="nn.Module"):
+        Distiller(teacher, lambda v: v)
+    with pytest.raises(TypeError, match="optimizer"):
+        Distiller(teacher, student, optimizer="adam")
+    frozen = _mlp(20, 8, 5, seed=12).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Distiller(teacher, frozen, progress=False).fit([(x, y)])
+    with pytest.raises(ValueError, match="target values"):
+        Distiller(teacher, student, progress=False).fit([(x, y + 5)])
+    with pytest.raises(ValueError, match="regression target shape"):
+        Distiller(teacher, student, task="regression", progress=False).fit([(x, torch.randn(8))])
