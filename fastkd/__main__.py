@@ -42,7 +42,8 @@ def _add_workflow_commands(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="run the kernel benchmarks available on this device; table and JSON",
-        description="Run every bench/bench_<family>.py that exposes run(device, quick) -> list[dict].",
+        description="Run every bench/bench_<family>.py that defines "
+        "run(device, quick) -> list[dict].",
     )
     bench_arguments(p)
     p.set_defaults(func=_cmd_bench)

@@ -13,7 +13,7 @@ The convention (one file per op family, nothing to register):
   and the reason shown. A file may also raise ``BenchSkipped("why")`` (or any exception whose class
   is named ``BenchSkipped``, so it need not import fastkd to do so) from ``run``.
 * Other files in ``bench/`` (pytest-benchmark tests, helpers, results/) are ignored; a helper module
-  next to the benchmarks can be imported by them, because the folder is on ``sys.path`` while they run.
+  next to the benchmarks can be imported by them (the folder is on ``sys.path`` while they run).
 
 The folder is ``--dir``, else ``$FASTKD_BENCH_DIR``, else ``bench/`` of the source checkout that
 fastkd is imported from, else ``./bench``. Results: a table per family on stdout and one JSON file
@@ -171,8 +171,10 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def format_report(report: dict) -> str:
-    out = [f"device {report['device']} ({report['device_name']}), torch {report['torch']}, "
-           f"triton {report['triton']}, {'quick' if report['quick'] else 'full'} sweep"]
+    out = [
+        f"device {report['device']} ({report['device_name']}), torch {report['torch']}, "
+        f"triton {report['triton']}, {'quick' if report['quick'] else 'full'} sweep"
+    ]
     if not report["families"]:
         out.append(f"no bench/{PREFIX}<family>.py files found in {report['bench_dir']}")
     for family, entry in report["families"].items():
@@ -189,18 +191,34 @@ def format_report(report: dict) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
     sweep = p.add_mutually_exclusive_group()
-    sweep.add_argument("--quick", dest="quick", action="store_true", default=None,
-                       help="small shapes (the default on the CPU)")
-    sweep.add_argument("--full", dest="quick", action="store_false",
-                       help="the full sweep (the default on a GPU)")
-    p.add_argument("--only", action="append", metavar="FAMILY",
-                   help="run only this family (repeatable), e.g. --only kd_loss")
-    p.add_argument("--dir", default=None,
-                   help=f"folder of bench_<family>.py files (default: ${ENV_DIR} or the checkout's bench/)")
-    p.add_argument("--out", default=None,
-                   help="JSON output file (default: ./fastkd-bench/bench_<device>.json)")
+    sweep.add_argument(
+        "--quick",
+        dest="quick",
+        action="store_true",
+        default=None,
+        help="small shapes (the default on the CPU)",
+    )
+    sweep.add_argument(
+        "--full", dest="quick", action="store_false", help="the full sweep (the default on a GPU)"
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="FAMILY",
+        help="run only this family (repeatable), e.g. --only kd_loss",
+    )
+    p.add_argument(
+        "--dir",
+        default=None,
+        help=f"folder of bench_<family>.py files (default: ${ENV_DIR} or the checkout's bench/)",
+    )
+    p.add_argument(
+        "--out", default=None, help="JSON output file (default: ./fastkd-bench/bench_<device>.json)"
+    )
 
 
 def main(args) -> int:

@@ -1,4 +1,4 @@
-"""``python -m fastkd demo``: the whole compression workflow on a real dataset, in well under a minute.
+"""``python -m fastkd demo``: the whole compression workflow on a real dataset, in seconds.
 
 scikit-learn's handwritten digits (1,797 8x8 images, 10 classes; shipped with the library, no
 download) are split 70/30 (stratified, by ``--seed``). Then:
@@ -78,14 +78,16 @@ def make_mlp(sizes: list[int]) -> nn.Sequential:
 
 
 def parse_pattern(text: str):
-    """"unstructured", "N:M" (e.g. "2:4") or a block "BHxBW" (e.g. "4x4") -> sparsify_'s pattern."""
+    """'unstructured', 'N:M' (e.g. '2:4') or a block 'BHxBW' (e.g. '4x4') -> sparsify_'s pattern."""
     text = str(text).strip()
     if text == "unstructured" or re.fullmatch(r"\d+:\d+", text):
         return text
     m = re.fullmatch(r"(\d+)x(\d+)", text)
     if m:
         return (int(m.group(1)), int(m.group(2)))
-    raise ValueError(f"--pattern must be 'unstructured', 'N:M' (e.g. 2:4) or 'BHxBW' (e.g. 4x4), got {text!r}")
+    raise ValueError(
+        f"--pattern must be 'unstructured', 'N:M' (e.g. 2:4) or 'BHxBW' (e.g. 4x4), got {text!r}"
+    )
 
 
 def resolve_sparsity(pattern, sparsity: Optional[float]) -> float:
@@ -96,7 +98,8 @@ def resolve_sparsity(pattern, sparsity: Optional[float]) -> float:
         implied = 1.0 - n / m
         if sparsity is not None and not math.isclose(sparsity, implied, abs_tol=1e-9):
             raise ValueError(
-                f"pattern {pattern} implies sparsity {implied:g}; --sparsity {sparsity:g} contradicts it"
+                f"pattern {pattern} implies sparsity {implied:g}; "
+                f"--sparsity {sparsity:g} contradicts it"
             )
         return implied
     sparsity = 0.5 if sparsity is None else float(sparsity)
@@ -116,8 +119,11 @@ def fold_masks_(model: nn.Module) -> nn.Module:
     for name, child in list(model.named_children()):
         if isinstance(child, masked_cls):
             dense = nn.Linear(
-                child.in_features, child.out_features, bias=child.bias is not None,
-                device=child.weight.device, dtype=child.weight.dtype,
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                device=child.weight.device,
+                dtype=child.weight.dtype,
             )
             with torch.no_grad():
                 dense.weight.copy_(child.weight * child.mask.to(child.weight.dtype))
@@ -151,7 +157,9 @@ def state_dict_bytes(model: nn.Module) -> int:
 @torch.no_grad()
 def predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i : i + LATENCY_BATCH]).argmax(-1) for i in range(0, len(x), LATENCY_BATCH)])
+    return torch.cat(
+        [model(x[i : i + LATENCY_BATCH]).argmax(-1) for i in range(0, len(x), LATENCY_BATCH)]
+    )
 
 
 @torch.no_grad()
@@ -249,7 +257,9 @@ def run_demo(
     if dev.type == "cpu":
         torch.set_num_threads(1)
     try:
-        report = _run(dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progress, log)
+        report = _run(
+            dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progress, log
+        )
     finally:
         torch.set_num_threads(threads)
     if out is not None:
@@ -259,6 +269,7 @@ def run_demo(
 
 def _run(dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progress, log) -> dict:
     import fastkd
+
     from .distill import Distiller
 
     t_start = time.perf_counter()
@@ -312,7 +323,10 @@ def _run(dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progre
         timings[name] = time.perf_counter() - t0
         students[name] = student.eval()
         rows.append(measure(name, student, x_te_dev, y_te_dev, teacher_pred))
-        log(f"{name:<12} trained ({epochs} epochs, alpha={alpha}): accuracy {rows[-1]['accuracy']:.4f}")
+        log(
+            f"{name:<12} trained ({epochs} epochs, alpha={alpha}): "
+            f"accuracy {rows[-1]['accuracy']:.4f}"
+        )
 
     finetune_epochs = max(1, epochs // 3)
     if compress:
@@ -321,12 +335,16 @@ def _run(dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progre
         ).to(dev)
         d = Distiller(teacher, pruned, alpha=0.5, **settings)
         t0 = time.perf_counter()
-        histories["pruned"] = d.fit(_EpochLoaders(), epochs=finetune_epochs, eval_loader=test_loader)
+        histories["pruned"] = d.fit(
+            _EpochLoaders(), epochs=finetune_epochs, eval_loader=test_loader
+        )
         timings["pruned"] = time.perf_counter() - t0
         pruned.eval()
         rows.append(measure("pruned", pruned, x_te_dev, y_te_dev, teacher_pred))
-        log(f"pruned       {pattern} at sparsity {sparsity_val:g}, fine-tuned {finetune_epochs} "
-            f"epochs: accuracy {rows[-1]['accuracy']:.4f}")
+        log(
+            f"pruned       {pattern} at sparsity {sparsity_val:g}, fine-tuned {finetune_epochs} "
+            f"epochs: accuracy {rows[-1]['accuracy']:.4f}"
+        )
 
         quantized = fastkd.quantize_(fold_masks_(copy.deepcopy(pruned)), mode="w8a8").to(dev)
         rows.append(measure("int8", quantized.eval(), x_te_dev, y_te_dev, teacher_pred))
@@ -338,20 +356,21 @@ def _run(dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progre
     n_test = len(y_te)
     se = math.sqrt(max(hard_acc * (1 - hard_acc), 1e-12) / n_test)
     delta = rows[2]["accuracy"] - hard_acc
-    verdict = (
-        "beat" if delta > 0 else ("tied with" if delta == 0 else "did NOT beat")
-    )
+    verdict = "beat" if delta > 0 else ("tied with" if delta == 0 else "did NOT beat")
     notes = [
         f"Distillation {verdict} hard labels on this run: {100 * delta:+.2f} points of test "
         f"accuracy ({n_test} test digits, seed {seed}, one run; the standard error of one accuracy "
-        f"is about {100 * se:.2f} points: differences under about {200 * se:.1f} points, two standard "
-        "errors, are within noise).",
+        f"is about {100 * se:.2f} points: differences under about {200 * se:.1f} points, "
+        "two standard errors, are within noise).",
         f"latency: median of 50 forward passes over a batch of {LATENCY_BATCH} rows on {dev}.",
-        "state_dict bytes: torch.save of the state_dict (the pruned model also stores its bool mask).",
+        "state_dict bytes: torch.save of the state_dict "
+        "(the pruned model also stores its bool mask).",
     ]
     report = {
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else platform.processor() or "cpu",
         "torch": torch.__version__,
         "fastkd": fastkd.__version__,
         "python": platform.python_version(),
@@ -385,8 +404,10 @@ def _run(dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progre
 
 
 def format_table(report: dict) -> str:
-    head = f"{'model':<12} {'params':>8} {'nonzero':>8} {'state_dict B':>12} {'accuracy':>9} " \
-           f"{'vs hard':>8} {'agree':>7} {'ms/batch':>9}"
+    head = (
+        f"{'model':<12} {'params':>8} {'nonzero':>8} {'state_dict B':>12} {'accuracy':>9} "
+        f"{'vs hard':>8} {'agree':>7} {'ms/batch':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in report["rows"]:
         vs = "" if r["vs_hard_labels"] is None else f"{100 * r['vs_hard_labels']:+.2f}pt"
@@ -431,8 +452,13 @@ def plot(report: dict, path: str) -> None:
     ):
         for r in rows:
             ax.scatter(r[key], 100 * r["accuracy"], s=40)
-            ax.annotate(r["model"], (r[key], 100 * r["accuracy"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=9)
+            ax.annotate(
+                r["model"],
+                (r[key], 100 * r["accuracy"]),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=9,
+            )
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.margins(x=0.25, y=0.1)
@@ -472,12 +498,21 @@ def main(args) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
     p.add_argument("--epochs", type=int, default=30, help="training epochs per model (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, init and shuffles")
-    p.add_argument("--sparsity", type=float, default=None,
-                   help="fraction pruned (default 0.5; implied by an N:M pattern)")
-    p.add_argument("--pattern", default="unstructured",
-                   help="unstructured, N:M (e.g. 2:4) or a block BHxBW (e.g. 4x4)")
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help="fraction pruned (default 0.5; implied by an N:M pattern)",
+    )
+    p.add_argument(
+        "--pattern",
+        default="unstructured",
+        help="unstructured, N:M (e.g. 2:4) or a block BHxBW (e.g. 4x4)",
+    )
     p.add_argument("--out", default="fastkd-demo", help="output folder (default ./fastkd-demo/)")
     p.add_argument("--quiet", action="store_true", help="print only the table")

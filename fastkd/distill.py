@@ -21,10 +21,10 @@ The teacher runs in eval mode under ``torch.no_grad()`` (and under ``torch.autoc
 a pruned student (``fastkd.nn.MaskedLinear``) keeps its mask because that layer gives pruned
 weights a zero gradient, and only trainable parameters are optimized.
 
-Batches may be a tensor (inputs only), a tuple/list ``(inputs, target, ...)`` (``inputs`` may itself be
-a tuple of positional arguments), or a mapping of keyword arguments with an optional ``"labels"``
-entry (Hugging Face style). Model outputs may be a tensor, a tuple (first element), or an object or
-mapping with ``logits``.
+Batches may be a tensor (inputs only), a tuple/list ``(inputs, target, ...)`` (``inputs`` may
+itself be a tuple of positional arguments), or a mapping of keyword arguments with an optional
+``"labels"`` entry (Hugging Face style). Model outputs may be a tensor, a tuple (first element),
+or an object or mapping with ``logits``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from .nn.kd_loss import KDLoss
 
 TASKS = ("classification", "regression")
 
-OptimizerArg = Union[None, torch.optim.Optimizer, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]
+OptimizerArg = Union[
+    None, torch.optim.Optimizer, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+]
 
 
 def _get_submodule(model: nn.Module, path: str, which: str) -> nn.Module:
@@ -281,8 +283,13 @@ class Distiller:
             if reduction == "mean":
                 return self.loss_fn(s, t, target), None
             rows = fkd_functional.kd_loss(
-                s, t, target, temperature=self.temperature, alpha=self.alpha,
-                reduction="none", backend=self.backend,
+                s,
+                t,
+                target,
+                temperature=self.temperature,
+                alpha=self.alpha,
+                reduction="none",
+                backend=self.backend,
             )
             if target is None:
                 return rows.sum(), rows.numel()

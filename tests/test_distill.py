@@ -89,8 +89,9 @@ def test_evaluate_matches_a_direct_computation(problem):
     x, y = test.dataset.tensors
     with torch.no_grad():
         s, t = student(x), teacher(x)
-    kl = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True,
-                  reduction="none").sum(-1)
+    kl = F.kl_div(
+        F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="none"
+    ).sum(-1)
     expected = (0.3 * 4 * kl + 0.7 * F.cross_entropy(s, y, reduction="none")).mean()
     assert m["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert m["accuracy"] == pytest.approx((s.argmax(1) == y).float().mean().item())
@@ -105,14 +106,21 @@ def test_training_objective_is_the_kd_loss(alpha):
     x, y = torch.randn(32, 7), torch.randint(0, 4, (32,))
     teacher, student = _mlp(7, 9, 4, seed=4), _mlp(7, 5, 4, seed=5)
     ref = copy.deepcopy(student)
-    d = Distiller(teacher, student, temperature=3.0, alpha=alpha,
-                  optimizer=lambda p: torch.optim.SGD(p, lr=0.1), progress=False)
+    d = Distiller(
+        teacher,
+        student,
+        temperature=3.0,
+        alpha=alpha,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        progress=False,
+    )
     hist = d.fit([(x, y)], epochs=1)
     with torch.no_grad():
         t = teacher(x)
     s = ref(x)
-    kl = F.kl_div(F.log_softmax(s / 3, -1), F.log_softmax(t / 3, -1), log_target=True,
-                  reduction="batchmean")
+    kl = F.kl_div(
+        F.log_softmax(s / 3, -1), F.log_softmax(t / 3, -1), log_target=True, reduction="batchmean"
+    )
     expected = alpha * 9 * kl + (1 - alpha) * F.cross_entropy(s, y)
     assert hist[0]["train_loss"] == pytest.approx(expected.item(), rel=1e-5)
     expected.backward()
@@ -126,8 +134,12 @@ def test_regression_mode():
     teacher = _mlp(6, 32, 3, seed=6)
     with torch.no_grad():
         y = teacher(x) + 0.01 * torch.randn(800, 3, generator=g)
-    train = DataLoader(TensorDataset(x[:600], y[:600]), batch_size=50, shuffle=True,
-                       generator=torch.Generator().manual_seed(0))
+    train = DataLoader(
+        TensorDataset(x[:600], y[:600]),
+        batch_size=50,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     test = DataLoader(TensorDataset(x[600:], y[600:]), batch_size=100)
     student = _mlp(6, 32, 3, seed=7)
     d = Distiller(teacher, student, task="regression", alpha=0.8, lr=1e-2, progress=False)
@@ -150,8 +162,9 @@ def test_regression_mode():
 def test_hints_train_the_projection_and_hint_loss_falls(problem):
     train, test, teacher, _ = problem
     student = _mlp(20, 12, 5, seed=8)
-    d = Distiller(teacher, student, hints=[("0", "0"), ("1", "1")], hint_weight=0.5, lr=1e-2,
-                  progress=False)
+    d = Distiller(
+        teacher, student, hints=[("0", "0"), ("1", "1")], hint_weight=0.5, lr=1e-2, progress=False
+    )
     assert d.hint_projections is None
     hist = d.fit(train, epochs=1)
     projs = d.hint_projections
@@ -201,8 +214,10 @@ def test_torch_pruned_student_keeps_its_zeros(problem):
     assert torch.all(student[0].weight[zeros] == 0)
 
 
-@pytest.mark.skipif(not hasattr(fastkd.nn, "MaskedLinear") or not hasattr(fastkd, "sparsify_"),
-                    reason="needs fastkd.sparsify_ / fastkd.nn.MaskedLinear (issue 3)")
+@pytest.mark.skipif(
+    not hasattr(fastkd.nn, "MaskedLinear") or not hasattr(fastkd, "sparsify_"),
+    reason="needs fastkd.sparsify_ / fastkd.nn.MaskedLinear (issue 3)",
+)
 @pytest.mark.parametrize("opt", ["adam", "adamw"])
 def test_masked_student_keeps_its_zeros(problem, opt):
     train, test, teacher, _ = problem
@@ -229,8 +244,9 @@ def test_teacher_autocast_and_mapping_batches():
             return {"logits": self.net(input_ids)}
 
     torch.manual_seed(0)
-    batches = [{"input_ids": torch.randn(16, 4), "labels": torch.randint(0, 3, (16,))}
-               for _ in range(3)]
+    batches = [
+        {"input_ids": torch.randn(16, 4), "labels": torch.randint(0, 3, (16,))} for _ in range(3)
+    ]
     d = Distiller(Dict(16, 0), Dict(8, 1), teacher_autocast=True, progress=False)
     hist = d.fit(batches, epochs=2, eval_loader=batches)
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in hist)
@@ -242,7 +258,9 @@ def test_bad_inputs(problem):
     student = _mlp(20, 8, 5, seed=11)
     x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
 
-    with pytest.raises(ValueError, match=r"student output shape \(8, 4\).*teacher output shape \(8, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"student output shape \(8, 4\).*teacher output shape \(8, 5\)"
+    ):
         Distiller(teacher, _mlp(20, 8, 4, seed=0), progress=False).fit([(x, y)])
     d = Distiller(teacher, student, progress=False)
     with pytest.raises(ValueError, match="empty"):
