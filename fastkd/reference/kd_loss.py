@@ -33,6 +33,12 @@ def _valid_rows(target: Optional[Tensor], ignore_index: int, r0: int, r1: int, d
     return valid, torch.where(valid, tgt, torch.zeros_like(tgt))
 
 
+def _lse_from_log_softmax(x: Tensor, log_p: Tensor) -> Tensor:
+    """logsumexp(x) per row, read off log_softmax at the row's largest entry (exact there)."""
+    idx = x.argmax(dim=-1, keepdim=True)
+    return (x.gather(1, idx) - log_p.gather(1, idx)).squeeze(1)
+
+
 def kd_loss_forward(
     student: Tensor,
     teacher: Tensor,
@@ -56,25 +62,25 @@ def kd_loss_forward(
         r1 = min(n_rows, r0 + step)
         s = student[r0:r1].float()
         t = teacher[r0:r1].float()
-        s_t = s * inv_t
-        t_t = t * inv_t
-        lse_s = torch.logsumexp(s_t, dim=-1)
-        lse_t = torch.logsumexp(t_t, dim=-1)
-        log_pt = t_t - lse_t[:, None]
+        s_t = s if temperature == 1.0 else s * inv_t
+        t_t = t if temperature == 1.0 else t * inv_t
+        log_ps = torch.log_softmax(s_t, dim=-1)
+        log_pt = torch.log_softmax(t_t, dim=-1)
         p_t = log_pt.exp()
-        log_ps = s_t - lse_s[:, None]
         # p_t = 0 (a masked or underflowed teacher entry) contributes nothing, even where s = -inf.
-        kl_terms = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros_like(p_t))
+        kl_terms = torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0)
         soft = temperature * temperature * kl_terms.sum(dim=-1).clamp_min(0.0)
-        lse_1 = lse_s if temperature == 1.0 else torch.logsumexp(s, dim=-1)
+        lse_s = _lse_from_log_softmax(s_t, log_ps)
+        lse_t = _lse_from_log_softmax(t_t, log_pt)
         valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
         if valid is None:
-            row = soft
+            row, lse_1 = soft, lse_s
         else:
-            ce = lse_1 - s.gather(1, safe[:, None]).squeeze(1)
-            row = torch.where(valid, alpha * soft + (1.0 - alpha) * ce, torch.zeros_like(soft))
-            zero = torch.zeros_like(lse_s)
-            lse_s, lse_t, lse_1 = (torch.where(valid, x, zero) for x in (lse_s, lse_t, lse_1))
+            log_p1 = log_ps if temperature == 1.0 else torch.log_softmax(s, dim=-1)
+            ce = -log_p1.gather(1, safe[:, None]).squeeze(1)
+            lse_1 = lse_s if temperature == 1.0 else _lse_from_log_softmax(s, log_p1)
+            row = torch.where(valid, alpha * soft + (1.0 - alpha) * ce, 0.0)
+            lse_s, lse_t, lse_1 = (torch.where(valid, x, 0.0) for x in (lse_s, lse_t, lse_1))
         loss[r0:r1] = row
         stats[r0:r1] = torch.stack([lse_s, lse_t, lse_1], dim=1)
     return loss, stats
@@ -92,7 +98,8 @@ def kd_loss_backward(
 ) -> Tensor:
     """Gradient of sum_i grad_rows[i] * row_loss[i] with respect to the student logits.
 
-    Returned in the student's dtype, shape (N, V).
+    Returned in the student's dtype, shape (N, V). The reference recomputes the softmaxes with
+    torch's fused kernels rather than reading `stats` (which the Triton backward uses).
     """
     n_rows, n_cols = student.shape
     grad = torch.empty_like(student)
@@ -104,18 +111,15 @@ def kd_loss_backward(
         r1 = min(n_rows, r0 + step)
         s = student[r0:r1].float()
         t = teacher[r0:r1].float()
-        st = stats[r0:r1]
-        p_s = (s * inv_t - st[:, 0:1]).exp()
-        p_t = (t * inv_t - st[:, 1:2]).exp()
-        g = c_kl * (p_s - p_t)
+        s_t = s if temperature == 1.0 else s * inv_t
+        t_t = t if temperature == 1.0 else t * inv_t
+        p_s = torch.softmax(s_t, dim=-1)
+        g = p_s.sub_(torch.softmax(t_t, dim=-1)).mul_(c_kl)
         scale = grad_rows[r0:r1].float()
         valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
         if valid is not None:
-            p_1 = p_s if temperature == 1.0 else (s - st[:, 2:3]).exp()
-            g = g + c_ce * p_1
+            g.add_(torch.softmax(s, dim=-1), alpha=c_ce)
             g.scatter_add_(1, safe[:, None], torch.full_like(g[:, :1], -c_ce))
-            scale = torch.where(valid, scale, torch.zeros_like(scale))
-            # ignored rows carry zero statistics: force their (possibly inf) terms to 0
-            g = torch.where(valid[:, None], g, torch.zeros_like(g))
-        grad[r0:r1] = (g * scale[:, None]).to(student.dtype)
+            scale = torch.where(valid, scale, 0.0)
+        grad[r0:r1] = g.mul_(scale[:, None])
     return grad

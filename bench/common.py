@@ -1,0 +1,90 @@
+"""Shared helpers for fastkd benchmarks: environment facts, timing, peak memory, JSON output.
+
+Timing on CUDA uses ``triton.testing.do_bench`` (CUDA events, median); on CPU a median of
+``time.perf_counter`` over repeats. Every record carries the device and versions so a figure never
+travels without its conditions.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def environment() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import fastkd
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": dev,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "fastkd": fastkd.__version__,
+        "cuda_extension": fastkd.info()["cuda_extension"],
+    }
+
+
+def time_ms(fn, device: str, warmup_ms: int = 25, rep_ms: int = 100, cpu_reps: int = 5) -> float:
+    """Median milliseconds of fn()."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_extra_bytes(fn, device: str):
+    """Peak CUDA memory allocated during fn() beyond what was allocated before it (None on CPU)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def write_json(records: list, path: str, extra: dict | None = None) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    payload = {"environment": environment(), **(extra or {}), "results": records}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path
+
+
+def print_table(records: list, columns: list) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in records)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in records:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3e}"
+    return "-" if v is None else str(v)
