@@ -108,6 +108,18 @@ def resolve_sparsity(pattern, sparsity: Optional[float]) -> float:
     return sparsity
 
 
+def _pattern_fits(pattern):
+    """sparsify_'s filter_fn: a block pattern prunes only layers whose shape the block divides
+    (here the 10-class output layer is left dense by 4x4 blocks); N:M needs in_features % M."""
+    if isinstance(pattern, tuple):
+        bh, bw = pattern
+        return lambda m, name: m.out_features % bh == 0 and m.in_features % bw == 0
+    if ":" in pattern:
+        m_group = int(pattern.split(":")[1])
+        return lambda m, name: m.in_features % m_group == 0
+    return None
+
+
 def fold_masks_(model: nn.Module) -> nn.Module:
     """Replace every ``fastkd.nn.MaskedLinear`` by a plain ``nn.Linear`` holding ``W * M`` (so the
     pruned zeros survive quantization as exact int8 zeros), in place."""
@@ -331,8 +343,16 @@ def _run(dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progre
     finetune_epochs = max(1, epochs // 3)
     if compress:
         pruned = fastkd.sparsify_(
-            copy.deepcopy(students["distilled"]), sparsity=sparsity_val, pattern=pattern_arg
+            copy.deepcopy(students["distilled"]),
+            sparsity=sparsity_val,
+            pattern=pattern_arg,
+            filter_fn=_pattern_fits(pattern_arg),
         ).to(dev)
+        pruned_layers = [
+            n for n, m in pruned.named_modules() if isinstance(m, fastkd.nn.MaskedLinear)
+        ]
+        if not pruned_layers:
+            raise ValueError(f"pattern {pattern} fits none of the student's linear layers")
         d = Distiller(teacher, pruned, alpha=0.5, **settings)
         t0 = time.perf_counter()
         histories["pruned"] = d.fit(
@@ -342,7 +362,8 @@ def _run(dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progre
         pruned.eval()
         rows.append(measure("pruned", pruned, x_te_dev, y_te_dev, teacher_pred))
         log(
-            f"pruned       {pattern} at sparsity {sparsity_val:g}, fine-tuned {finetune_epochs} "
+            f"pruned       {pattern} at sparsity {sparsity_val:g} (layers "
+            f"{', '.join(pruned_layers)}), fine-tuned {finetune_epochs} "
             f"epochs: accuracy {rows[-1]['accuracy']:.4f}"
         )
 
@@ -366,6 +387,12 @@ def _run(dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progre
         "state_dict bytes: torch.save of the state_dict "
         "(the pruned model also stores its bool mask).",
     ]
+    if compress and dev.type == "cpu":
+        notes.append(
+            "On the CPU the pruned and int8 layers run fastkd's plain-torch reference paths "
+            "(a masked dense matmul; an exact int8 matmul with quantization around it), which "
+            "are slower than a dense fp32 linear at this size; the fused kernels need a GPU."
+        )
     report = {
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev)
@@ -382,6 +409,7 @@ def _run(dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progre
             "finetune_epochs": finetune_epochs if compress else None,
             "seed": seed,
             "sparsity": sparsity_val if compress else None,
+            "pruned_layers": pruned_layers if compress else None,
             "pattern": pattern if compress else None,
             "optimizer": f"Adam(lr={LR})",
             "batch_size": BATCH_SIZE,

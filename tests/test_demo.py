@@ -127,6 +127,17 @@ def test_demo_cli_all_five_rows(tmp_path, capsys):
 
 
 @needs_compression
+def test_demo_block_pattern_leaves_indivisible_layers_dense():
+    report = run_demo(epochs=1, pattern="4x4", sparsity=0.75, out=None, log=lambda *a: None)
+    assert report["settings"]["pruned_layers"] == ["0"]  # the 10x32 output layer stays dense
+    rows = {r["model"]: r for r in report["rows"]}
+    # 75 % of the 32x64 hidden weight is pruned, nothing else
+    assert rows["pruned"]["nonzero"] <= STUDENT_PARAMS - (32 * 64 * 3) // 4
+    assert rows["pruned"]["nonzero"] >= STUDENT_PARAMS - (32 * 64 * 3) // 4 - 50
+    assert any("reference paths" in n for n in report["notes"])
+
+
+@needs_compression
 def test_fold_masks_keeps_the_pruned_zeros():
     torch.manual_seed(0)
     model = fastkd.sparsify_(make_mlp([12, 8, 4]), sparsity=0.5)

@@ -234,6 +234,23 @@ def test_masked_student_keeps_its_zeros(problem, opt):
         assert torch.all(m.weight[off] == 0)
 
 
+@pytest.mark.skipif(not hasattr(fastkd, "quantize_"), reason="needs fastkd.quantize_ (issue 4)")
+def test_int8_student_trains_its_float_parameters(problem):
+    train, test, teacher, _ = problem
+    student = _mlp(20, 32, 5, seed=13)
+    Distiller(teacher, student, lr=1e-2, progress=False).fit(train, epochs=3)
+    fastkd.quantize_(student, mode="w8a8")
+    int8_state = {k: v.clone() for k, v in student.state_dict().items() if v.dtype == torch.int8}
+    assert int8_state  # the weights are int8 buffers now
+    d = Distiller(teacher, student, lr=1e-3, progress=False)
+    before = d.evaluate(test)
+    hist = d.fit(train, epochs=2)
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in hist)
+    for k, v in int8_state.items():
+        assert torch.equal(student.state_dict()[k], v)  # fine-tuning never touches int8 weights
+    assert d.evaluate(test)["agreement"] >= before["agreement"] - 0.05
+
+
 def test_teacher_autocast_and_mapping_batches():
     class Dict(nn.Module):
         def __init__(self, hidden, seed):
