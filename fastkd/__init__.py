@@ -8,3 +8,8 @@ from . import functional, nn  # noqa: E402
 from .info import info  # noqa: E402
 
 __all__ = ["__version__", "functional", "nn", "info"]
+
+# --- compression toolbox (issue 6) ---
+from .structured import shrink_, structured_mask  # noqa: E402
+
+__all__ += ["shrink_", "structured_mask"]
