@@ -11,5 +11,6 @@ __all__ = ["__version__", "functional", "nn", "info"]
 
 # --- compression toolbox (issue 6) ---
 from .structured import shrink_, structured_mask  # noqa: E402
+from .student import student_from_teacher  # noqa: E402
 
-__all__ += ["shrink_", "structured_mask"]
+__all__ += ["shrink_", "structured_mask", "student_from_teacher"]
