@@ -12,5 +12,6 @@ __all__ = ["__version__", "functional", "nn", "info"]
 # --- compression toolbox (issue 6) ---
 from .structured import shrink_, structured_mask  # noqa: E402
 from .student import student_from_teacher  # noqa: E402
+from .sharing import share_weights_  # noqa: E402
 
-__all__ += ["shrink_", "structured_mask", "student_from_teacher"]
+__all__ += ["shrink_", "structured_mask", "student_from_teacher", "share_weights_"]

@@ -3,3 +3,8 @@
 from .kd_loss import KDLoss
 
 __all__ = ["KDLoss"]
+
+# --- weight sharing (issue 6) ---
+from .shared_linear import SharedLinear  # noqa: E402
+
+__all__ += ["SharedLinear"]
