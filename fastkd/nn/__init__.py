@@ -8,3 +8,6 @@ __all__ = ["KDLoss"]
 from .shared_linear import SharedLinear  # noqa: E402
 
 __all__ += ["SharedLinear"]
+from .adversarial import AdversarialKDLoss  # noqa: E402
+
+__all__ += ["AdversarialKDLoss"]
