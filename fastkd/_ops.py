@@ -127,3 +127,61 @@ def kd_loss_rows(
         student, teacher, target, temperature, alpha, ignore_index, backend
     )
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Weight-shared linear (issue 6)
+#   shared_linear(x (M,K), indices uint8 (N,ceil(K/2)) | (N,K), codebook fp32 (C,) | (N,C),
+#                 bias (N,)?, in_features, bits, backend) -> y (M,N) in x's dtype
+#   Backward: grad_x = grad_y @ W; grad_codebook[c] = sum of grad_W over the cluster c (entry 0,
+#   the pruned weights, gets none); grad_bias = sum over rows. Indices are fixed (no gradient).
+# --------------------------------------------------------------------------------------------
+
+torch.library.define(
+    "fastkd::shared_linear",
+    "(Tensor x, Tensor indices, Tensor codebook, Tensor? bias, int in_features, int bits, "
+    "str backend) -> Tensor",
+)
+
+
+@torch.library.register_kernel("fastkd::shared_linear", None)
+def _shared_linear(x, indices, codebook, bias, in_features, bits, backend):
+    if backend == "triton":
+        return _kernels("shared_linear").shared_linear_forward(
+            x, indices, codebook, bias, in_features, bits
+        )
+    return reference.shared_linear_forward(x, indices, codebook, bias, in_features, bits)
+
+
+@torch.library.register_fake("fastkd::shared_linear")
+def _shared_linear_fake(x, indices, codebook, bias, in_features, bits, backend):
+    return x.new_empty((x.shape[0], indices.shape[0]))
+
+
+def _shared_linear_setup_context(ctx, inputs, output):
+    x, indices, codebook, bias, in_features, bits, backend = inputs
+    ctx.save_for_backward(x, indices, codebook)
+    ctx.args = (in_features, bits)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _shared_linear_backward(ctx, grad_y):
+    x, indices, codebook = ctx.saved_tensors
+    in_features, bits = ctx.args
+    grad_x = grad_cb = grad_bias = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+        w = reference.shared_dequantize(indices, codebook, in_features, bits)
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad_y @ w.to(grad_y.dtype)).to(x.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_w = grad_y.float().t() @ x.float()
+        grad_cb = reference.shared_codebook_grad(grad_w, indices, codebook, in_features, bits)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad_y.float().sum(0).to(ctx.bias_dtype)
+    return grad_x, None, grad_cb, grad_bias, None, None, None
+
+
+torch.library.register_autograd(
+    "fastkd::shared_linear", _shared_linear_backward, setup_context=_shared_linear_setup_context
+)

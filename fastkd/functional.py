@@ -120,3 +120,84 @@ def kd_loss(
         return total / max(rows.numel(), 1)
     counted = (target != ignore_index).sum().clamp_min(1)
     return total / counted
+
+
+# --------------------------------------------------------------------------------------------
+# Weight-shared linear (issue 6)
+# --------------------------------------------------------------------------------------------
+
+SHARED_LINEAR_BACKENDS = register(
+    OpBackends(
+        "shared_linear",
+        [
+            Backend("triton", auto_devices=("cuda",), unavailable=triton_unavailable_reason),
+            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
+        ],
+    )
+)
+
+
+def shared_linear(
+    x: Tensor,
+    indices: Tensor,
+    codebook: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    in_features: int,
+    bits: int,
+    backend: str = "auto",
+) -> Tensor:
+    """Linear layer whose weight is looked up in a codebook: ``y = x @ W.T + bias``.
+
+    ``W[n, k] = codebook[(n,) idx[n, k]]`` and 0 where ``idx == 0`` (the pruned cluster).
+
+    Args:
+        x: ``(..., in_features)`` fp32, fp16 or bf16.
+        indices: uint8 ``(N, ceil(in_features / 2))`` (two 4-bit indices per byte, low nibble first)
+            when ``bits <= 4``, else ``(N, in_features)``.
+        codebook: fp32 ``(2**bits,)`` (per layer) or ``(N, 2**bits)`` (per output channel).
+        bias: optional ``(N,)``.
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+
+    Returns ``(..., N)`` in x's dtype. Gradients reach x, the codebook (the sum of the weight
+    gradients of each cluster) and the bias; the indices are fixed.
+    """
+    check_tensor(x, "x")
+    check_tensor(indices, "indices")
+    check_tensor(codebook, "codebook")
+    check_float_dtype(x, "x")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 0:
+        raise ValueError(f"in_features must be a non-negative int, got {in_features!r}")
+    if indices.dtype != torch.uint8 or indices.dim() != 2:
+        raise TypeError(f"indices must be a 2-D uint8 tensor, got {indices.dim()}-D {indices.dtype}")
+    width = (in_features + 1) // 2 if bits <= 4 else in_features
+    if indices.shape[1] != width:
+        raise ValueError(
+            f"indices have {indices.shape[1]} columns; {width} expected for in_features="
+            f"{in_features} at {bits} bits"
+        )
+    n = indices.shape[0]
+    if codebook.dtype != torch.float32:
+        raise TypeError(f"codebook must be float32, got {codebook.dtype}")
+    if codebook.shape not in ((2**bits,), (n, 2**bits)):
+        raise ValueError(
+            f"codebook shape {tuple(codebook.shape)} must be ({2**bits},) or ({n}, {2**bits})"
+        )
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer takes {in_features}")
+    check_same_device(x, indices, "x", "indices")
+    check_same_device(x, codebook, "x", "codebook")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        check_same_device(x, bias, "x", "bias")
+        if bias.shape != (n,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} must be ({n},)")
+    impl = SHARED_LINEAR_BACKENDS.select(backend, x.device)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if impl == "triton" and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.ops.fastkd.shared_linear(x2, indices, codebook, bias, in_features, bits, impl)
+    return y.reshape(*lead, n)

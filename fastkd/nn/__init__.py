@@ -3,3 +3,11 @@
 from .kd_loss import KDLoss
 
 __all__ = ["KDLoss"]
+
+# --- weight sharing (issue 6) ---
+from .shared_linear import SharedLinear  # noqa: E402
+
+__all__ += ["SharedLinear"]
+from .adversarial import AdversarialKDLoss  # noqa: E402
+
+__all__ += ["AdversarialKDLoss"]
