@@ -244,7 +244,7 @@ def int8_linear(
         )
     impl = INT8_LINEAR_BACKENDS.select(backend, x.device, _int8_triton_dtype_reasons(x.dtype))
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(lead.numel(), k)  # not -1: K may be 0
     if mode == "w8a8":
         y = torch.ops.fastkd.int8_linear_w8a8(x2, weight, weight_scale, bias, impl)
     else:
@@ -272,7 +272,7 @@ def quantize_per_token(x: Tensor, *, backend: str = "auto") -> tuple:
         backend, x.device, _int8_triton_dtype_reasons(x.dtype)
     )
     k = x.shape[-1]
-    q, s = torch.ops.fastkd.quantize_per_token(x.detach().reshape(-1, k), impl)
+    q, s = torch.ops.fastkd.quantize_per_token(x.detach().reshape(x.shape[:-1].numel(), k), impl)
     return q.reshape(x.shape), s.reshape(x.shape[:-1])
 
 
