@@ -6,6 +6,7 @@ from . import _extension  # noqa: E402,F401  (loads fastkd._C when present; neve
 from . import _ops  # noqa: E402,F401  (defines the torch.library ops)
 from . import functional, nn  # noqa: E402
 from .info import info  # noqa: E402
+from .quantize import quantize_  # noqa: E402
 
 __all__ = ["__version__", "functional", "nn", "info"]
 
@@ -19,3 +20,4 @@ __all__ += [
     "shrink_", "structured_mask", "student_from_teacher", "share_weights_",
     "save_compressed", "load_compressed", "size_report",
 ]
+__all__ += ["quantize_"]

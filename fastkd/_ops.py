@@ -185,3 +185,110 @@ def _shared_linear_backward(ctx, grad_y):
 torch.library.register_autograd(
     "fastkd::shared_linear", _shared_linear_backward, setup_context=_shared_linear_setup_context
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Int8 linear (symmetric int8 weights with fp32 per-output-channel scales)
+#   quantize_per_token(x (M,K) float, backend) -> (x_q (M,K) int8, x_scale (M,) fp32)
+#   int8_mm_scaled(x_q (M,K) int8, x_scale (M,), weight (N,K) int8, weight_scale (N,), bias (N,)?,
+#                  out_dtype, backend) -> (M,N) out_dtype, exact int32 accumulation
+#   int8_linear_w8a8 / int8_linear_w8a16(x (M,K) float, weight (N,K) int8, weight_scale (N,) fp32,
+#                  bias (N,)?, backend) -> (M,N) in x.dtype
+# Autograd (both linears): dX = (dY * weight_scale) @ float(weight), computed by the W8A16 op on the
+# transposed int8 weight (no float weight copy); for W8A8 this is the straight-through estimator of
+# the activation rounding. d bias = sum of dY. The int8 weight and its scale get no gradient.
+# --------------------------------------------------------------------------------------------
+
+torch.library.define(
+    "fastkd::quantize_per_token", "(Tensor x, str backend) -> (Tensor, Tensor)"
+)
+torch.library.define(
+    "fastkd::int8_mm_scaled",
+    "(Tensor x_q, Tensor x_scale, Tensor weight, Tensor weight_scale, Tensor? bias, "
+    "ScalarType out_dtype, str backend) -> Tensor",
+)
+torch.library.define(
+    "fastkd::int8_linear_w8a8",
+    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, str backend) -> Tensor",
+)
+torch.library.define(
+    "fastkd::int8_linear_w8a16",
+    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, str backend) -> Tensor",
+)
+
+
+def _int8_impl(backend: str):
+    if backend == "triton":
+        return _kernels("int8_linear")
+    from .reference import int8_linear as ref
+
+    return ref
+
+
+@torch.library.register_kernel("fastkd::quantize_per_token", None)
+def _quantize_per_token(x, backend):
+    return _int8_impl(backend).quantize_per_token(x)
+
+
+@torch.library.register_kernel("fastkd::int8_mm_scaled", None)
+def _int8_mm_scaled(x_q, x_scale, weight, weight_scale, bias, out_dtype, backend):
+    return _int8_impl(backend).int8_mm_scaled(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+
+
+@torch.library.register_kernel("fastkd::int8_linear_w8a8", None)
+def _int8_linear_w8a8(x, weight, weight_scale, bias, backend):
+    return _int8_impl(backend).int8_linear_w8a8(x, weight, weight_scale, bias)
+
+
+@torch.library.register_kernel("fastkd::int8_linear_w8a16", None)
+def _int8_linear_w8a16(x, weight, weight_scale, bias, backend):
+    return _int8_impl(backend).int8_linear_w8a16(x, weight, weight_scale, bias)
+
+
+@torch.library.register_fake("fastkd::quantize_per_token")
+def _quantize_per_token_fake(x, backend):
+    m, k = x.shape
+    return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastkd::int8_mm_scaled")
+def _int8_mm_scaled_fake(x_q, x_scale, weight, weight_scale, bias, out_dtype, backend):
+    return x_q.new_empty((x_q.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("fastkd::int8_linear_w8a8")
+def _int8_linear_w8a8_fake(x, weight, weight_scale, bias, backend):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("fastkd::int8_linear_w8a16")
+def _int8_linear_w8a16_fake(x, weight, weight_scale, bias, backend):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _int8_linear_setup_context(ctx, inputs, output):
+    x, weight, weight_scale, bias, backend = inputs
+    ctx.save_for_backward(weight, weight_scale)
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.backend = backend
+
+
+def _int8_linear_autograd_backward(ctx, grad_out):
+    weight, weight_scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        # dX[m, k] = sum_n (dY[m, n] * s[n]) * q[n, k]: a W8A16 product with the transposed codes
+        # (a strided view, not a copy) and unit scales. Scaling in fp32 rounds once.
+        g = (grad_out.float() * weight_scale.float()).to(ctx.x_dtype)
+        ones = torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
+        grad_x = torch.ops.fastkd.int8_linear_w8a16(g, weight.t(), ones, None, ctx.backend)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad_out.float().sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_bias, None
+
+
+for _name in ("fastkd::int8_linear_w8a8", "fastkd::int8_linear_w8a16"):
+    torch.library.register_autograd(
+        _name, _int8_linear_autograd_backward, setup_context=_int8_linear_setup_context
+    )

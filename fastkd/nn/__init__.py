@@ -1,6 +1,7 @@
 """Drop-in ``torch.nn`` modules backed by fastkd's fused kernels."""
 
 from .kd_loss import KDLoss
+from .int8_linear import Int8Linear
 
 __all__ = ["KDLoss"]
 
@@ -11,3 +12,4 @@ __all__ += ["SharedLinear"]
 from .adversarial import AdversarialKDLoss  # noqa: E402
 
 __all__ += ["AdversarialKDLoss"]
+__all__ += ["Int8Linear"]
