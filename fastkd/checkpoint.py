@@ -56,8 +56,27 @@ def _shared_linear_spec():
     register_compressed_layer(SharedLinear, settings, build)
 
 
-# MaskedLinear (branch `masked`) and Int8Linear (branch `int8`) register here the same way once
-# merged, e.g.  register_compressed_layer(Int8Linear, lambda m: {...}, lambda s, sk: Int8Linear(...))
+def _int8_linear_spec():
+    from .nn.int8_linear import Int8Linear
+
+    def settings(m):
+        return {
+            "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "mode": m.mode, "backend": m.backend,
+            "dtype": str(m.bias.dtype if m.bias is not None else torch.float32).replace("torch.", ""),
+        }
+
+    def build(s, skeleton):
+        return Int8Linear(
+            s["in_features"], s["out_features"], bias=s["bias"], mode=s["mode"],
+            backend=s.get("backend", "auto"), dtype=getattr(torch, s["dtype"]),
+            device=_device_of(skeleton),
+        )
+
+    register_compressed_layer(Int8Linear, settings, build)
+
+
+_BUILTIN_SPECS = {"SharedLinear": _shared_linear_spec, "Int8Linear": _int8_linear_spec}
 
 
 def _device_of(module: nn.Module):
@@ -67,8 +86,9 @@ def _device_of(module: nn.Module):
 
 
 def _ensure_builtin():
-    if "SharedLinear" not in LAYER_REGISTRY:
-        _shared_linear_spec()
+    for name, spec in _BUILTIN_SPECS.items():
+        if name not in LAYER_REGISTRY:
+            spec()
 
 
 def _compressed_layers(model: nn.Module) -> dict:

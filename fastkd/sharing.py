@@ -57,18 +57,19 @@ def _assign(v: Tensor, cent: Tensor) -> Tensor:
     return torch.searchsorted(mids.contiguous(), v.contiguous())
 
 
-def _default_filter(name: str, module: nn.Module) -> bool:
+def _default_filter(module: nn.Module, name: str) -> bool:
     return type(module) is nn.Linear
 
 
 def share_weights_(
     model: nn.Module,
     bits: int = 4,
-    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     per_channel: bool = False,
     iters: int = 25,
 ) -> dict:
-    """Replace every ``nn.Linear`` (or those ``filter_fn(name, module)`` accepts) by a
+    """Replace every ``nn.Linear`` (or those ``filter_fn(module, name)`` accepts, as in
+    ``quantize_`` and ``sparsify_``) by a
     ``fastkd.nn.SharedLinear`` with ``2**bits`` shared weights, in place.
 
     Returns ``{"bytes_before", "bytes_after", "layers": {name: (before, after)}}`` counting weight,
@@ -79,7 +80,7 @@ def share_weights_(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     fn = filter_fn or _default_filter
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and fn(n, m)]
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and fn(m, n)]
     if isinstance(model, nn.Linear) and any(n == "" for n, _ in targets):
         raise ValueError("share_weights_ replaces submodules; wrap a bare nn.Linear in a module")
     layers = {}

@@ -21,11 +21,13 @@ def _model():
 
 def test_roundtrip_in_fresh_process(tmp_path):
     model = _model()
-    fastkd.share_weights_(model, bits=4, filter_fn=lambda n, m: n == "0")
-    fastkd.share_weights_(model, bits=6, per_channel=True, filter_fn=lambda n, m: n == "2")
+    fastkd.share_weights_(model, bits=4, filter_fn=lambda m, n: n == "0")
+    fastkd.share_weights_(model, bits=6, per_channel=True, filter_fn=lambda m, n: n == "2")
+    fastkd.quantize_(model, mode="w8a16", filter_fn=lambda m, n: n == "4")
     ckpt = tmp_path / "model.safetensors"
     header = fastkd.save_compressed(model, ckpt)
-    assert set(header["layers"]) == {"0", "2"}
+    assert set(header["layers"]) == {"0", "2", "4"}
+    assert header["layers"]["4"]["settings"]["mode"] == "w8a16"
     assert header["layers"]["2"]["settings"]["per_channel"] is True
     x = torch.randn(5, 13)
     torch.save(x, tmp_path / "x.pt")
@@ -41,6 +43,7 @@ def test_roundtrip_in_fresh_process(tmp_path):
         fastkd.load_compressed(skel, {str(ckpt)!r})
         assert type(skel[0]).__name__ == "SharedLinear" and skel[0].bits == 4
         assert skel[2].per_channel and skel[2].bits == 6
+        assert type(skel[4]).__name__ == "Int8Linear" and skel[4].weight.dtype == torch.int8
         torch.save(skel(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
         """
     )

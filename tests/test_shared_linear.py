@@ -170,7 +170,7 @@ def test_share_weights_model_and_roundtrip():
     model = nn.Sequential(nn.Linear(33, 41), nn.GELU(), nn.Linear(41, 7))
     x = torch.randn(8, 33)
     ref = model(x)
-    report = fastkd.share_weights_(model, bits=4, filter_fn=lambda n, m: n == "0")
+    report = fastkd.share_weights_(model, bits=4, filter_fn=lambda m, n: n == "0")
     assert isinstance(model[0], SharedLinear) and type(model[2]) is nn.Linear
     assert report["bytes_before"] == (33 * 41 + 41) * 4
     assert report["bytes_after"] == 41 * 17 + 16 * 4 + 41 * 4
