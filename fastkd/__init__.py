@@ -6,7 +6,23 @@ from . import _extension  # noqa: E402,F401  (loads fastkd._C when present; neve
 from . import _ops  # noqa: E402,F401  (defines the torch.library ops)
 from . import functional, nn  # noqa: E402
 from .info import info  # noqa: E402
-from .distill import Distiller  # noqa: E402
+from .quantize import quantize_  # noqa: E402
 
 __all__ = ["__version__", "functional", "nn", "info"]
+
+# --- compression toolbox (issue 6) ---
+from .structured import shrink_, structured_mask  # noqa: E402
+from .student import student_from_teacher  # noqa: E402
+from .sharing import share_weights_  # noqa: E402
+from .checkpoint import load_compressed, save_compressed, size_report  # noqa: E402
+
+__all__ += [
+    "shrink_", "structured_mask", "student_from_teacher", "share_weights_",
+    "save_compressed", "load_compressed", "size_report",
+]
+__all__ += ["quantize_"]
+
+# --- distillation workflow (issue 5) ---
+from .distill import Distiller  # noqa: E402
+
 __all__ += ["Distiller"]

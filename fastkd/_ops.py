@@ -127,3 +127,168 @@ def kd_loss_rows(
         student, teacher, target, temperature, alpha, ignore_index, backend
     )
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Weight-shared linear (issue 6)
+#   shared_linear(x (M,K), indices uint8 (N,ceil(K/2)) | (N,K), codebook fp32 (C,) | (N,C),
+#                 bias (N,)?, in_features, bits, backend) -> y (M,N) in x's dtype
+#   Backward: grad_x = grad_y @ W; grad_codebook[c] = sum of grad_W over the cluster c (entry 0,
+#   the pruned weights, gets none); grad_bias = sum over rows. Indices are fixed (no gradient).
+# --------------------------------------------------------------------------------------------
+
+torch.library.define(
+    "fastkd::shared_linear",
+    "(Tensor x, Tensor indices, Tensor codebook, Tensor? bias, int in_features, int bits, "
+    "str backend) -> Tensor",
+)
+
+
+@torch.library.register_kernel("fastkd::shared_linear", None)
+def _shared_linear(x, indices, codebook, bias, in_features, bits, backend):
+    if backend == "triton":
+        return _kernels("shared_linear").shared_linear_forward(
+            x, indices, codebook, bias, in_features, bits
+        )
+    return reference.shared_linear_forward(x, indices, codebook, bias, in_features, bits)
+
+
+@torch.library.register_fake("fastkd::shared_linear")
+def _shared_linear_fake(x, indices, codebook, bias, in_features, bits, backend):
+    return x.new_empty((x.shape[0], indices.shape[0]))
+
+
+def _shared_linear_setup_context(ctx, inputs, output):
+    x, indices, codebook, bias, in_features, bits, backend = inputs
+    ctx.save_for_backward(x, indices, codebook)
+    ctx.args = (in_features, bits)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _shared_linear_backward(ctx, grad_y):
+    x, indices, codebook = ctx.saved_tensors
+    in_features, bits = ctx.args
+    grad_x = grad_cb = grad_bias = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+        w = reference.shared_dequantize(indices, codebook, in_features, bits)
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad_y @ w.to(grad_y.dtype)).to(x.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_w = grad_y.float().t() @ x.float()
+        grad_cb = reference.shared_codebook_grad(grad_w, indices, codebook, in_features, bits)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad_y.float().sum(0).to(ctx.bias_dtype)
+    return grad_x, None, grad_cb, grad_bias, None, None, None
+
+
+torch.library.register_autograd(
+    "fastkd::shared_linear", _shared_linear_backward, setup_context=_shared_linear_setup_context
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Int8 linear (symmetric int8 weights with fp32 per-output-channel scales)
+#   quantize_per_token(x (M,K) float, backend) -> (x_q (M,K) int8, x_scale (M,) fp32)
+#   int8_mm_scaled(x_q (M,K) int8, x_scale (M,), weight (N,K) int8, weight_scale (N,), bias (N,)?,
+#                  out_dtype, backend) -> (M,N) out_dtype, exact int32 accumulation
+#   int8_linear_w8a8 / int8_linear_w8a16(x (M,K) float, weight (N,K) int8, weight_scale (N,) fp32,
+#                  bias (N,)?, backend) -> (M,N) in x.dtype
+# Autograd (both linears): dX = (dY * weight_scale) @ float(weight), computed by the W8A16 op on the
+# transposed int8 weight (no float weight copy); for W8A8 this is the straight-through estimator of
+# the activation rounding. d bias = sum of dY. The int8 weight and its scale get no gradient.
+# --------------------------------------------------------------------------------------------
+
+torch.library.define(
+    "fastkd::quantize_per_token", "(Tensor x, str backend) -> (Tensor, Tensor)"
+)
+torch.library.define(
+    "fastkd::int8_mm_scaled",
+    "(Tensor x_q, Tensor x_scale, Tensor weight, Tensor weight_scale, Tensor? bias, "
+    "ScalarType out_dtype, str backend) -> Tensor",
+)
+torch.library.define(
+    "fastkd::int8_linear_w8a8",
+    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, str backend) -> Tensor",
+)
+torch.library.define(
+    "fastkd::int8_linear_w8a16",
+    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, str backend) -> Tensor",
+)
+
+
+def _int8_impl(backend: str):
+    if backend == "triton":
+        return _kernels("int8_linear")
+    from .reference import int8_linear as ref
+
+    return ref
+
+
+@torch.library.register_kernel("fastkd::quantize_per_token", None)
+def _quantize_per_token(x, backend):
+    return _int8_impl(backend).quantize_per_token(x)
+
+
+@torch.library.register_kernel("fastkd::int8_mm_scaled", None)
+def _int8_mm_scaled(x_q, x_scale, weight, weight_scale, bias, out_dtype, backend):
+    return _int8_impl(backend).int8_mm_scaled(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+
+
+@torch.library.register_kernel("fastkd::int8_linear_w8a8", None)
+def _int8_linear_w8a8(x, weight, weight_scale, bias, backend):
+    return _int8_impl(backend).int8_linear_w8a8(x, weight, weight_scale, bias)
+
+
+@torch.library.register_kernel("fastkd::int8_linear_w8a16", None)
+def _int8_linear_w8a16(x, weight, weight_scale, bias, backend):
+    return _int8_impl(backend).int8_linear_w8a16(x, weight, weight_scale, bias)
+
+
+@torch.library.register_fake("fastkd::quantize_per_token")
+def _quantize_per_token_fake(x, backend):
+    m, k = x.shape
+    return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastkd::int8_mm_scaled")
+def _int8_mm_scaled_fake(x_q, x_scale, weight, weight_scale, bias, out_dtype, backend):
+    return x_q.new_empty((x_q.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("fastkd::int8_linear_w8a8")
+def _int8_linear_w8a8_fake(x, weight, weight_scale, bias, backend):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("fastkd::int8_linear_w8a16")
+def _int8_linear_w8a16_fake(x, weight, weight_scale, bias, backend):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _int8_linear_setup_context(ctx, inputs, output):
+    x, weight, weight_scale, bias, backend = inputs
+    ctx.save_for_backward(weight, weight_scale)
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.backend = backend
+
+
+def _int8_linear_autograd_backward(ctx, grad_out):
+    weight, weight_scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        # dX[m, k] = sum_n (dY[m, n] * s[n]) * q[n, k]: a W8A16 product with the transposed codes
+        # (a strided view, not a copy) and unit scales. Scaling in fp32 rounds once.
+        g = (grad_out.float() * weight_scale.float()).to(ctx.x_dtype)
+        ones = torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
+        grad_x = torch.ops.fastkd.int8_linear_w8a16(g, weight.t(), ones, None, ctx.backend)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad_out.float().sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_bias, None
+
+
+for _name in ("fastkd::int8_linear_w8a8", "fastkd::int8_linear_w8a16"):
+    torch.library.register_autograd(
+        _name, _int8_linear_autograd_backward, setup_context=_int8_linear_setup_context
+    )

@@ -120,3 +120,254 @@ def kd_loss(
         return total / max(rows.numel(), 1)
     counted = (target != ignore_index).sum().clamp_min(1)
     return total / counted
+
+
+# --------------------------------------------------------------------------------------------
+# Weight-shared linear (issue 6)
+# --------------------------------------------------------------------------------------------
+
+SHARED_LINEAR_BACKENDS = register(
+    OpBackends(
+        "shared_linear",
+        [
+            Backend("triton", auto_devices=("cuda",), unavailable=triton_unavailable_reason),
+            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
+        ],
+    )
+)
+
+
+def shared_linear(
+    x: Tensor,
+    indices: Tensor,
+    codebook: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    in_features: int,
+    bits: int,
+    backend: str = "auto",
+) -> Tensor:
+    """Linear layer whose weight is looked up in a codebook: ``y = x @ W.T + bias``.
+
+    ``W[n, k] = codebook[(n,) idx[n, k]]`` and 0 where ``idx == 0`` (the pruned cluster).
+
+    Args:
+        x: ``(..., in_features)`` fp32, fp16 or bf16.
+        indices: uint8 ``(N, ceil(in_features / 2))`` (two 4-bit indices per byte, low nibble first)
+            when ``bits <= 4``, else ``(N, in_features)``.
+        codebook: fp32 ``(2**bits,)`` (per layer) or ``(N, 2**bits)`` (per output channel).
+        bias: optional ``(N,)``.
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+
+    Returns ``(..., N)`` in x's dtype. Gradients reach x, the codebook (the sum of the weight
+    gradients of each cluster) and the bias; the indices are fixed.
+    """
+    check_tensor(x, "x")
+    check_tensor(indices, "indices")
+    check_tensor(codebook, "codebook")
+    check_float_dtype(x, "x")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 0:
+        raise ValueError(f"in_features must be a non-negative int, got {in_features!r}")
+    if indices.dtype != torch.uint8 or indices.dim() != 2:
+        raise TypeError(f"indices must be a 2-D uint8 tensor, got {indices.dim()}-D {indices.dtype}")
+    width = (in_features + 1) // 2 if bits <= 4 else in_features
+    if indices.shape[1] != width:
+        raise ValueError(
+            f"indices have {indices.shape[1]} columns; {width} expected for in_features="
+            f"{in_features} at {bits} bits"
+        )
+    n = indices.shape[0]
+    if codebook.dtype != torch.float32:
+        raise TypeError(f"codebook must be float32, got {codebook.dtype}")
+    if codebook.shape not in ((2**bits,), (n, 2**bits)):
+        raise ValueError(
+            f"codebook shape {tuple(codebook.shape)} must be ({2**bits},) or ({n}, {2**bits})"
+        )
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer takes {in_features}")
+    check_same_device(x, indices, "x", "indices")
+    check_same_device(x, codebook, "x", "codebook")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        check_same_device(x, bias, "x", "bias")
+        if bias.shape != (n,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} must be ({n},)")
+    impl = SHARED_LINEAR_BACKENDS.select(backend, x.device)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if impl == "triton" and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.ops.fastkd.shared_linear(x2, indices, codebook, bias, in_features, bits, impl)
+    return y.reshape(*lead, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Int8 linear
+# --------------------------------------------------------------------------------------------
+
+INT8_MODES = ("w8a8", "w8a16")
+
+
+def _int8_triton_dtype_reasons(dtype):
+    def extra(name):
+        if name == "triton" and dtype == torch.bfloat16 and _interpreting():
+            return ["the Triton interpreter runs on numpy, which has no bfloat16"]
+        return []
+
+    return extra
+
+
+def _interpreting() -> bool:
+    from ._backend import triton_interpret
+
+    return triton_interpret()
+
+
+INT8_LINEAR_BACKENDS = register(
+    OpBackends(
+        "int8_linear",
+        [
+            Backend("triton", auto_devices=("cuda",), unavailable=triton_unavailable_reason),
+            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
+        ],
+    )
+)
+QUANTIZE_PER_TOKEN_BACKENDS = register(
+    OpBackends(
+        "quantize_per_token",
+        [
+            Backend("triton", auto_devices=("cuda",), unavailable=triton_unavailable_reason),
+            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
+        ],
+    )
+)
+
+
+def _check_int8_weight(weight: Tensor, weight_scale: Tensor) -> None:
+    check_tensor(weight, "weight")
+    check_tensor(weight_scale, "weight_scale")
+    if weight.dtype != torch.int8:
+        raise TypeError(f"weight must be int8 codes, got {str(weight.dtype).replace('torch.', '')}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    if weight_scale.dtype != torch.float32:
+        raise TypeError(
+            f"weight_scale must be float32, got {str(weight_scale.dtype).replace('torch.', '')}"
+        )
+    if tuple(weight_scale.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"weight_scale must have shape ({weight.shape[0]},) (one per output channel), "
+            f"got {tuple(weight_scale.shape)}"
+        )
+    check_same_device(weight, weight_scale, "weight", "weight_scale")
+
+
+def int8_linear(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    mode: str = "w8a8",
+    backend: str = "auto",
+) -> Tensor:
+    r"""Linear layer with symmetric int8 weights: ``y = x @ (weight * weight_scale[:, None]).T + bias``.
+
+    Modes:
+        ``"w8a8"``: ``x`` is quantized per token (row) to int8 with an fp32 scale
+        (``amax / 127``, round half to even); the product is int8 x int8 with exact int32
+        accumulation, then ``y = acc * x_scale[m] * weight_scale[n] + bias[n]`` in fp32.
+        ``"w8a16"``: ``x`` stays in its dtype; the int8 codes are converted in registers, the
+        product accumulates in fp32, then ``y = acc * weight_scale[n] + bias[n]``.
+
+    Args:
+        x: ``(..., K)`` fp32, fp16 or bf16.
+        weight: ``(N, K)`` int8 codes (see :func:`quantize_weight`).
+        weight_scale: ``(N,)`` fp32 per-output-channel scales.
+        bias: optional ``(N,)`` float of any float dtype (added in fp32).
+        mode: ``"w8a8"`` or ``"w8a16"``.
+        backend: ``"auto"`` (Triton on CUDA, the torch reference elsewhere; ``FASTKD_BACKEND``
+            overrides), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``(..., N)`` in ``x.dtype``.
+
+    Gradients: ``x`` receives ``dY @ (weight * weight_scale[:, None])`` (for ``"w8a8"`` this is the
+    straight-through estimator of the activation rounding) and ``bias`` the sum of ``dY``; the
+    int8 weight and its scale receive none.
+    """
+    check_tensor(x, "x")
+    check_float_dtype(x, "x")
+    if mode not in INT8_MODES:
+        raise ValueError(f"mode must be one of {INT8_MODES}, got {mode!r}")
+    _check_int8_weight(weight, weight_scale)
+    n_out, k = weight.shape
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the features)")
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension but weight expects {k} "
+            f"(weight shape {tuple(weight.shape)})"
+        )
+    check_same_device(x, weight, "x", "weight")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        check_float_dtype(bias, "bias")
+        if tuple(bias.shape) != (n_out,):
+            raise ValueError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
+        check_same_device(x, bias, "x", "bias")
+    if mode == "w8a8" and k > _int8_ref_max_k():
+        raise ValueError(
+            f"w8a8 accumulates in int32, which can overflow for K = {k} > {_int8_ref_max_k()}; "
+            "use mode='w8a16'"
+        )
+    impl = INT8_LINEAR_BACKENDS.select(backend, x.device, _int8_triton_dtype_reasons(x.dtype))
+    lead = x.shape[:-1]
+    x2 = x.reshape(lead.numel(), k)  # not -1: K may be 0
+    if mode == "w8a8":
+        y = torch.ops.fastkd.int8_linear_w8a8(x2, weight, weight_scale, bias, impl)
+    else:
+        y = torch.ops.fastkd.int8_linear_w8a16(x2, weight, weight_scale, bias, impl)
+    return y.reshape(*lead, n_out)
+
+
+def _int8_ref_max_k() -> int:
+    from .reference.int8_linear import MAX_K_W8A8
+
+    return MAX_K_W8A8
+
+
+def quantize_per_token(x: Tensor, *, backend: str = "auto") -> tuple:
+    """Symmetric per-token int8 quantization of ``x`` ``(..., K)`` (fp32/fp16/bf16).
+
+    Returns ``(x_q, x_scale)``: ``x_q`` ``(..., K)`` int8 in ``[-127, 127]`` and ``x_scale``
+    ``(...)`` fp32 with ``x ~= x_q * x_scale[..., None]``, ``x_scale = max|x_row| / 127``.
+    """
+    check_tensor(x, "x")
+    check_float_dtype(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the features)")
+    impl = QUANTIZE_PER_TOKEN_BACKENDS.select(
+        backend, x.device, _int8_triton_dtype_reasons(x.dtype)
+    )
+    k = x.shape[-1]
+    q, s = torch.ops.fastkd.quantize_per_token(x.detach().reshape(x.shape[:-1].numel(), k), impl)
+    return q.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+def quantize_weight(weight: Tensor) -> tuple:
+    """Symmetric per-output-channel int8 quantization of a float ``weight`` ``(N, K)``.
+
+    Returns ``(codes (N, K) int8 in [-127, 127], scale (N,) fp32)`` with
+    ``scale[n] = max_k |weight[n, k]| / 127`` (computed in fp32, round half to even), so that
+    ``weight ~= codes * scale[:, None]``.
+    """
+    check_tensor(weight, "weight")
+    check_float_dtype(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    from .reference.int8_linear import quantize_weight as _quantize_weight
+
+    return _quantize_weight(weight)

@@ -1,0 +1,183 @@
+"""Compressed checkpoints: one safetensors file whose metadata holds a small JSON of the compressed
+layers (type and settings per module path), rebuilt into an uncompressed skeleton on load.
+
+Adding a compressed layer type is one ``register_compressed_layer`` call: how to read its settings,
+and how to build an empty one (to be filled by the state dict) from the skeleton's ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+__all__ = ["register_compressed_layer", "save_compressed", "load_compressed", "size_report"]
+
+FORMAT = "fastkd.compressed/1"
+_META_KEY = "fastkd"
+
+
+@dataclass(frozen=True)
+class _LayerSpec:
+    cls: type
+    settings: Callable[[nn.Module], dict]  # JSON-able settings of a compressed layer
+    build: Callable[[dict, nn.Module], nn.Module]  # (settings, skeleton layer) -> empty layer
+
+
+LAYER_REGISTRY: dict = {}
+
+
+def register_compressed_layer(cls: type, settings: Callable, build: Callable) -> None:
+    """Teach save/load_compressed a layer type (keyed by class name)."""
+    LAYER_REGISTRY[cls.__name__] = _LayerSpec(cls, settings, build)
+
+
+def _shared_linear_spec():
+    from .nn.shared_linear import SharedLinear
+
+    def settings(m):
+        return {
+            "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "bits": m.bits, "per_channel": m.per_channel,
+            "backend": m.backend,
+        }
+
+    def build(s, skeleton):
+        return SharedLinear(
+            s["in_features"], s["out_features"], bias=s["bias"], bits=s["bits"],
+            per_channel=s["per_channel"], backend=s.get("backend", "auto"),
+            device=_device_of(skeleton),
+        )
+
+    register_compressed_layer(SharedLinear, settings, build)
+
+
+def _int8_linear_spec():
+    from .nn.int8_linear import Int8Linear
+
+    def settings(m):
+        return {
+            "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "mode": m.mode, "backend": m.backend,
+            "dtype": str(m.bias.dtype if m.bias is not None else torch.float32).replace("torch.", ""),
+        }
+
+    def build(s, skeleton):
+        return Int8Linear(
+            s["in_features"], s["out_features"], bias=s["bias"], mode=s["mode"],
+            backend=s.get("backend", "auto"), dtype=getattr(torch, s["dtype"]),
+            device=_device_of(skeleton),
+        )
+
+    register_compressed_layer(Int8Linear, settings, build)
+
+
+_BUILTIN_SPECS = {"SharedLinear": _shared_linear_spec, "Int8Linear": _int8_linear_spec}
+
+
+def _device_of(module: nn.Module):
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return None
+
+
+def _ensure_builtin():
+    for name, spec in _BUILTIN_SPECS.items():
+        if name not in LAYER_REGISTRY:
+            spec()
+
+
+def _compressed_layers(model: nn.Module) -> dict:
+    _ensure_builtin()
+    out = {}
+    for name, mod in model.named_modules():
+        spec = LAYER_REGISTRY.get(type(mod).__name__)
+        if spec is not None and type(mod) is spec.cls:
+            out[name] = {"type": type(mod).__name__, "settings": spec.settings(mod)}
+    return out
+
+
+def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
+    """Write ``model``'s state (compressed layers as they are) to a safetensors file.
+
+    The file's metadata holds ``{"format", "layers": {path: {"type", "settings"}}}``; returns it.
+    """
+    from safetensors.torch import save_model
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    header = {"format": FORMAT, "layers": _compressed_layers(model)}
+    save_model(model, os.fspath(path), metadata={_META_KEY: json.dumps(header)})
+    return header
+
+
+def read_compressed_header(path: Union[str, os.PathLike]) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if _META_KEY not in meta:
+        raise ValueError(f"{os.fspath(path)} is not a fastkd compressed checkpoint (no metadata)")
+    header = json.loads(meta[_META_KEY])
+    if header.get("format") != FORMAT:
+        raise ValueError(f"unsupported checkpoint format {header.get('format')!r}; want {FORMAT}")
+    return header
+
+
+def load_compressed(skeleton: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Rebuild the compressed layers recorded in ``path`` into ``skeleton`` (an uncompressed model
+    of the same architecture), load every tensor exactly, and return the skeleton."""
+    from safetensors.torch import load_model
+
+    if not isinstance(skeleton, nn.Module):
+        raise TypeError(f"skeleton must be an nn.Module, got {type(skeleton).__name__}")
+    _ensure_builtin()
+    header = read_compressed_header(path)
+    for name, entry in header["layers"].items():
+        spec = LAYER_REGISTRY.get(entry["type"])
+        if spec is None:
+            raise ValueError(
+                f"checkpoint layer {name!r} has type {entry['type']!r}, which this fastkd cannot "
+                f"rebuild (known: {sorted(LAYER_REGISTRY)})"
+            )
+        if not name:
+            raise ValueError("the root module itself is compressed; load it directly instead")
+        try:
+            old = skeleton.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"skeleton has no module {name!r} to rebuild") from e
+        parent_name, _, attr = name.rpartition(".")
+        parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
+        setattr(parent, attr, spec.build(entry["settings"], old))
+    load_model(skeleton, os.fspath(path), strict=True)
+    return skeleton
+
+
+def size_report(model: nn.Module) -> dict:
+    """Bytes of parameters and buffers per module type (each tensor counted once, at its owner).
+
+    Returns ``{"total_bytes": int, "by_type": {type name: {"modules": n, "bytes": b}}}``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    seen = set()
+    by_type: dict = {}
+    for mod in model.modules():
+        own = list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
+        nbytes = 0
+        for t in own:
+            key = (t.data_ptr(), t.numel(), t.dtype)
+            if key in seen:  # tied weights
+                continue
+            seen.add(key)
+            nbytes += t.numel() * t.element_size()
+        if not own:
+            continue
+        entry = by_type.setdefault(type(mod).__name__, {"modules": 0, "bytes": 0})
+        entry["modules"] += 1
+        entry["bytes"] += nbytes
+    return {"total_bytes": sum(e["bytes"] for e in by_type.values()), "by_type": by_type}

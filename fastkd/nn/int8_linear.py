@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from .._backend import BACKEND_CHOICES
+
+
+def _check_mode(mode) -> str:
+    if mode not in F.INT8_MODES:
+        raise ValueError(f"mode must be one of {F.INT8_MODES}, got {mode!r}")
+    return mode
+
+
+class Int8Linear(nn.Module):
+    """Drop-in ``nn.Linear`` with symmetric int8 weights; see :func:`fastkd.functional.int8_linear`.
+
+    ``layer = Int8Linear.from_linear(linear, mode="w8a8")`` or ``fastkd.quantize_(model)``.
+
+    State (plain tensors, so ``state_dict``, ``torch.save`` and safetensors round-trip exactly):
+        ``weight``: buffer ``(out_features, in_features)`` int8 codes in ``[-127, 127]``.
+        ``weight_scale``: buffer ``(out_features,)`` fp32, one symmetric scale per output channel.
+            It stays fp32 under ``module.half()`` / ``.to(dtype)``.
+        ``bias``: parameter ``(out_features,)`` in the activation dtype, or ``None``.
+
+    Modes: ``"w8a8"`` quantizes activations per token at run time and multiplies int8 x int8 with
+    int32 accumulation; ``"w8a16"`` keeps activations in their dtype and dequantizes the weight
+    inside the kernel. No float copy of the weight is kept. Input ``(..., in_features)`` in
+    fp32/fp16/bf16; output ``(..., out_features)`` in the input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        mode: str = "w8a8",
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.mode = _check_mode(mode)
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        self.backend = backend
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype (of the bias and activations) must be a float dtype, got {dtype}")
+        self.register_buffer(
+            "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer(
+            "weight_scale", torch.ones(out_features, dtype=torch.float32, device=device)
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", backend: str = "auto"):
+        """Quantize ``linear``'s weight per output channel; the bias keeps its values and dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        _check_mode(mode)
+        w = linear.weight
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"the linear's weight must be fp32/fp16/bf16, got {w.dtype}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            mode=mode,
+            device=w.device,
+            dtype=w.dtype,
+            backend=backend,
+        )
+        codes, scale = F.quantize_weight(w.detach())
+        layer.weight.copy_(codes)
+        layer.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(
+                linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad
+            )
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"Int8Linear expects a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Int8Linear(in_features={self.in_features}) got input of shape "
+                f"{tuple(x.shape)}: its last dimension must be {self.in_features}"
+            )
+        return F.int8_linear(
+            x, self.weight, self.weight_scale, self.bias, mode=self.mode, backend=self.backend
+        )
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """A float copy ``weight * weight_scale[:, None]`` (for inspection; forward never makes it)."""
+        w = self.weight.float() * self.weight_scale[:, None]
+        return w if dtype is None else w.to(dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        # module.half() / .to(bfloat16) would round the fp32 scales: keep them fp32, move device.
+        scale = self.weight_scale
+        super()._apply(fn, *args, **kwargs)
+        moved = self.weight_scale
+        if moved.dtype != torch.float32:
+            self.weight_scale = scale.to(device=moved.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, mode={self.mode!r}, backend={self.backend!r}"
+        )

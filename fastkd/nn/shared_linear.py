@@ -1,0 +1,99 @@
+"""``SharedLinear``: a linear layer whose weights are indices into a small trainable codebook."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..reference.shared_linear import pack_indices, shared_dequantize
+
+
+class SharedLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` with ``2**bits`` shared weight values (per layer or per channel).
+
+    Holds plain tensors: ``indices`` (uint8 buffer; two 4-bit indices per byte when ``bits <= 4``),
+    ``codebook`` (fp32 parameter, ``(2**bits,)`` or ``(out_features, 2**bits)``; entry 0 is the
+    pruned-weight cluster and always reads as 0) and ``bias`` (parameter or None). Training updates
+    the codebook (each centroid gets the summed gradient of its weights) and the bias; the cluster
+    assignment stays fixed.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 4,
+        per_channel: bool = False,
+        backend: str = "auto",
+        device=None,
+    ):
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+        for v, nm in ((in_features, "in_features"), (out_features, "out_features")):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{nm} must be a non-negative int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.per_channel, self.backend = bits, bool(per_channel), backend
+        width = (in_features + 1) // 2 if bits <= 4 else in_features
+        self.register_buffer(
+            "indices", torch.zeros(out_features, width, dtype=torch.uint8, device=device)
+        )
+        cb_shape = (out_features, 2**bits) if per_channel else (2**bits,)
+        self.codebook = nn.Parameter(torch.zeros(cb_shape, dtype=torch.float32, device=device))
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        )
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, bits: int = 4, per_channel: bool = False, iters: int = 25,
+        backend: str = "auto",
+    ) -> "SharedLinear":
+        """Cluster ``linear``'s weights with k-means (zeros kept as the fixed cluster 0)."""
+        from ..sharing import kmeans_1d
+
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        if not torch.isfinite(w).all():
+            raise ValueError("the weight contains inf or NaN; cannot cluster it")
+        out = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, bits, per_channel,
+            backend, device=w.device,
+        )
+        k = 2**bits - 1
+        rows = w.float() if per_channel else w.float().reshape(1, -1)
+        nonzero = rows != 0
+        cent, assign = kmeans_1d(rows, k, valid=nonzero, iters=iters)
+        idx = torch.where(nonzero, assign + 1, torch.zeros_like(assign)).reshape(w.shape)
+        cb = torch.cat([torch.zeros_like(cent[:, :1]), cent], dim=1)
+        with torch.no_grad():
+            out.codebook.copy_(cb if per_channel else cb[0])
+            out.indices.copy_(pack_indices(idx.to(torch.uint8), bits))
+            if linear.bias is not None:
+                out.bias = nn.Parameter(linear.bias.detach().clone())
+        out.train(linear.training)
+        return out
+
+    def dequantized_weight(self) -> Tensor:
+        """The fp32 (out_features, in_features) weight this layer multiplies by."""
+        return shared_dequantize(self.indices, self.codebook, self.in_features, self.bits)
+
+    def nbytes(self) -> int:
+        tensors = [self.indices, self.codebook] + ([self.bias] if self.bias is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.shared_linear(
+            x, self.indices, self.codebook, self.bias, in_features=self.in_features,
+            bits=self.bits, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, bits={self.bits}, per_channel={self.per_channel}"
+        )

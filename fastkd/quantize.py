@@ -1,0 +1,54 @@
+"""Whole-model int8 quantization: swap ``nn.Linear`` layers for :class:`fastkd.nn.Int8Linear`."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from torch import nn
+
+from .nn.int8_linear import Int8Linear, _check_mode
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def quantize_(
+    model: nn.Module,
+    mode: str = "w8a8",
+    filter_fn: Optional[FilterFn] = None,
+    *,
+    backend: str = "auto",
+) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` in ``model`` for which ``filter_fn(module, name)``
+    is true (all of them without a filter) by ``Int8Linear.from_linear(module, mode)``.
+
+    ``name`` is the module's qualified name in ``model`` (``"encoder.layer.0.attention.self.query"``).
+    ``model`` itself may be an ``nn.Linear``; then it cannot be replaced in place and a
+    ``ValueError`` says to use ``Int8Linear.from_linear``. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
+    _check_mode(mode)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("filter_fn must be callable as filter_fn(module, name) -> bool")
+    if type(model) is nn.Linear:
+        raise ValueError(
+            "quantize_ replaces submodules in place and cannot replace the model itself; "
+            "use fastkd.nn.Int8Linear.from_linear(linear) for a bare nn.Linear"
+        )
+    # Collect first, then swap: replacing while iterating named_modules() would mutate the tree
+    # under the iterator.
+    # Only exact nn.Linear: subclasses (e.g. nn.MultiheadAttention's out_proj, whose weight is read
+    # directly by its parent) may depend on holding a float weight.
+    targets = [
+        (name, module)
+        for name, module in model.named_modules(remove_duplicate=False)
+        if type(module) is nn.Linear and name and (filter_fn is None or filter_fn(module, name))
+    ]
+    swapped: dict = {}  # a linear shared under several names becomes one shared Int8Linear
+    for name, module in targets:
+        if id(module) not in swapped:
+            swapped[id(module)] = Int8Linear.from_linear(module, mode=mode, backend=backend)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, swapped[id(module)])
+    return model

@@ -1,0 +1,135 @@
+"""Reference int8 linear layers in plain torch: the truth in tests and the CPU path.
+
+Quantization is symmetric everywhere (zero point 0, codes in [-127, 127]):
+
+    per-token activations  x (M, K) float  ->  x_q (M, K) int8, x_s (M,) fp32
+        amax_m = max_k |x[m, k]|   (in fp32; an all-zero row uses amax = 1e-30)
+        x_s[m] = amax_m / 127
+        x_q[m, k] = clamp(round_half_even(x[m, k] / x_s[m]), -127, 127)
+    per-output-channel weights  w (N, K) float  ->  w_q (N, K) int8, w_s (N,) fp32 (the same rule
+        applied to every row of w)
+
+W8A8 (both operands int8, exact integer accumulation):
+    acc[m, n] = sum_k x_q[m, k] * w_q[n, k]                      (int32, exact)
+    y[m, n]   = cast((float(acc) * x_s[m]) * w_s[n] + bias[n])   (fp32 epilogue, in this order)
+
+W8A16 (activations stay in their float dtype; the per-channel scale factors out of the sum):
+    y[m, n] = cast(w_s[n] * sum_k x[m, k] * w_q[n, k] + bias[n])  (fp32 accumulation)
+
+The Triton kernels compute the same formulas with the same fp32 operation order, so the W8A8
+integer accumulators agree exactly and the outputs agree to the last bit in the interpreter.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+QMAX = 127
+AMAX_FLOOR = 1e-30  # keeps the scale of an all-zero row positive: its codes are 0 either way
+# |acc| <= K * 128 * 128 must fit in int32 (int8 codes from outside may include -128)
+MAX_K_W8A8 = (2**31 - 1) // (128 * 128)
+
+# Elements of a dequantized weight chunk the W8A16 reference materialises at once (fp32, 16 MiB).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8 quantization of a 2-D float tensor: (codes int8, scales fp32)."""
+    rows, cols = x.shape
+    xf = x.float()
+    if cols == 0:
+        amax = torch.zeros(rows, dtype=torch.float32, device=x.device)
+    else:
+        amax = xf.abs().amax(dim=1)
+    scale = amax.clamp_min(AMAX_FLOOR) / QMAX
+    q = torch.round(xf / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token activation quantization of ``x`` (M, K): ``(x_q (M, K) int8, x_s (M,) fp32)``."""
+    return quantize_rows(x)
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-channel weight quantization of ``weight`` (N, K): ``(w_q int8, w_s (N,) fp32)``."""
+    return quantize_rows(weight.detach())
+
+
+def _int_mm_allowed(a: Tensor, b: Tensor) -> bool:
+    """torch._int_mm's shape rules (the strictest, CUDA's): K and N multiples of 8, K > 0.
+    M > 16 is met by padding rows, which is cheap because it only happens for small M."""
+    k, n = a.shape[1], b.shape[0]
+    return a.device.type in ("cpu", "cuda") and k > 0 and k % 8 == 0 and n % 8 == 0
+
+
+def int8_mm(a: Tensor, b: Tensor) -> Tensor:
+    """Exact ``a @ b.T`` for int8 ``a`` (M, K) and int8 ``b`` (N, K) with an int32 result (M, N).
+
+    ``torch._int_mm`` where its shape rules allow (M is zero-padded to 17 rows when smaller; zero
+    rows add nothing). Otherwise a float64 matmul: every product and partial sum is an integer of
+    magnitude < K * 2**14 < 2**53, so float64 represents each exactly and the result is exact in
+    any summation order (and unaffected by TF32 or reduced-precision matmul settings).
+    """
+    m, n = a.shape[0], b.shape[0]
+    if m == 0 or n == 0:
+        return torch.zeros(m, n, dtype=torch.int32, device=a.device)
+    if _int_mm_allowed(a, b):
+        a_c = a.contiguous()
+        if m <= 16:
+            a_c = torch.cat([a_c, a_c.new_zeros(17 - m, a_c.shape[1])])
+        out = torch._int_mm(a_c, b.contiguous().t())
+        return out[:m] if m <= 16 else out
+    return (a.double() @ b.double().t()).to(torch.int32)
+
+
+def int8_mm_scaled(
+    x_q: Tensor,
+    x_scale: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Optional[Tensor],
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """``cast((float(x_q @ weight.T) * x_scale[:, None]) * weight_scale + bias)`` (M, N)."""
+    acc = int8_mm(x_q, weight).float()
+    y = acc * x_scale.float()[:, None]
+    y = y * weight_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()[None, :]
+    return y.to(out_dtype)
+
+
+def int8_linear_w8a8(
+    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]
+) -> Tensor:
+    """W8A8 linear of ``x`` (M, K) float with int8 ``weight`` (N, K): (M, N) in ``x.dtype``."""
+    x_q, x_s = quantize_per_token(x)
+    return int8_mm_scaled(x_q, x_s, weight, weight_scale, bias, x.dtype)
+
+
+def int8_linear_w8a16(
+    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]
+) -> Tensor:
+    """W8A16 linear of ``x`` (M, K) float with int8 ``weight`` (N, K): (M, N) in ``x.dtype``.
+
+    The int8 codes are converted to fp32 (exact) a chunk of output channels at a time, so no
+    full-size float copy of the weight exists; accumulation is fp32 and the channel scale is
+    applied to the sum.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    xf = x.float()
+    step = max(1, min(n, _CHUNK_ELEMENTS // max(k, 1)))
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        y = xf @ weight[n0:n1].float().t()
+        y = y * weight_scale[n0:n1].float()[None, :]
+        if bias is not None:
+            y = y + bias[n0:n1].float()[None, :]
+        out[:, n0:n1] = y.to(x.dtype)
+    return out

@@ -1,0 +1,346 @@
+"""Structured pruning that makes a model physically smaller.
+
+``structured_mask`` chooses whole output neurons (rows, ``dim=0``) or input channels (columns,
+``dim=1``) of a weight by L2 norm. Applying such a mask (``weight.mul_(mask)``, or a masked layer)
+leaves zero rows/columns; ``shrink_`` then removes those neurons from pairs of layers it can prove are
+connected, so the result is a smaller dense model that computes the same function:
+
+* ``nn.Sequential`` MLPs: ``Linear -> elementwise activations/dropout -> Linear``;
+* Hugging Face BERT-style blocks: ``intermediate.dense`` (+ activation) -> ``output.dense``;
+* LLaMA-style gated MLPs: ``gate_proj``, ``up_proj`` -> ``down_proj`` (``act(gate) * up``);
+* attention heads: BERT-style self-attention (through the model's own ``prune_heads`` when the
+  installed transformers has it, otherwise by slicing query/key/value/output the same way) and
+  LLaMA-style grouped-query attention (whole key/value groups with their query heads).
+
+A hidden neuron ``j`` between ``A`` (producing) and ``B`` (consuming) is dead, and may go, when
+``B``'s column ``j`` is zero (nothing reaches the output whatever ``j`` computes), or when ``A``'s row
+``j`` and bias are zero and the activation maps 0 to 0 (``j`` is always 0, so it contributes 0).
+Nothing else is removed, so the shrunk model's output equals the masked model's.
+
+(This module holds what the issue calls ``fastkd.prune.structured_mask``; it lives here to stay
+clear of ``fastkd/prune.py`` being written on another branch, and is re-exported from there later.)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["structured_mask", "shrink_"]
+
+
+# ------------------------------------------------------------------------------------------------
+# masks
+# ------------------------------------------------------------------------------------------------
+
+
+def structured_mask(weight: Tensor, sparsity: float, dim: int = 0) -> Tensor:
+    """Boolean keep-mask (same shape as ``weight``) that zeroes whole slices with the smallest L2 norm.
+
+    Args:
+        weight: ``(out_features, in_features)`` floating weight (any leading layout of a 2-D matrix).
+        sparsity: fraction of slices to remove, in ``[0, 1)``; ``round(sparsity * n)`` slices go.
+        dim: ``0`` removes output neurons (rows), ``1`` removes input channels (columns).
+
+    Ties in norm are broken by index (lower index pruned first), so the mask is deterministic.
+    """
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got {weight.dim()}-D")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a number, got {type(sparsity).__name__}")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+    if isinstance(dim, bool) or dim not in (0, 1, -1, -2):
+        raise ValueError(f"dim must be 0 (output neurons) or 1 (input channels), got {dim}")
+    dim = dim % 2
+    n = weight.shape[dim]
+    n_prune = int(round(float(sparsity) * n))
+    norms = weight.detach().float().norm(dim=1 - dim)
+    if not torch.isfinite(norms).all():
+        raise ValueError("weight contains inf or NaN; cannot rank slices by norm")
+    keep = torch.ones(n, dtype=torch.bool, device=weight.device)
+    if n_prune > 0:
+        # stable sort: equal norms keep index order, so the lowest index among ties goes first
+        order = torch.sort(norms, stable=True).indices
+        keep[order[:n_prune]] = False
+    shape = (n, 1) if dim == 0 else (1, n)
+    return keep.reshape(shape).expand_as(weight).clone()
+
+
+# ------------------------------------------------------------------------------------------------
+# proving neurons dead
+# ------------------------------------------------------------------------------------------------
+
+
+def _effective_weight(layer: nn.Module) -> Tensor:
+    """The weight a linear-like layer multiplies by (masked layers: weight * mask)."""
+    w = layer.weight.detach()
+    mask = getattr(layer, "mask", None)
+    if isinstance(mask, Tensor) and mask.shape == w.shape:
+        w = w * mask.to(w.dtype)
+    return w
+
+
+def _plain_linear(layer) -> bool:
+    # Only exact nn.Linear can be sliced safely: a subclass may keep extra per-feature state.
+    return type(layer) is nn.Linear
+
+
+def _zero_rows(layer: nn.Linear) -> Tensor:
+    w = _effective_weight(layer)
+    z = (w == 0).all(dim=1)
+    if layer.bias is not None:
+        z &= layer.bias.detach() == 0
+    return z
+
+
+def _zero_cols(layer: nn.Linear) -> Tensor:
+    return (_effective_weight(layer) == 0).all(dim=0)
+
+
+def _maps_zero_to_zero(fn) -> bool:
+    try:
+        with torch.no_grad():
+            out = fn(torch.zeros(4))
+    except Exception:
+        return False
+    return isinstance(out, Tensor) and out.shape == (4,) and bool((out == 0).all())
+
+
+# Modules that act elementwise (or are the identity at inference), so hidden neuron j of the layer
+# before maps to neuron j of the layer after.
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU,
+    nn.CELU, nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Hardsigmoid, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.AlphaDropout, nn.Tanhshrink, nn.Softsign, nn.PReLU,
+)
+
+
+def _elementwise(m: nn.Module) -> bool:
+    if isinstance(m, nn.PReLU):
+        return m.weight.numel() == 1  # per-channel PReLU would need slicing too
+    return isinstance(m, _ELEMENTWISE)
+
+
+# ------------------------------------------------------------------------------------------------
+# slicing layers
+# ------------------------------------------------------------------------------------------------
+
+
+def _slice_linear(layer: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
+    """A new nn.Linear keeping the rows (dim=0) or columns (dim=1) where `keep` is True."""
+    idx = keep.nonzero().squeeze(1).to(layer.weight.device)
+    w = layer.weight.detach().index_select(dim, idx)
+    b = None
+    if layer.bias is not None:
+        b = layer.bias.detach().index_select(0, idx) if dim == 0 else layer.bias.detach()
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    new.weight.requires_grad_(layer.weight.requires_grad)
+    new.train(layer.training)
+    return new
+
+
+def _shrink_pair(producers: list, consumer: nn.Linear, dead: Tensor):
+    keep = ~dead
+    return [_slice_linear(p, keep, 0) for p in producers], _slice_linear(consumer, keep, 1)
+
+
+def _check_keep(n_kept: int, where: str) -> bool:
+    # Removing every neuron would leave a 0-width layer: leave such a pair as it is.
+    return n_kept > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the patterns
+# ------------------------------------------------------------------------------------------------
+
+
+def _shrink_sequential(seq: nn.Sequential, report: list, prefix: str) -> None:
+    names = list(seq._modules)
+    i = 0
+    while i < len(names):
+        # read the modules afresh: the previous pair may have replaced this one
+        mods = list(seq._modules.items())
+        name_a, a = mods[i]
+        if not _plain_linear(a):
+            i += 1
+            continue
+        j = i + 1
+        between = []
+        while j < len(mods) and _elementwise(mods[j][1]):
+            between.append(mods[j][1])
+            j += 1
+        if j >= len(mods) or not _plain_linear(mods[j][1]):
+            i = j
+            continue
+        name_b, b = mods[j]
+        if a.out_features != b.in_features:
+            i = j
+            continue
+        dead = _zero_cols(b)
+
+        def chain(x, _between=between):
+            for m in _between:
+                x = m(x) if not isinstance(m, (nn.Dropout, nn.AlphaDropout)) else x
+            return x
+
+        if _maps_zero_to_zero(chain):
+            dead |= _zero_rows(a)
+        n_dead = int(dead.sum())
+        if n_dead and _check_keep(a.out_features - n_dead, prefix + name_a):
+            (new_a,), new_b = _shrink_pair([a], b, dead)
+            setattr(seq, name_a, new_a)
+            setattr(seq, name_b, new_b)
+            report.append((f"{prefix}{name_a}->{name_b}", a.out_features, new_a.out_features))
+        i = j  # b may be the producer of the next pair
+
+
+def _shrink_bert_mlp(layer: nn.Module, report: list, prefix: str) -> bool:
+    inter, out = getattr(layer, "intermediate", None), getattr(layer, "output", None)
+    a, b = getattr(inter, "dense", None), getattr(out, "dense", None)
+    if not (_plain_linear(a) and _plain_linear(b)) or a.out_features != b.in_features:
+        return False
+    act = getattr(inter, "intermediate_act_fn", None)
+    dead = _zero_cols(b)
+    if act is not None and _maps_zero_to_zero(act):
+        dead |= _zero_rows(a)
+    n_dead = int(dead.sum())
+    if n_dead and _check_keep(a.out_features - n_dead, prefix):
+        (new_a,), new_b = _shrink_pair([a], b, dead)
+        inter.dense, out.dense = new_a, new_b
+        report.append((f"{prefix}intermediate/output", a.out_features, new_a.out_features))
+    return True
+
+
+def _shrink_gated_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
+    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    if not all(_plain_linear(x) for x in (gate, up, down)):
+        return False
+    if not (gate.out_features == up.out_features == down.in_features):
+        return False
+    # down(act(gate(x)) * up(x)): neuron j is 0 when up's row is 0, or gate's row is 0 and act(0)=0
+    dead = _zero_cols(down) | _zero_rows(up)
+    act = getattr(mlp, "act_fn", None)
+    if act is not None and _maps_zero_to_zero(act):
+        dead |= _zero_rows(gate)
+    n_dead = int(dead.sum())
+    if n_dead and _check_keep(gate.out_features - n_dead, prefix):
+        (new_gate, new_up), new_down = _shrink_pair([gate, up], down, dead)
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = new_gate, new_up, new_down
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = new_gate.out_features
+        report.append((f"{prefix}gate/up/down", gate.out_features, new_gate.out_features))
+    return True
+
+
+def _head_keep(n_heads: int, head_dim: int, rows_zero: Tensor, cols_zero: Tensor) -> Tensor:
+    dead = rows_zero.reshape(n_heads, head_dim).all(1) | cols_zero.reshape(n_heads, head_dim).all(1)
+    return ~dead
+
+
+def _shrink_bert_attention(attn: nn.Module, report: list, prefix: str) -> bool:
+    sa, out = getattr(attn, "self", None), getattr(attn, "output", None)
+    q, k, v = (getattr(sa, n, None) for n in ("query", "key", "value"))
+    o = getattr(out, "dense", None)
+    if not all(_plain_linear(x) for x in (q, k, v, o)):
+        return False
+    n_heads, hd = getattr(sa, "num_attention_heads", None), getattr(sa, "attention_head_size", None)
+    if not isinstance(n_heads, int) or not isinstance(hd, int) or n_heads * hd != v.out_features:
+        return False
+    if q.out_features != v.out_features or k.out_features != v.out_features:
+        return False
+    # A head's context is softmax(...) @ V_h: zero when its value rows are zero; and it adds
+    # nothing when the output projection's columns for it are zero.
+    keep = _head_keep(n_heads, hd, _zero_rows(v), _zero_cols(o))
+    dead_heads = (~keep).nonzero().squeeze(1).tolist()
+    if not dead_heads or len(dead_heads) == n_heads:
+        return True
+    if callable(getattr(attn, "prune_heads", None)):
+        attn.prune_heads(dead_heads)  # the model's own head pruning (transformers < 5)
+    else:
+        keep_feat = keep.repeat_interleave(hd)
+        sa.query = _slice_linear(q, keep_feat, 0)
+        sa.key = _slice_linear(k, keep_feat, 0)
+        sa.value = _slice_linear(v, keep_feat, 0)
+        out.dense = _slice_linear(o, keep_feat, 1)
+        sa.num_attention_heads = n_heads - len(dead_heads)
+        sa.all_head_size = sa.num_attention_heads * hd
+    report.append((f"{prefix}heads", n_heads, n_heads - len(dead_heads)))
+    return True
+
+
+def _shrink_gqa_attention(attn: nn.Module, report: list, prefix: str) -> bool:
+    q, k, v, o = (getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if not all(_plain_linear(x) for x in (q, k, v, o)):
+        return False
+    hd, groups = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", None)
+    if not isinstance(hd, int) or not isinstance(groups, int) or hd <= 0 or groups <= 0:
+        return False
+    n_kv = v.out_features // hd
+    if n_kv * hd != v.out_features or k.out_features != v.out_features:
+        return False
+    if q.out_features != n_kv * groups * hd or o.in_features != q.out_features:
+        return False
+    # A key/value group (with its `groups` query heads) goes when its value rows are zero, or
+    # when the output columns of all its query heads are zero; the group ratio stays the same.
+    v_dead = _zero_rows(v).reshape(n_kv, hd).all(1)
+    o_dead = _zero_cols(o).reshape(n_kv, groups * hd).all(1)
+    keep_kv = ~(v_dead | o_dead)
+    n_keep = int(keep_kv.sum())
+    if n_keep == n_kv or n_keep == 0:
+        return True
+    kv_feat = keep_kv.repeat_interleave(hd)
+    q_feat = keep_kv.repeat_interleave(groups * hd)
+    attn.q_proj = _slice_linear(q, q_feat, 0)
+    attn.k_proj = _slice_linear(k, kv_feat, 0)
+    attn.v_proj = _slice_linear(v, kv_feat, 0)
+    attn.o_proj = _slice_linear(o, q_feat, 1)
+    for name, val in (("num_heads", n_keep * groups), ("num_key_value_heads", n_keep)):
+        if hasattr(attn, name):
+            setattr(attn, name, val)
+    report.append((f"{prefix}kv_groups", n_kv, n_keep))
+    return True
+
+
+_PATTERNS: list = [
+    _shrink_bert_attention,
+    _shrink_gqa_attention,
+    _shrink_gated_mlp,
+    _shrink_bert_mlp,
+]
+
+
+def shrink_(model: nn.Module, *, verbose: bool = False) -> list:
+    """Physically remove pruned (all-zero) neurons and attention heads, in place.
+
+    Walks ``model`` and, for every pattern it recognises (see the module docstring), replaces the
+    connected ``nn.Linear`` layers by smaller ones without the dead neurons. Layers it cannot prove
+    connected are left alone. Returns a list of ``(where, before, after)`` widths.
+
+    The model's ``config`` (if any) is not changed: widths may now differ per layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    report: list = []
+    for name, mod in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, nn.Sequential):
+            _shrink_sequential(mod, report, prefix)
+            continue
+        for pattern in _PATTERNS:
+            if pattern(mod, report, prefix):
+                break
+    if verbose:
+        for where, before, after in report:
+            print(f"shrink_: {where}: {before} -> {after}")
+    return report

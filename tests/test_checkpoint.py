@@ -1,0 +1,85 @@
+"""save_compressed / load_compressed (bit-exact in a fresh process) and size_report."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import fastkd
+from fastkd.nn import SharedLinear
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(13, 21), nn.ReLU(), nn.Linear(21, 9), nn.LayerNorm(9),
+                         nn.Linear(9, 3))
+
+
+def test_roundtrip_in_fresh_process(tmp_path):
+    model = _model()
+    fastkd.share_weights_(model, bits=4, filter_fn=lambda m, n: n == "0")
+    fastkd.share_weights_(model, bits=6, per_channel=True, filter_fn=lambda m, n: n == "2")
+    fastkd.quantize_(model, mode="w8a16", filter_fn=lambda m, n: n == "4")
+    ckpt = tmp_path / "model.safetensors"
+    header = fastkd.save_compressed(model, ckpt)
+    assert set(header["layers"]) == {"0", "2", "4"}
+    assert header["layers"]["4"]["settings"]["mode"] == "w8a16"
+    assert header["layers"]["2"]["settings"]["per_channel"] is True
+    x = torch.randn(5, 13)
+    torch.save(x, tmp_path / "x.pt")
+    expected = model(x)
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from torch import nn
+        import fastkd
+        torch.manual_seed(123)  # a different init: every tensor must come from the file
+        skel = nn.Sequential(nn.Linear(13, 21), nn.ReLU(), nn.Linear(21, 9), nn.LayerNorm(9),
+                             nn.Linear(9, 3))
+        fastkd.load_compressed(skel, {str(ckpt)!r})
+        assert type(skel[0]).__name__ == "SharedLinear" and skel[0].bits == 4
+        assert skel[2].per_channel and skel[2].bits == 6
+        assert type(skel[4]).__name__ == "Int8Linear" and skel[4].weight.dtype == torch.int8
+        torch.save(skel(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_load_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="not a fastkd"):
+        fastkd.load_compressed(_model(), plain)
+    model = _model()
+    fastkd.share_weights_(model, bits=4)
+    ckpt = tmp_path / "m.safetensors"
+    fastkd.save_compressed(model, ckpt)
+    with pytest.raises(ValueError, match="no module"):
+        fastkd.load_compressed(nn.Sequential(nn.Linear(13, 21)), ckpt)
+    with pytest.raises(TypeError):
+        fastkd.save_compressed("model", ckpt)
+
+
+def test_size_report_counts_bytes_per_type():
+    model = _model()
+    before = fastkd.size_report(model)
+    assert before["by_type"]["Linear"]["modules"] == 3
+    assert before["total_bytes"] == sum(p.numel() * 4 for p in model.parameters())
+    fastkd.share_weights_(model, bits=4)
+    after = fastkd.size_report(model)
+    assert "Linear" not in after["by_type"] and after["by_type"]["SharedLinear"]["modules"] == 3
+    assert after["by_type"]["SharedLinear"]["bytes"] == sum(m.nbytes() for m in model
+                                                             if isinstance(m, SharedLinear))
+    assert after["total_bytes"] < before["total_bytes"]
+    # tied weights are counted once
+    tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    tied[1].weight = tied[0].weight
+    assert fastkd.size_report(tied)["total_bytes"] == 64

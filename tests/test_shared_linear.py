@@ -1,0 +1,209 @@
+"""SharedLinear / share_weights_: reference vs Triton (interpreter), gradients, zeros, round trips."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fastkd
+from fastkd import functional as FK
+from fastkd.nn import SharedLinear
+from fastkd.reference.shared_linear import pack_indices, shared_dequantize, unpack_indices
+from fastkd.sharing import kmeans_1d
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def _layer(n=19, k=37, bits=4, per_channel=False, bias=True, prune=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.2)
+        lin.weight.mul_(torch.rand(n, k, generator=g) > prune)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
+    return lin, SharedLinear.from_linear(lin, bits=bits, per_channel=per_channel)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("k", [1, 7, 10])
+def test_pack_roundtrip(bits, k):
+    idx = torch.randint(0, 2**bits, (5, k), dtype=torch.uint8)
+    packed = pack_indices(idx, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (5, (k + 1) // 2 if bits <= 4 else k)
+    assert torch.equal(unpack_indices(packed, k, bits), idx.long())
+
+
+def test_kmeans_1d_beats_uniform_grid_and_keeps_zeros():
+    torch.manual_seed(0)
+    w = torch.randn(3, 500) ** 3  # heavy tails: a uniform grid fits them badly
+    cent, assign = kmeans_1d(w, 15)
+    err = ((cent.gather(1, assign) - w) ** 2).mean()
+    lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
+    grid = lo + (hi - lo) * torch.linspace(0, 1, 15)[None]
+    grid_err = ((grid.gather(1, torch.searchsorted(((grid[:, 1:] + grid[:, :-1]) / 2).contiguous(), w)) - w) ** 2).mean()
+    assert err < 0.5 * grid_err
+    # pruned weights stay exactly zero through from_linear
+    lin, sl = _layer(prune=0.5, bits=3)
+    wq = sl.dequantized_weight()
+    assert torch.equal(wq == 0, lin.weight == 0)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 6])
+def test_from_linear_reconstructs_weight(bits, per_channel):
+    lin, sl = _layer(bits=bits, per_channel=per_channel)
+    wq = sl.dequantized_weight()
+    # every weight maps to its nearest centroid (1-D k-means fixed point assignment)
+    cb = sl.codebook.detach() if per_channel else sl.codebook.detach()[None].expand(19, -1)
+    nz = lin.weight != 0
+    dist = (lin.weight.detach()[..., None] - cb[:, None, 1:]).abs()
+    best = dist.min(-1).values
+    assert torch.allclose((wq - lin.weight).abs()[nz], best[nz], atol=1e-6)
+    rel = (wq - lin.weight).norm() / lin.weight.norm()
+    # Lloyd-Max optimum for a Gaussian: ~0.44 (3 levels), ~0.08 (15), ~0.03 (63, fewer iterations
+    # than needed to converge on ~500 values)
+    assert rel < {2: 0.5, 4: 0.12, 6: 0.06}[bits]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_torch_forward_matches_dense(dtype, per_channel):
+    lin, sl = _layer(per_channel=per_channel)
+    x = torch.randn(3, 5, 37).to(dtype)
+    w = sl.dequantized_weight()
+    ref = torch.nn.functional.linear(x.double(), w.double(), sl.bias.double())
+    y = FK.shared_linear(
+        x, sl.indices, sl.codebook, sl.bias, in_features=37, bits=4, backend="torch"
+    )
+    assert y.dtype == dtype and y.shape == (3, 5, 19)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
+@pytest.mark.parametrize("bits, per_channel, bias", [(4, False, True), (3, True, False), (6, True, True)])
+def test_triton_matches_reference(dtype, tol, bits, per_channel, bias):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    lin, sl = _layer(n=21, k=45, bits=bits, per_channel=per_channel, bias=bias)
+    sl = sl.to(dev)
+    x = torch.randn(13, 45, device=dev).to(dtype)
+    args = (x, sl.indices, sl.codebook, sl.bias)
+    y_tr = FK.shared_linear(*args, in_features=45, bits=bits, backend="triton")
+    w = sl.dequantized_weight().double()
+    ref = torch.nn.functional.linear(x.double(), w, None if sl.bias is None else sl.bias.double())
+    y_torch = FK.shared_linear(*args, in_features=45, bits=bits, backend="torch")
+    err_tr = (y_tr.double() - ref).abs().max()
+    err_torch = (y_torch.double() - ref).abs().max()
+    assert y_tr.dtype == dtype
+    assert err_tr <= max(2 * err_torch, tol * ref.abs().max())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_codebook_gradient_is_cluster_sum(per_channel):
+    lin, sl = _layer(per_channel=per_channel)
+    x = torch.randn(9, 37, dtype=torch.float64).float().requires_grad_()
+    g = torch.randn(9, 19)
+    (sl(x) * g).sum().backward()
+    # dense reference: grad_W = g^T x, summed per cluster; cluster 0 (pruned) gets nothing
+    grad_w = g.t() @ x.detach()
+    idx = unpack_indices(sl.indices, 37, 4)
+    expect = torch.zeros_like(sl.codebook)
+    for n in range(19):
+        for c in range(1, 16):
+            s = grad_w[n][idx[n] == c].sum()
+            if per_channel:
+                expect[n, c] = s
+            else:
+                expect[c] += s
+    torch.testing.assert_close(sl.codebook.grad, expect, rtol=1e-4, atol=1e-4)
+    w = sl.dequantized_weight()
+    torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sl.bias.grad, g.sum(0))
+    assert sl.indices.grad is None
+
+
+def test_finetuning_moves_centroids_keeps_zeros():
+    torch.manual_seed(0)
+    lin, sl = _layer(prune=0.4)
+    target = nn.Linear(37, 19)
+    opt = torch.optim.AdamW(sl.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(64, 37)
+    with torch.no_grad():
+        y_t = target(x)
+    losses = []
+    idx_before = sl.indices.clone()
+    for _ in range(30):
+        opt.zero_grad()
+        loss = ((sl(x) - y_t) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(sl.indices, idx_before)
+    assert torch.equal(sl.dequantized_weight() == 0, lin.weight == 0)
+
+
+def test_opcheck_and_compile():
+    lin, sl = _layer(n=7, k=9, per_channel=True)
+    x = torch.randn(5, 9, requires_grad=True)
+    for backend in ["torch"] + (["triton"] if HAS_TRITON else []):
+        torch.library.opcheck(
+            torch.ops.fastkd.shared_linear,
+            (x, sl.indices, sl.codebook, sl.bias, 9, 4, backend),
+        )
+    compiled = torch.compile(sl, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), sl(x))
+
+
+def test_share_weights_model_and_roundtrip():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(33, 41), nn.GELU(), nn.Linear(41, 7))
+    x = torch.randn(8, 33)
+    ref = model(x)
+    report = fastkd.share_weights_(model, bits=4, filter_fn=lambda m, n: n == "0")
+    assert isinstance(model[0], SharedLinear) and type(model[2]) is nn.Linear
+    assert report["bytes_before"] == (33 * 41 + 41) * 4
+    assert report["bytes_after"] == 41 * 17 + 16 * 4 + 41 * 4
+    cos = torch.nn.functional.cosine_similarity(model(x).flatten(), ref.flatten(), dim=0)
+    assert cos > 0.99
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    other = nn.Sequential(SharedLinear(33, 41), nn.GELU(), nn.Linear(41, 7))
+    other.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert torch.equal(other(x), model(x))
+
+
+def test_bad_inputs():
+    lin, sl = _layer()
+    x = torch.randn(2, 37)
+    with pytest.raises(ValueError):
+        FK.shared_linear(torch.randn(2, 36), sl.indices, sl.codebook, in_features=37, bits=4)
+    with pytest.raises(TypeError):
+        FK.shared_linear(x, sl.indices.long(), sl.codebook, in_features=37, bits=4)
+    with pytest.raises(TypeError):
+        FK.shared_linear(x, sl.indices, sl.codebook.double(), in_features=37, bits=4)
+    with pytest.raises(ValueError):
+        FK.shared_linear(x, sl.indices, sl.codebook[:8], in_features=37, bits=4)
+    with pytest.raises(ValueError):
+        FK.shared_linear(x, sl.indices, sl.codebook, in_features=37, bits=9)
+    with pytest.raises(TypeError):
+        FK.shared_linear(x.long(), sl.indices, sl.codebook, in_features=37, bits=4)
+    with pytest.raises(ValueError):
+        SharedLinear.from_linear(nn.Linear(3, 3), bits=0)
+    bad = nn.Linear(3, 3)
+    with torch.no_grad():
+        bad.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        SharedLinear.from_linear(bad)
+    with pytest.raises(TypeError):
+        fastkd.share_weights_("model")

@@ -1,0 +1,173 @@
+"""Structured masks and shrink_: the shrunk model is smaller and computes the same outputs."""
+
+import pytest
+import torch
+from torch import nn
+
+import fastkd
+from fastkd.structured import shrink_, structured_mask
+
+
+def _odd_weight(out=13, inp=21, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, inp, generator=g)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_structured_mask_drops_smallest_norm_slices(dim, sparsity):
+    w = _odd_weight()
+    mask = structured_mask(w, sparsity, dim=dim)
+    assert mask.shape == w.shape and mask.dtype == torch.bool
+    n = w.shape[dim]
+    keep = mask.all(dim=1 - dim)
+    # whole slices: every slice is all kept or all dropped
+    assert torch.equal(keep, mask.any(dim=1 - dim))
+    assert int((~keep).sum()) == round(sparsity * n)
+    norms = w.norm(dim=1 - dim)
+    if 0 < int((~keep).sum()) < n:
+        assert norms[~keep].max() <= norms[keep].min()
+
+
+def test_structured_mask_ties_are_deterministic():
+    w = torch.ones(6, 4)
+    m = structured_mask(w, 0.5, dim=0)
+    assert m[:3].logical_not().all() and m[3:].all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        (dict(weight=torch.randn(3), sparsity=0.5), ValueError),
+        (dict(weight=torch.randn(3, 4), sparsity=1.0), ValueError),
+        (dict(weight=torch.randn(3, 4), sparsity=-0.1), ValueError),
+        (dict(weight=torch.randn(3, 4), sparsity="a"), TypeError),
+        (dict(weight=torch.randn(3, 4), sparsity=0.5, dim=2), ValueError),
+        (dict(weight=torch.ones(3, 4, dtype=torch.int32), sparsity=0.5), TypeError),
+        (dict(weight=torch.tensor([[float("nan"), 1.0]]), sparsity=0.5), ValueError),
+        (dict(weight=[[1.0]], sparsity=0.5), TypeError),
+    ],
+)
+def test_structured_mask_bad_inputs(kwargs, exc):
+    with pytest.raises(exc):
+        structured_mask(**kwargs)
+
+
+def _mask_(linear, sparsity, dim):
+    with torch.no_grad():
+        m = structured_mask(linear.weight, sparsity, dim=dim)
+        linear.weight.mul_(m)
+        if dim == 0 and linear.bias is not None:
+            linear.bias.mul_(m[:, 0])
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_shrink_sequential_mlp(dim):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(11, 37), nn.GELU(), nn.Dropout(0.1), nn.Linear(37, 29), nn.ReLU(),
+        nn.Linear(29, 5),
+    ).eval()
+    # dim=0 prunes producers' rows, dim=1 the consumers' columns; either proves neurons dead
+    _mask_(model[0] if dim == 0 else model[3], 0.4, dim)
+    _mask_(model[3] if dim == 0 else model[5], 0.5, dim)
+    x = torch.randn(7, 11)
+    ref = model(x)
+    report = shrink_(model)
+    assert model[0].out_features == 37 - round(0.4 * 37) and model[3].in_features == 37 - 15
+    assert model[3].out_features == 29 - round(0.5 * 29) and model[5].in_features == 29 - 14
+    assert len(report) == 2
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_shrink_leaves_unprovable_pairs_alone():
+    torch.manual_seed(0)
+    # Sigmoid(0) = 0.5: zero producer rows still feed the next layer, so nothing may go.
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 3))
+    _mask_(model[0], 0.5, 0)
+    x = torch.randn(4, 8)
+    ref = model(x)
+    assert shrink_(model) == []
+    assert model[0].out_features == 16
+    # LayerNorm between the two linears mixes neurons: not connected elementwise
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3))
+    _mask_(model[2], 0.5, 1)
+    assert shrink_(model) == [] and model[2].in_features == 16
+    torch.testing.assert_close(model(x), model(x))
+    with pytest.raises(TypeError):
+        shrink_("not a model")
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_bert():
+    cfg = transformers.BertConfig(
+        hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        vocab_size=53, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg).eval()
+
+
+def _tiny_llama():
+    cfg = transformers.LlamaConfig(
+        hidden_size=24, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
+        intermediate_size=37, vocab_size=53, max_position_embeddings=16, head_dim=4,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaModel(cfg).eval()
+
+
+def test_shrink_bert_mlp_and_heads():
+    model = _tiny_bert()
+    ids = torch.randint(0, 53, (2, 9))
+    for layer in model.encoder.layer:
+        _mask_(layer.intermediate.dense, 0.5, 0)
+        # kill head 1 via its value rows, head 3 via the output projection's columns
+        sa, o = layer.attention.self, layer.attention.output.dense
+        hd = sa.attention_head_size
+        with torch.no_grad():
+            sa.value.weight[hd : 2 * hd] = 0
+            sa.value.bias[hd : 2 * hd] = 0
+            o.weight[:, 3 * hd : 4 * hd] = 0
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    n_before = sum(p.numel() for p in model.parameters())
+    shrink_(model)
+    for layer in model.encoder.layer:
+        assert layer.intermediate.dense.out_features == 37 - 18
+        assert layer.output.dense.in_features == 37 - 18
+        assert layer.attention.self.query.out_features == 2 * 6
+        assert layer.attention.output.dense.in_features == 2 * 6
+    assert sum(p.numel() for p in model.parameters()) < n_before
+    with torch.no_grad():
+        out = model(ids).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shrink_llama_gated_mlp_and_kv_groups():
+    model = _tiny_llama()
+    ids = torch.randint(0, 53, (2, 9))
+    for i, layer in enumerate(model.layers):
+        # layer 0: prune through gate rows (silu(0)=0); layer 1: through down's columns
+        if i == 0:
+            _mask_(layer.mlp.gate_proj, 0.3, 0)
+        else:
+            _mask_(layer.mlp.down_proj, 0.6, 1)
+        attn = layer.self_attn
+        with torch.no_grad():
+            attn.v_proj.weight[4:8] = 0  # key/value group 1 (query heads 2, 3) is dead
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    shrink_(model)
+    assert model.layers[0].mlp.gate_proj.out_features == 37 - round(0.3 * 37)
+    assert model.layers[1].mlp.down_proj.in_features == 37 - round(0.6 * 37)
+    for layer in model.layers:
+        assert layer.self_attn.k_proj.out_features == 2 * 4
+        assert layer.self_attn.q_proj.out_features == 4 * 4
+        assert layer.self_attn.o_proj.in_features == 4 * 4
+    with torch.no_grad():
+        out = model(ids).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
