@@ -25,6 +25,15 @@ from ._validate import (
     check_tensor,
 )
 
+KD_DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+
+def check_divergence(divergence, beta) -> tuple:
+    if divergence not in KD_DIVERGENCES:
+        raise ValueError(f"divergence must be one of {KD_DIVERGENCES}, got {divergence!r}")
+    return divergence, check_number(beta, "beta", low=0.0, high=1.0)
+
+
 KD_LOSS_BACKENDS = register(
     OpBackends(
         "kd_loss",
@@ -46,15 +55,31 @@ def kd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str = "auto",
+    divergence: str = "kl",
+    beta: float = 0.5,
 ) -> Tensor:
     r"""Knowledge-distillation loss (Hinton et al., 2015), fused.
 
     For every row (every index of the leading dimensions) with student logits ``s`` and teacher
-    logits ``t`` over ``V`` classes::
+    logits ``t`` over ``V`` classes, ``p = softmax(t / T)`` (teacher), ``q = softmax(s / T)``
+    (student)::
 
-        soft = T**2 * KL(softmax(t / T) || softmax(s / T))
+        soft = T**2 * D(p, q)
         row  = alpha * soft + (1 - alpha) * cross_entropy(s, target)   # with a target
         row  = soft                                                    # without one
+
+    with the divergence ``D`` chosen by ``divergence``:
+
+    - ``"kl"`` (default): forward KL, ``KL(p || q)`` (mass-covering).
+    - ``"reverse_kl"``: ``KL(q || p)`` (mode-seeking). It is infinite where the teacher has an
+      entry at ``-inf`` that the student does not mask too.
+    - ``"jsd"``: generalized Jensen-Shannon with weight ``beta`` in ``[0, 1]``::
+
+          D = (1 - beta) * KL(p || m) + beta * KL(q || m),   m = beta * p + (1 - beta) * q
+
+      ``beta = 0`` gives ``m = q`` and exactly the forward ``KL(p || q)``; ``beta = 1`` gives
+      ``m = p`` and exactly the reverse ``KL(q || p)``; ``beta = 0.5`` is the usual symmetric JSD.
+      It is finite for any pair of distributions when ``0 < beta < 1``.
 
     Args:
         student_logits: ``(..., V)`` fp32, fp16 or bf16. Receives the gradient.
@@ -67,6 +92,8 @@ def kd_loss(
             ``"sum"``, or ``"none"`` (per-row loss, shape ``(...)``).
         backend: ``"auto"`` (Triton on CUDA, the torch reference elsewhere; ``FASTKD_BACKEND``
             overrides), ``"torch"`` or ``"triton"``.
+        divergence: ``"kl"``, ``"reverse_kl"`` or ``"jsd"`` (above).
+        beta: the ``"jsd"`` weight in ``[0, 1]``; ignored by the other divergences.
 
     Returns:
         fp32 loss: a scalar, or ``(...)`` with ``reduction="none"``. The student gradient comes back
@@ -89,6 +116,7 @@ def kd_loss(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     reduction = check_reduction(reduction)
+    divergence, beta = check_divergence(divergence, beta)
 
     n_classes = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
@@ -110,7 +138,9 @@ def kd_loss(
     impl = KD_LOSS_BACKENDS.select(backend, student_logits.device)
     student = student_logits.reshape(-1, n_classes)
     teacher = teacher_logits.detach().reshape(-1, n_classes)
-    rows = _ops.kd_loss_rows(student, teacher, target, temperature, alpha, ignore_index, impl)
+    rows = _ops.kd_loss_rows(
+        student, teacher, target, temperature, alpha, ignore_index, impl, divergence, beta
+    )
     if reduction == "none":
         return rows.reshape(lead)
     total = rows.sum()

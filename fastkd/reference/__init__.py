@@ -1,5 +1,6 @@
 """Plain-torch implementations of every fastkd op: the truth in tests, the CPU path, the baseline."""
 
 from .kd_loss import kd_loss_backward, kd_loss_forward
+from .kd_loss import n_stats as kd_loss_n_stats
 
-__all__ = ["kd_loss_forward", "kd_loss_backward"]
+__all__ = ["kd_loss_forward", "kd_loss_backward", "kd_loss_n_stats"]
