@@ -6,5 +6,7 @@ from . import _extension  # noqa: E402,F401  (loads fastkd._C when present; neve
 from . import _ops  # noqa: E402,F401  (defines the torch.library ops)
 from . import functional, nn  # noqa: E402
 from .info import info  # noqa: E402
+from ._topk import teacher_topk  # noqa: E402
 
 __all__ = ["__version__", "functional", "nn", "info"]
+__all__ += ["teacher_topk"]

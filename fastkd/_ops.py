@@ -184,3 +184,84 @@ def kd_loss_rows(
         beta=beta,
     )
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# KD loss against a top-k teacher
+#   kd_loss_topk_forward(student (N,V), ids (N,k) int64, logprobs (N,k) fp32, target (N,)?, T,
+#                        alpha, ignore_index, backend) -> (row_loss (N,) fp32, row_stats (N,4) fp32)
+#   kd_loss_topk_backward(grad_rows (N,), student, ids, logprobs, target?, row_stats, T, alpha,
+#                         ignore_index, backend) -> grad_student (N,V) in the student dtype
+# --------------------------------------------------------------------------------------------
+
+torch.library.define(
+    "fastkd::kd_loss_topk_forward",
+    "(Tensor student, Tensor ids, Tensor logprobs, Tensor? target, float temperature, "
+    "float alpha, int ignore_index, str backend) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "fastkd::kd_loss_topk_backward",
+    "(Tensor grad_rows, Tensor student, Tensor ids, Tensor logprobs, Tensor? target, "
+    "Tensor row_stats, float temperature, float alpha, int ignore_index, str backend) -> Tensor",
+)
+
+
+@torch.library.register_kernel("fastkd::kd_loss_topk_forward", None)
+def _kd_loss_topk_forward(student, ids, logprobs, target, temperature, alpha, ignore_index, backend):
+    impl = _kernels("kd_topk") if backend == "triton" else reference
+    return impl.kd_loss_topk_forward(
+        _unit_stride(student), _unit_stride(ids), _unit_stride(logprobs), target, temperature,
+        alpha, ignore_index,
+    )
+
+
+@torch.library.register_kernel("fastkd::kd_loss_topk_backward", None)
+def _kd_loss_topk_backward(
+    grad_rows, student, ids, logprobs, target, row_stats, temperature, alpha, ignore_index, backend
+):
+    impl = _kernels("kd_topk") if backend == "triton" else reference
+    return impl.kd_loss_topk_backward(
+        grad_rows, _unit_stride(student), _unit_stride(ids), _unit_stride(logprobs), target,
+        row_stats, temperature, alpha, ignore_index,
+    )
+
+
+@torch.library.register_fake("fastkd::kd_loss_topk_forward")
+def _kd_loss_topk_forward_fake(
+    student, ids, logprobs, target, temperature, alpha, ignore_index, backend
+):
+    n = student.shape[0]
+    return (
+        student.new_empty((n,), dtype=torch.float32),
+        student.new_empty((n, 4), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("fastkd::kd_loss_topk_backward")
+def _kd_loss_topk_backward_fake(
+    grad_rows, student, ids, logprobs, target, row_stats, temperature, alpha, ignore_index, backend
+):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _kd_loss_topk_setup_context(ctx, inputs, output):
+    student, ids, logprobs, target, temperature, alpha, ignore_index, backend = inputs
+    ctx.save_for_backward(student, ids, logprobs, target, output[1])
+    ctx.args = (temperature, alpha, ignore_index, backend)
+
+
+def _kd_loss_topk_autograd_backward(ctx, grad_rows, _grad_stats):
+    student, ids, logprobs, target, row_stats = ctx.saved_tensors
+    grad_student = None
+    if ctx.needs_input_grad[0]:
+        grad_student = torch.ops.fastkd.kd_loss_topk_backward(
+            grad_rows, student, ids, logprobs, target, row_stats, *ctx.args
+        )
+    return grad_student, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastkd::kd_loss_topk_forward",
+    _kd_loss_topk_autograd_backward,
+    setup_context=_kd_loss_topk_setup_context,
+)

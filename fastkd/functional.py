@@ -150,3 +150,7 @@ def kd_loss(
         return total / max(rows.numel(), 1)
     counted = (target != ignore_index).sum().clamp_min(1)
     return total / counted
+
+
+# Top-k teachers (offline distillation); the logic lives in fastkd/_topk.py.
+from ._topk import KD_LOSS_TOPK_BACKENDS, kd_loss_topk  # noqa: E402,F401

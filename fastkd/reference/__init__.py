@@ -4,3 +4,7 @@ from .kd_loss import kd_loss_backward, kd_loss_forward
 from .kd_loss import n_stats as kd_loss_n_stats
 
 __all__ = ["kd_loss_forward", "kd_loss_backward", "kd_loss_n_stats"]
+
+from .kd_topk import kd_loss_topk_backward, kd_loss_topk_forward  # noqa: E402
+
+__all__ += ["kd_loss_topk_forward", "kd_loss_topk_backward"]
