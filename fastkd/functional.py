@@ -154,3 +154,6 @@ def kd_loss(
 
 # Top-k teachers (offline distillation); the logic lives in fastkd/_topk.py.
 from ._topk import KD_LOSS_TOPK_BACKENDS, kd_loss_topk  # noqa: E402,F401
+
+# Fused lm-head + KD loss, chunked over rows; the logic lives in fastkd/_fused_linear_kd.py.
+from ._fused_linear_kd import fused_linear_kd_loss  # noqa: E402,F401

@@ -3,3 +3,7 @@
 from .kd_loss import KDLoss
 
 __all__ = ["KDLoss"]
+
+from .fused_linear_kd import FusedLinearKDLoss  # noqa: E402
+
+__all__ += ["FusedLinearKDLoss"]
