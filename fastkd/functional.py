@@ -57,6 +57,7 @@ def kd_loss(
     backend: str = "auto",
     divergence: str = "kl",
     beta: float = 0.5,
+    group=None,
 ) -> Tensor:
     r"""Knowledge-distillation loss (Hinton et al., 2015), fused.
 
@@ -94,6 +95,10 @@ def kd_loss(
             overrides), ``"torch"`` or ``"triton"``.
         divergence: ``"kl"``, ``"reverse_kl"`` or ``"jsd"`` (above).
         beta: the ``"jsd"`` weight in ``[0, 1]``; ignored by the other divergences.
+        group: a ``torch.distributed`` process group over which the classes are sharded
+            (vocabulary parallelism): each rank passes its contiguous slice of the classes, in rank
+            order, and the global ``target``; only a few floats per row are exchanged and every rank
+            gets the full loss and its shard's gradient. Local work uses the torch reference.
 
     Returns:
         fp32 loss: a scalar, or ``(...)`` with ``reduction="none"``. The student gradient comes back
@@ -133,14 +138,22 @@ def kd_loss(
             )
         check_same_device(student_logits, target, "student_logits", "target")
         target = target.reshape(-1).long()
-        check_class_targets(target, n_classes, ignore_index)
+        if group is None:  # with a group, targets are global ids (checked against the total)
+            check_class_targets(target, n_classes, ignore_index)
 
     impl = KD_LOSS_BACKENDS.select(backend, student_logits.device)
     student = student_logits.reshape(-1, n_classes)
     teacher = teacher_logits.detach().reshape(-1, n_classes)
-    rows = _ops.kd_loss_rows(
-        student, teacher, target, temperature, alpha, ignore_index, impl, divergence, beta
-    )
+    if group is not None:  # vocabulary-parallel (fastkd/_vocab_parallel.py)
+        from ._vocab_parallel import vocab_parallel_kd_rows
+
+        rows = vocab_parallel_kd_rows(
+            student, teacher, target, temperature, alpha, ignore_index, divergence, beta, group
+        )
+    else:
+        rows = _ops.kd_loss_rows(
+            student, teacher, target, temperature, alpha, ignore_index, impl, divergence, beta
+        )
     if reduction == "none":
         return rows.reshape(lead)
     total = rows.sum()
