@@ -5,22 +5,32 @@ __version__ = "0.1.0"
 from . import _extension  # noqa: E402,F401  (loads fastkd._C when present; never raises)
 from . import _ops  # noqa: E402,F401  (defines the torch.library ops)
 from . import functional, nn  # noqa: E402
+from ._topk import teacher_topk  # noqa: E402
+from .checkpoint import load_compressed, save_compressed, size_report  # noqa: E402
 from .info import info  # noqa: E402
 from .quantize import quantize_  # noqa: E402
-
-__all__ = ["__version__", "functional", "nn", "info"]
-
-# --- compression toolbox (issue 6) ---
+from .sharing import share_weights_  # noqa: E402
 from .structured import shrink_, structured_mask  # noqa: E402
 from .student import student_from_teacher  # noqa: E402
-from .sharing import share_weights_  # noqa: E402
-from .checkpoint import load_compressed, save_compressed, size_report  # noqa: E402
 
-__all__ += [
-    "shrink_", "structured_mask", "student_from_teacher", "share_weights_",
-    "save_compressed", "load_compressed", "size_report",
+__all__ = [
+    "__version__",
+    "functional",
+    "nn",
+    "info",
+    # int8
+    "quantize_",
+    # LLM-scale distillation
+    "teacher_topk",
+    # compression toolbox
+    "shrink_",
+    "structured_mask",
+    "student_from_teacher",
+    "share_weights_",
+    "save_compressed",
+    "load_compressed",
+    "size_report",
 ]
-__all__ += ["quantize_"]
 
 # --- distillation workflow (issue 5) ---
 from .distill import Distiller  # noqa: E402

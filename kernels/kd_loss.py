@@ -16,12 +16,22 @@ Backward, per row, a second pass over s and t that writes the student gradient o
     grad = g_row * (c_kl * (softmax(s/T) - softmax(t/T)) + (1 - alpha) * (softmax(s) - onehot(y)))
 with c_kl = alpha * T (T without target) and g_row the incoming gradient of the row loss.
 
+Other divergences (DIVERGENCE constexpr: 0 "kl", 1 "reverse_kl", 2 "jsd"; see
+fastkd.reference.kd_loss for the exact definitions). With q = softmax(s/T), p = softmax(t/T):
+    reverse_kl: D = KL(q || p)
+    jsd:        D = (1 - beta) KL(p || m) + beta KL(q || m), m = beta p + (1 - beta) q
+    dD/dz_j = q_j (g_j - sum_i q_i g_i),  z = s/T, g the divergence's derivative in q (per element)
+Their terms need the normalisers of both softmaxes, so the forward makes a second pass over the row
+after the first has found them, and saves dot = sum_i q_i g_i as a fourth statistic; the backward
+then stays a single pass that writes the gradient once.
+
 Saving three floats per row instead of the N x V gradient keeps the whole step at five passes over
 N x V elements (read s, t; read s, t, write grad) and its extra memory at the gradient alone.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -31,6 +41,40 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _logaddexp2(a, b):
+    mx = tl.maximum(a, b)
+    mn = tl.minimum(a, b)
+    return tl.where(mx == float("-inf"), float("-inf"), mx + tl.log2(1.0 + tl.exp2(mn - mx)))
+
+
+@triton.jit
+def _divergence_terms(log2p, log2q, beta, lb2, l1b2, DIVERGENCE: tl.constexpr):
+    """Per-element terms of D (summing to D) and q_j * g_j, natural units, for DIVERGENCE 1 or 2.
+
+    log2p, log2q: base-2 log-probabilities of teacher and student; lb2 = log2(beta),
+    l1b2 = log2(1 - beta) (-inf at the ends)."""
+    ln2 = 0.6931471805599453
+    p = tl.exp2(log2p)
+    q = tl.exp2(log2q)
+    if DIVERGENCE == 1:
+        qg = tl.where(q > 0, q * (log2q - log2p) * ln2, 0.0)
+        terms = qg
+    else:
+        log2m = _logaddexp2(lb2 + log2p, l1b2 + log2q)
+        terms = (1.0 - beta) * tl.where(p > 0, p * (log2p - log2m), 0.0) + beta * tl.where(
+            q > 0, q * (log2q - log2m), 0.0
+        )
+        terms = terms * ln2
+        log2n = _logaddexp2(l1b2 + log2p, lb2 + log2q)
+        qg = tl.where(
+            q > 0,
+            beta * q * (log2q - log2m) * ln2 - (1.0 - beta) * tl.exp2(log2q + log2n - log2m),
+            0.0,
+        )
+    return terms, qg
 
 
 @triton.jit
@@ -47,8 +91,13 @@ def _kd_loss_fwd_kernel(
     temp_sq,
     alpha,
     ignore_index,
+    beta,
+    lb2,  # log2(beta)
+    l1b2,  # log2(1 - beta)
     HAS_TARGET: tl.constexpr,
     SEPARATE_CE: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
+    N_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -82,10 +131,11 @@ def _kd_loss_fwd_kernel(
         # Rescale acc to the new shifts: a' = a - dt, b' = b - ds, so
         # acc' = 2^-dt * (acc + (ds - dt) * d_t). Guarded for d_t = 0 (nothing accumulated yet).
         keep_t = tl.exp2(m_t - sh_t)
-        acc = tl.where(d_t > 0, keep_t * (acc + ((sh_s - m_s) - (sh_t - m_t)) * d_t), 0.0)
         e_t = tl.exp2(t2 - sh_t)
-        diff = (t2 - sh_t) - (s2 - sh_s)
-        acc += tl.sum(tl.where(e_t > 0, e_t * diff, 0.0), 0)
+        if DIVERGENCE == 0:  # the others take their terms in a second pass
+            acc = tl.where(d_t > 0, keep_t * (acc + ((sh_s - m_s) - (sh_t - m_t)) * d_t), 0.0)
+            diff = (t2 - sh_t) - (s2 - sh_s)
+            acc += tl.sum(tl.where(e_t > 0, e_t * diff, 0.0), 0)
         d_t = d_t * keep_t + tl.sum(e_t, 0)
         d_s = d_s * tl.exp2(m_s - sh_s) + tl.sum(tl.exp2(s2 - sh_s), 0)
         m_s = sh_s
@@ -104,9 +154,28 @@ def _kd_loss_fwd_kernel(
     log2_d_s = tl.log2(d_s)
     log2_d_t = tl.log2(d_t)
     kl = 0.6931471805599453 * (acc / d_t - log2_d_t + log2_d_s)
-    kl = tl.maximum(kl, 0.0)
     lse_s = 0.6931471805599453 * (m_s + log2_d_s)
     lse_t = 0.6931471805599453 * (m_t + log2_d_t)
+    dot = 0.0
+    if DIVERGENCE != 0:
+        # Second pass: the terms need both normalisers (base 2: lse2 = m + log2 d).
+        lse_s2 = m_s + log2_d_s
+        lse_t2 = m_t + log2_d_t
+        div_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        dot_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, n_loop, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < n_cols
+            s = tl.load(s_row + cols, mask=in_row, other=neg_inf).to(tl.float32)
+            t = tl.load(t_row + cols, mask=in_row, other=neg_inf).to(tl.float32)
+            terms, qg = _divergence_terms(
+                t * scale2 - lse_t2, s * scale2 - lse_s2, beta, lb2, l1b2, DIVERGENCE
+            )
+            div_acc += terms
+            dot_acc += qg
+        kl = tl.sum(div_acc, 0)
+        dot = tl.sum(dot_acc, 0)
+    kl = tl.maximum(kl, 0.0)
     if HAS_TARGET:
         if SEPARATE_CE:
             lse_1 = 0.6931471805599453 * (m_1 + tl.log2(d_1))
@@ -120,13 +189,16 @@ def _kd_loss_fwd_kernel(
         lse_s = tl.where(valid, lse_s, 0.0)
         lse_t = tl.where(valid, lse_t, 0.0)
         lse_1 = tl.where(valid, lse_1, 0.0)
+        dot = tl.where(valid, dot, 0.0)
     else:
         row_loss = temp_sq * kl
         lse_1 = lse_s
     tl.store(loss_ptr + row, row_loss)
-    tl.store(stats_ptr + row * 3 + 0, lse_s)
-    tl.store(stats_ptr + row * 3 + 1, lse_t)
-    tl.store(stats_ptr + row * 3 + 2, lse_1)
+    tl.store(stats_ptr + row * N_STATS + 0, lse_s)
+    tl.store(stats_ptr + row * N_STATS + 1, lse_t)
+    tl.store(stats_ptr + row * N_STATS + 2, lse_1)
+    if N_STATS > 3:
+        tl.store(stats_ptr + row * N_STATS + 3, dot)
 
 
 @triton.jit
@@ -146,8 +218,13 @@ def _kd_loss_bwd_kernel(
     c_kl,
     c_ce,
     ignore_index,
+    beta,
+    lb2,
+    l1b2,
     HAS_TARGET: tl.constexpr,
     SEPARATE_CE: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
+    N_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -155,9 +232,12 @@ def _kd_loss_bwd_kernel(
     t_row = teacher_ptr + row * stride_t
     out_row = grad_ptr + row * stride_out
     g = tl.load(grad_rows_ptr + row * stride_g).to(tl.float32)
-    lse_s2 = tl.load(stats_ptr + row * 3 + 0) * 1.4426950408889634
-    lse_t2 = tl.load(stats_ptr + row * 3 + 1) * 1.4426950408889634
-    lse_12 = tl.load(stats_ptr + row * 3 + 2) * 1.4426950408889634
+    lse_s2 = tl.load(stats_ptr + row * N_STATS + 0) * 1.4426950408889634
+    lse_t2 = tl.load(stats_ptr + row * N_STATS + 1) * 1.4426950408889634
+    lse_12 = tl.load(stats_ptr + row * N_STATS + 2) * 1.4426950408889634
+    dot = 0.0
+    if N_STATS > 3:
+        dot = tl.load(stats_ptr + row * N_STATS + 3)
     tgt = -1
     n_read = n_cols
     if HAS_TARGET:
@@ -172,8 +252,14 @@ def _kd_loss_bwd_kernel(
         s = tl.load(s_row + cols, mask=load_mask, other=float("-inf")).to(tl.float32)
         t = tl.load(t_row + cols, mask=load_mask, other=float("-inf")).to(tl.float32)
         p_s = tl.exp2(s * scale2 - lse_s2)
-        p_t = tl.exp2(t * scale2 - lse_t2)
-        grad = c_kl * (p_s - p_t)
+        if DIVERGENCE == 0:
+            p_t = tl.exp2(t * scale2 - lse_t2)
+            grad = c_kl * (p_s - p_t)
+        else:
+            _, qg = _divergence_terms(
+                t * scale2 - lse_t2, s * scale2 - lse_s2, beta, lb2, l1b2, DIVERGENCE
+            )
+            grad = c_kl * (qg - p_s * dot)
         if HAS_TARGET:
             if SEPARATE_CE:
                 p_1 = tl.exp2(s * 1.4426950408889634 - lse_12)
@@ -191,6 +277,19 @@ def _launch_config(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
+_DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+def _divergence_args(divergence: str, beta: float) -> tuple[int, int, float, float, float]:
+    """(DIVERGENCE id, N_STATS, beta, log2(beta), log2(1 - beta)) for the kernels."""
+    if divergence not in _DIVERGENCE_IDS:
+        raise ValueError(f"divergence must be one of {tuple(_DIVERGENCE_IDS)}, got {divergence!r}")
+    div = _DIVERGENCE_IDS[divergence]
+    lb2 = math.log2(beta) if beta > 0 else float("-inf")
+    l1b2 = math.log2(1.0 - beta) if beta < 1 else float("-inf")
+    return div, (3 if div == 0 else 4), float(beta), lb2, l1b2
+
+
 def kd_loss_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -198,11 +297,14 @@ def kd_loss_forward(
     temperature: float,
     alpha: float,
     ignore_index: int,
+    divergence: str = "kl",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row losses (N,) and row statistics (N, 3), both fp32, for (N, V) logits with unit column stride."""
+    """Row losses (N,) and row statistics (N, 3 or 4), fp32, for (N, V) logits with unit column stride."""
     n_rows, n_cols = student.shape
+    div, n_stats, beta, lb2, l1b2 = _divergence_args(divergence, beta)
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
-    stats = torch.empty(n_rows, 3, dtype=torch.float32, device=student.device)
+    stats = torch.empty(n_rows, n_stats, dtype=torch.float32, device=student.device)
     if n_rows == 0:
         return loss, stats
     block, num_warps = _launch_config(n_cols)
@@ -220,8 +322,13 @@ def kd_loss_forward(
         temperature * temperature,
         alpha,
         ignore_index,
+        beta,
+        lb2,
+        l1b2,
         HAS_TARGET=has_target,
         SEPARATE_CE=has_target and temperature != 1.0,
+        DIVERGENCE=div,
+        N_STATS=n_stats,
         BLOCK_V=block,
         num_warps=num_warps,
     )
@@ -237,9 +344,12 @@ def kd_loss_backward(
     temperature: float,
     alpha: float,
     ignore_index: int,
+    divergence: str = "kl",
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """Student gradient (N, V) in the student's dtype; grad_rows may be a stride-0 broadcast."""
     n_rows, n_cols = student.shape
+    div, n_stats, beta, lb2, l1b2 = _divergence_args(divergence, beta)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     if n_rows == 0:
         return grad
@@ -262,8 +372,13 @@ def kd_loss_backward(
         alpha * temperature if has_target else temperature,
         1.0 - alpha,
         ignore_index,
+        beta,
+        lb2,
+        l1b2,
         HAS_TARGET=has_target,
         SEPARATE_CE=has_target and temperature != 1.0,
+        DIVERGENCE=div,
+        N_STATS=n_stats,
         BLOCK_V=block,
         num_warps=num_warps,
     )

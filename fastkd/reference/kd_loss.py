@@ -1,24 +1,45 @@
 """Reference knowledge-distillation loss in plain torch.
 
 Rows are processed in chunks so the fp32 temporaries stay bounded (about 16 MiB each) whatever the
-vocabulary, and the forward saves only three fp32 statistics per row for the backward.
+vocabulary, and the forward saves only a few fp32 statistics per row for the backward.
 
-For one row with student logits s, teacher logits t (length V), temperature T, mixing alpha:
-    soft = T^2 * KL(softmax(t/T) || softmax(s/T))
+For one row with student logits s, teacher logits t (length V), temperature T, mixing alpha, let
+p = softmax(t/T) (teacher), q = softmax(s/T) (student) and D one of the divergences
+    "kl"         D = KL(p || q) = sum p (log p - log q)                      (forward KL, default)
+    "reverse_kl" D = KL(q || p) = sum q (log q - log p)
+    "jsd"        D = (1 - beta) KL(p || m) + beta KL(q || m),  m = beta p + (1 - beta) q
+                 (beta = 0: m = q, D = KL(p || q); beta = 1: m = p, D = KL(q || p);
+                  beta = 1/2: the usual Jensen-Shannon divergence)
+Then
+    soft = T^2 * D
     row  = alpha * soft + (1 - alpha) * CE(s, y)      (with a target y; `soft` alone without)
-    d row / d s = c_kl * (softmax(s/T) - softmax(t/T)) + (1 - alpha) * (softmax(s) - onehot(y))
-with c_kl = alpha * T (T^2 times the 1/T of the inner derivative), or T without a target.
-Rows whose target equals ignore_index give 0 and a zero gradient.
+    d row / d s = c_kl * dD/dz + (1 - alpha) * (softmax(s) - onehot(y)),   z = s / T
+with c_kl = alpha * T (T^2 times the 1/T of the inner derivative), or T without a target, and
+    "kl":  dD/dz_j = q_j - p_j
+    else:  dD/dz_j = q_j * (g_j - sum_i q_i g_i),  g = dD/dq (up to a constant), where
+           "reverse_kl": g_j = log q_j - log p_j                  (so sum_i q_i g_i = D)
+           "jsd":        g_j = beta (log q_j - log m_j) - (1 - beta) ((1 - beta) p_j + beta q_j) / m_j
+The row statistics are (lse(s/T), lse(t/T), lse(s)) for "kl", plus sum_i q_i g_i as a fourth column
+for the other divergences. Rows whose target equals ignore_index give 0, zero statistics and a zero
+gradient.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 _CHUNK_ELEMENTS = 1 << 22
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+
+def n_stats(divergence: str) -> int:
+    """Number of fp32 statistics saved per row for `divergence`."""
+    return 3 if divergence == "kl" else 4
 
 
 def _row_chunk(n_rows: int, n_cols: int) -> int:
@@ -33,10 +54,30 @@ def _valid_rows(target: Optional[Tensor], ignore_index: int, r0: int, r1: int, d
     return valid, torch.where(valid, tgt, torch.zeros_like(tgt))
 
 
-def _lse_from_log_softmax(x: Tensor, log_p: Tensor) -> Tensor:
-    """logsumexp(x) per row, read off log_softmax at the row's largest entry (exact there)."""
-    idx = x.argmax(dim=-1, keepdim=True)
-    return (x.gather(1, idx) - log_p.gather(1, idx)).squeeze(1)
+def _log_weight(w: float) -> float:
+    return math.log(w) if w > 0 else float("-inf")
+
+
+def _divergence_terms(log_p: Tensor, log_q: Tensor, divergence: str, beta: float):
+    """Per-element divergence terms (summing to D) and q_j * g_j (None for "kl"), fp32."""
+    p = log_p.exp()
+    q = log_q.exp()
+    zero = torch.zeros_like(p)
+    if divergence == "kl":
+        # p = 0 (a masked or underflowed teacher entry) contributes nothing, even where q = 0.
+        return torch.where(p > 0, p * (log_p - log_q), zero), None
+    if divergence == "reverse_kl":
+        qg = torch.where(q > 0, q * (log_q - log_p), zero)
+        return qg, qg
+    lb, l1b = _log_weight(beta), _log_weight(1.0 - beta)
+    log_m = torch.logaddexp(lb + log_p, l1b + log_q)
+    terms = (1.0 - beta) * torch.where(p > 0, p * (log_p - log_m), zero) + beta * torch.where(
+        q > 0, q * (log_q - log_m), zero
+    )
+    log_n = torch.logaddexp(l1b + log_p, lb + log_q)  # log((1 - beta) p + beta q)
+    ratio = torch.where(q > 0, (log_q + log_n - log_m).exp(), zero)  # q * n / m, no inf * 0
+    qg = torch.where(q > 0, beta * q * (log_q - log_m), zero) - (1.0 - beta) * ratio
+    return terms, qg
 
 
 def kd_loss_forward(
@@ -46,43 +87,45 @@ def kd_loss_forward(
     temperature: float,
     alpha: float,
     ignore_index: int,
+    divergence: str = "kl",
+    beta: float = 0.5,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row loss (N,) fp32 and row statistics (N, 3) fp32.
+    """Per-row loss (N,) fp32 and row statistics (N, n_stats(divergence)) fp32.
 
     student, teacher: (N, V) fp16/bf16/fp32; target: (N,) int64 or None.
     stats[:, 0] = logsumexp(s/T), stats[:, 1] = logsumexp(t/T), stats[:, 2] = logsumexp(s),
-    and 0 on ignored rows.
+    stats[:, 3] = sum_i q_i g_i (not "kl"), and 0 on ignored rows.
     """
     n_rows, n_cols = student.shape
+    width = n_stats(divergence)
     loss = torch.zeros(n_rows, dtype=torch.float32, device=student.device)
-    stats = torch.zeros(n_rows, 3, dtype=torch.float32, device=student.device)
+    stats = torch.zeros(n_rows, width, dtype=torch.float32, device=student.device)
     inv_t = 1.0 / temperature
     step = _row_chunk(n_rows, n_cols)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         s = student[r0:r1].float()
         t = teacher[r0:r1].float()
-        s_t = s if temperature == 1.0 else s * inv_t
-        t_t = t if temperature == 1.0 else t * inv_t
-        log_ps = torch.log_softmax(s_t, dim=-1)
-        log_pt = torch.log_softmax(t_t, dim=-1)
-        p_t = log_pt.exp()
-        # p_t = 0 (a masked or underflowed teacher entry) contributes nothing, even where s = -inf.
-        kl_terms = torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0)
-        soft = temperature * temperature * kl_terms.sum(dim=-1).clamp_min(0.0)
-        lse_s = _lse_from_log_softmax(s_t, log_ps)
-        lse_t = _lse_from_log_softmax(t_t, log_pt)
+        s_t = s * inv_t
+        t_t = t * inv_t
+        lse_s = torch.logsumexp(s_t, dim=-1)
+        lse_t = torch.logsumexp(t_t, dim=-1)
+        terms, qg = _divergence_terms(t_t - lse_t[:, None], s_t - lse_s[:, None], divergence, beta)
+        soft = temperature * temperature * terms.sum(dim=-1).clamp_min(0.0)
+        cols = [lse_s, lse_t, None]
+        if qg is not None:
+            cols.append(qg.sum(dim=-1))
+        cols[2] = lse_s if temperature == 1.0 else torch.logsumexp(s, dim=-1)
         valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
         if valid is None:
-            row, lse_1 = soft, lse_s
+            row = soft
         else:
-            log_p1 = log_ps if temperature == 1.0 else torch.log_softmax(s, dim=-1)
-            ce = -log_p1.gather(1, safe[:, None]).squeeze(1)
-            lse_1 = lse_s if temperature == 1.0 else _lse_from_log_softmax(s, log_p1)
-            row = torch.where(valid, alpha * soft + (1.0 - alpha) * ce, 0.0)
-            lse_s, lse_t, lse_1 = (torch.where(valid, x, 0.0) for x in (lse_s, lse_t, lse_1))
+            ce = cols[2] - s.gather(1, safe[:, None]).squeeze(1)
+            row = torch.where(valid, alpha * soft + (1.0 - alpha) * ce, torch.zeros_like(soft))
+            zero = torch.zeros_like(lse_s)
+            cols = [torch.where(valid, x, zero) for x in cols]
         loss[r0:r1] = row
-        stats[r0:r1] = torch.stack([lse_s, lse_t, lse_1], dim=1)
+        stats[r0:r1] = torch.stack(cols, dim=1)
     return loss, stats
 
 
@@ -95,11 +138,12 @@ def kd_loss_backward(
     temperature: float,
     alpha: float,
     ignore_index: int,
+    divergence: str = "kl",
+    beta: float = 0.5,
 ) -> Tensor:
     """Gradient of sum_i grad_rows[i] * row_loss[i] with respect to the student logits.
 
-    Returned in the student's dtype, shape (N, V). The reference recomputes the softmaxes with
-    torch's fused kernels rather than reading `stats` (which the Triton backward uses).
+    Returned in the student's dtype, shape (N, V).
     """
     n_rows, n_cols = student.shape
     grad = torch.empty_like(student)
@@ -111,15 +155,24 @@ def kd_loss_backward(
         r1 = min(n_rows, r0 + step)
         s = student[r0:r1].float()
         t = teacher[r0:r1].float()
-        s_t = s if temperature == 1.0 else s * inv_t
-        t_t = t if temperature == 1.0 else t * inv_t
-        p_s = torch.softmax(s_t, dim=-1)
-        g = p_s.sub_(torch.softmax(t_t, dim=-1)).mul_(c_kl)
+        st = stats[r0:r1]
+        log_q = s * inv_t - st[:, 0:1]
+        log_p = t * inv_t - st[:, 1:2]
+        p_s = log_q.exp()
+        if divergence == "kl":
+            d = p_s - log_p.exp()
+        else:
+            _, qg = _divergence_terms(log_p, log_q, divergence, beta)
+            d = qg - p_s * st[:, 3:4]
+        g = c_kl * d
         scale = grad_rows[r0:r1].float()
         valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
         if valid is not None:
-            g.add_(torch.softmax(s, dim=-1), alpha=c_ce)
+            p_1 = p_s if temperature == 1.0 else (s - st[:, 2:3]).exp()
+            g = g + c_ce * p_1
             g.scatter_add_(1, safe[:, None], torch.full_like(g[:, :1], -c_ce))
-            scale = torch.where(valid, scale, 0.0)
-        grad[r0:r1] = g.mul_(scale[:, None])
+            scale = torch.where(valid, scale, torch.zeros_like(scale))
+            # ignored rows carry zero statistics: force their (possibly inf) terms to 0
+            g = torch.where(valid[:, None], g, torch.zeros_like(g))
+        grad[r0:r1] = (g * scale[:, None]).to(student.dtype)
     return grad

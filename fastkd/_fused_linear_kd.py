@@ -1,0 +1,282 @@
+"""Fused linear KD: lm-head matmuls + KD loss, chunked over rows, never holding N x V logits.
+
+Exported as ``fastkd.functional.fused_linear_kd_loss`` and (through fastkd.nn)
+``fastkd.nn.FusedLinearKDLoss``.
+
+Design. For each chunk of ``chunk_rows`` rows: the student and teacher logits of the chunk are two
+matmuls; the fused KD kernel (``fastkd::kd_loss_forward``) gives the per-row losses and statistics and
+``fastkd::kd_loss_backward`` the logit gradient of the chunk, which is turned at once into the
+chunk's hidden-state gradient (``dlogits @ W``) and accumulated into the weight and bias gradients
+(``W_grad += dlogits^T @ h``). The chunk's logits are then dropped, so the extra memory is
+three ``chunk_rows x V`` buffers plus the gradients themselves.
+
+For ``reduction="mean"``/``"sum"`` the gradients are computed during the forward (the loss is a
+scalar, so the backward only rescales them by the incoming gradient): one pass, no recomputation.
+For ``reduction="none"`` the per-row weights arrive only in the backward, which recomputes the
+chunk logits (two extra matmuls per chunk).
+
+The weight gradient is accumulated in fp32 for fp32 weights; for fp16/bf16 weights it is
+accumulated in place in the weight's dtype (``addmm_``, fp32 inside each matmul) so that no fp32
+``V x H`` buffer is added to the peak.
+
+torch.compile: this is a ``torch.autograd.Function`` whose forward calls only traceable torch ops and
+the fastkd custom ops, so ``torch.compile(fullgraph=True)`` traces it without a graph break (the
+chunk loop is unrolled at trace time; tests/test_fused_linear_kd.py checks it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._validate import (
+    check_class_targets,
+    check_float_dtype,
+    check_number,
+    check_reduction,
+    check_same_device,
+    check_tensor,
+)
+
+_CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 32M (64 MiB in bf16 per buffer)
+
+
+def default_chunk_rows(n_rows: int, n_classes: int) -> int:
+    return max(1, min(n_rows, _CHUNK_ELEMENTS // max(n_classes, 1)))
+
+
+def _logits(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    return h @ w.t() if b is None else torch.addmm(b, h, w.t())
+
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sh, sw, sb, th, tw, tb, target, cfg):
+        # cfg: (temperature, alpha, ignore_index, backend, divergence, beta, chunk, precompute)
+        temperature, alpha, ignore_index, backend, divergence, beta, chunk, precompute = cfg
+        n_rows = sh.shape[0]
+        kw = {"divergence": divergence, "beta": beta}
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
+            sb is not None and ctx.needs_input_grad[2]
+        )
+        grad_sh = torch.empty_like(sh) if (precompute and need_h) else None
+        w_acc_dtype = torch.float32 if sw.dtype == torch.float32 else sw.dtype
+        grad_sw = torch.zeros(sw.shape, dtype=w_acc_dtype, device=sw.device) if (
+            precompute and need_w
+        ) else None
+        grad_sb = torch.zeros(sw.shape[0], dtype=torch.float32, device=sw.device) if (
+            precompute and need_b
+        ) else None
+        rows_out = torch.empty(n_rows, dtype=torch.float32, device=sh.device)
+        for r0 in range(0, n_rows, chunk):
+            r1 = min(n_rows, r0 + chunk)
+            h = sh[r0:r1]
+            s_log = _logits(h, sw, sb)
+            t_log = _logits(th[r0:r1], tw, tb)
+            tgt = None if target is None else target[r0:r1]
+            rows, stats = torch.ops.fastkd.kd_loss_forward(
+                s_log, t_log, tgt, temperature, alpha, ignore_index, backend, **kw
+            )
+            rows_out[r0:r1] = rows
+            if precompute and (need_h or need_w or need_b):
+                # gradients of sum(rows); the backward multiplies by the (common) row weight
+                g_rows = torch.ones(1, dtype=torch.float32, device=sh.device).expand(r1 - r0)
+                dlog = torch.ops.fastkd.kd_loss_backward(
+                    g_rows, s_log, t_log, tgt, stats, temperature, alpha, ignore_index, backend,
+                    **kw,
+                )
+                del s_log, t_log
+                if need_h:
+                    grad_sh[r0:r1] = dlog @ sw
+                if need_w:
+                    if grad_sw.dtype == dlog.dtype:
+                        grad_sw.addmm_(dlog.t(), h)
+                    else:
+                        grad_sw.add_(dlog.t().float() @ h.float())
+                if need_b:
+                    grad_sb.add_(dlog.float().sum(0))
+        ctx.cfg = cfg
+        ctx.has_sb = sb is not None
+        ctx.w_dtype = sw.dtype
+        ctx.b_dtype = None if sb is None else sb.dtype
+        if precompute:
+            ctx.save_for_backward(grad_sh, grad_sw, grad_sb)
+        else:
+            ctx.save_for_backward(sh, sw, sb, th, tw, tb, target)
+        return rows_out
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        temperature, alpha, ignore_index, backend, divergence, beta, chunk, precompute = ctx.cfg
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_sb and ctx.needs_input_grad[2]
+        if precompute:
+            # The caller's loss is scale * sum_i rows_i: every row's incoming gradient is equal.
+            grad_sh, grad_sw, grad_sb = ctx.saved_tensors
+            g = grad_rows[0] if grad_rows.numel() else grad_rows.sum()
+            out_h = grad_sh * g.to(grad_sh.dtype) if need_h else None
+            out_w = (grad_sw * g).to(ctx.w_dtype) if need_w else None
+            out_b = grad_sb * g if need_b else None
+        else:
+            sh, sw, sb, th, tw, tb, target = ctx.saved_tensors
+            kw = {"divergence": divergence, "beta": beta}
+            out_h = torch.empty_like(sh) if need_h else None
+            acc_w = torch.zeros(sw.shape, dtype=torch.float32, device=sw.device) if need_w else None
+            acc_b = torch.zeros(sw.shape[0], dtype=torch.float32, device=sw.device) if need_b else None
+            for r0 in range(0, sh.shape[0], chunk):
+                r1 = min(sh.shape[0], r0 + chunk)
+                h = sh[r0:r1]
+                s_log = _logits(h, sw, sb)
+                t_log = _logits(th[r0:r1], tw, tb)
+                tgt = None if target is None else target[r0:r1]
+                _, stats = torch.ops.fastkd.kd_loss_forward(
+                    s_log, t_log, tgt, temperature, alpha, ignore_index, backend, **kw
+                )
+                dlog = torch.ops.fastkd.kd_loss_backward(
+                    grad_rows[r0:r1], s_log, t_log, tgt, stats, temperature, alpha, ignore_index,
+                    backend, **kw,
+                )
+                if need_h:
+                    out_h[r0:r1] = dlog @ sw
+                if need_w:
+                    acc_w.add_(dlog.t().float() @ h.float())
+                if need_b:
+                    acc_b.add_(dlog.float().sum(0))
+            out_w = acc_w.to(sw.dtype) if need_w else None
+            out_b = acc_b if need_b else None
+        if out_b is not None:
+            out_b = out_b.to(ctx.b_dtype)
+        return out_h, out_w, out_b, None, None, None, None, None
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    divergence: str = "kl",
+    beta: float = 0.5,
+    chunk_rows: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""``kd_loss(student_hidden @ student_weight.T + student_bias,
+    teacher_hidden @ teacher_weight.T + teacher_bias, target, ...)`` without the ``N x V`` logits.
+
+    Args:
+        student_hidden: ``(..., H_s)`` fp32/fp16/bf16; receives a gradient.
+        student_weight: ``(V, H_s)`` (an lm-head ``nn.Linear.weight``); receives a gradient.
+        teacher_hidden: ``(..., H_t)`` with the student's leading shape; ``H_t`` may differ.
+        teacher_weight: ``(V, H_t)``. Teacher tensors are constants (detached).
+        target: optional ``(...)`` class indices or ``ignore_index``.
+        student_bias, teacher_bias: optional ``(V,)``.
+        temperature, alpha, ignore_index, reduction, divergence, beta, backend: as in
+            :func:`fastkd.functional.kd_loss`.
+        chunk_rows: rows per chunk (default: about 32M logits per chunk). Extra memory is about
+            three ``chunk_rows x V`` buffers in the logits' dtype.
+
+    Returns:
+        fp32 loss (scalar, or ``(...)`` with ``reduction="none"``), equal within rounding to the
+        unfused lm-head + ``kd_loss``. The logits are computed in the hidden states' dtype.
+    """
+    from .functional import KD_LOSS_BACKENDS, check_divergence
+
+    for x, name in ((student_hidden, "student_hidden"), (student_weight, "student_weight"),
+                    (teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight")):
+        check_tensor(x, name)
+        check_float_dtype(x, name)
+        check_same_device(student_hidden, x, "student_hidden", name)
+    if student_hidden.dim() < 1 or teacher_hidden.dim() < 1:
+        raise ValueError("hidden states need at least one dimension (the features)")
+    if student_weight.dim() != 2 or teacher_weight.dim() != 2:
+        raise ValueError("student_weight and teacher_weight must be (V, H) matrices")
+    n_classes = student_weight.shape[0]
+    if teacher_weight.shape[0] != n_classes:
+        raise ValueError(
+            f"student_weight has {n_classes} classes but teacher_weight {teacher_weight.shape[0]}"
+        )
+    if n_classes == 0:
+        raise ValueError("the lm-head weights need at least one class")
+    if student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(
+            f"student_hidden features {student_hidden.shape[-1]} != student_weight "
+            f"{tuple(student_weight.shape)}[1]"
+        )
+    if teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+        raise ValueError(
+            f"teacher_hidden features {teacher_hidden.shape[-1]} != teacher_weight "
+            f"{tuple(teacher_weight.shape)}[1]"
+        )
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise ValueError(
+            f"teacher_hidden {tuple(teacher_hidden.shape)} must have the student's leading shape "
+            f"{tuple(lead)}"
+        )
+    if student_hidden.dtype != student_weight.dtype or teacher_hidden.dtype != teacher_weight.dtype:
+        raise TypeError("each hidden state must have the dtype of its weight (one matmul dtype)")
+    for b, name, w in ((student_bias, "student_bias", student_weight),
+                       (teacher_bias, "teacher_bias", teacher_weight)):
+        if b is not None:
+            check_tensor(b, name)
+            if tuple(b.shape) != (n_classes,):
+                raise ValueError(f"{name} must have shape ({n_classes},), got {tuple(b.shape)}")
+            if b.dtype != w.dtype:
+                raise TypeError(f"{name} must have its weight's dtype {w.dtype}, got {b.dtype}")
+            check_same_device(student_hidden, b, "student_hidden", name)
+    temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+    alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    reduction = check_reduction(reduction)
+    divergence, beta = check_divergence(divergence, beta)
+    sh = student_hidden.reshape(-1, student_hidden.shape[-1])
+    th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    n_rows = sh.shape[0]
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(n_rows, n_classes)
+    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    if target is not None:
+        check_tensor(target, "target")
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+        if tuple(target.shape) != tuple(lead):
+            raise ValueError(
+                f"target shape {tuple(target.shape)} must equal the hidden states' leading shape "
+                f"{tuple(lead)}"
+            )
+        check_same_device(student_hidden, target, "student_hidden", "target")
+        target = target.reshape(-1).long()
+        check_class_targets(target, n_classes, ignore_index)
+    impl = KD_LOSS_BACKENDS.select(backend, student_hidden.device)
+
+    if reduction == "mean":
+        if target is None:
+            scale = torch.full((1,), 1.0 / max(n_rows, 1), device=sh.device)
+        else:
+            scale = 1.0 / (target != ignore_index).sum().clamp_min(1).float().reshape(1)
+    else:
+        scale = torch.ones(1, device=sh.device)
+    precompute = reduction != "none"
+    cfg = (temperature, alpha, ignore_index, impl, divergence, beta, chunk_rows, precompute)
+    rows = FusedLinearKDFunction.apply(
+        sh, student_weight, student_bias, th, teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(), target, cfg,
+    )
+    if reduction == "none":
+        return rows.reshape(lead)
+    # The Function precomputed the gradients of sum(rows); every row gets the same weight here.
+    return (rows * scale).sum()
+
+
+__all__ = ["fused_linear_kd_loss", "FusedLinearKDFunction"]

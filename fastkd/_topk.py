@@ -1,0 +1,186 @@
+"""Offline distillation from a top-k teacher: ``teacher_topk`` stores, ``kd_loss_topk`` trains.
+
+Exported as ``fastkd.teacher_topk`` and ``fastkd.functional.kd_loss_topk``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from ._backend import Backend, OpBackends, register, triton_unavailable_reason
+from ._validate import (
+    check_class_targets,
+    check_float_dtype,
+    check_number,
+    check_reduction,
+    check_same_device,
+    check_tensor,
+)
+
+KD_LOSS_TOPK_BACKENDS = register(
+    OpBackends(
+        "kd_loss_topk",
+        [
+            Backend("triton", auto_devices=("cuda",), unavailable=triton_unavailable_reason),
+            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
+        ],
+    )
+)
+
+_TOPK_CHUNK_ELEMENTS = 1 << 22
+
+
+@torch.no_grad()
+def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The k most likely classes of a teacher and their log-probabilities at ``temperature``.
+
+    Returns ``(ids, logprobs)``, shapes ``(..., k)``: int64 class ids (most likely first) and fp32
+    ``log_softmax(logits / temperature)`` at those ids, computed in fp32 over row chunks (no
+    ``N x V`` fp32 copy). Feed them to :func:`fastkd.functional.kd_loss_topk` with the same
+    ``temperature``: that loss applies the temperature to the student only.
+    """
+    check_tensor(logits, "logits")
+    check_float_dtype(logits, "logits")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError("logits need a non-empty last (class) dimension")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    n_classes = logits.shape[-1]
+    if not 1 <= k <= n_classes:
+        raise ValueError(f"k must lie in [1, {n_classes}], got {k}")
+    temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, n_classes)
+    ids = torch.empty(flat.shape[0], k, dtype=torch.long, device=logits.device)
+    lps = torch.empty(flat.shape[0], k, dtype=torch.float32, device=logits.device)
+    step = max(1, _TOPK_CHUNK_ELEMENTS // n_classes)
+    for r0 in range(0, flat.shape[0], step):
+        z = flat[r0 : r0 + step].float() / temperature
+        top, idx = torch.topk(z, k, dim=-1)
+        lps[r0 : r0 + step] = top - torch.logsumexp(z, dim=-1, keepdim=True)
+        ids[r0 : r0 + step] = idx
+    return ids.reshape(*lead, k), lps.reshape(*lead, k)
+
+
+def kd_loss_topk(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    r"""KD loss against a teacher stored as its top-k classes (offline distillation), fused.
+
+    Per row, with ``q = softmax(s / T)`` over all ``V`` classes, teacher probabilities
+    ``P_i = exp(teacher_logprobs[i])`` at the ids ``teacher_ids[i]`` and one tail bucket for every
+    other class (``P_tail = max(0, 1 - sum_i P_i)`` against the student's mass outside the ids,
+    ``Q_tail``)::
+
+        D    = sum_i P_i * (log P_i - log q[id_i]) + P_tail * (log P_tail - log Q_tail)
+        soft = T**2 * D
+        row  = alpha * soft + (1 - alpha) * cross_entropy(s, target)   # soft alone without target
+
+    **Temperature.** The stored log-probabilities are taken as the teacher distribution as they
+    are; ``temperature`` divides the student logits only (and scales by ``T**2``). Produce them with
+    ``fastkd.teacher_topk(teacher_logits, k, temperature=T)`` at the ``T`` you train with. With
+    ``k = V`` the loss equals ``kd_loss(s, t, temperature=T)`` exactly. Without a tail
+    (``k = V``) there is no tail bucket.
+
+    Args:
+        student_logits: ``(..., V)`` fp32, fp16 or bf16. Receives the gradient.
+        teacher_ids: ``(..., k)`` integer, distinct class ids per row, ``1 <= k <= V``.
+        teacher_logprobs: ``(..., k)`` float log-probabilities (``-inf`` for a padded slot).
+        target, temperature, alpha, ignore_index, reduction, backend: as in
+            :func:`fastkd.functional.kd_loss`.
+
+    Returns:
+        fp32 loss (scalar, or ``(...)`` with ``reduction="none"``). Extra memory: four fp32 per row.
+    """
+    check_tensor(student_logits, "student_logits")
+    check_tensor(teacher_ids, "teacher_ids")
+    check_tensor(teacher_logprobs, "teacher_logprobs")
+    check_float_dtype(student_logits, "student_logits")
+    check_float_dtype(teacher_logprobs, "teacher_logprobs")
+    if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
+        raise ValueError("student_logits need a non-empty last (class) dimension")
+    if teacher_ids.dtype.is_floating_point or teacher_ids.dtype.is_complex or (
+        teacher_ids.dtype == torch.bool
+    ):
+        raise TypeError(f"teacher_ids must hold integer class ids, got {teacher_ids.dtype}")
+    n_classes = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    if teacher_ids.shape != teacher_logprobs.shape:
+        raise ValueError(
+            f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs "
+            f"{tuple(teacher_logprobs.shape)} must have the same shape"
+        )
+    if teacher_ids.dim() != student_logits.dim() or teacher_ids.shape[:-1] != lead:
+        raise ValueError(
+            f"teacher_ids {tuple(teacher_ids.shape)} must be (..., k) with the student's leading "
+            f"shape {tuple(lead)}"
+        )
+    k = teacher_ids.shape[-1]
+    if not 1 <= k <= n_classes:
+        raise ValueError(f"the teacher must give k in [1, {n_classes}] classes per row, got {k}")
+    check_same_device(student_logits, teacher_ids, "student_logits", "teacher_ids")
+    check_same_device(student_logits, teacher_logprobs, "student_logits", "teacher_logprobs")
+    temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+    alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    reduction = check_reduction(reduction)
+
+    ids = teacher_ids.reshape(-1, k).long()
+    lps = teacher_logprobs.detach().reshape(-1, k).float()
+    _check_ids(ids, n_classes)
+    if target is not None:
+        check_tensor(target, "target")
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+        if tuple(target.shape) != tuple(lead):
+            raise ValueError(
+                f"target shape {tuple(target.shape)} must equal the logits' leading shape "
+                f"{tuple(lead)}"
+            )
+        check_same_device(student_logits, target, "student_logits", "target")
+        target = target.reshape(-1).long()
+        check_class_targets(target, n_classes, ignore_index)
+
+    impl = KD_LOSS_TOPK_BACKENDS.select(backend, student_logits.device)
+    student = student_logits.reshape(-1, n_classes)
+    rows, _ = torch.ops.fastkd.kd_loss_topk_forward(
+        student, ids, lps, target, temperature, alpha, ignore_index, impl
+    )
+    if reduction == "none":
+        return rows.reshape(lead)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if target is None:
+        return total / max(rows.numel(), 1)
+    return total / (target != ignore_index).sum().clamp_min(1)
+
+
+def _check_ids(ids: Tensor, n_classes: int) -> None:
+    """Ids lie in [0, V) and are distinct per row (checked eagerly on the CPU, async elsewhere)."""
+    bad = ((ids < 0) | (ids >= n_classes)).any()
+    msg = f"teacher_ids must lie in [0, {n_classes})"
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad):
+            raise ValueError(msg)
+        if ids.shape[1] > 1 and bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError("teacher_ids must be distinct within each row")
+    else:
+        torch._assert_async(~bad, msg)
+
+
+__all__ = ["kd_loss_topk", "teacher_topk", "KD_LOSS_TOPK_BACKENDS"]

@@ -1,0 +1,298 @@
+"""Fused KD loss against a top-k teacher (Triton); the math is in fastkd.reference.kd_topk.
+
+Shapes: student (N, V) fp32/fp16/bf16 with unit column stride; ids (N, k) int64 distinct class ids;
+logprobs (N, k) fp32 teacher log-probabilities; target (N,) int64 or none.
+
+Forward, one program per row: one streaming pass over the V student logits keeps the online
+(max, sum) of 2^(s * log2(e) / T) (and of s at T = 1 for the cross-entropy when T != 1); then the k
+ids are gathered, giving Q_i = q[id_i] and the tail Q_tail = 1 - sum_i Q_i. It writes the row loss
+and (lse(s/T), lse(s), P_sum, r = P_tail / Q_tail).
+
+Backward: one streaming pass writes, for every class, the tail-class gradient
+    g_row * (c_kl * q_j * (P_sum - r) + (1 - alpha) * (softmax(s)_j - [j = y]))
+and a second small launch overwrites the k id columns with q_j * P_sum - P_i in place of the tail
+term (same-stream launches are ordered, so no barrier is needed).
+
+Precision: Q_tail comes from 1 - sum_i Q_i in fp32, so its absolute error is about 1e-7; below a
+tail mass of about 1e-5 its relative error grows (the reference sums the tail classes exactly).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .kd_loss import LOG2E, _launch_config
+
+
+@triton.jit
+def _kd_topk_fwd_kernel(
+    student_ptr,
+    ids_ptr,
+    lp_ptr,
+    target_ptr,
+    loss_ptr,
+    stats_ptr,
+    stride_s,
+    stride_ids,
+    stride_lp,
+    n_cols,
+    k,
+    scale2,  # log2(e) / T
+    temp_sq,
+    alpha,
+    ignore_index,
+    HAS_TARGET: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    ln2 = 0.6931471805599453
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * stride_s
+    n_loop = n_cols
+    if HAS_TARGET:
+        tgt = tl.load(target_ptr + row)
+        valid = tgt != ignore_index
+        n_loop = tl.where(valid, n_cols, 0)
+    neg_inf = float("-inf")
+    m_s = neg_inf
+    d_s = 0.0
+    m_1 = neg_inf
+    d_1 = 0.0
+    for start in range(0, n_loop, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        s = tl.load(s_row + cols, mask=cols < n_cols, other=neg_inf).to(tl.float32)
+        s2 = s * scale2
+        new_m = tl.maximum(m_s, tl.max(s2, 0))
+        sh = tl.where(new_m == neg_inf, 0.0, new_m)
+        d_s = d_s * tl.exp2(m_s - sh) + tl.sum(tl.exp2(s2 - sh), 0)
+        m_s = sh
+        if SEPARATE_CE:
+            s1 = s * 1.4426950408889634
+            new_m1 = tl.maximum(m_1, tl.max(s1, 0))
+            sh1 = tl.where(new_m1 == neg_inf, 0.0, new_m1)
+            d_1 = d_1 * tl.exp2(m_1 - sh1) + tl.sum(tl.exp2(s1 - sh1), 0)
+            m_1 = sh1
+    d_s = tl.where(d_s > 0, d_s, 1.0)
+    lse_s2 = m_s + tl.log2(d_s)
+
+    kk = tl.arange(0, BLOCK_K)
+    k_read = k
+    if HAS_TARGET:
+        k_read = tl.where(valid, k, 0)  # ignored rows read nothing
+    k_mask = kk < k_read
+    ids = tl.load(ids_ptr + row * stride_ids + kk, mask=k_mask, other=0)
+    lp = tl.load(lp_ptr + row * stride_lp + kk, mask=k_mask, other=neg_inf).to(tl.float32)
+    s_top = tl.load(s_row + ids, mask=k_mask, other=neg_inf).to(tl.float32)
+    log2q = s_top * scale2 - lse_s2
+    q = tl.exp2(log2q)
+    p = tl.exp(lp)
+    d = tl.sum(tl.where(p > 0, p * (lp - log2q * ln2), 0.0), 0)
+    p_sum = tl.sum(p, 0)
+    ratio = 0.0
+    if HAS_TAIL:
+        p_tail = tl.maximum(1.0 - p_sum, 0.0)
+        q_tail = tl.maximum(1.0 - tl.sum(q, 0), 1e-30)
+        pos = p_tail > 0
+        log_ratio = tl.log(tl.where(pos, p_tail, 1.0)) - tl.log(q_tail)
+        d += tl.where(pos, p_tail * log_ratio, 0.0)
+        ratio = tl.where(pos, tl.exp(log_ratio), 0.0)
+        p_sum += p_tail
+    lse_s = ln2 * lse_s2
+    if HAS_TARGET:
+        if SEPARATE_CE:
+            lse_1 = ln2 * (m_1 + tl.log2(tl.where(d_1 > 0, d_1, 1.0)))
+        else:
+            lse_1 = lse_s
+        safe_tgt = tl.where(valid, tgt, 0).to(tl.int64)
+        s_y = tl.load(s_row + safe_tgt).to(tl.float32)
+        row_loss = tl.where(valid, alpha * temp_sq * d + (1.0 - alpha) * (lse_1 - s_y), 0.0)
+        lse_s = tl.where(valid, lse_s, 0.0)
+        lse_1 = tl.where(valid, lse_1, 0.0)
+        p_sum = tl.where(valid, p_sum, 0.0)
+        ratio = tl.where(valid, ratio, 0.0)
+    else:
+        row_loss = temp_sq * d
+        lse_1 = lse_s
+    tl.store(loss_ptr + row, row_loss)
+    tl.store(stats_ptr + row * 4 + 0, lse_s)
+    tl.store(stats_ptr + row * 4 + 1, lse_1)
+    tl.store(stats_ptr + row * 4 + 2, p_sum)
+    tl.store(stats_ptr + row * 4 + 3, ratio)
+
+
+@triton.jit
+def _row_setup(grad_rows_ptr, stride_g, target_ptr, stats_ptr, row, ignore_index,
+               HAS_TARGET: tl.constexpr):
+    g = tl.load(grad_rows_ptr + row * stride_g).to(tl.float32)
+    tgt = -1
+    if HAS_TARGET:
+        tgt = tl.load(target_ptr + row)
+        g = tl.where(tgt != ignore_index, g, 0.0)
+    lse_s2 = tl.load(stats_ptr + row * 4 + 0) * 1.4426950408889634
+    lse_12 = tl.load(stats_ptr + row * 4 + 1) * 1.4426950408889634
+    p_sum = tl.load(stats_ptr + row * 4 + 2)
+    ratio = tl.load(stats_ptr + row * 4 + 3)
+    return g, tgt, lse_s2, lse_12, p_sum, ratio
+
+
+@triton.jit
+def _kd_topk_bwd_kernel(
+    grad_rows_ptr,
+    stride_g,
+    student_ptr,
+    target_ptr,
+    stats_ptr,
+    grad_ptr,
+    stride_s,
+    stride_out,
+    n_cols,
+    scale2,
+    c_kl,
+    c_ce,
+    ignore_index,
+    HAS_TARGET: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * stride_s
+    out_row = grad_ptr + row * stride_out
+    g, tgt, lse_s2, lse_12, p_sum, ratio = _row_setup(
+        grad_rows_ptr, stride_g, target_ptr, stats_ptr, row, ignore_index, HAS_TARGET
+    )
+    n_read = tl.where(g != 0.0, n_cols, 0)  # ignored (or zero-weight) rows write zeros
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        s = tl.load(s_row + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
+        q = tl.exp2(s * scale2 - lse_s2)
+        grad = c_kl * q * (p_sum - ratio)
+        if HAS_TARGET:
+            if SEPARATE_CE:
+                q1 = tl.exp2(s * 1.4426950408889634 - lse_12)
+            else:
+                q1 = q
+            grad += c_ce * (q1 - tl.where(cols == tgt, 1.0, 0.0))
+        tl.store(out_row + cols, (grad * g).to(out_row.dtype.element_ty), mask=cols < n_cols)
+
+
+@triton.jit
+def _kd_topk_bwd_ids_kernel(
+    grad_rows_ptr,
+    stride_g,
+    student_ptr,
+    ids_ptr,
+    lp_ptr,
+    target_ptr,
+    stats_ptr,
+    grad_ptr,
+    stride_s,
+    stride_ids,
+    stride_lp,
+    stride_out,
+    k,
+    scale2,
+    c_kl,
+    c_ce,
+    ignore_index,
+    HAS_TARGET: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    g, tgt, lse_s2, lse_12, p_sum, ratio = _row_setup(
+        grad_rows_ptr, stride_g, target_ptr, stats_ptr, row, ignore_index, HAS_TARGET
+    )
+    kk = tl.arange(0, BLOCK_K)
+    k_mask = kk < k
+    ids = tl.load(ids_ptr + row * stride_ids + kk, mask=k_mask, other=0)
+    lp = tl.load(lp_ptr + row * stride_lp + kk, mask=k_mask, other=float("-inf")).to(tl.float32)
+    read = kk < tl.where(g != 0.0, k, 0)  # ignored (zero-weight) rows read nothing
+    s = tl.load(student_ptr + row * stride_s + ids, mask=read, other=float("-inf")).to(tl.float32)
+    q = tl.exp2(s * scale2 - lse_s2)
+    grad = c_kl * (q * p_sum - tl.where(read, tl.exp(lp), 0.0))
+    if HAS_TARGET:
+        if SEPARATE_CE:
+            q1 = tl.exp2(s * 1.4426950408889634 - lse_12)
+        else:
+            q1 = q
+        grad += c_ce * (q1 - tl.where(ids == tgt, 1.0, 0.0))
+    out = grad_ptr + row * stride_out + ids
+    tl.store(out, (grad * g).to(grad_ptr.dtype.element_ty), mask=k_mask)
+
+
+def _block_k(k: int) -> int:
+    return triton.next_power_of_2(max(k, 2))
+
+
+def kd_loss_topk_forward(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    target: Optional[torch.Tensor],
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row losses (N,) and statistics (N, 4), fp32."""
+    n_rows, n_cols = student.shape
+    k = ids.shape[1]
+    loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
+    stats = torch.empty(n_rows, 4, dtype=torch.float32, device=student.device)
+    if n_rows == 0:
+        return loss, stats
+    block, num_warps = _launch_config(n_cols)
+    has_target = target is not None
+    _kd_topk_fwd_kernel[(n_rows,)](
+        student, ids, logprobs, target if has_target else loss, loss, stats,
+        student.stride(0), ids.stride(0), logprobs.stride(0),
+        n_cols, k, LOG2E / temperature, temperature * temperature, alpha, ignore_index,
+        HAS_TARGET=has_target,
+        SEPARATE_CE=has_target and temperature != 1.0,
+        HAS_TAIL=k < n_cols,
+        BLOCK_V=block,
+        BLOCK_K=_block_k(k),
+        num_warps=num_warps,
+    )
+    return loss, stats
+
+
+def kd_loss_topk_backward(
+    grad_rows: torch.Tensor,
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    target: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Student gradient (N, V) in the student's dtype; grad_rows may be a stride-0 broadcast."""
+    n_rows, n_cols = student.shape
+    k = ids.shape[1]
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    if n_rows == 0:
+        return grad
+    block, num_warps = _launch_config(n_cols)
+    has_target = target is not None
+    stats = stats.contiguous()
+    c_kl = alpha * temperature if has_target else temperature
+    common = dict(HAS_TARGET=has_target, SEPARATE_CE=has_target and temperature != 1.0)
+    _kd_topk_bwd_kernel[(n_rows,)](
+        grad_rows, grad_rows.stride(0), student, target if has_target else stats, stats, grad,
+        student.stride(0), grad.stride(0), n_cols, LOG2E / temperature, c_kl, 1.0 - alpha,
+        ignore_index, BLOCK_V=block, num_warps=num_warps, **common,
+    )
+    _kd_topk_bwd_ids_kernel[(n_rows,)](
+        grad_rows, grad_rows.stride(0), student, ids, logprobs, target if has_target else stats,
+        stats, grad, student.stride(0), ids.stride(0), logprobs.stride(0), grad.stride(0), k,
+        LOG2E / temperature, c_kl, 1.0 - alpha, ignore_index, BLOCK_K=_block_k(k), num_warps=4,
+        **common,
+    )
+    return grad

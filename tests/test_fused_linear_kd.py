@@ -1,0 +1,139 @@
+"""fused_linear_kd_loss / FusedLinearKDLoss equal the unfused lm-head + kd_loss, forward and
+backward, without keeping N x V tensors for the backward."""
+
+import pytest
+import torch
+
+import fastkd
+from fastkd.functional import fused_linear_kd_loss, kd_loss
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def _make(N=13, Hs=11, Ht=19, V=53, dtype=torch.float32, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    sh = (torch.randn(N, Hs, generator=g)).to(dtype)
+    sw = (torch.randn(V, Hs, generator=g) / Hs**0.5 * 3).to(dtype)
+    th = torch.randn(N, Ht, generator=g).to(dtype)
+    tw = (torch.randn(V, Ht, generator=g) / Ht**0.5 * 3).to(dtype)
+    sb = (torch.randn(V, generator=g) * 0.1).to(dtype) if bias else None
+    tb = (torch.randn(V, generator=g) * 0.1).to(dtype) if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::4] = -100
+    return sh, sw, sb, th, tw, tb, y
+
+
+def _run(fused, sh, sw, sb, th, tw, tb, y, reduction, **kw):
+    leaves = [x.clone().requires_grad_() for x in (sh, sw)] + (
+        [sb.clone().requires_grad_()] if sb is not None else [])
+    h, w = leaves[0], leaves[1]
+    b = leaves[2] if sb is not None else None
+    if fused:
+        loss = fused_linear_kd_loss(h, w, th, tw, y, student_bias=b, teacher_bias=tb,
+                                    reduction=reduction, **kw)
+    else:
+        kw.pop("chunk_rows", None)
+        s_log = h @ w.t() + (b if b is not None else 0)
+        t_log = th @ tw.t() + (tb if tb is not None else 0)
+        loss = kd_loss(s_log, t_log, y, reduction=reduction, **kw)
+    wgt = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+    (loss * wgt).sum().backward()
+    return loss.detach(), [x.grad for x in leaves]
+
+
+def _compare(dtype, backend, reduction, divergence="kl", beta=0.5, chunk_rows=4, bias=True,
+             with_target=True, T=2.0, tol=None):
+    sh, sw, sb, th, tw, tb, y = _make(dtype=dtype, bias=bias)
+    y = y if with_target else None
+    kw = dict(temperature=T, alpha=0.3, divergence=divergence, beta=beta, backend=backend)
+    # oracle: the unfused lm-head + kd_loss in fp32 on the reference backend (kd_loss itself is
+    # checked against float64 in test_kd_divergences.py)
+    ref = _run(False, *[x.float() if x is not None else None for x in (sh, sw, sb, th, tw, tb)],
+               y, reduction, **{**kw, "backend": "torch"})
+    out = _run(True, sh, sw, sb, th, tw, tb, y, reduction, chunk_rows=chunk_rows, **kw)
+    tol = tol or {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(out[0], ref[0], rtol=tol, atol=tol)
+    for a, b in zip(out[1], ref[1]):
+        assert a.dtype == dtype
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.float(), b, rtol=tol * 2, atol=tol * scale * 2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_matches_unfused_fp32(reduction, divergence, beta, backend):
+    _compare(torch.float32, backend, reduction, divergence, beta)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 13, 100, None])
+def test_chunk_sizes(chunk_rows):
+    _compare(torch.float32, "torch", "mean", chunk_rows=chunk_rows, bias=False, with_target=False)
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "torch"), (torch.float16, "torch"),
+                                           (torch.float16, "triton")])
+def test_low_precision(dtype, backend):
+    _compare(dtype, backend, "mean", T=1.0)
+
+
+def test_leading_dims_and_module():
+    sh, sw, sb, th, tw, tb, y = _make(N=12)
+    mod = fastkd.nn.FusedLinearKDLoss(temperature=1.5, divergence="jsd", beta=0.2, chunk_rows=5)
+    assert "jsd" in repr(mod)
+    out = mod(sh.reshape(3, 4, -1), sw, th.reshape(3, 4, -1), tw, y.reshape(3, 4), sb, tb)
+    ref = fused_linear_kd_loss(sh, sw, th, tw, y, student_bias=sb, teacher_bias=tb,
+                               temperature=1.5, divergence="jsd", beta=0.2)
+    torch.testing.assert_close(out, ref)
+
+
+def test_saves_no_n_by_v_tensor():
+    """The backward keeps only hidden-sized / weight-sized gradients, never chunk logits."""
+    N, V = 40, 97
+    sh, sw, sb, th, tw, tb, y = _make(N=N, V=V)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    h, w = sh.requires_grad_(), sw.requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fused_linear_kd_loss(h, w, th, tw, y, chunk_rows=8)
+    loss.backward()
+    assert saved and all(V not in s or s == tuple(sw.shape) for s in saved), saved
+    assert all(torch.Size(s).numel() < N * V for s in saved), saved
+
+
+def test_compile_fullgraph():
+    sh, sw, sb, th, tw, tb, y = _make()
+
+    def f(h, w, b):
+        return fused_linear_kd_loss(h, w, th, tw, y, student_bias=b, teacher_bias=tb,
+                                    temperature=2.0, chunk_rows=5, backend="torch")
+
+    eager = [x.clone().requires_grad_() for x in (sh, sw, sb)]
+    comp = [x.clone().requires_grad_() for x in (sh, sw, sb)]
+    f(*eager).backward()
+    torch.compile(f, fullgraph=True, backend="aot_eager")(*comp).backward()
+    for a, b in zip(eager, comp):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_validation():
+    sh, sw, sb, th, tw, tb, y = _make()
+    with pytest.raises(ValueError, match="classes"):
+        fused_linear_kd_loss(sh, sw, th, tw[:-1], y)
+    with pytest.raises(ValueError, match="features"):
+        fused_linear_kd_loss(sh, sw[:, :-1], th, tw, y)
+    with pytest.raises(ValueError, match="leading shape"):
+        fused_linear_kd_loss(sh, sw, th[:-1], tw, y)
+    with pytest.raises(ValueError, match="student_bias"):
+        fused_linear_kd_loss(sh, sw, th, tw, y, student_bias=sb[:-1])
+    with pytest.raises(ValueError, match="chunk_rows"):
+        fused_linear_kd_loss(sh, sw, th, tw, y, chunk_rows=0)
+    with pytest.raises(TypeError, match="dtype"):
+        fused_linear_kd_loss(sh, sw.half(), th, tw, y)
+    with pytest.raises(ValueError, match="divergence"):
+        fused_linear_kd_loss(sh, sw, th, tw, y, divergence="x")

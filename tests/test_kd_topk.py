@@ -1,0 +1,185 @@
+"""kd_loss_topk / teacher_topk against a float64 autograd oracle of the bucket formula."""
+
+import pytest
+import torch
+import torch.nn.functional as tF
+
+import fastkd
+from fastkd.functional import kd_loss, kd_loss_topk
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def naive_topk(s, ids, lp, target, T, alpha, ignore_index, reduction):
+    s = s.double()
+    lp = lp.double()
+    V = s.shape[-1]
+    logq = tF.log_softmax(s / T, -1)
+    p = lp.exp()
+    pos = p > 0
+    d = torch.where(pos, p * (lp - logq.gather(-1, ids)), 0.0).sum(-1)
+    if ids.shape[-1] < V:
+        tail = torch.ones_like(s, dtype=torch.bool).scatter(-1, ids, False)
+        log_qt = torch.logsumexp(torch.where(tail, logq, float("-inf")), -1)
+        pt = (1 - p.sum(-1)).clamp_min(0)
+        d = d + torch.where(pt > 0, pt * (pt.clamp_min(1e-300).log() - log_qt), 0.0)
+    soft = T * T * d
+    if target is None:
+        rows, count = soft, soft.numel()
+    else:
+        valid = target != ignore_index
+        ce = tF.cross_entropy(s.reshape(-1, V), torch.where(valid, target, 0).reshape(-1),
+                              reduction="none").reshape(valid.shape)
+        rows = torch.where(valid, alpha * soft + (1 - alpha) * ce, 0.0)
+        count = max(int(valid.sum()), 1)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / count
+
+
+def _inputs(shape, k, dtype, seed=0, T=1.0, pad=False):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(shape, generator=g) * 2).to(dtype)
+    t = torch.randn(shape, generator=g) * 2
+    ids, lp = fastkd.teacher_topk(t, k, temperature=T)
+    if pad:  # a row with fewer than k stored classes: -inf log-probability slots
+        lp[..., -2:] = float("-inf")
+    target = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    target.view(-1)[::3] = -100
+    return s, ids, lp, target
+
+
+def _check(backend, dtype, shape, k, T, alpha, reduction, with_target, pad=False, seed=0):
+    s, ids, lp, target = _inputs(shape, k, dtype, seed=seed, T=T, pad=pad)
+    if not with_target:
+        target = None
+    s64 = s.double().requires_grad_()
+    ref = naive_topk(s64, ids, lp, target, T, alpha, -100, reduction)
+    sv = s.clone().requires_grad_()
+    out = kd_loss_topk(sv, ids, lp, target, temperature=T, alpha=alpha, reduction=reduction,
+                       backend=backend)
+    w = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    (ref * w).sum().backward()
+    (out * w.float()).sum().backward()
+    assert out.dtype == torch.float32 and sv.grad.dtype == dtype
+    assert torch.isfinite(out).all() and torch.isfinite(sv.grad).all()
+    tol = {torch.float32: 3e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=tol, atol=tol * 4)
+    gs = s64.grad.abs().max().item()
+    torch.testing.assert_close(sv.grad.double(), s64.grad, rtol=tol * 4, atol=tol * 2 * gs)
+
+
+CASES = [(1.0, 0.5, True, "mean"), (2.5, 0.3, True, "none"), (0.8, 0.5, False, "sum")]
+
+
+@pytest.mark.parametrize("k", [1, 7, 61])
+@pytest.mark.parametrize("T,alpha,with_target,reduction", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference(k, T, alpha, with_target, reduction, dtype):
+    _check("torch", dtype, (3, 5, 61), k, T, alpha, reduction, with_target)
+
+
+@pytest.mark.parametrize("k", [1, 7, 61])
+@pytest.mark.parametrize("T,alpha,with_target,reduction", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton(k, T, alpha, with_target, reduction, dtype):
+    _check("triton", dtype, (7, 61), k, T, alpha, reduction, with_target)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_slots(backend):
+    _check(backend, torch.float32, (6, 53), 9, 1.5, 0.5, "none", True, pad=True)
+
+
+def test_triton_many_blocks(monkeypatch):
+    from fastkd.kernels import kd_loss as kk
+
+    monkeypatch.setattr(kk, "_launch_config", lambda n_cols: (32, 4))
+    import fastkd.kernels.kd_topk as kt
+
+    monkeypatch.setattr(kt, "_launch_config", lambda n_cols: (32, 4))
+    _check("triton", torch.float32, (5, 203), 11, 2.0, 0.4, "none", True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_full_topk_is_kd_loss(backend):
+    """k = V (no tail bucket) reproduces kd_loss's forward KL at the same temperature."""
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(2, 3, 29, generator=g) * 2, torch.randn(2, 3, 29, generator=g) * 2
+    y = torch.randint(0, 29, (2, 3), generator=g)
+    ids, lp = fastkd.teacher_topk(t, 29, temperature=1.7)
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    la = kd_loss_topk(a, ids, lp, y, temperature=1.7, alpha=0.6, backend=backend)
+    lb = kd_loss(b, t, y, temperature=1.7, alpha=0.6, backend=backend)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_tail_bucket_matters():
+    """The tail bucket is part of the loss: moving student mass inside the tail changes nothing,
+    moving it between the tail and the top-k does."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(4, 40, generator=g), torch.randn(4, 40, generator=g)
+    ids, lp = fastkd.teacher_topk(t, 5)
+    tail = torch.ones_like(s, dtype=torch.bool).scatter(1, ids, False)
+    # permute the student logits among the tail classes of each row: the loss is unchanged
+    s2 = s.clone()
+    for r in range(4):
+        cols = tail[r].nonzero().flatten()
+        s2[r, cols] = s[r, cols[torch.randperm(cols.numel(), generator=g)]]
+    base = kd_loss_topk(s, ids, lp, backend="torch")
+    torch.testing.assert_close(kd_loss_topk(s2, ids, lp, backend="torch"), base)
+    assert (kd_loss_topk(s + 3.0 * tail, ids, lp, backend="torch") - base).abs() > 1e-2
+
+
+def test_teacher_topk():
+    t = torch.randn(3, 4, 50, dtype=torch.bfloat16)
+    ids, lp = fastkd.teacher_topk(t, 6, temperature=2.0)
+    assert ids.shape == (3, 4, 6) and ids.dtype == torch.long and lp.dtype == torch.float32
+    full = torch.log_softmax(t.float() / 2.0, -1)
+    torch.testing.assert_close(lp, full.gather(-1, ids))
+    assert (lp[..., :-1] >= lp[..., 1:]).all()  # most likely first
+    torch.testing.assert_close(full.topk(6, -1).values, lp)
+
+
+def test_validation():
+    s = torch.randn(3, 10)
+    ids, lp = fastkd.teacher_topk(torch.randn(3, 10), 4)
+    with pytest.raises(ValueError, match="distinct"):
+        kd_loss_topk(s, torch.zeros_like(ids), lp)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        kd_loss_topk(s, ids + 10, lp)
+    with pytest.raises(ValueError, match="same shape"):
+        kd_loss_topk(s, ids, lp[:, :3])
+    with pytest.raises(TypeError, match="integer"):
+        kd_loss_topk(s, ids.float(), lp)
+    with pytest.raises(ValueError, match="leading shape"):
+        kd_loss_topk(s, ids[:2], lp[:2])
+    with pytest.raises(ValueError, match="k must"):
+        fastkd.teacher_topk(s, 11)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    s, ids, lp, y = _inputs((5, 23), 4, torch.float32, seed=2)
+    s.requires_grad_()
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_topk_forward,
+                          (s, ids, lp, y, 2.0, 0.5, -100, backend))
+    _, st = torch.ops.fastkd.kd_loss_topk_forward(s.detach(), ids, lp, y, 2.0, 0.5, -100, backend)
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_topk_backward,
+                          (torch.rand(5), s.detach(), ids, lp, y, st, 2.0, 0.5, -100, backend))
+
+
+def test_compile_fullgraph():
+    s, ids, lp, y = _inputs((4, 23), 5, torch.float32, seed=3)
+
+    def f(s):
+        return kd_loss_topk(s, ids, lp, y, temperature=2.0, backend="torch")
+
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    f(a).backward()
+    torch.compile(f, fullgraph=True, backend="aot_eager")(b).backward()
+    torch.testing.assert_close(a.grad, b.grad)
