@@ -6,5 +6,8 @@ from . import _extension  # noqa: E402,F401  (loads fastkd._C when present; neve
 from . import _ops  # noqa: E402,F401  (defines the torch.library ops)
 from . import functional, nn  # noqa: E402
 from .info import info  # noqa: E402
+from . import prune  # noqa: E402
+from .sparsify import sparsify_  # noqa: E402
 
 __all__ = ["__version__", "functional", "nn", "info"]
+__all__ += ["prune", "sparsify_"]
