@@ -204,7 +204,7 @@ def masked_linear(
             runs without one. ``MaskedLinear`` caches it.
 
     Returns:
-        ``(..., N)`` in the dtype of ``x``.
+        ``(..., N)`` in the dtype of ``x`` (the autocast dtype inside ``torch.autocast``).
     """
     check_tensor(x, "x")
     check_tensor(weight, "weight")
@@ -212,6 +212,12 @@ def masked_linear(
     check_float_dtype(x, "x")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    if torch.is_autocast_enabled(x.device.type) and weight.is_floating_point():
+        # Behave like F.linear under autocast: compute in the autocast dtype (custom ops are not
+        # cast by autocast themselves). The gradient flows back to the fp32 master weights.
+        low = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(low), weight.to(low)
+        bias = bias.to(low) if isinstance(bias, Tensor) and bias.is_floating_point() else bias
     if weight.dtype != x.dtype:
         raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; they must match")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:

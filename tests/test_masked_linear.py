@@ -86,6 +86,18 @@ def test_functional_matches_and_no_bias():
     torch.testing.assert_close(out, Fn.linear(x, w * mask))
 
 
+def test_autocast_computes_in_low_precision_and_trains_fp32_weights():
+    _, m = _make(("unstructured", 0.5, 67))
+    x = torch.randn(4, 67)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y_ref = Fn.linear(x, m.weight * m.mask, m.bias)
+    assert y.dtype == torch.bfloat16 == y_ref.dtype
+    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert m.weight.grad.dtype == torch.float32 and (m.weight.grad[~m.mask] == 0).all()
+
+
 def test_one_dim_and_empty_inputs():
     _, m = _make(CASES[1])
     x = torch.randn(67)
