@@ -424,6 +424,7 @@ at::Tensor masked_mm_grad_weight_cuda(const at::Tensor& grad_in, const at::Tenso
   TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(0) == grad_in.size(1) &&
                   mask_in.size(1) == x_in.size(1),
               "fastkd masked_mm_grad_weight: mask must have shape (N, K)");
+  check_operand(mask_in, "mask", grad_in);
   const at::cuda::CUDAGuard guard(grad_in.device());
   // The mask has the weight's shape, so it stands in for the weight in the tile-map checks.
   const TileMap tm = view_tile_map(mask_in, mask_in, tile_map);

@@ -309,6 +309,10 @@ def test_sparsify_transformer_equals_dense_masked_copy(pattern, sparsity):
         assert abs(mod.density - 0.5) < 0.06  # 9 blocks of 16x16 in a 48x48 weight: 5/9 kept
     ids = torch.randint(0, 61, (2, 9))
     torch.testing.assert_close(model(ids), dense(ids), atol=1e-5, rtol=1e-5)
+    # Inference under no_grad: nn.TransformerEncoderLayer's fused fast path reads linear1.weight
+    # directly; the pruned entries are stored as zeros, so it still computes W o M.
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), dense(ids), atol=1e-5, rtol=1e-5)
     # state_dict round trip of the sparsified model into a freshly sparsified one
     other = fastkd.sparsify_(_TinyLM().eval(), sparsity, pattern)
     other.load_state_dict(model.state_dict())
@@ -386,6 +390,10 @@ def test_functional_compiles_with_inductor():
     fn = torch.compile(lambda x: masked_linear(x, w, mask) * 2, fullgraph=True)
     x = torch.randn(4, 67)
     torch.testing.assert_close(fn(x), Fn.linear(x, w * mask) * 2)
+    # a cached tile map (a frozen dataclass holding a tensor) traces too
+    tiles = build_tile_map(mask)
+    fn2 = torch.compile(lambda x: masked_linear(x, w, mask, tile_map=tiles), fullgraph=True)
+    torch.testing.assert_close(fn2(x), Fn.linear(x, w * mask))
 
 
 def test_bad_inputs():
