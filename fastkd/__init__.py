@@ -4,12 +4,14 @@ __version__ = "0.1.0"
 
 from . import _extension  # noqa: E402,F401  (loads fastkd._C when present; never raises)
 from . import _ops  # noqa: E402,F401  (defines the torch.library ops)
-from . import functional, nn  # noqa: E402
+from . import functional, nn, prune  # noqa: E402
 from ._topk import teacher_topk  # noqa: E402
+from .distill import Distiller  # noqa: E402
 from .checkpoint import load_compressed, save_compressed, size_report  # noqa: E402
 from .info import info  # noqa: E402
 from .quantize import quantize_  # noqa: E402
 from .sharing import share_weights_  # noqa: E402
+from .sparsify import sparsify_  # noqa: E402
 from .structured import shrink_, structured_mask  # noqa: E402
 from .student import student_from_teacher  # noqa: E402
 
@@ -18,6 +20,10 @@ __all__ = [
     "functional",
     "nn",
     "info",
+    "Distiller",
+    # pruning
+    "prune",
+    "sparsify_",
     # int8
     "quantize_",
     # LLM-scale distillation
@@ -31,8 +37,3 @@ __all__ = [
     "load_compressed",
     "size_report",
 ]
-
-# --- distillation workflow (issue 5) ---
-from .distill import Distiller  # noqa: E402
-
-__all__ += ["Distiller"]

@@ -421,3 +421,153 @@ def quantize_weight(weight: Tensor) -> tuple:
     from .reference.int8_linear import quantize_weight as _quantize_weight
 
     return _quantize_weight(weight)
+
+
+# --------------------------------------------------------------------------------------------
+# Masked linear
+# --------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+
+from . import _extension  # noqa: E402
+from ._backend import ENV_VAR  # noqa: E402
+from .reference.masked_linear import MaskTiles, build_tile_map  # noqa: E402
+
+MASKED_MM_OPS = ("masked_mm", "masked_mm_grad_input", "masked_mm_grad_weight")
+MASKED_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# When `auto` takes the sparse CUDA kernel instead of dense cuBLAS on W o M.
+# PROVISIONAL: no GPU measurement exists yet (the kernel was written and compiled on a machine
+# without a GPU). Chosen conservatively so `auto` stays on cuBLAS unless the mask is strongly
+# block-structured and the GEMM is large; replace with numbers from bench/bench_masked_linear.py
+# (and say which run) once measured. The kernel skips whole 64x64 weight tiles only, so what
+# matters is the fraction of tiles with a kept entry, not the fraction of kept weights.
+AUTO_SPARSE_MAX_TILE_DENSITY = 0.30  # at most 30% of 64x64 weight tiles non-empty
+AUTO_SPARSE_MIN_ROWS = 512  # rows of x (M); below it too few CTAs fill an H100
+
+
+def _masked_cuda_unavailable(device_type: str):
+    if device_type != "cuda":
+        return f"the masked-matmul CUDA kernels run on CUDA tensors, not on {device_type} tensors"
+    if not _extension.loaded():
+        return _extension.LOAD_ERROR or "fastkd._C is not loaded"
+    missing = [op for op in MASKED_MM_OPS if not _extension.has_cuda_kernel(f"fastkd::{op}")]
+    if missing:
+        return f"fastkd._C has no CUDA kernel for {', '.join(missing)} (rebuild the extension)"
+    return None
+
+
+MASKED_LINEAR_BACKENDS = register(
+    OpBackends(
+        "masked_linear",
+        [
+            Backend("cuda", auto_devices=("cuda",), unavailable=_masked_cuda_unavailable),
+            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
+        ],
+    )
+)
+
+
+def _check_mask_tiles(tile_map, mask: Tensor) -> None:
+    if not isinstance(tile_map, MaskTiles):
+        raise TypeError(f"tile_map must be a MaskTiles (build_tile_map), got {type(tile_map).__name__}")
+    if tuple(tile_map.shape) != tuple(mask.shape) or tile_map.data.device != mask.device:
+        raise ValueError(
+            f"tile_map was built for a {tile_map.shape} mask on {tile_map.data.device}, "
+            f"not this {tuple(mask.shape)} mask on {mask.device}"
+        )
+
+
+def masked_linear(
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    bias: Optional[Tensor] = None,
+    backend: str = "auto",
+    *,
+    tile_map: Optional[MaskTiles] = None,
+) -> Tensor:
+    r"""Linear layer with a fixed sparsity mask on the weight: ``y = x (W o M)^T + b``.
+
+    Backward: ``dx = dy (W o M)``, ``dW = (dy^T x) o M`` (exactly zero where the mask is False),
+    ``db = dy`` summed over rows. The mask gets no gradient.
+
+    Args:
+        x: ``(..., K)`` fp32, fp16 or bf16.
+        weight: ``(N, K)``, same dtype and device as ``x``.
+        mask: ``(N, K)`` bool, True where the weight is kept.
+        bias: optional ``(N,)``, same dtype as ``x``.
+        backend: ``"auto"``, ``"torch"`` (dense ``F.linear`` on ``W o M``: cuBLAS on a GPU) or
+            ``"cuda"`` (the tile-skipping tensor-core kernel: CUDA tensors, fp16/bf16, fastkd._C
+            built). ``auto`` takes ``cuda`` only where it should be faster (see
+            ``AUTO_SPARSE_MAX_TILE_DENSITY``, provisional), else ``torch``.
+        tile_map: the mask's :class:`MaskTiles`; built here (one device sync) when the CUDA kernel
+            runs without one. ``MaskedLinear`` caches it.
+
+    Returns:
+        ``(..., N)`` in the dtype of ``x`` (the autocast dtype inside ``torch.autocast``).
+    """
+    check_tensor(x, "x")
+    check_tensor(weight, "weight")
+    check_tensor(mask, "mask")
+    check_float_dtype(x, "x")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    if torch.is_autocast_enabled(x.device.type) and weight.is_floating_point():
+        # Behave like F.linear under autocast: compute in the autocast dtype (custom ops are not
+        # cast by autocast themselves). The gradient flows back to the fp32 master weights.
+        low = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(low), weight.to(low)
+        bias = bias.to(low) if isinstance(bias, Tensor) and bias.is_floating_point() else bias
+    if weight.dtype != x.dtype:
+        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; they must match")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x's last dimension must equal in_features={weight.shape[1]}, got shape {tuple(x.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}")
+    check_same_device(x, weight, "x", "weight")
+    check_same_device(weight, mask, "weight", "mask")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias is {bias.dtype} but x is {x.dtype}; they must match")
+        check_same_device(x, bias, "x", "bias")
+    if tile_map is not None:
+        _check_mask_tiles(tile_map, mask)
+
+    def extra(name):
+        if name == "cuda" and x.dtype not in MASKED_HALF_DTYPES:
+            return [f"the CUDA kernel takes float16/bfloat16, got {x.dtype}"]
+        return []
+
+    impl = MASKED_LINEAR_BACKENDS.select(backend, x.device, extra)
+    chosen_by_auto = backend == "auto" and os.environ.get(ENV_VAR, "auto") in ("", "auto")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, weight.shape[1])
+    if impl == "cuda":
+        if tile_map is None:
+            if torch.compiler.is_compiling():
+                if chosen_by_auto:
+                    impl = "torch"  # building the map needs a sync; the dense path needs none
+                else:
+                    raise ValueError(
+                        "backend='cuda' under torch.compile needs tile_map= (build_tile_map(mask), "
+                        "built outside the compiled region)"
+                    )
+            else:
+                tile_map = build_tile_map(mask)
+        if impl == "cuda" and chosen_by_auto:
+            if (
+                tile_map.tile_density > AUTO_SPARSE_MAX_TILE_DENSITY
+                or x2.shape[0] < AUTO_SPARSE_MIN_ROWS
+            ):
+                impl = "torch"
+    tiles = tile_map.data if (impl == "cuda" and tile_map is not None) else None
+    y = torch.ops.fastkd.masked_linear(x2, weight, mask, bias, tiles, impl)
+    return y.reshape(*lead, weight.shape[0])

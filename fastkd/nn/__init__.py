@@ -4,6 +4,8 @@ from .adversarial import AdversarialKDLoss
 from .fused_linear_kd import FusedLinearKDLoss
 from .int8_linear import Int8Linear
 from .kd_loss import KDLoss
+from .masked_linear import MaskedLinear
 from .shared_linear import SharedLinear
 
-__all__ = ["KDLoss", "FusedLinearKDLoss", "AdversarialKDLoss", "Int8Linear", "SharedLinear"]
+__all__ = ["KDLoss", "FusedLinearKDLoss", "AdversarialKDLoss", "Int8Linear", "MaskedLinear",
+           "SharedLinear"]

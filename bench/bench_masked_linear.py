@@ -1,0 +1,243 @@
+"""GPU benchmark of fastkd's masked linear (issue 3): the tile-skipping CUDA kernel against dense
+cuBLAS and PyTorch's semi-structured 2:4 path, all measured in the same run.
+
+    python bench/bench_masked_linear.py                 # full sweep, JSON to bench/results/
+    python bench/bench_masked_linear.py --quick         # a few shapes, to smoke-test a GPU box
+
+Sweep: bf16; M in {1, 16, 128, 2048, 8192}; (K, N) in {(4096, 4096), (4096, 14336), (14336, 4096)};
+patterns 64x64 blocks at 50/75/90 %, 2:4, unstructured 50/90 %. For each point:
+  forward:   dense F.linear(x, W) (the unpruned layer, cuBLAS) | fastkd backend="torch" (cuBLAS on
+             W o M, mask applied per call) | backend="cuda" (the sparse kernel) | backend="auto" |
+             for 2:4 also F.linear on to_sparse_semi_structured(W o M)
+  fwd+bwd:   dense F.linear vs fastkd cuda and auto (x and W both need gradients)
+Each record has the median milliseconds (triton.testing.do_bench), the speedup over dense
+(dense_ms / ms, > 1 is faster), achieved TFLOP/s of the dense-equivalent work, the peak extra
+memory of one sparse forward, and the kernel's max error against an fp32 reference. The issue's
+targets are evaluated at the end and stored with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+
+import torch
+import torch.nn.functional as Fn
+
+M_LIST = [1, 16, 128, 2048, 8192]
+KN_LIST = [(4096, 4096), (4096, 14336), (14336, 4096)]
+PATTERNS = [
+    ("block64", 0.5),
+    ("block64", 0.75),
+    ("block64", 0.9),
+    ("2:4", None),
+    ("unstructured", 0.5),
+    ("unstructured", 0.9),
+]
+
+
+def environment() -> dict:
+    import fastkd
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "fastkd": fastkd.__version__,
+        "cuda_extension_build": fastkd._extension.build_info(),
+    }
+
+
+def make_mask(weight: torch.Tensor, pattern: str, sparsity):
+    from fastkd.prune import magnitude_mask
+
+    if pattern == "block64":
+        return magnitude_mask(weight, sparsity, (64, 64))
+    return magnitude_mask(weight, sparsity, pattern)
+
+
+def bench_ms(fn, rep_ms: int) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median"))
+
+
+def one_point(m, k, n, pattern, sparsity, rep_ms, backward=True) -> dict:
+    from fastkd.functional import masked_linear
+    from fastkd.reference.masked_linear import build_tile_map
+
+    dev, dtype = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device=dev, dtype=dtype) / k**0.5
+    mask = make_mask(w, pattern, sparsity)
+    tiles = build_tile_map(mask)
+    x = torch.randn(m, k, device=dev, dtype=dtype)
+    flops = 2.0 * m * n * k
+    rec = {
+        "M": m, "K": k, "N": n, "dtype": "bfloat16", "pattern": pattern, "sparsity": sparsity,
+        "density": float(mask.float().mean()), "tile_density": tiles.tile_density,
+    }
+
+    # correctness of the sparse kernel at this point (fp32 reference on the same bf16 inputs)
+    y = masked_linear(x, w, mask, backend="cuda", tile_map=tiles)
+    ref = Fn.linear(x.float(), (w * mask).float())
+    rec["max_abs_err_vs_fp32"] = float((y.float() - ref).abs().max())
+    rec["torch_bf16_err_vs_fp32"] = float((Fn.linear(x, w * mask).float() - ref).abs().max())
+    del y, ref
+
+    fwd = {
+        "dense_linear": lambda: Fn.linear(x, w),
+        "fastkd_torch": lambda: masked_linear(x, w, mask, backend="torch"),
+        "fastkd_cuda": lambda: masked_linear(x, w, mask, backend="cuda", tile_map=tiles),
+        "fastkd_auto": lambda: masked_linear(x, w, mask, backend="auto", tile_map=tiles),
+    }
+    if pattern == "2:4":
+        try:
+            from torch.sparse import to_sparse_semi_structured
+
+            w24 = to_sparse_semi_structured(w * mask)
+            fwd["semi_structured_2to4"] = lambda: Fn.linear(x, w24)
+        except Exception as exc:  # not every build/GPU/shape supports it
+            rec["semi_structured_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    times = {}
+    for name, fn in fwd.items():
+        try:
+            times[name] = bench_ms(fn, rep_ms)
+        except Exception as exc:
+            rec[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    rec["fwd_ms"] = times
+    if "dense_linear" in times:
+        rec["fwd_speedup_vs_dense"] = {k_: times["dense_linear"] / v for k_, v in times.items()}
+        rec["fwd_tflops"] = {k_: flops / v / 1e9 for k_, v in times.items()}
+
+    # memory: extra peak of one sparse forward beyond its inputs and output
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = masked_linear(x, w, mask, backend="cuda", tile_map=tiles)
+    torch.cuda.synchronize()
+    rec["sparse_fwd_extra_peak_bytes"] = torch.cuda.max_memory_allocated() - base - out.numel() * 2
+    rec["masked_weight_bytes"] = w.numel() * 2
+    del out
+
+    if backward:
+        xg = x.detach().clone().requires_grad_(True)
+        wg = w.detach().clone().requires_grad_(True)
+        gy = torch.randn(m, n, device=dev, dtype=dtype)
+
+        def dense_step():
+            Fn.linear(xg, wg).backward(gy)
+
+        def step(backend):
+            def run():
+                masked_linear(xg, wg, mask, backend=backend, tile_map=tiles).backward(gy)
+
+            return run
+
+        bt = {}
+        for name, fn in (("dense_linear", dense_step), ("fastkd_cuda", step("cuda")),
+                         ("fastkd_auto", step("auto")), ("fastkd_torch", step("torch"))):
+            try:
+                bt[name] = bench_ms(fn, rep_ms)
+            except Exception as exc:
+                rec[f"fwdbwd_{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rec["fwdbwd_ms"] = bt
+        if "dense_linear" in bt:
+            rec["fwdbwd_speedup_vs_dense"] = {k_: bt["dense_linear"] / v for k_, v in bt.items()}
+    return rec
+
+
+def evaluate_targets(records) -> dict:
+    """The issue's H100 targets, checked against this run's ratios."""
+    out = {}
+
+    def fwd(r, name):
+        return r.get("fwd_speedup_vs_dense", {}).get(name)
+
+    for sp, target in ((0.5, 1.6), (0.75, 3.0), (0.9, 6.0)):
+        got = [fwd(r, "fastkd_cuda") for r in records
+               if r["pattern"] == "block64" and r["sparsity"] == sp and r["M"] >= 2048]
+        got = [g for g in got if g is not None]
+        out[f"block64_{int(sp * 100)}_fwd_M>=2048_min_speedup"] = {
+            "target": target, "min": min(got) if got else None,
+            "met": bool(got) and min(got) >= target}
+    got = [r.get("fwdbwd_speedup_vs_dense", {}).get("fastkd_cuda") for r in records
+           if r["pattern"] == "block64" and r["sparsity"] == 0.75 and r["M"] >= 2048]
+    got = [g for g in got if g is not None]
+    out["block64_75_fwdbwd_M>=2048_min_speedup"] = {
+        "target": 1.4, "min": min(got) if got else None, "met": bool(got) and min(got) >= 1.4}
+    got = [max(fwd(r, "fastkd_auto") or 0, fwd(r, "semi_structured_2to4") or 0) for r in records
+           if r["pattern"] == "2:4" and r["M"] >= 4096]
+    out["2to4_fwd_M>=4096_best_speedup"] = {
+        "target": 1.15, "min": min(got) if got else None, "met": bool(got) and min(got) >= 1.15}
+    autos = [fwd(r, "fastkd_auto") for r in records if fwd(r, "fastkd_auto") is not None]
+    out["auto_fwd_min_speedup_anywhere"] = {
+        "target": 0.95, "min": min(autos) if autos else None,
+        "met": bool(autos) and min(autos) >= 0.95}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="M in {16, 2048}, one (K, N), three patterns")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per timing")
+    p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/<auto>.json)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_masked_linear: needs a CUDA GPU (see bench/test_bench_masked_linear.py for CPU)")
+        return 2
+    import fastkd
+
+    if not fastkd._extension.loaded():
+        print(f"bench_masked_linear: fastkd._C not loaded: {fastkd._extension.LOAD_ERROR}")
+        return 2
+    m_list, kn_list, patterns = M_LIST, KN_LIST, PATTERNS
+    if args.quick:
+        m_list, kn_list = [16, 2048], [(4096, 4096)]
+        patterns = [("block64", 0.75), ("2:4", None), ("unstructured", 0.5)]
+    records = []
+    for k, n in kn_list:
+        for m in m_list:
+            for pattern, sparsity in patterns:
+                rec = one_point(m, k, n, pattern, sparsity, args.rep_ms, not args.no_backward)
+                records.append(rec)
+                sp = rec.get("fwd_speedup_vs_dense", {})
+                print(
+                    f"M={m:<5} K={k:<5} N={n:<5} {pattern:>12} {str(sparsity):>5} "
+                    f"cuda x{sp.get('fastkd_cuda', float('nan')):.2f} "
+                    f"auto x{sp.get('fastkd_auto', float('nan')):.2f} "
+                    f"2:4 x{sp.get('semi_structured_2to4', float('nan')):.2f} "
+                    f"err {rec['max_abs_err_vs_fp32']:.3g} (torch {rec['torch_bf16_err_vs_fp32']:.3g})",
+                    flush=True,
+                )
+                torch.cuda.empty_cache()
+    result = {"environment": environment(), "records": records, "targets": evaluate_targets(records)}
+    out = args.out
+    if out is None:
+        os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
+        dev = result["environment"]["device"].replace(" ", "_")
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                           f"masked_linear_{dev}_{stamp}{'_quick' if args.quick else ''}.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result["targets"], indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

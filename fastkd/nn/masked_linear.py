@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import _extension
+from .. import functional as F
+from .._backend import BACKEND_CHOICES
+from ..prune import magnitude_mask, pattern_name
+from ..reference.masked_linear import MaskTiles, build_tile_map
+
+
+class MaskedLinear(nn.Module):
+    """``nn.Linear`` with a fixed bool sparsity mask: ``y = x (W o M)^T + b``.
+
+    ``weight`` is a Parameter, ``bias`` an optional Parameter and ``mask`` a bool buffer (saved in
+    the state_dict). Pruned weights get exactly zero gradient, and ``from_linear`` zeroes them, so
+    they stay exactly zero under SGD, momentum, Adam and AdamW with weight decay.
+
+    On CUDA with fp16/bf16 the tile map of the mask (which 64x64 weight tiles hold a kept entry) is
+    built once and cached; it is rebuilt when the mask changes (an in-place edit, ``load_state_dict``,
+    ``.to()``), or explicitly with :meth:`set_mask_`. Under ``torch.compile`` the cached map is used
+    as it is: call ``set_mask_`` (or run once eagerly) after changing the mask.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backend
+        self.pattern: Optional[str] = None  # how the mask was made, for repr only
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer(
+            "mask", torch.ones((out_features, in_features), dtype=torch.bool, device=device)
+        )
+        self._tiles: Optional[MaskTiles] = None
+        self._tiles_key = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's initialisation, so a fresh MaskedLinear with a full mask is an nn.Linear.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.in_features
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        with torch.no_grad():
+            self.weight.masked_fill_(~self.mask, 0)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        mask: Optional[Tensor] = None,
+        *,
+        sparsity: Optional[float] = None,
+        pattern="unstructured",
+        backend: str = "auto",
+    ) -> "MaskedLinear":
+        """A MaskedLinear with ``linear``'s weight and bias (copied) and a mask that is, in order:
+        ``mask`` if given; else ``magnitude_mask(weight, sparsity, pattern)`` if a sparsity is
+        given or the pattern is N:M; else the ``weight_mask`` of a module pruned with
+        ``torch.nn.utils.prune`` (its ``weight_orig`` is used); else all True. Pruned weights are
+        set to zero."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        if mask is not None and sparsity is not None:
+            raise ValueError("pass either mask or sparsity, not both")
+        torch_pruned = hasattr(linear, "weight_orig") and hasattr(linear, "weight_mask")
+        weight = linear.weight_orig if torch_pruned else linear.weight
+        weight = weight.detach()
+        is_nm = isinstance(pattern, str) and ":" in pattern
+        made_by = None
+        if mask is not None:
+            if not isinstance(mask, Tensor):
+                raise TypeError(f"mask must be a tensor, got {type(mask).__name__}")
+            if tuple(mask.shape) != tuple(weight.shape):
+                raise ValueError(
+                    f"mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}"
+                )
+            if mask.dtype != torch.bool:
+                if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+                    raise ValueError("a non-bool mask may hold only 0 and 1")
+                mask = mask != 0
+            made_by = "given"
+        elif sparsity is not None or is_nm:
+            mask = magnitude_mask(weight, sparsity, pattern)
+            made_by = pattern_name(pattern)
+        elif torch_pruned:
+            mask = linear.weight_mask.detach() != 0
+            made_by = "torch.nn.utils.prune"
+        else:
+            mask = torch.ones_like(weight, dtype=torch.bool)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+            backend=backend,
+        )
+        with torch.no_grad():
+            module.mask.copy_(mask.to(weight.device))
+            module.weight.copy_(weight.masked_fill(~module.mask, 0))
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+        module.pattern = made_by
+        return module
+
+    @torch.no_grad()
+    def set_mask_(self, mask: Tensor) -> "MaskedLinear":
+        """Replace the mask (bool or 0/1, the weight's shape), zero the newly pruned weights and
+        rebuild the tile map on next use."""
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(self.weight.shape):
+            raise ValueError(f"mask must be a tensor of shape {tuple(self.weight.shape)}")
+        self.mask.copy_(mask.to(self.mask.device) != 0)
+        self.weight.masked_fill_(~self.mask, 0)
+        self._tiles = None
+        self._tiles_key = None
+        return self
+
+    @property
+    def density(self) -> float:
+        """Fraction of weights kept (reads the mask: one device sync)."""
+        n = self.mask.numel()
+        return float(self.mask.sum().item()) / n if n else 1.0
+
+    def tile_map(self) -> MaskTiles:
+        """The cached tile map of the mask, rebuilt when the mask changed."""
+        key = (self.mask._version, self.mask.data_ptr(), self.mask.device)
+        if self._tiles is None or self._tiles_key != key:
+            self._tiles = build_tile_map(self.mask)
+            self._tiles_key = key
+        return self._tiles
+
+    def _tiles_for(self, x: Tensor) -> Optional[MaskTiles]:
+        # Only the CUDA kernel reads the map; the CPU / fp32 path never pays for it.
+        if self.backend not in ("auto", "cuda") or not x.is_cuda:
+            return None
+        if x.dtype not in F.MASKED_HALF_DTYPES or not _extension.loaded():
+            return None
+        if torch.compiler.is_compiling():
+            return self._tiles
+        return self.tile_map()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.masked_linear(
+            x, self.weight, self.mask, self.bias, self.backend, tile_map=self._tiles_for(x)
+        )
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"bias={self.bias is not None}",
+            f"density={self.density:.4f}",
+        ]
+        if self.pattern:
+            parts.append(f"pattern={self.pattern!r}")
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)

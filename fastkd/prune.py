@@ -1,0 +1,149 @@
+"""Magnitude pruning masks: which weights to keep.
+
+``magnitude_mask(weight, sparsity, pattern)`` returns a bool tensor of the weight's shape, True where
+the weight is kept. Patterns:
+
+- ``"unstructured"``: exactly ``round(numel * sparsity)`` entries with the smallest ``|w|`` go
+  (ties broken by position, so the result is deterministic).
+- ``"N:M"`` (``"2:4"``, ``"1:4"``, ``"4:8"``...): along the input (last) dimension, in every group of
+  ``M`` consecutive weights of a row the ``N`` largest ``|w|`` stay. The sparsity is implied
+  (``1 - N/M``); pass ``None`` or that value.
+- ``(bh, bw)``: the weight (2-D) is cut into ``bh x bw`` blocks and the
+  ``round(n_blocks * sparsity)`` blocks with the smallest L2 norm go.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+Pattern = Union[str, Tuple[int, int]]
+
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_pattern(pattern) -> Tuple[str, object]:
+    """Normalise `pattern` to ("unstructured", None), ("nm", (n, m)) or ("block", (bh, bw))."""
+    if isinstance(pattern, str):
+        if pattern == "unstructured":
+            return "unstructured", None
+        found = _NM_RE.match(pattern)
+        if found:
+            n, m = int(found.group(1)), int(found.group(2))
+            if m < 1 or n < 1 or n > m:
+                raise ValueError(f"N:M pattern needs 1 <= N <= M, got {pattern!r}")
+            return "nm", (n, m)
+        raise ValueError(
+            f"unknown pruning pattern {pattern!r}: use 'unstructured', an 'N:M' string such as "
+            "'2:4', or a block shape (bh, bw)"
+        )
+    if isinstance(pattern, (tuple, list)):
+        ok = len(pattern) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pattern
+        )
+        if not ok:
+            raise ValueError(f"a block pattern must be two positive ints (bh, bw), got {pattern!r}")
+        return "block", (int(pattern[0]), int(pattern[1]))
+    raise ValueError(
+        f"unknown pruning pattern {pattern!r}: use 'unstructured', 'N:M' or a block shape (bh, bw)"
+    )
+
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+    s = float(sparsity)
+    if not (0.0 <= s <= 1.0):  # also rejects NaN
+        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
+    return s
+
+
+def _prune_smallest(scores: Tensor, n_prune: int) -> Tensor:
+    """Bool keep-mask of `scores`' shape with the `n_prune` smallest scores (first by position on
+    ties) set False."""
+    flat = scores.reshape(-1)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    if n_prune > 0:
+        order = torch.argsort(flat, stable=True)
+        keep[order[:n_prune]] = False
+    return keep.reshape(scores.shape)
+
+
+@torch.no_grad()
+def magnitude_mask(weight: Tensor, sparsity: Optional[float], pattern: Pattern = "unstructured") -> Tensor:
+    """Keep-mask (bool, the weight's shape and device) that prunes the smallest weights.
+
+    Args:
+        weight: the weight to prune, floating point; ``(out_features, in_features)`` for N:M and
+            block patterns (N:M works along the last dimension of any tensor of dim >= 1).
+        sparsity: fraction in ``[0, 1]`` to prune; for N:M, ``None`` or exactly ``1 - N/M``.
+        pattern: ``"unstructured"``, ``"N:M"`` or ``(bh, bw)``; see the module docstring.
+
+    Raises:
+        ValueError: sparsity outside [0, 1] (or not matching N:M), a dimension not divisible by M or
+            by the block, an unknown pattern, a non-finite weight.
+        TypeError: weight not a floating-point tensor.
+    """
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    kind, arg = parse_pattern(pattern)
+    w = weight.detach()
+    if w.numel() and not bool(torch.isfinite(w).all()):
+        raise ValueError("weight has NaN or infinite entries; magnitudes cannot rank them")
+    mag = w.abs().float()
+
+    if kind == "nm":
+        n, m = arg
+        implied = 1.0 - n / m
+        if sparsity is not None and not math.isclose(
+            _check_sparsity(sparsity), implied, rel_tol=0, abs_tol=1e-6
+        ):
+            raise ValueError(
+                f"pattern {pattern!r} implies sparsity {implied:g}; got sparsity={sparsity} "
+                "(pass None or the implied value)"
+            )
+        if w.dim() < 1 or w.shape[-1] % m != 0:
+            raise ValueError(
+                f"N:M pruning groups the last dimension by M={m}; weight shape {tuple(w.shape)} "
+                f"has a last dimension not divisible by {m}"
+            )
+        groups = mag.reshape(-1, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        if groups.numel():
+            keep.scatter_(1, groups.topk(n, dim=1).indices, True)
+        return keep.reshape(w.shape)
+
+    if sparsity is None:
+        raise ValueError(f"pattern {pattern!r} needs a sparsity in [0, 1]")
+    s = _check_sparsity(sparsity)
+
+    if kind == "unstructured":
+        return _prune_smallest(mag, round(w.numel() * s))
+
+    bh, bw = arg
+    if w.dim() != 2:
+        raise ValueError(f"block pruning needs a 2-D weight, got shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    if rows % bh or cols % bw:
+        raise ValueError(
+            f"block shape ({bh}, {bw}) must divide the weight shape {tuple(w.shape)}"
+        )
+    norms = mag.pow(2).reshape(rows // bh, bh, cols // bw, bw).sum(dim=(1, 3)).sqrt()
+    keep_blocks = _prune_smallest(norms, round(norms.numel() * s))
+    return keep_blocks.repeat_interleave(bh, dim=0).repeat_interleave(bw, dim=1)
+
+
+def pattern_name(pattern: Pattern) -> str:
+    """A short display name: 'unstructured', '2:4', 'block64x64'."""
+    kind, arg = parse_pattern(pattern)
+    if kind == "unstructured":
+        return "unstructured"
+    if kind == "nm":
+        return f"{arg[0]}:{arg[1]}"
+    return f"block{arg[0]}x{arg[1]}"

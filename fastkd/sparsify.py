@@ -1,0 +1,55 @@
+"""``sparsify_``: prune every ``nn.Linear`` of a model in place, swapping in ``MaskedLinear``."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from torch import nn
+
+from .nn.masked_linear import MaskedLinear
+from .prune import parse_pattern
+
+
+def sparsify_(
+    model: nn.Module,
+    sparsity: Optional[float] = 0.5,
+    pattern="unstructured",
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    *,
+    backend: str = "auto",
+) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` for which ``filter_fn(module, name)`` is true (all of
+    them without a filter) by a :class:`~fastkd.nn.MaskedLinear` holding its weights and a magnitude
+    mask (:func:`fastkd.prune.magnitude_mask`, per layer); returns ``model``.
+
+    ``name`` is the module's qualified name (``"encoder.layer.0.attention.self.query"``). For N:M
+    patterns pass ``sparsity=None`` or the implied value. Skipped, whatever the filter says: linears
+    owned by ``nn.MultiheadAttention`` (it reads ``out_proj.weight`` directly, so a mask would be
+    ignored) and linears whose weight is shared with another module (tied embeddings: pruning one
+    would silently prune the other).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify_ takes an nn.Module, got {type(model).__name__}")
+    parse_pattern(pattern)  # fail before touching the model
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("filter_fn must be callable (module, name) -> bool")
+    uses: dict = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    targets = []
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, nn.MultiheadAttention):
+            continue
+        for child_name, child in parent.named_children():
+            if type(child) is not nn.Linear:  # subclasses may override forward
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if uses.get(id(child.weight), 0) > 1:
+                continue
+            if filter_fn is not None and not filter_fn(child, name):
+                continue
+            targets.append((parent, child_name, child))
+    for parent, child_name, child in targets:
+        masked = MaskedLinear.from_linear(child, sparsity=sparsity, pattern=pattern, backend=backend)
+        setattr(parent, child_name, masked)
+    return model

