@@ -18,6 +18,7 @@ LOAD_ERROR: str | None = None
 
 def _load():
     global _C, LOAD_ERROR
+    _C, LOAD_ERROR = None, None
     spec = importlib.util.find_spec("fastkd._C")
     if spec is None:
         LOAD_ERROR = (
