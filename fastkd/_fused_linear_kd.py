@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from ._validate import (
-    check_class_targets,
+    check_class_target,
     check_float_dtype,
+    check_int,
     check_number,
     check_reduction,
     check_same_device,
@@ -235,8 +236,7 @@ def fused_linear_kd_loss(
             check_same_device(student_hidden, b, "student_hidden", name)
     temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
     alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = check_int(ignore_index, "ignore_index")
     reduction = check_reduction(reduction)
     divergence, beta = check_divergence(divergence, beta)
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -247,17 +247,8 @@ def fused_linear_kd_loss(
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     if target is not None:
-        check_tensor(target, "target")
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"target must hold integer class indices, got {target.dtype}")
-        if tuple(target.shape) != tuple(lead):
-            raise ValueError(
-                f"target shape {tuple(target.shape)} must equal the hidden states' leading shape "
-                f"{tuple(lead)}"
-            )
-        check_same_device(student_hidden, target, "student_hidden", "target")
-        target = target.reshape(-1).long()
-        check_class_targets(target, n_classes, ignore_index)
+        target = check_class_target(target, lead, student_hidden, "student_hidden", n_classes,
+                                    ignore_index)
     impl = KD_LOSS_BACKENDS.select(backend, student_hidden.device)
 
     if reduction == "mean":

@@ -10,15 +10,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _ops
 from ._backend import Backend, OpBackends, register, triton_unavailable_reason
 from ._validate import (
-    check_class_targets,
+    check_class_target,
     check_float_dtype,
+    check_int,
     check_number,
     check_reduction,
     check_same_device,
     check_tensor,
+    reduce_rows,
 )
 
 KD_LOSS_TOPK_BACKENDS = register(
@@ -135,39 +136,22 @@ def kd_loss_topk(
     check_same_device(student_logits, teacher_logprobs, "student_logits", "teacher_logprobs")
     temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
     alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = check_int(ignore_index, "ignore_index")
     reduction = check_reduction(reduction)
 
     ids = teacher_ids.reshape(-1, k).long()
     lps = teacher_logprobs.detach().reshape(-1, k).float()
     _check_ids(ids, n_classes)
     if target is not None:
-        check_tensor(target, "target")
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"target must hold integer class indices, got {target.dtype}")
-        if tuple(target.shape) != tuple(lead):
-            raise ValueError(
-                f"target shape {tuple(target.shape)} must equal the logits' leading shape "
-                f"{tuple(lead)}"
-            )
-        check_same_device(student_logits, target, "student_logits", "target")
-        target = target.reshape(-1).long()
-        check_class_targets(target, n_classes, ignore_index)
+        target = check_class_target(target, lead, student_logits, "student_logits", n_classes,
+                                    ignore_index)
 
     impl = KD_LOSS_TOPK_BACKENDS.select(backend, student_logits.device)
     student = student_logits.reshape(-1, n_classes)
     rows, _ = torch.ops.fastkd.kd_loss_topk_forward(
         student, ids, lps, target, temperature, alpha, ignore_index, impl
     )
-    if reduction == "none":
-        return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if target is None:
-        return total / max(rows.numel(), 1)
-    return total / (target != ignore_index).sum().clamp_min(1)
+    return reduce_rows(rows, target, ignore_index, reduction, lead)
 
 
 def _check_ids(ids: Tensor, n_classes: int) -> None:

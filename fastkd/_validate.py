@@ -65,3 +65,47 @@ def check_class_targets(target: Tensor, n_classes: int, ignore_index: int) -> No
 
 def leading_shape_matches(target: Optional[Tensor], shape) -> bool:
     return target is None or tuple(target.shape) == tuple(shape)
+
+
+def check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def check_class_target(
+    target: Tensor,
+    lead_shape,
+    like: Tensor,
+    like_name: str,
+    n_classes: int,
+    ignore_index: int,
+    check_range: bool = True,
+) -> Tensor:
+    """Validate hard-label targets for rows of shape `lead_shape`; return them flat as int64."""
+    check_tensor(target, "target")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+    if tuple(target.shape) != tuple(lead_shape):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must equal the leading shape of {like_name} "
+            f"{tuple(lead_shape)}"
+        )
+    check_same_device(like, target, like_name, "target")
+    target = target.reshape(-1).long()
+    if check_range:
+        check_class_targets(target, n_classes, ignore_index)
+    return target
+
+
+def reduce_rows(rows: Tensor, target: Optional[Tensor], ignore_index: int, reduction: str,
+                lead_shape) -> Tensor:
+    """Per-row losses -> "none" (leading shape), "sum", or "mean" over counted rows (0 if none)."""
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if target is None:
+        return total / max(rows.numel(), 1)
+    return total / (target != ignore_index).sum().clamp_min(1)

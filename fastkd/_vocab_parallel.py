@@ -16,7 +16,6 @@ are exchanged once per call (one small all_gather).
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -17,12 +17,14 @@ from ._backend import (
     triton_unavailable_reason,
 )
 from ._validate import (
-    check_class_targets,
+    check_class_target,
     check_float_dtype,
+    check_int,
     check_number,
     check_reduction,
     check_same_device,
     check_tensor,
+    reduce_rows,
 )
 
 KD_DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -118,8 +120,7 @@ def kd_loss(
     check_same_device(student_logits, teacher_logits, "student_logits", "teacher_logits")
     temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
     alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = check_int(ignore_index, "ignore_index")
     reduction = check_reduction(reduction)
     divergence, beta = check_divergence(divergence, beta)
 
@@ -128,18 +129,9 @@ def kd_loss(
     if n_classes == 0:
         raise ValueError("logits need at least one class (last dimension is 0)")
     if target is not None:
-        check_tensor(target, "target")
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"target must hold integer class indices, got {target.dtype}")
-        if tuple(target.shape) != tuple(lead):
-            raise ValueError(
-                f"target shape {tuple(target.shape)} must equal the logits' leading shape "
-                f"{tuple(lead)}"
-            )
-        check_same_device(student_logits, target, "student_logits", "target")
-        target = target.reshape(-1).long()
-        if group is None:  # with a group, targets are global ids (checked against the total)
-            check_class_targets(target, n_classes, ignore_index)
+        # with a group, targets are global ids (checked against the total vocabulary there)
+        target = check_class_target(target, lead, student_logits, "student_logits", n_classes,
+                                    ignore_index, check_range=group is None)
 
     impl = KD_LOSS_BACKENDS.select(backend, student_logits.device)
     student = student_logits.reshape(-1, n_classes)
@@ -154,15 +146,7 @@ def kd_loss(
         rows = _ops.kd_loss_rows(
             student, teacher, target, temperature, alpha, ignore_index, impl, divergence, beta
         )
-    if reduction == "none":
-        return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if target is None:
-        return total / max(rows.numel(), 1)
-    counted = (target != ignore_index).sum().clamp_min(1)
-    return total / counted
+    return reduce_rows(rows, target, ignore_index, reduction, lead)
 
 
 # Top-k teachers (offline distillation); the logic lives in fastkd/_topk.py.

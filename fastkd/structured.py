@@ -23,7 +23,6 @@ clear of ``fastkd/prune.py`` being written on another branch, and is re-exported
 
 from __future__ import annotations
 
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn

@@ -1,6 +1,5 @@
 """save_compressed / load_compressed (bit-exact in a fresh process) and size_report."""
 
-import json
 import subprocess
 import sys
 import textwrap

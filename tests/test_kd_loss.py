@@ -1,7 +1,6 @@
 """KD loss: reference vs a float64 oracle, Triton (interpreter on CPU) vs the oracle, the op
 contract (opcheck, torch.compile) and every bad input."""
 
-import os
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """SharedLinear / share_weights_: reference vs Triton (interpreter), gradients, zeros, round trips."""
 
-import copy
 import io
 
 import pytest
@@ -10,7 +9,7 @@ from torch import nn
 import fastkd
 from fastkd import functional as FK
 from fastkd.nn import SharedLinear
-from fastkd.reference.shared_linear import pack_indices, shared_dequantize, unpack_indices
+from fastkd.reference.shared_linear import pack_indices, unpack_indices
 from fastkd.sharing import kmeans_1d
 
 try:

@@ -7,7 +7,6 @@ top of its KD loss; the discriminator is trained with its own optimizer on
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
