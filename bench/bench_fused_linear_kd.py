@@ -1,23 +1,43 @@
-"""GPU benchmark: fused linear KD vs lm-head + torch loss, lm-head + fastkd kd_loss, and Liger's
-fused-linear JSD (when importable). Forward + backward time (triton.testing.do_bench, median and
-quantiles) and peak extra memory, N in {1k, 4k, 16k, 64k}; writes JSON under bench/results/.
+"""Fused linear KD benchmark: fastkd.functional.fused_linear_kd_loss against materialising the logits.
 
-    python bench/bench_fused_linear_kd.py [--H 4096] [--V 128256] [--dtype bf16] [--ns 1024,4096]
+Forward + backward of the whole loss (student lm-head, teacher lm-head, KD loss), all implementations
+timed in the same run (triton.testing.do_bench on CUDA: median with 20th/80th percentiles):
+  matmul_floor            the two lm-head matmuls and the student backward alone, with a trivial
+                          consumer: the time reference ("ratio_to_matmul_floor")
+  lm_head+torch           logits materialised, KD loss in plain torch (fp32 upcast)
+  lm_head+fastkd          logits materialised, fastkd.functional.kd_loss
+  fastkd_fused            fastkd.functional.fused_linear_kd_loss (KL + CE, no N x V logits)
+  fastkd_fused_jsd        the same with divergence="jsd", alpha=1
+  liger_fused_linear_jsd  Liger's LigerFusedLinearJSD (CUDA, when importable, and only when Ht == H)
+"Peak extra memory" is the peak allocated during fwd+bwd minus what was allocated before the call,
+after a warm-up call that leaves the parameter gradients allocated (so it excludes inputs and grads).
 
-"Extra memory" is torch.cuda.max_memory_allocated during fwd+bwd minus the memory held by the
-inputs and the parameter gradients before the call. The reference point for time is the two lm-head
-matmuls and their backward alone ("matmul_floor").
+CUDA default: bf16, H = Ht = 4096, V = 128256, N in {1k, 4k, 16k, 64k} (--quick: N in {1k, 4k}).
+CPU: the torch reference (backend="torch"), fp32, H = 128, V = 4096, N in {64, 256}
+(--quick: H = 64, V = 2048, N = 64), median of 3 calls.
+
+    python bench/bench_fused_linear_kd.py [--device D] [--quick] [--out FILE.json]
+        [--H 4096] [--Ht H] [--V 128256] [--dtype bf16|fp16|fp32] [--ns 1024,4096]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from fastkd.functional import fused_linear_kd_loss, kd_loss  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CUDA_NS = [1024, 4096, 16384, 65536]
+CUDA_QUICK_NS = [1024, 4096]
+CPU_NS = [64, 256]
+CPU_QUICK_NS = [64]
 
 
 def _torch_kd(s, t, y, T=1.0, alpha=0.5):
@@ -28,40 +48,46 @@ def _torch_kd(s, t, y, T=1.0, alpha=0.5):
     return (alpha * T * T * kl + (1 - alpha) * ce).mean()
 
 
-def main():
-    import triton.testing
-
-    import fastkd
-    from fastkd.functional import fused_linear_kd_loss, kd_loss
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--H", type=int, default=4096)
-    ap.add_argument("--Ht", type=int, default=None, help="teacher hidden size (default H)")
-    ap.add_argument("--V", type=int, default=128256)
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--ns", default="1024,4096,16384,65536")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = ap.parse_args()
-    assert torch.cuda.is_available(), "this benchmark needs a CUDA device"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    H, Ht, V = args.H, args.Ht or args.H, args.V
-    dev = "cuda"
-    sw = (torch.randn(V, H, device=dev, dtype=dtype) * H**-0.5).requires_grad_()
-    tw = torch.randn(V, Ht, device=dev, dtype=dtype) * Ht**-0.5
-
+def liger_status():
+    """(LigerFusedLinearJSD instance or None, reason it is unavailable or None)."""
     try:
         from liger_kernel.transformers import LigerFusedLinearJSD
 
-        liger = LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0)
+        return LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0), None
     except Exception as e:  # not installed or incompatible
-        liger = None
-        liger_error = repr(e)
+        return None, repr(e)[:200]
 
-    rows = []
-    for n in [int(x) for x in args.ns.split(",")]:
-        sh = torch.randn(n, H, device=dev, dtype=dtype, requires_grad=True)
-        th = torch.randn(n, Ht, device=dev, dtype=dtype)
-        y = torch.randint(0, V, (n,), device=dev)
+
+def default_config(device: str, quick: bool) -> dict:
+    if device == "cuda":
+        return {"H": 4096, "Ht": 4096, "V": 128256, "dtype": "bf16",
+                "ns": CUDA_QUICK_NS if quick else CUDA_NS}
+    return {"H": 64 if quick else 128, "Ht": 64 if quick else 128, "V": 2048 if quick else 4096,
+            "dtype": "fp32", "ns": CPU_QUICK_NS if quick else CPU_NS}
+
+
+def run(device: str = "cuda", quick: bool = False, *, H: int | None = None, Ht: int | None = None,
+        V: int | None = None, dtype: str | None = None, ns=None) -> list:
+    """One record per (N, implementation); the `python -m fastkd bench` hook."""
+    cfg = default_config(device, quick)
+    H = H or cfg["H"]
+    Ht = Ht or H
+    V = V or cfg["V"]
+    dtype_name = dtype or cfg["dtype"]
+    dt = DTYPES[dtype_name]
+    ns = list(ns or cfg["ns"])
+    backend = "auto" if device == "cuda" else "torch"
+    g = torch.Generator(device=device).manual_seed(0)
+    kw = {"device": device, "dtype": dt, "generator": g}
+    sw = (torch.randn(V, H, **kw) * H**-0.5).requires_grad_()
+    tw = torch.randn(V, Ht, **kw) * Ht**-0.5
+    liger = liger_status()[0] if device == "cuda" else None
+
+    records = []
+    for n in ns:
+        sh = torch.randn(n, H, **kw).requires_grad_()
+        th = torch.randn(n, Ht, **kw)
+        y = torch.randint(0, V, (n,), device=device, generator=g)
 
         def matmul_floor():
             s = sh @ sw.t()
@@ -72,61 +98,72 @@ def main():
         cases = {
             "matmul_floor": matmul_floor,
             "lm_head+torch": lambda: _torch_kd(sh @ sw.t(), th @ tw.t(), y).backward(),
-            "lm_head+fastkd": lambda: kd_loss(sh @ sw.t(), th @ tw.t(), y).backward(),
-            "fastkd_fused": lambda: fused_linear_kd_loss(sh, sw, th, tw, y).backward(),
+            "lm_head+fastkd": lambda: kd_loss(sh @ sw.t(), th @ tw.t(), y,
+                                              backend=backend).backward(),
+            "fastkd_fused": lambda: fused_linear_kd_loss(sh, sw, th, tw, y,
+                                                         backend=backend).backward(),
             "fastkd_fused_jsd": lambda: fused_linear_kd_loss(
-                sh, sw, th, tw, y, divergence="jsd", alpha=1.0).backward(),
+                sh, sw, th, tw, y, divergence="jsd", alpha=1.0, backend=backend).backward(),
         }
         if liger is not None and Ht == H:
             cases["liger_fused_linear_jsd"] = lambda: liger(sh, sw, th, tw).backward()
+        first = len(records)
         for name, fn in cases.items():
-            entry = {"N": n, "case": name}
+            rec = {"op": "fused_linear_kd", "impl": name, "n": n, "h": H, "ht": Ht, "v": V,
+                   "dtype": dtype_name, "device": device}
             try:
                 sh.grad = None
                 sw.grad = None
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                fn()  # warm-up; leaves grads allocated so the baseline includes them
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                fn()
-                torch.cuda.synchronize()
-                entry["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
-                ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=[sh, sw])
-                entry.update(ms_median=ms[0], ms_p20=ms[1], ms_p80=ms[2])
-            except torch.cuda.OutOfMemoryError as e:
-                entry["error"] = f"OOM: {e}"[:200]
-                torch.cuda.empty_cache()
-            except Exception as e:  # e.g. a Liger API change: record it, keep benchmarking
-                entry["error"] = repr(e)[:200]
-            rows.append(entry)
-            print(json.dumps(entry))
-        floor = next((r.get("ms_median") for r in rows if r["N"] == n and r["case"] == "matmul_floor"), None)
-        for r in rows:
-            if r["N"] == n and floor and "ms_median" in r:
-                r["ratio_to_matmul_floor"] = r["ms_median"] / floor
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    fn()  # warm-up; leaves grads allocated so the memory baseline includes them
+                peak = common.peak_extra_bytes(fn, device)
+                rec["peak_extra_bytes"] = peak
+                rec["peak_extra_mb"] = None if peak is None else peak / 2**20
+                rec.update(common.time_stats(fn, device, cpu_reps=3, grad_to_none=[sh, sw]))
+                rec["logits_mb"] = n * V * sh.element_size() / 2**20  # what the fused path avoids
+            except Exception as e:  # OOM of a baseline, a Liger API change: record it, keep going
+                rec["error"] = ("OOM: " if common.is_oom(e) else "") + repr(e)[:200]
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            records.append(rec)
+        row = records[first:]
+        floor = next((r.get("ms") for r in row if r["impl"] == "matmul_floor"), None)
+        fused = next((r.get("ms") for r in row if r["impl"] == "fastkd_fused"), None)
+        for r in row:
+            if r.get("ms"):
+                r["ratio_to_matmul_floor"] = r["ms"] / floor if floor else None
+                r["speedup_of_fastkd_fused"] = r["ms"] / fused if fused else None
         del sh, th, y
+    return records
 
-    result = {
-        "benchmark": "fused_linear_kd",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "fastkd": fastkd.__version__,
-        "python": platform.python_version(),
-        "shapes": {"H": H, "Ht": Ht, "V": V, "dtype": args.dtype},
-        "liger": None if liger is None else "liger_kernel.transformers.LigerFusedLinearJSD",
-        "liger_unavailable": None if liger is not None else liger_error,
-        "rows": rows,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(args.out, f"fused_linear_kd-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", path)
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="fewer N values (smaller shapes on CPU)")
+    p.add_argument("--out", default=None, help="JSON file path (default: print only)")
+    p.add_argument("--H", type=int, default=None, help="student hidden size")
+    p.add_argument("--Ht", type=int, default=None, help="teacher hidden size (default H)")
+    p.add_argument("--V", type=int, default=None, help="vocabulary size")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES))
+    p.add_argument("--ns", default=None, help="comma-separated N values (token rows)")
+    args = p.parse_args(argv)
+    ns = [int(x) for x in args.ns.split(",")] if args.ns else None
+    records = run(args.device, args.quick, H=args.H, Ht=args.Ht, V=args.V, dtype=args.dtype,
+                  ns=ns)
+    common.print_table(records, ["impl", "n", "h", "ht", "v", "dtype", "ms", "ms_p20", "ms_p80",
+                                 "ratio_to_matmul_floor", "speedup_of_fastkd_fused",
+                                 "peak_extra_mb", "logits_mb", "error"])
+    if args.out:
+        extra = {"benchmark": "fused_linear_kd",
+                 "backend": "auto" if args.device == "cuda" else "torch"}
+        if args.device == "cuda":
+            liger, why = liger_status()
+            extra["liger"] = None if liger is None else "liger_kernel.transformers.LigerFusedLinearJSD"
+            extra["liger_unavailable"] = why
+        print("wrote", common.write_json(records, args.out, extra))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,37 @@ def time_ms(fn, device: str, warmup_ms: int = 25, rep_ms: int = 100, cpu_reps: i
     return statistics.median(samples)
 
 
+def time_stats(fn, device: str, warmup_ms: int = 25, rep_ms: int = 100, cpu_reps: int = 5,
+               grad_to_none=None) -> dict:
+    """{"ms": median, "ms_p20": 20th percentile, "ms_p80": 80th percentile} of fn() in milliseconds.
+
+    Same timers as time_ms (do_bench on CUDA, perf_counter repeats on CPU); ``grad_to_none`` lists
+    tensors whose .grad is cleared before every call, outside the timed region.
+    """
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        med, lo, hi = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8],
+                               grad_to_none=grad_to_none)
+        return {"ms": float(med), "ms_p20": float(lo), "ms_p80": float(hi)}
+
+    def clear():
+        for t in grad_to_none or ():
+            t.grad = None
+
+    clear()
+    fn()
+    samples = []
+    for _ in range(max(cpu_reps, 1)):
+        clear()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    q = lambda p: samples[min(len(samples) - 1, int(p * (len(samples) - 1) + 0.5))]  # noqa: E731
+    return {"ms": statistics.median(samples), "ms_p20": q(0.2), "ms_p80": q(0.8)}
+
+
 def peak_extra_bytes(fn, device: str):
     """Peak CUDA memory allocated during fn() beyond what was allocated before it (None on CPU)."""
     if device != "cuda":
