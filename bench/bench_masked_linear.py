@@ -189,30 +189,50 @@ def evaluate_targets(records) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="M in {16, 2048}, one (K, N), three patterns")
-    p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per timing")
-    p.add_argument("--no-backward", action="store_true")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/<auto>.json)")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_masked_linear: needs a CUDA GPU (see bench/test_bench_masked_linear.py for CPU)")
-        return 2
+def _sweep(quick: bool):
+    if quick:
+        return [16, 2048], [(4096, 4096)], [("block64", 0.75), ("2:4", None), ("unstructured", 0.5)]
+    return M_LIST, KN_LIST, PATTERNS
+
+
+def _cpu_points() -> list:
+    """The reference path on the CPU, small shapes: dense F.linear vs masked_linear(backend="torch")."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import common
+
+    from fastkd.functional import masked_linear
+
+    records = []
+    for m, k, n, pattern, sparsity in [(64, 512, 384, "unstructured", 0.5),
+                                       (64, 512, 384, "block64", 0.75)]:
+        torch.manual_seed(0)
+        w = torch.randn(n, k) / k**0.5
+        mask = make_mask(w, pattern, sparsity)
+        x = torch.randn(m, k)
+        dense = common.time_ms(lambda: Fn.linear(x, w), "cpu")
+        for impl, fn in (("dense_linear", lambda: Fn.linear(x, w)),
+                         ("fastkd_torch", lambda: masked_linear(x, w, mask, backend="torch"))):
+            ms = dense if impl == "dense_linear" else common.time_ms(fn, "cpu")
+            records.append({"op": "masked_linear", "impl": impl, "M": m, "K": k, "N": n,
+                            "pattern": pattern, "sparsity": sparsity, "dtype": "float32",
+                            "device": "cpu", "ms": ms, "speedup_vs_dense": dense / ms})
+    return records
+
+
+def run(device: str = "cuda", quick: bool = False, rep_ms: int = 100, backward: bool = True) -> list:
+    """Records for this device (the `python -m fastkd bench` / gpu_check.sh convention)."""
+    if device != "cuda":
+        return _cpu_points()
     import fastkd
 
     if not fastkd._extension.loaded():
-        print(f"bench_masked_linear: fastkd._C not loaded: {fastkd._extension.LOAD_ERROR}")
-        return 2
-    m_list, kn_list, patterns = M_LIST, KN_LIST, PATTERNS
-    if args.quick:
-        m_list, kn_list = [16, 2048], [(4096, 4096)]
-        patterns = [("block64", 0.75), ("2:4", None), ("unstructured", 0.5)]
+        raise RuntimeError(f"fastkd._C not loaded: {fastkd._extension.LOAD_ERROR}")
+    m_list, kn_list, patterns = _sweep(quick)
     records = []
     for k, n in kn_list:
         for m in m_list:
             for pattern, sparsity in patterns:
-                rec = one_point(m, k, n, pattern, sparsity, args.rep_ms, not args.no_backward)
+                rec = one_point(m, k, n, pattern, sparsity, rep_ms, backward)
                 records.append(rec)
                 sp = rec.get("fwd_speedup_vs_dense", {})
                 print(
@@ -224,7 +244,21 @@ def main(argv=None) -> int:
                     flush=True,
                 )
                 torch.cuda.empty_cache()
-    result = {"environment": environment(), "records": records, "targets": evaluate_targets(records)}
+    return records
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="M in {16, 2048}, one (K, N), three patterns")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per timing")
+    p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/<auto>.json)")
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    records = run(device, args.quick, args.rep_ms, not args.no_backward)
+    targets = evaluate_targets(records) if device == "cuda" else {}
+    result = {"environment": environment(), "results": records, "targets": targets}
     out = args.out
     if out is None:
         os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
@@ -232,6 +266,7 @@ def main(argv=None) -> int:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                            f"masked_linear_{dev}_{stamp}{'_quick' if args.quick else ''}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result["targets"], indent=1))
