@@ -15,6 +15,12 @@ What one training step computes (``s``/``t`` the student's/teacher's outputs, ``
   a learned projection ``proj_i`` (a ``Linear`` on the last dimension, or a 1x1 ``Conv2d`` on
   4-d ``(N, C, H, W)`` features) maps the student's width to the teacher's. The projections are
   built from the first batch's shapes and trained by the same optimizer as the student.
+- plus, with ``adversarial_weight > 0``, ``adversarial_weight * mean(-log D(s))``, the
+  non-saturating generator loss of :class:`fastkd.nn.AdversarialKDLoss`: a discriminator ``D`` over
+  the output's last dimension (logits, or features for regression) learns to tell teacher outputs
+  from student outputs. ``D`` is built from the first batch's output width and has its own Adam
+  (betas ``(0.5, 0.999)``), never part of the student's optimizer; after each student step it takes
+  one step on ``mean(-log D(t)) + mean(-log(1 - D(s.detach())))``.
 
 The teacher runs in eval mode under ``torch.no_grad()`` (and under ``torch.autocast`` with
 ``teacher_autocast``); its parameters are never updated. The student keeps whatever layers it has:
@@ -41,6 +47,7 @@ from torch import Tensor, nn
 
 from . import functional as fkd_functional
 from ._validate import check_number
+from .nn.adversarial import AdversarialKDLoss
 from .nn.kd_loss import KDLoss
 
 TASKS = ("classification", "regression")
@@ -193,6 +200,12 @@ class Distiller:
             or a dtype: run the teacher under ``torch.autocast``.
         backend: the KD loss backend (``"auto"``, ``"torch"``, ``"triton"``).
         progress: show a tqdm progress bar with the running loss during ``fit``.
+        adversarial_weight: weight (>= 0, finite) of the adversarial generator term; ``0`` (the
+            default) turns adversarial distillation off. The discriminator is then available as
+            ``self.discriminator`` (an :class:`fastkd.nn.AdversarialKDLoss`, built on the first
+            training batch) with its optimizer ``self.discriminator_optimizer``.
+        adversarial_hidden: hidden width of the discriminator (positive int).
+        adversarial_lr: learning rate of the discriminator's Adam; ``None`` uses ``lr``.
     """
 
     def __init__(
@@ -211,6 +224,9 @@ class Distiller:
         teacher_autocast=None,
         backend: str = "auto",
         progress: bool = True,
+        adversarial_weight: float = 0.0,
+        adversarial_hidden: int = 256,
+        adversarial_lr: Optional[float] = None,
     ):
         if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
             raise TypeError("teacher and student must be torch.nn.Module instances")
@@ -222,6 +238,24 @@ class Distiller:
         self.alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
         self.lr = check_number(lr, "lr", low=0.0, low_open=True)
         self.hint_weight = check_number(hint_weight, "hint_weight", low=0.0)
+        self.adversarial_weight = check_number(adversarial_weight, "adversarial_weight", low=0.0)
+        if (
+            isinstance(adversarial_hidden, bool)
+            or not isinstance(adversarial_hidden, int)
+            or adversarial_hidden <= 0
+        ):
+            raise ValueError(
+                f"adversarial_hidden must be a positive int, got {adversarial_hidden!r}"
+            )
+        self.adversarial_hidden = adversarial_hidden
+        self.adversarial_lr = (
+            self.lr
+            if adversarial_lr is None
+            else check_number(adversarial_lr, "adversarial_lr", low=0.0, low_open=True)
+        )
+        # Built from the first training batch's output width (see _ensure_discriminator).
+        self.discriminator: Optional[AdversarialKDLoss] = None
+        self.discriminator_optimizer: Optional[torch.optim.Optimizer] = None
         self.task = task
         self.backend = backend
         self.progress = bool(progress)
@@ -359,6 +393,36 @@ class Distiller:
         if not have and not missing:
             raise ValueError("the given optimizer has no parameters")
 
+    def _ensure_discriminator(self, s: Tensor) -> None:
+        if s.dim() < 1 or s.shape[-1] < 1:
+            raise ValueError(
+                f"adversarial distillation needs outputs with a non-empty last dimension, got "
+                f"shape {tuple(s.shape)}"
+            )
+        dim = s.shape[-1]
+        if self.discriminator is None:
+            self.discriminator = AdversarialKDLoss(dim, hidden=self.adversarial_hidden).to(
+                self.device
+            )
+            # Its own optimizer: the student's never holds the discriminator's parameters.
+            self.discriminator_optimizer = torch.optim.Adam(
+                self.discriminator.parameters(), lr=self.adversarial_lr, betas=(0.5, 0.999)
+            )
+        elif self.discriminator.dim != dim:
+            raise ValueError(
+                f"output width changed from {self.discriminator.dim} to {dim}; the "
+                "discriminator was built for the first batch's width"
+            )
+
+    def _discriminator_step(self, s: Tensor, t: Tensor) -> Tensor:
+        # The student's backward through the generator loss left gradients on the
+        # discriminator's parameters: drop them before its own step.
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
+        d_loss = self.discriminator.discriminator_loss(s.detach(), t.detach().to(s.dtype))
+        d_loss.backward()
+        self.discriminator_optimizer.step()
+        return d_loss.detach()
+
     def _hooks(self):
         if not self.hints:
             return None, None
@@ -372,7 +436,9 @@ class Distiller:
         """Train the student for ``epochs`` passes over ``train_loader``.
 
         Returns the history: one dict per epoch with ``epoch``, ``train_loss`` (the mean of the
-        whole objective), ``train_hint_loss`` with hints, ``seconds``, and ``eval_<metric>`` for
+        whole objective), ``train_hint_loss`` with hints, ``train_adv_generator_loss`` and
+        ``train_adv_discriminator_loss`` (epoch means) with ``adversarial_weight > 0``,
+        ``seconds``, and ``eval_<metric>`` for
         every metric of :meth:`evaluate` when ``eval_loader`` is given. The list is also appended
         to ``self.history``.
         """
@@ -391,9 +457,13 @@ class Distiller:
                 self.student.train()
                 if self.hint_projections is not None:
                     self.hint_projections.train()
+                if self.discriminator is not None:
+                    self.discriminator.train()
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=self.device)
                 hint_sum = torch.zeros((), device=self.device)
+                gen_sum = torch.zeros((), device=self.device)
+                disc_sum = torch.zeros((), device=self.device)
                 steps = 0
                 bar = tqdm(
                     train_loader,
@@ -415,11 +485,19 @@ class Distiller:
                         hint = self._hint_loss(s_feats, t_feats)
                         hint_sum += hint.detach()
                         loss = loss + self.hint_weight * hint
+                    adversarial = self.adversarial_weight > 0
+                    if adversarial:
+                        self._ensure_discriminator(s_out)
+                        gen = self.discriminator.generator_loss(s_out)
+                        gen_sum += gen.detach()
+                        loss = loss + self.adversarial_weight * gen
                     if self.optimizer is None or steps == 0:
                         self._ensure_optimizer()
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
+                    if adversarial:
+                        disc_sum += self._discriminator_step(s_out, t_out)
                     loss_sum += loss.detach()
                     steps += 1
                     # .item() syncs the device; do it only now and then, for the bar.
@@ -436,6 +514,9 @@ class Distiller:
                 record = {"epoch": len(self.history) + 1, "train_loss": train_loss}
                 if self.hints:
                     record["train_hint_loss"] = (hint_sum / steps).item()
+                if self.adversarial_weight > 0:
+                    record["train_adv_generator_loss"] = (gen_sum / steps).item()
+                    record["train_adv_discriminator_loss"] = (disc_sum / steps).item()
                 if eval_loader is not None:
                     if s_cap is not None:
                         s_cap.remove()

@@ -147,3 +147,8 @@ def pattern_name(pattern: Pattern) -> str:
     if kind == "nm":
         return f"{arg[0]}:{arg[1]}"
     return f"block{arg[0]}x{arg[1]}"
+
+
+# Structured (row/column) masks live in fastkd/structured.py, which imports only torch, so this
+# re-export cannot form an import cycle; issue 6 names it fastkd.prune.structured_mask.
+from .structured import structured_mask  # noqa: E402,F401
