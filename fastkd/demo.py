@@ -247,19 +247,11 @@ def run_demo(
     ``compress=False`` stops after the distilled student (three rows); the default runs all five
     and needs ``fastkd.sparsify_`` and ``fastkd.quantize_``.
     """
-    import fastkd
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"--epochs must be an int >= 1, got {epochs!r}")
     pattern_arg = parse_pattern(pattern)
     sparsity_val = resolve_sparsity(pattern_arg, sparsity)
-    if compress:
-        missing = [f for f in ("sparsify_", "quantize_") if not hasattr(fastkd, f)]
-        if missing:
-            raise RuntimeError(
-                f"this fastkd build lacks {', '.join('fastkd.' + f for f in missing)}; the pruned "
-                "and int8 steps need them"
-            )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but torch.cuda.is_available() is False")

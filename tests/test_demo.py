@@ -20,10 +20,6 @@ from fastkd.demo import (
     state_dict_bytes,
 )
 
-HAVE_COMPRESSION = hasattr(fastkd, "sparsify_") and hasattr(fastkd, "quantize_")
-needs_compression = pytest.mark.skipif(
-    not HAVE_COMPRESSION, reason="needs fastkd.sparsify_ / fastkd.quantize_"
-)
 
 TEACHER_PARAMS = 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
 STUDENT_PARAMS = 64 * 32 + 32 + 32 * 10 + 10
@@ -106,7 +102,6 @@ def test_demo_is_deterministic_for_a_seed(three_row_run):
         assert a["accuracy"] == b["accuracy"] and a["agreement"] == b["agreement"]
 
 
-@needs_compression
 def test_demo_cli_all_five_rows(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = cli_main(["demo", "--epochs", "1", "--seed", "0", "--out", str(out), "--quiet"])
@@ -126,7 +121,6 @@ def test_demo_cli_all_five_rows(tmp_path, capsys):
         assert name in printed
 
 
-@needs_compression
 def test_demo_block_pattern_leaves_indivisible_layers_dense():
     report = run_demo(epochs=1, pattern="4x4", sparsity=0.75, out=None, log=lambda *a: None)
     assert report["settings"]["pruned_layers"] == ["0"]  # the 10x32 output layer stays dense
@@ -137,7 +131,6 @@ def test_demo_block_pattern_leaves_indivisible_layers_dense():
     assert any("reference paths" in n for n in report["notes"])
 
 
-@needs_compression
 def test_fold_masks_keeps_the_pruned_zeros():
     torch.manual_seed(0)
     model = fastkd.sparsify_(make_mlp([12, 8, 4]), sparsity=0.5)
@@ -147,12 +140,6 @@ def test_fold_masks_keeps_the_pruned_zeros():
     assert not any(isinstance(m, fastkd.nn.MaskedLinear) for m in folded.modules())
     torch.testing.assert_close(folded(x), expected)
     assert count_parameters(folded)[1] <= 8 * 12 // 2 + 8 + 4 * 8 // 2 + 4
-
-
-@pytest.mark.skipif(HAVE_COMPRESSION, reason="only meaningful before sparsify_/quantize_ exist")
-def test_demo_says_what_is_missing():
-    with pytest.raises(RuntimeError, match="sparsify_"):
-        run_demo(epochs=1, out=None, log=lambda *a: None)
 
 
 def test_measurements_on_a_known_model():

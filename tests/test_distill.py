@@ -214,10 +214,6 @@ def test_torch_pruned_student_keeps_its_zeros(problem):
     assert torch.all(student[0].weight[zeros] == 0)
 
 
-@pytest.mark.skipif(
-    not hasattr(fastkd.nn, "MaskedLinear") or not hasattr(fastkd, "sparsify_"),
-    reason="needs fastkd.sparsify_ / fastkd.nn.MaskedLinear (issue 3)",
-)
 @pytest.mark.parametrize("opt", ["adam", "adamw"])
 def test_masked_student_keeps_its_zeros(problem, opt):
     train, test, teacher, _ = problem
@@ -234,7 +230,6 @@ def test_masked_student_keeps_its_zeros(problem, opt):
         assert torch.all(m.weight[off] == 0)
 
 
-@pytest.mark.skipif(not hasattr(fastkd, "quantize_"), reason="needs fastkd.quantize_ (issue 4)")
 def test_int8_student_trains_its_float_parameters(problem):
     train, test, teacher, _ = problem
     student = _mlp(20, 32, 5, seed=13)
