@@ -49,7 +49,7 @@ class SharedLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, bits: int = 4, per_channel: bool = False, iters: int = 25,
+        cls, linear: nn.Linear, bits: int = 4, per_channel: bool = False, iters: int = 100,
         backend: str = "auto",
     ) -> "SharedLinear":
         """Cluster ``linear``'s weights with k-means (zeros kept as the fixed cluster 0)."""
