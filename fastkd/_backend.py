@@ -112,3 +112,13 @@ REGISTRY: dict = {}
 def register(op_backends: OpBackends) -> OpBackends:
     REGISTRY[op_backends.op] = op_backends
     return op_backends
+
+
+ANY_DEVICE = ("cpu", "cuda", "mps", "xpu", "meta")
+TORCH = Backend("torch", auto_devices=ANY_DEVICE)
+TRITON = Backend("triton", auto_devices=("cuda",), unavailable=triton_unavailable_reason)
+
+
+def register_triton_op(op: str) -> OpBackends:
+    """The common case: a Triton kernel that `auto` picks on CUDA, the torch reference elsewhere."""
+    return register(OpBackends(op, [TRITON, TORCH]))

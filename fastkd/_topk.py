@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._backend import Backend, OpBackends, register, triton_unavailable_reason
+from ._backend import register_triton_op
 from ._validate import (
     check_class_target,
     check_float_dtype,
@@ -22,15 +22,7 @@ from ._validate import (
     reduce_rows,
 )
 
-KD_LOSS_TOPK_BACKENDS = register(
-    OpBackends(
-        "kd_loss_topk",
-        [
-            Backend("triton", auto_devices=("cuda",), unavailable=triton_unavailable_reason),
-            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
-        ],
-    )
-)
+KD_LOSS_TOPK_BACKENDS = register_triton_op("kd_loss_topk")
 
 _TOPK_CHUNK_ELEMENTS = 1 << 22
 

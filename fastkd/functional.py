@@ -11,10 +11,12 @@ from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers the ops)
 from ._backend import (
+    ENV_VAR,
+    TORCH,
     Backend,
     OpBackends,
     register,
-    triton_unavailable_reason,
+    register_triton_op,
 )
 from ._validate import (
     check_class_target,
@@ -36,15 +38,7 @@ def check_divergence(divergence, beta) -> tuple:
     return divergence, check_number(beta, "beta", low=0.0, high=1.0)
 
 
-KD_LOSS_BACKENDS = register(
-    OpBackends(
-        "kd_loss",
-        [
-            Backend("triton", auto_devices=("cuda",), unavailable=triton_unavailable_reason),
-            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
-        ],
-    )
-)
+KD_LOSS_BACKENDS = register_triton_op("kd_loss")
 
 
 def kd_loss(
@@ -160,15 +154,7 @@ from ._fused_linear_kd import fused_linear_kd_loss  # noqa: E402,F401
 # Weight-shared linear (issue 6)
 # --------------------------------------------------------------------------------------------
 
-SHARED_LINEAR_BACKENDS = register(
-    OpBackends(
-        "shared_linear",
-        [
-            Backend("triton", auto_devices=("cuda",), unavailable=triton_unavailable_reason),
-            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
-        ],
-    )
-)
+SHARED_LINEAR_BACKENDS = register_triton_op("shared_linear")
 
 
 def shared_linear(
@@ -259,24 +245,8 @@ def _interpreting() -> bool:
     return triton_interpret()
 
 
-INT8_LINEAR_BACKENDS = register(
-    OpBackends(
-        "int8_linear",
-        [
-            Backend("triton", auto_devices=("cuda",), unavailable=triton_unavailable_reason),
-            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
-        ],
-    )
-)
-QUANTIZE_PER_TOKEN_BACKENDS = register(
-    OpBackends(
-        "quantize_per_token",
-        [
-            Backend("triton", auto_devices=("cuda",), unavailable=triton_unavailable_reason),
-            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
-        ],
-    )
-)
+INT8_LINEAR_BACKENDS = register_triton_op("int8_linear")
+QUANTIZE_PER_TOKEN_BACKENDS = register_triton_op("quantize_per_token")
 
 
 def _check_int8_weight(weight: Tensor, weight_scale: Tensor) -> None:
@@ -414,7 +384,6 @@ def quantize_weight(weight: Tensor) -> tuple:
 import os  # noqa: E402
 
 from . import _extension  # noqa: E402
-from ._backend import ENV_VAR  # noqa: E402
 from .reference.masked_linear import MaskTiles, build_tile_map  # noqa: E402
 
 MASKED_MM_OPS = ("masked_mm", "masked_mm_grad_input", "masked_mm_grad_weight")
@@ -446,7 +415,7 @@ MASKED_LINEAR_BACKENDS = register(
         "masked_linear",
         [
             Backend("cuda", auto_devices=("cuda",), unavailable=_masked_cuda_unavailable),
-            Backend("torch", auto_devices=("cpu", "cuda", "mps", "xpu", "meta")),
+            TORCH,
         ],
     )
 )
