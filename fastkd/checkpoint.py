@@ -76,7 +76,31 @@ def _int8_linear_spec():
     register_compressed_layer(Int8Linear, settings, build)
 
 
-_BUILTIN_SPECS = {"SharedLinear": _shared_linear_spec, "Int8Linear": _int8_linear_spec}
+def _masked_linear_spec():
+    from .nn.masked_linear import MaskedLinear
+
+    def settings(m):
+        return {
+            "in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "backend": m.backend,
+            "dtype": str(m.weight.dtype).replace("torch.", ""),
+        }
+
+    def build(s, skeleton):
+        return MaskedLinear(
+            s["in_features"], s["out_features"], bias=s["bias"],
+            backend=s.get("backend", "auto"), dtype=getattr(torch, s["dtype"]),
+            device=_device_of(skeleton),
+        )
+
+    register_compressed_layer(MaskedLinear, settings, build)
+
+
+_BUILTIN_SPECS = {
+    "SharedLinear": _shared_linear_spec,
+    "Int8Linear": _int8_linear_spec,
+    "MaskedLinear": _masked_linear_spec,
+}
 
 
 def _device_of(module: nn.Module):

@@ -15,7 +15,7 @@ from fastkd.nn import SharedLinear
 def _model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(13, 21), nn.ReLU(), nn.Linear(21, 9), nn.LayerNorm(9),
-                         nn.Linear(9, 3))
+                         nn.Linear(9, 3), nn.ReLU(), nn.Linear(3, 7))
 
 
 def test_roundtrip_in_fresh_process(tmp_path):
@@ -23,9 +23,10 @@ def test_roundtrip_in_fresh_process(tmp_path):
     fastkd.share_weights_(model, bits=4, filter_fn=lambda m, n: n == "0")
     fastkd.share_weights_(model, bits=6, per_channel=True, filter_fn=lambda m, n: n == "2")
     fastkd.quantize_(model, mode="w8a16", filter_fn=lambda m, n: n == "4")
+    fastkd.sparsify_(model, sparsity=0.5, filter_fn=lambda m, n: n == "6")
     ckpt = tmp_path / "model.safetensors"
     header = fastkd.save_compressed(model, ckpt)
-    assert set(header["layers"]) == {"0", "2", "4"}
+    assert set(header["layers"]) == {"0", "2", "4", "6"}
     assert header["layers"]["4"]["settings"]["mode"] == "w8a16"
     assert header["layers"]["2"]["settings"]["per_channel"] is True
     x = torch.randn(5, 13)
@@ -38,11 +39,13 @@ def test_roundtrip_in_fresh_process(tmp_path):
         import fastkd
         torch.manual_seed(123)  # a different init: every tensor must come from the file
         skel = nn.Sequential(nn.Linear(13, 21), nn.ReLU(), nn.Linear(21, 9), nn.LayerNorm(9),
-                             nn.Linear(9, 3))
+                             nn.Linear(9, 3), nn.ReLU(), nn.Linear(3, 7))
         fastkd.load_compressed(skel, {str(ckpt)!r})
         assert type(skel[0]).__name__ == "SharedLinear" and skel[0].bits == 4
         assert skel[2].per_channel and skel[2].bits == 6
         assert type(skel[4]).__name__ == "Int8Linear" and skel[4].weight.dtype == torch.int8
+        assert type(skel[6]).__name__ == "MaskedLinear" and skel[6].mask.dtype == torch.bool
+        assert int(skel[6].mask.sum()) == 11  # round(21 * 0.5) of 21 weights pruned
         torch.save(skel(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
         """
     )
@@ -70,11 +73,11 @@ def test_load_errors(tmp_path):
 def test_size_report_counts_bytes_per_type():
     model = _model()
     before = fastkd.size_report(model)
-    assert before["by_type"]["Linear"]["modules"] == 3
+    assert before["by_type"]["Linear"]["modules"] == 4
     assert before["total_bytes"] == sum(p.numel() * 4 for p in model.parameters())
     fastkd.share_weights_(model, bits=4)
     after = fastkd.size_report(model)
-    assert "Linear" not in after["by_type"] and after["by_type"]["SharedLinear"]["modules"] == 3
+    assert "Linear" not in after["by_type"] and after["by_type"]["SharedLinear"]["modules"] == 4
     assert after["by_type"]["SharedLinear"]["bytes"] == sum(m.nbytes() for m in model
                                                              if isinstance(m, SharedLinear))
     assert after["total_bytes"] < before["total_bytes"]
