@@ -165,11 +165,11 @@ def cuda_extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = cuda_extensions()
-
-setup(
-    packages=find_packages(include=["fastkd", "fastkd.*"]) + ["fastkd.kernels"],
-    package_dir={"fastkd.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    ext_modules, cmdclass = cuda_extensions()
+    setup(
+        packages=find_packages(include=["fastkd", "fastkd.*"]) + ["fastkd.kernels"],
+        package_dir={"fastkd.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

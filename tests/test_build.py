@@ -1,0 +1,69 @@
+"""setup.py's decisions about the CUDA extension (no compiling here: the real build is the install
+that CI runs before the tests, and test_masked_linear checks what it registered)."""
+
+import importlib.util
+import os
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def setup_module(monkeypatch):
+    for var in ("FASTKD_SKIP_CUDA_BUILD", "FASTKD_FORCE_CUDA", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS",
+                "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    spec = importlib.util.spec_from_file_location("fastkd_setup_under_test", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # not __main__: defines the helpers without calling setup()
+    # planning only: leave csrc/_build_info.h (compiled into the real build) untouched
+    monkeypatch.setattr(mod, "_write_build_info", lambda *a, **k: None)
+    return mod
+
+
+def test_skip_switch_builds_nothing(setup_module, monkeypatch, capsys):
+    monkeypatch.setenv("FASTKD_SKIP_CUDA_BUILD", "1")
+    monkeypatch.chdir(ROOT)
+    assert setup_module.cuda_extensions() == ([], {})
+    assert "FASTKD_SKIP_CUDA_BUILD=1" in capsys.readouterr().err
+
+
+def test_no_cuda_sources_builds_nothing_and_says_so(setup_module, monkeypatch, tmp_path, capsys):
+    (tmp_path / "csrc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert setup_module.cuda_extensions() == ([], {})
+    assert "no CUDA sources" in capsys.readouterr().err
+    monkeypatch.setenv("FASTKD_FORCE_CUDA", "1")
+    with pytest.raises(RuntimeError, match="FASTKD_FORCE_CUDA=1.*no CUDA sources"):
+        setup_module.cuda_extensions()
+
+
+@pytest.mark.skipif(
+    torch.version.cuda is None or not os.path.isfile("/usr/local/cuda/bin/nvcc"),
+    reason="needs a CUDA build of torch and the toolkit at /usr/local/cuda",
+)
+def test_extension_is_planned_with_one_default_arch_off_gpu(setup_module, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    exts, cmdclass = setup_module.cuda_extensions()
+    assert [e.name for e in exts] == ["fastkd._C"]
+    sources = {pathlib.Path(s).name for s in exts[0].sources}
+    assert {"bindings.cpp", "masked_matmul.cu"} <= sources
+    assert "build_ext" in cmdclass
+    assert os.environ["CUDA_HOME"] == "/usr/local/cuda"  # not torch's /usr/local guess
+    assert int(os.environ["MAX_JOBS"]) >= 1
+    if not torch.cuda.is_available():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == setup_module.DEFAULT_ARCH_WITHOUT_GPU
+
+
+def test_arch_list_from_the_user_is_kept(setup_module, monkeypatch):
+    if torch.version.cuda is None or not os.path.isfile("/usr/local/cuda/bin/nvcc"):
+        pytest.skip("needs a CUDA build of torch and the toolkit")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    monkeypatch.setenv("MAX_JOBS", "1")
+    monkeypatch.chdir(ROOT)
+    setup_module.cuda_extensions()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
+    assert os.environ["MAX_JOBS"] == "1"
