@@ -61,11 +61,11 @@ def _log_weight(w: float) -> float:
 def _divergence_terms(log_p: Tensor, log_q: Tensor, divergence: str, beta: float):
     """Per-element divergence terms (summing to D) and q_j * g_j (None for "kl"), fp32."""
     p = log_p.exp()
-    q = log_q.exp()
     zero = torch.zeros_like(p)
     if divergence == "kl":
         # p = 0 (a masked or underflowed teacher entry) contributes nothing, even where q = 0.
         return torch.where(p > 0, p * (log_p - log_q), zero), None
+    q = log_q.exp()
     if divergence == "reverse_kl":
         qg = torch.where(q > 0, q * (log_q - log_p), zero)
         return qg, qg
@@ -78,6 +78,12 @@ def _divergence_terms(log_p: Tensor, log_q: Tensor, divergence: str, beta: float
     ratio = torch.where(q > 0, (log_q + log_n - log_m).exp(), zero)  # q * n / m, no inf * 0
     qg = torch.where(q > 0, beta * q * (log_q - log_m), zero) - (1.0 - beta) * ratio
     return terms, qg
+
+
+def _lse_at_row_max(x: Tensor, log_softmax_x: Tensor) -> Tensor:
+    """logsumexp(x) per row, read off log_softmax(x) at the row's largest entry (log_softmax is
+    increasing in x, so both maxima sit there; amax is much cheaper than argmax + gather)."""
+    return x.amax(dim=-1) - log_softmax_x.amax(dim=-1)
 
 
 def kd_loss_forward(
@@ -106,11 +112,15 @@ def kd_loss_forward(
         r1 = min(n_rows, r0 + step)
         s = student[r0:r1].float()
         t = teacher[r0:r1].float()
-        s_t = s * inv_t
-        t_t = t * inv_t
-        lse_s = torch.logsumexp(s_t, dim=-1)
-        lse_t = torch.logsumexp(t_t, dim=-1)
-        terms, qg = _divergence_terms(t_t - lse_t[:, None], s_t - lse_s[:, None], divergence, beta)
+        s_t = s if temperature == 1.0 else s * inv_t
+        t_t = t if temperature == 1.0 else t * inv_t
+        # torch's fused log_softmax: fewer passes than logsumexp + subtract, and it subtracts the
+        # row max before the log-sum, which keeps log-probabilities of huge logits accurate
+        log_q = torch.log_softmax(s_t, dim=-1)
+        log_p = torch.log_softmax(t_t, dim=-1)
+        lse_s = _lse_at_row_max(s_t, log_q)
+        lse_t = _lse_at_row_max(t_t, log_p)
+        terms, qg = _divergence_terms(log_p, log_q, divergence, beta)
         soft = temperature * temperature * terms.sum(dim=-1).clamp_min(0.0)
         cols = [lse_s, lse_t, None]
         if qg is not None:
@@ -156,23 +166,23 @@ def kd_loss_backward(
         s = student[r0:r1].float()
         t = teacher[r0:r1].float()
         st = stats[r0:r1]
-        log_q = s * inv_t - st[:, 0:1]
-        log_p = t * inv_t - st[:, 1:2]
-        p_s = log_q.exp()
+        s_t = s if temperature == 1.0 else s * inv_t
+        t_t = t if temperature == 1.0 else t * inv_t
         if divergence == "kl":
-            d = p_s - log_p.exp()
+            # fused softmaxes, updated in place: the fewest passes torch offers on the CPU path
+            g = torch.softmax(s_t, dim=-1).sub_(torch.softmax(t_t, dim=-1)).mul_(c_kl)
         else:
-            _, qg = _divergence_terms(log_p, log_q, divergence, beta)
-            d = qg - p_s * st[:, 3:4]
-        g = c_kl * d
+            log_q = s_t - st[:, 0:1]
+            _, qg = _divergence_terms(t_t - st[:, 1:2], log_q, divergence, beta)
+            g = (qg - log_q.exp() * st[:, 3:4]).mul_(c_kl)
         scale = grad_rows[r0:r1].float()
         valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
         if valid is not None:
-            p_1 = p_s if temperature == 1.0 else (s - st[:, 2:3]).exp()
-            g = g + c_ce * p_1
+            g.add_(torch.softmax(s, dim=-1), alpha=c_ce)
             g.scatter_add_(1, safe[:, None], torch.full_like(g[:, :1], -c_ce))
             scale = torch.where(valid, scale, torch.zeros_like(scale))
-            # ignored rows carry zero statistics: force their (possibly inf) terms to 0
-            g = torch.where(valid[:, None], g, torch.zeros_like(g))
-        grad[r0:r1] = (g * scale[:, None]).to(student.dtype)
+            if divergence != "kl":
+                # ignored rows carry zero statistics: force their (possibly inf) terms to 0
+                g = torch.where(valid[:, None], g, torch.zeros_like(g))
+        grad[r0:r1] = g.mul_(scale[:, None])
     return grad
