@@ -447,8 +447,9 @@ def _toolkit_present() -> bool:
 
 def test_extension_built_and_registered_cuda_kernels():
     built = importlib.util.find_spec("fastkd._C") is not None
-    if not built and not _toolkit_present():
-        pytest.skip("fastkd._C not built: no CUDA toolkit / CUDA torch at install time")
+    if not _toolkit_present():
+        # without a CUDA torch nothing can be built, and a .so left from another torch cannot load
+        pytest.skip("no CUDA toolkit / CUDA build of torch here")
     assert built, f"a CUDA toolkit is present but fastkd._C was not built: {_extension.LOAD_ERROR}"
     assert _extension.loaded(), _extension.LOAD_ERROR
     info = _extension.build_info()
