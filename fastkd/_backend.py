@@ -21,6 +21,13 @@ ENV_VAR = "FASTKD_BACKEND"
 ReasonFn = Callable[[str], Optional[str]]
 
 
+def check_backend(backend) -> str:
+    """The name itself is one of BACKEND_CHOICES (whether it can run is decided by `select`)."""
+    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    return backend
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -85,8 +92,7 @@ class OpBackends:
 
         `extra(name) -> list[str]` adds reasons that depend on the inputs (dtype, density...).
         """
-        if not isinstance(requested, str) or requested not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {requested!r}")
+        check_backend(requested)
         device_type = torch.device(device).type
         explicit = requested
         if requested == "auto":

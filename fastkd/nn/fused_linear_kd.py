@@ -5,7 +5,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._backend import BACKEND_CHOICES
+from .._backend import check_backend
 from .._validate import check_number, check_reduction
 
 
@@ -37,8 +37,7 @@ class FusedLinearKDLoss(nn.Module):
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
         self.chunk_rows = chunk_rows
-        if backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        check_backend(backend)
         self.backend = backend
 
     def forward(

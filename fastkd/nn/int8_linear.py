@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._backend import BACKEND_CHOICES
+from .._backend import check_backend
 
 
 def _check_mode(mode) -> str:
@@ -49,8 +49,7 @@ class Int8Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.mode = _check_mode(mode)
-        if backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        check_backend(backend)
         self.backend = backend
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):

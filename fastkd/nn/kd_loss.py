@@ -5,7 +5,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._backend import BACKEND_CHOICES
+from .._backend import check_backend
 from .._validate import check_number, check_reduction
 
 
@@ -29,8 +29,7 @@ class KDLoss(nn.Module):
         self.alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
         self.ignore_index = int(ignore_index)
         self.reduction = check_reduction(reduction)
-        if backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        check_backend(backend)
         self.backend = backend
 
     def forward(

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import _extension
 from .. import functional as F
-from .._backend import BACKEND_CHOICES
+from .._backend import check_backend
 from ..prune import magnitude_mask, pattern_name
 from ..reference.masked_linear import MaskTiles, build_tile_map
 
@@ -36,8 +36,7 @@ class MaskedLinear(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        check_backend(backend)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
