@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Everything a GPU lease is for, in one run (see the device tool's METHOD.md):
+# Everything a GPU lease is for, in one run (see the device tool's METHOD.md), in priority order
+# under one deadline, because a lease is short (15 minutes of device time, start-up included):
 #   1. build fastkd with its CUDA extension for this card
-#   2. run the whole test suite with the GPU tests enabled
-#   3. compute-sanitizer memcheck over the CUDA-kernel tests
-#   4. the hardware ceilings (copy bandwidth, bf16 matmul) and every benchmark, as JSON
-# Results go to $OUT (the device tool's folder) or bench/results/, named by date and device, with
-# one combined log. Steps continue after a failure; the exit code says whether any failed.
+#   2. the GPU tests (-m gpu; compute-sanitizer memcheck of the CUDA kernels is one of them)
+#   3. the hardware ceilings (copy bandwidth, bf16 matmul), then every benchmark as JSON
+#      (--quick sweeps unless GPU_CHECK_FULL=1), the headline products first
+#   4. the rest of the test suite with CUDA visible, if time is left
+# Each step gets min(its cap, time left before the deadline); a step that runs out is killed and
+# the run goes on. Benchmarks print every point as they go, so a killed one still leaves figures in
+# the log. Results go to $OUT (the device tool's folder) or bench/results/, named by date and device.
+#
+#   GPU_CHECK_BUDGET_S   seconds for the whole run (default 520)
+#   GPU_CHECK_FULL=1     full benchmark sweeps instead of --quick
+#   WHEELS=DIR           pip-install peer wheels (liger-kernel, torchao, bitsandbytes) from DIR first
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-520}
 PY=${PYTHON:-python3}
 DEST=${OUT:-bench/results}
 DATE=$(date -u +%Y-%m-%d)
@@ -16,35 +25,46 @@ DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | 
 DEV=${DEV:-unknown-gpu}
 TAG="$DATE-$DEV"
 LOG="$DEST/gpu_check-$TAG.log"
+QUICK=--quick
+[ "${GPU_CHECK_FULL:-0}" = 1 ] && QUICK=
 mkdir -p "$DEST"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$PATH:$CUDA_HOME/bin"
 status=0
-step() { echo; echo "=== $* ===" | tee -a "$LOG"; }
-run() { "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "!!! failed ($rc): $*" | tee -a "$LOG"; status=1; }; }
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+step() { echo; echo "=== [t+$(( $(date +%s) - T0 ))s] $* ===" | tee -a "$LOG"; }
+# run CAP_SECONDS cmd...: at most CAP seconds and never past the deadline
+run() {
+    local cap=$1; shift
+    local t; t=$(left); [ "$cap" -lt "$t" ] && t=$cap
+    if [ "$t" -le 5 ]; then echo "!!! skipped (deadline): $*" | tee -a "$LOG"; status=1; return; fi
+    timeout -k 5 "$t" "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}
+    local why=$rc; [ "$rc" = 124 ] && why="124: timed out after ${t}s"
+    [ "$rc" = 0 ] || { echo "!!! failed ($why): $*" | tee -a "$LOG"; status=1; }
+}
 
 : > "$LOG"
 step "environment"
-run nvidia-smi
-run "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-step "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-visible GPU})"
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-start=$(date +%s)
-run "$PY" -m pip install --no-build-isolation --no-deps -e .
-echo "build seconds: $(( $(date +%s) - start ))" | tee -a "$LOG"
-run "$PY" -m fastkd info
-step "tests (GPU tests enabled)"
-run "$PY" -m pytest tests -q -rs
-step "compute-sanitizer memcheck on the CUDA-kernel tests"
-if command -v compute-sanitizer >/dev/null || [ -x "$CUDA_HOME/bin/compute-sanitizer" ]; then
-    CS=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
-    run "$CS" --tool memcheck --error-exitcode 1 "$PY" -m pytest tests/test_masked_linear.py -q -m gpu -x
-else
-    echo "compute-sanitizer not found" | tee -a "$LOG"; status=1
+run 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    run 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/peer-site "$WHEELS"/*.whl
+    export PYTHONPATH=/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-step "ceilings and benchmarks"
-run "$PY" bench/ceilings.py --out "$DEST/ceilings-$TAG.json"
-for b in bench/bench_*.py; do
-    name=$(basename "$b" .py)
-    run "$PY" "$b" --out "$DEST/${name#bench_}-$TAG.json"
+run 30 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+step "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-visible GPU})"
+start=$(date +%s)
+run 240 "$PY" -m pip install --no-build-isolation --no-deps -e .
+echo "build seconds: $(( $(date +%s) - start ))" | tee -a "$LOG"
+run 30 "$PY" -m fastkd info
+step "GPU tests"
+run 170 "$PY" -m pytest tests -m gpu -q -rs -n 8 -p no:cacheprovider
+step "ceilings and benchmarks ($([ -n "$QUICK" ] && echo quick || echo full))"
+run 40 "$PY" bench/ceilings.py --out "$DEST/ceilings-$TAG.json"
+for name in kd_loss int8_linear masked_linear fused_linear_kd shared_linear; do
+    run 100 "$PY" "bench/bench_$name.py" $QUICK --out "$DEST/$name-$TAG.json"
 done
-echo "gpu_check finished with status $status" | tee -a "$LOG"
+step "rest of the test suite (CUDA visible)"
+run 300 "$PY" -m pytest tests -m "not gpu" -q -n 8 -p no:cacheprovider
+echo "gpu_check finished with status $status after $(( $(date +%s) - T0 ))s" | tee -a "$LOG"
 exit $status

@@ -1,0 +1,117 @@
+"""Where the time of a small call goes: host time per call vs device kernel time, per op.
+
+At small shapes (decode-size int8 GEMMs, a few hundred KD rows) a call can be bound by the host:
+Python, validation, dispatch and kernel launches. This script times each case three ways, so a
+benchmark's ratio can be read correctly:
+  host_us    wall time per call with no synchronisation (what the CPU spends issuing it)
+  device_us  the median of do_bench (CUDA events; the GPU's view, idle gaps included)
+  graph_us   do_bench of a CUDA-graph replay of the same call (launch overhead removed)
+and lists the kernels one call launches (torch.profiler).
+
+    python bench/profile_small.py [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def cases():
+    import torch.nn.functional as TF
+
+    import fastkd.functional as F
+
+    dev, bf = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    out = {}
+    k = n = 4096
+    w = torch.randn(n, k, device=dev, dtype=bf, generator=g) / k**0.5
+    wq, ws = F.quantize_weight(w)
+    for m in (1, 16, 2048):
+        x = torch.randn(m, k, device=dev, dtype=bf, generator=g)
+        out[f"bf16_linear M={m}"] = lambda x=x: TF.linear(x, w)
+        out[f"int8 w8a8 M={m}"] = lambda x=x: F.int8_linear(x, wq, ws, mode="w8a8")
+        out[f"int8 w8a16 M={m}"] = lambda x=x: F.int8_linear(x, wq, ws, mode="w8a16")
+    for nrows, v in ((256, 128256), (4096, 32000)):
+        s = torch.randn(nrows, v, device=dev, dtype=bf, generator=g).requires_grad_()
+        t = torch.randn(nrows, v, device=dev, dtype=bf, generator=g)
+        y = torch.randint(0, v, (nrows,), device=dev, generator=g)
+        out[f"kd_loss fwd N={nrows} V={v}"] = lambda s=s, t=t, y=y: F.kd_loss(s.detach(), t, y)
+
+        def step(s=s, t=t, y=y):
+            s.grad = None
+            F.kd_loss(s, t, y).backward()
+
+        out[f"kd_loss fwd+bwd N={nrows} V={v}"] = step
+    return out
+
+
+def measure(fn) -> dict:
+    from triton.testing import do_bench
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    reps = 50
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    rec = {"host_us": host, "device_us": do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3}
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        rec["graph_us"] = do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3
+    except Exception as exc:  # noqa: BLE001 - a call that cannot be captured is a finding
+        rec["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.count, e.device_time_total) for e in prof.key_averages()
+               if e.device_time_total > 0]
+    rec["kernels"] = [{"name": k[:80], "count": c, "us": t} for k, c, t in kernels]
+    return rec
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    import common
+
+    results = {}
+    for name, fn in cases().items():
+        try:
+            results[name] = measure(fn)
+        except Exception as exc:  # noqa: BLE001
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        r = results[name]
+        ks = ", ".join(f"{k['name'][:40]} x{k['count']} {k['us']:.0f}us" for k in r.get("kernels", []))
+        print(f"{name:<32} host {r.get('host_us', float('nan')):8.1f} us  device "
+              f"{r.get('device_us', float('nan')):8.1f} us  graph {r.get('graph_us', float('nan')):8.1f} us"
+              f"  {r.get('error', r.get('graph_error', ''))}\n    kernels: {ks}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"environment": common.environment(), "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
