@@ -28,12 +28,18 @@ def check_backend(backend) -> str:
     return backend
 
 
+# Decided once, at import: backend selection also runs inside torch.compile'd code, and Dynamo
+# refuses to trace importlib.util.find_spec (a hard graph break under fullgraph=True, seen with
+# torch 2.11 on CUDA). A module constant is read as a constant.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_unavailable_reason(device_type: str) -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_INSTALLED:
         return "triton is not installed"
     if device_type == "cuda":
         return None

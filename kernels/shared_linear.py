@@ -26,7 +26,7 @@ def _shared_linear_fwd_kernel(
     x_ptr, idx_ptr, cb_ptr, bias_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_in, stride_ym, stride_cb,
-    BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -57,7 +57,10 @@ def _shared_linear_fwd_kernel(
             cb_off = idx
         w = tl.load(cb_ptr + cb_off, mask=wmask, other=0.0)
         w = tl.where(idx == 0, 0.0, w)
-        acc += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)
+        if IEEE_FP32:  # fp32 in, fp32 math: tl.dot would otherwise round its inputs to tf32 on GPU
+            acc += tl.dot(x, w.to(x.dtype), input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -97,6 +100,7 @@ def shared_linear_forward(
         x.stride(0), x.stride(1), indices.stride(0), y.stride(0),
         codebook.stride(0) if codebook.dim() == 2 else 0,
         BITS=bits, PER_CHANNEL=codebook.dim() == 2, HAS_BIAS=bias is not None,
+        IEEE_FP32=x.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return y

@@ -44,7 +44,11 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
         amax = torch.zeros(rows, dtype=torch.float32, device=x.device)
     else:
         amax = xf.abs().amax(dim=1)
-    scale = amax.clamp_min(AMAX_FLOOR) / QMAX
+    # A true division by a tensor: on CUDA, torch divides by a Python scalar as a multiplication by
+    # its reciprocal, which is up to 1 ulp off and made the reference's scales (and so some codes)
+    # depend on the device. Tensor / tensor is IEEE round-to-nearest on every device, like the
+    # kernel's tl.math.div_rn.
+    scale = amax.clamp_min(AMAX_FLOOR) / torch.full_like(amax, QMAX)
     q = torch.round(xf / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale
 
