@@ -389,14 +389,16 @@ from .reference.masked_linear import MaskTiles, build_tile_map  # noqa: E402
 MASKED_MM_OPS = ("masked_mm", "masked_mm_grad_input", "masked_mm_grad_weight")
 MASKED_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-# When `auto` takes the sparse CUDA kernel instead of dense cuBLAS on W o M.
-# PROVISIONAL: no GPU measurement exists yet (the kernel was written and compiled on a machine
-# without a GPU). Chosen conservatively so `auto` stays on cuBLAS unless the mask is strongly
-# block-structured and the GEMM is large; replace with numbers from bench/bench_masked_linear.py
-# (and say which run) once measured. The kernel skips whole 64x64 weight tiles only, so what
-# matters is the fraction of tiles with a kept entry, not the fraction of kept weights.
+# Whether `auto` may take the sparse CUDA kernel instead of dense cuBLAS on W o M.
+# MEASURED NO (bench/results/masked_linear-2026-11-30-NVIDIA-H200.json, H200, torch 2.11, bf16,
+# K = N = 4096): the WMMA kernel ran at 0.04x-0.17x of dense F.linear at every point of the sweep
+# (M 16 and 2048; 64x64 blocks at 75 % sparsity, 2:4, unstructured 50 %), so `auto` stays on the
+# dense path until a kernel version beats cuBLAS there; backend="cuda" still runs it on request.
+# When it does, the thresholds below decide (64x64 weight tiles are what the kernel skips, so the
+# fraction of tiles with a kept entry is what matters, not the fraction of kept weights).
+AUTO_PICKS_SPARSE_KERNEL = False
 AUTO_SPARSE_MAX_TILE_DENSITY = 0.30  # at most 30% of 64x64 weight tiles non-empty
-AUTO_SPARSE_MIN_ROWS = 512  # rows of x (M); below it too few CTAs fill an H100
+AUTO_SPARSE_MIN_ROWS = 512  # rows of x (M); below it too few CTAs fill the GPU
 
 
 def _masked_cuda_unavailable(device_type: str):
@@ -414,7 +416,8 @@ MASKED_LINEAR_BACKENDS = register(
     OpBackends(
         "masked_linear",
         [
-            Backend("cuda", auto_devices=("cuda",), unavailable=_masked_cuda_unavailable),
+            Backend("cuda", auto_devices=("cuda",) if AUTO_PICKS_SPARSE_KERNEL else (),
+                    unavailable=_masked_cuda_unavailable),
             TORCH,
         ],
     )

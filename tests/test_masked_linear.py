@@ -13,6 +13,7 @@ from torch.nn.utils import prune as torch_prune
 
 import fastkd
 from fastkd import _extension
+from fastkd import functional as F
 from fastkd.functional import masked_linear
 from fastkd.nn import MaskedLinear
 from fastkd.prune import magnitude_mask
@@ -536,8 +537,12 @@ def test_gpu_module_caches_tiles_and_auto_is_correct():
     lin = nn.Linear(256, 192, device="cuda", dtype=torch.bfloat16)
     m = MaskedLinear.from_linear(lin, sparsity=0.9, pattern=(64, 64))
     x = torch.randn(600, 256, device="cuda", dtype=torch.bfloat16)
+    y_auto = m(x)  # auto: the dense path while the kernel loses to cuBLAS (no tile map built)
+    assert (m._tiles is not None) == F.AUTO_PICKS_SPARSE_KERNEL
+    m.backend = "cuda"
     y = m(x)
     assert m._tiles is not None
+    torch.testing.assert_close(y_auto.float(), y.float(), atol=5e-2, rtol=2e-2)
     ref = Fn.linear(x.float(), (m.weight * m.mask).float(), m.bias.float())
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=2e-2)
     first = m._tiles

@@ -155,7 +155,8 @@ class MaskedLinear(nn.Module):
 
     def _tiles_for(self, x: Tensor) -> Optional[MaskTiles]:
         # Only the CUDA kernel reads the map; the CPU / fp32 path never pays for it.
-        if self.backend not in ("auto", "cuda") or not x.is_cuda:
+        wanted = self.backend == "cuda" or (self.backend == "auto" and F.AUTO_PICKS_SPARSE_KERNEL)
+        if not wanted or not x.is_cuda:
             return None
         if x.dtype not in F.MASKED_HALF_DTYPES or not _extension.loaded():
             return None
