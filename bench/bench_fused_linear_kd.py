@@ -106,7 +106,9 @@ def run(device: str = "cuda", quick: bool = False, *, H: int | None = None, Ht: 
                 sh, sw, th, tw, y, divergence="jsd", alpha=1.0, backend=backend).backward(),
         }
         if liger is not None and Ht == H:
-            cases["liger_fused_linear_jsd"] = lambda: liger(sh, sw, th, tw).backward()
+            # shift_labels is a required argument since liger-kernel 0.8 (None: no ignored rows;
+            # the labels here hold none, so both are the same loss as fastkd_fused_jsd)
+            cases["liger_fused_linear_jsd"] = lambda: liger(sh, sw, th, tw, y).backward()
         first = len(records)
         for name, fn in cases.items():
             rec = {"op": "fused_linear_kd", "impl": name, "n": n, "h": H, "ht": Ht, "v": V,
