@@ -44,6 +44,16 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _max_pair(a0, a1, b0, b1):
+    return tl.maximum(a0, b0), tl.maximum(a1, b1)
+
+
+@triton.jit
+def _max_triple(a0, a1, a2, b0, b1, b2):
+    return tl.maximum(a0, b0), tl.maximum(a1, b1), tl.maximum(a2, b2)
+
+
+@triton.jit
 def _logaddexp2(a, b):
     mx = tl.maximum(a, b)
     mn = tl.minimum(a, b)
@@ -109,13 +119,17 @@ def _kd_loss_fwd_kernel(
         valid = tgt != ignore_index
         n_loop = tl.where(valid, n_cols, 0)  # ignored rows read nothing
     neg_inf = float("-inf")
+    # The running maxima are scalars (one block reduction each per step: the shift must be common
+    # to the row), but the running sums stay per lane, rescaled by the scalar shift change, and are
+    # reduced once after the loop. Each step then has one block reduction (of the 2-3 maxima
+    # together) instead of 6-7, each a round of shuffles and barriers across the program's warps.
     m_s = neg_inf
-    d_s = 0.0
     m_t = neg_inf
-    d_t = 0.0
-    acc = 0.0
     m_1 = neg_inf
-    d_1 = 0.0
+    d_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    d_t = tl.zeros([BLOCK_V], dtype=tl.float32)
+    d_1 = tl.zeros([BLOCK_V], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, n_loop, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < n_cols
@@ -123,29 +137,39 @@ def _kd_loss_fwd_kernel(
         t = tl.load(t_row + cols, mask=in_row, other=neg_inf).to(tl.float32)
         s2 = s * scale2
         t2 = t * scale2
-        new_m_s = tl.maximum(m_s, tl.max(s2, 0))
-        new_m_t = tl.maximum(m_t, tl.max(t2, 0))
+        # All block maxima of the step in one reduction (one round of barriers, not two or three).
+        if SEPARATE_CE:
+            s1 = s * 1.4426950408889634
+            bm_s, bm_t, bm_1 = tl.reduce((s2, t2, s1), 0, _max_triple)
+        else:
+            bm_s, bm_t = tl.reduce((s2, t2), 0, _max_pair)
+        new_m_s = tl.maximum(m_s, bm_s)
+        new_m_t = tl.maximum(m_t, bm_t)
         # While a row has seen only -inf its max stays -inf: shift by 0 then (all terms are 0).
         sh_s = tl.where(new_m_s == neg_inf, 0.0, new_m_s)
         sh_t = tl.where(new_m_t == neg_inf, 0.0, new_m_t)
         # Rescale acc to the new shifts: a' = a - dt, b' = b - ds, so
-        # acc' = 2^-dt * (acc + (ds - dt) * d_t). Guarded for d_t = 0 (nothing accumulated yet).
+        # acc' = 2^-dt * (acc + (ds - dt) * d_t), lane by lane; guarded for d_t = 0 (nothing
+        # accumulated yet, where the shift change can be infinite).
         keep_t = tl.exp2(m_t - sh_t)
         e_t = tl.exp2(t2 - sh_t)
         if DIVERGENCE == 0:  # the others take their terms in a second pass
             acc = tl.where(d_t > 0, keep_t * (acc + ((sh_s - m_s) - (sh_t - m_t)) * d_t), 0.0)
             diff = (t2 - sh_t) - (s2 - sh_s)
-            acc += tl.sum(tl.where(e_t > 0, e_t * diff, 0.0), 0)
-        d_t = d_t * keep_t + tl.sum(e_t, 0)
-        d_s = d_s * tl.exp2(m_s - sh_s) + tl.sum(tl.exp2(s2 - sh_s), 0)
+            acc += tl.where(e_t > 0, e_t * diff, 0.0)
+        d_t = d_t * keep_t + e_t
+        d_s = d_s * tl.exp2(m_s - sh_s) + tl.exp2(s2 - sh_s)
         m_s = sh_s
         m_t = sh_t
         if SEPARATE_CE:
-            s1 = s * 1.4426950408889634
-            new_m_1 = tl.maximum(m_1, tl.max(s1, 0))
+            new_m_1 = tl.maximum(m_1, bm_1)
             sh_1 = tl.where(new_m_1 == neg_inf, 0.0, new_m_1)
-            d_1 = d_1 * tl.exp2(m_1 - sh_1) + tl.sum(tl.exp2(s1 - sh_1), 0)
+            d_1 = d_1 * tl.exp2(m_1 - sh_1) + tl.exp2(s1 - sh_1)
             m_1 = sh_1
+    acc = tl.sum(acc, 0)
+    d_t = tl.sum(d_t, 0)
+    d_s = tl.sum(d_s, 0)
+    d_1 = tl.sum(d_1, 0)
 
     # An ignored row accumulated nothing (d = 0): use 1 so its discarded values stay finite.
     d_s = tl.where(d_s > 0, d_s, 1.0)
