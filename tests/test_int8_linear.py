@@ -47,7 +47,9 @@ def _layer_data(m, k, n, dtype, seed=0, device="cpu", outliers=False):
 
 
 def _exact_int_mm(a, b):
-    return (a.long() @ b.long().t())
+    """Exact int64 ``a @ b.T``, on the CPU: CUDA has no int64 matmul ("addmm_cuda not
+    implemented for 'Long'"). The result goes back to ``a``'s device."""
+    return (a.cpu().long() @ b.cpu().long().t()).to(a.device)
 
 
 def _sqnr_db(signal, approx):
