@@ -20,6 +20,11 @@ from fastkd.demo import (
     state_dict_bytes,
 )
 
+from _util import DEVICE
+
+# run_demo picks CUDA when it is available, else the CPU; on the CPU (only) its report notes that
+# the pruned and int8 layers ran the plain-torch reference paths.
+REFERENCE_PATHS_NOTE = "reference paths"
 
 TEACHER_PARAMS = 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
 STUDENT_PARAMS = 64 * 32 + 32 + 32 * 10 + 10
@@ -90,7 +95,12 @@ def test_demo_teacher_and_students_quick(three_row_run):
     _check_common_rows(report)
     data = _check_files(out, 3)
     assert data["rows"] == json.loads(json.dumps(report["rows"]))
-    assert data["settings"]["epochs"] == 1 and data["device"] == "cpu"
+    assert data["settings"]["epochs"] == 1 and data["device"] == DEVICE
+    if DEVICE == "cuda":
+        assert data["device_name"] == torch.cuda.get_device_name()
+        assert data["cpu_threads"] is None
+    else:
+        assert data["cpu_threads"] >= 1
     assert len(data["history"]["distilled"]) == 1
     assert torch.get_num_threads() >= 1
 
@@ -128,7 +138,10 @@ def test_demo_block_pattern_leaves_indivisible_layers_dense():
     # 75 % of the 32x64 hidden weight is pruned, nothing else
     assert rows["pruned"]["nonzero"] <= STUDENT_PARAMS - (32 * 64 * 3) // 4
     assert rows["pruned"]["nonzero"] >= STUDENT_PARAMS - (32 * 64 * 3) // 4 - 50
-    assert any("reference paths" in n for n in report["notes"])
+    assert report["device"] == DEVICE
+    assert any(f"on {DEVICE}." in n for n in report["notes"])  # the latency note names the device
+    # the reference-paths note is there exactly when the compressed models ran on the CPU
+    assert any(REFERENCE_PATHS_NOTE in n for n in report["notes"]) == (DEVICE == "cpu")
 
 
 def test_fold_masks_keeps_the_pruned_zeros():

@@ -7,6 +7,8 @@ import torch
 import fastkd
 from fastkd.functional import fused_linear_kd_loss, kd_loss
 
+from _util import device_for
+
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
@@ -37,7 +39,7 @@ def _run(fused, sh, sw, sb, th, tw, tb, y, reduction, **kw):
         s_log = h @ w.t() + (b if b is not None else 0)
         t_log = th @ tw.t() + (tb if tb is not None else 0)
         loss = kd_loss(s_log, t_log, y, reduction=reduction, **kw)
-    wgt = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+    wgt = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).reshape(loss.shape)
     (loss * wgt).sum().backward()
     return loss.detach(), [x.grad for x in leaves]
 
@@ -51,7 +53,11 @@ def _compare(dtype, backend, reduction, divergence="kl", beta=0.5, chunk_rows=4,
     # checked against float64 in test_kd_divergences.py)
     ref = _run(False, *[x.float() if x is not None else None for x in (sh, sw, sb, th, tw, tb)],
                y, reduction, **{**kw, "backend": "torch"})
-    out = _run(True, sh, sw, sb, th, tw, tb, y, reduction, chunk_rows=chunk_rows, **kw)
+    # the fused run gets its inputs where the backend runs (a GPU for Triton when there is one)
+    dev = device_for(backend)
+    args = [None if x is None else x.to(dev) for x in (sh, sw, sb, th, tw, tb, y)]
+    loss, grads = _run(True, *args, reduction, chunk_rows=chunk_rows, **kw)
+    out = loss.cpu(), [g.cpu() for g in grads]
     tol = tol or {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
     torch.testing.assert_close(out[0], ref[0], rtol=tol, atol=tol)
     for a, b in zip(out[1], ref[1]):

@@ -14,15 +14,13 @@ from torch import nn
 import fastkd
 from fastkd import functional as F
 from fastkd.nn import Int8Linear
+from fastkd._backend import triton_interpret
 from fastkd.reference import int8_linear as ref
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The Triton kernels run where CI can run them: on CUDA, or on CPU tensors in the interpreter.
-TRITON_DEVICE = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(
-    not (CUDA or INTERPRET), reason="Triton needs CUDA or TRITON_INTERPRET=1"
-)
+from _util import DEVICE as TRITON_DEVICE, HAS_CUDA as CUDA, TRITON_OK, needs_triton
+
+INTERPRET = triton_interpret()
 gpu = [
     pytest.mark.gpu,
     pytest.mark.skipif(not CUDA, reason="needs a CUDA device"),
@@ -49,7 +47,9 @@ def _layer_data(m, k, n, dtype, seed=0, device="cpu", outliers=False):
 
 
 def _exact_int_mm(a, b):
-    return (a.long() @ b.long().t())
+    """Exact int64 ``a @ b.T``, on the CPU: CUDA has no int64 matmul ("addmm_cuda not
+    implemented for 'Long'"). The result goes back to ``a``'s device."""
+    return (a.cpu().long() @ b.cpu().long().t()).to(a.device)
 
 
 def _sqnr_db(signal, approx):
@@ -272,7 +272,7 @@ def test_bf16_activations_do_not_overflow():
 
 
 def _backends():
-    return ["torch"] + (["triton"] if CUDA or INTERPRET else [])
+    return ["torch"] + (["triton"] if TRITON_OK else [])
 
 
 @pytest.mark.parametrize("backend", _backends())

@@ -10,6 +10,8 @@ import torch.nn.functional as tF
 import fastkd  # noqa: F401
 from fastkd.functional import kd_loss
 
+from _util import DEVICE, device_for
+
 TRITON = pytest.importorskip("triton")
 # -inf - -inf in branches that tl.where discards (masked columns) warns in the interpreter.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -76,24 +78,29 @@ def _check(backend, dtype, shape, divergence, beta, T, alpha, reduction, with_ta
             target[valid] = ok[target[valid] % ok.numel()]
     s64 = s.detach().double().requires_grad_()
     ref = naive_kd(s64, t, target, T, alpha, -100, reduction, divergence, beta, mask)
-    sv = s.clone().requires_grad_()
-    out = kd_loss(sv, t, target, temperature=T, alpha=alpha, reduction=reduction,
-                  backend=backend, divergence=divergence, beta=beta)
+    # the oracle stays on the CPU; the backend gets its inputs where it runs (a GPU for Triton
+    # when there is one)
+    dev = device_for(backend)
+    sv = s.to(dev, copy=True).requires_grad_()
+    out = kd_loss(sv, t.to(dev), None if target is None else target.to(dev), temperature=T,
+                  alpha=alpha, reduction=reduction, backend=backend, divergence=divergence,
+                  beta=beta)
     assert out.dtype == torch.float32
     w = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     (ref * w).sum().backward()
-    (out * w.float()).sum().backward()
+    (out * w.float().to(dev)).sum().backward()
+    out, grad = out.detach().cpu(), sv.grad.cpu()
     g_ref = s64.grad
     if mask is not None:
         full = torch.zeros(s.shape, dtype=torch.float64)
         full[..., mask] = g_ref[..., mask] if g_ref.shape == s.shape else g_ref
         g_ref = full
-    assert torch.isfinite(out).all() and torch.isfinite(sv.grad).all()
-    assert sv.grad.dtype == dtype
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    assert grad.dtype == dtype
     tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(out.double(), ref.detach(), rtol=tol, atol=tol * 4)
     gscale = g_ref.abs().max().item() + 1e-12
-    torch.testing.assert_close(sv.grad.double(), g_ref, rtol=tol * 4, atol=tol * 2 * gscale)
+    torch.testing.assert_close(grad.double(), g_ref, rtol=tol * 4, atol=tol * 2 * gscale)
 
 
 DIVS = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2), ("jsd", 0.0), ("jsd", 1.0)]
@@ -142,7 +149,7 @@ def test_extreme_logits_are_finite(backend, divergence, beta):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_jsd_endpoints_are_the_two_kls(backend):
     """beta = 0 is forward KL(p || q), beta = 1 is reverse KL(q || p), values and gradients."""
-    s, t, target = _inputs((5, 29), torch.float32, seed=3)
+    s, t, target = (x.to(device_for(backend)) for x in _inputs((5, 29), torch.float32, seed=3))
     for beta, same in ((0.0, "kl"), (1.0, "reverse_kl")):
         outs = []
         for div, b in (("jsd", beta), (same, 0.5)):
@@ -160,7 +167,8 @@ def test_jsd_endpoints_are_the_two_kls(backend):
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
 def test_backends_agree_and_save_four_stats(divergence):
-    s, t, target = _inputs((6, 45), torch.float32, seed=5)
+    # both backends on the same inputs, where the Triton kernels run
+    s, t, target = (x.to(DEVICE) for x in _inputs((6, 45), torch.float32, seed=5))
     outs = [torch.ops.fastkd.kd_loss_forward(s, t, target, 2.0, 0.5, -100, b,
                                              divergence=divergence, beta=0.3)
             for b in ("torch", "triton")]
@@ -184,14 +192,15 @@ def test_bad_divergence_arguments():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
 def test_opcheck(backend, divergence):
-    s, t, target = _inputs((4, 19), torch.float32, seed=1)
+    s, t, target = (x.to(device_for(backend)) for x in _inputs((4, 19), torch.float32, seed=1))
     s.requires_grad_()
     kw = {"divergence": divergence, "beta": 0.3}
     torch.library.opcheck(torch.ops.fastkd.kd_loss_forward,
                           (s, t, target, 2.0, 0.5, -100, backend), kw)
     _, stats = torch.ops.fastkd.kd_loss_forward(s.detach(), t, target, 2.0, 0.5, -100, backend, **kw)
+    grad_rows = torch.rand(4, device=s.device)
     torch.library.opcheck(torch.ops.fastkd.kd_loss_backward,
-                          (torch.rand(4), s.detach(), t, target, stats, 2.0, 0.5, -100, backend), kw)
+                          (grad_rows, s.detach(), t, target, stats, 2.0, 0.5, -100, backend), kw)
 
 
 def test_compile_fullgraph():

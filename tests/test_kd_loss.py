@@ -7,13 +7,8 @@ import torch
 
 import fastkd
 from fastkd import functional as F
-from fastkd._backend import triton_interpret
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-# Triton runs here either on a GPU or, on CPU tensors, in the interpreter.
-TRITON_OK = HAS_CUDA or triton_interpret()
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+from _util import DEVICE, HAS_CUDA, needs_triton
 
 SHAPES = [(4, 37), (2, 3, 1271), (3, 50257)]
 

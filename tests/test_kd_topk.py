@@ -7,6 +7,8 @@ import torch.nn.functional as tF
 import fastkd
 from fastkd.functional import kd_loss, kd_loss_topk
 
+from _util import device_for
+
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
@@ -56,18 +58,22 @@ def _check(backend, dtype, shape, k, T, alpha, reduction, with_target, pad=False
         target = None
     s64 = s.double().requires_grad_()
     ref = naive_topk(s64, ids, lp, target, T, alpha, -100, reduction)
-    sv = s.clone().requires_grad_()
-    out = kd_loss_topk(sv, ids, lp, target, temperature=T, alpha=alpha, reduction=reduction,
-                       backend=backend)
+    # the oracle stays on the CPU; the backend gets its inputs where it runs (a GPU for Triton
+    # when there is one)
+    dev = device_for(backend)
+    sv = s.to(dev, copy=True).requires_grad_()
+    out = kd_loss_topk(sv, ids.to(dev), lp.to(dev), None if target is None else target.to(dev),
+                       temperature=T, alpha=alpha, reduction=reduction, backend=backend)
     w = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     (ref * w).sum().backward()
-    (out * w.float()).sum().backward()
-    assert out.dtype == torch.float32 and sv.grad.dtype == dtype
-    assert torch.isfinite(out).all() and torch.isfinite(sv.grad).all()
+    (out * w.float().to(dev)).sum().backward()
+    out, grad = out.detach().cpu(), sv.grad.cpu()
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     tol = {torch.float32: 3e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(out.double(), ref.detach(), rtol=tol, atol=tol * 4)
     gs = s64.grad.abs().max().item()
-    torch.testing.assert_close(sv.grad.double(), s64.grad, rtol=tol * 4, atol=tol * 2 * gs)
+    torch.testing.assert_close(grad.double(), s64.grad, rtol=tol * 4, atol=tol * 2 * gs)
 
 
 CASES = [(1.0, 0.5, True, "mean"), (2.5, 0.3, True, "none"), (0.8, 0.5, False, "sum")]
@@ -108,6 +114,7 @@ def test_full_topk_is_kd_loss(backend):
     g = torch.Generator().manual_seed(4)
     s, t = torch.randn(2, 3, 29, generator=g) * 2, torch.randn(2, 3, 29, generator=g) * 2
     y = torch.randint(0, 29, (2, 3), generator=g)
+    s, t, y = (x.to(device_for(backend)) for x in (s, t, y))
     ids, lp = fastkd.teacher_topk(t, 29, temperature=1.7)
     a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
     la = kd_loss_topk(a, ids, lp, y, temperature=1.7, alpha=0.6, backend=backend)
@@ -164,13 +171,15 @@ def test_validation():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend):
-    s, ids, lp, y = _inputs((5, 23), 4, torch.float32, seed=2)
+    s, ids, lp, y = (x.to(device_for(backend))
+                     for x in _inputs((5, 23), 4, torch.float32, seed=2))
     s.requires_grad_()
     torch.library.opcheck(torch.ops.fastkd.kd_loss_topk_forward,
                           (s, ids, lp, y, 2.0, 0.5, -100, backend))
     _, st = torch.ops.fastkd.kd_loss_topk_forward(s.detach(), ids, lp, y, 2.0, 0.5, -100, backend)
+    grad_rows = torch.rand(5, device=s.device)
     torch.library.opcheck(torch.ops.fastkd.kd_loss_topk_backward,
-                          (torch.rand(5), s.detach(), ids, lp, y, st, 2.0, 0.5, -100, backend))
+                          (grad_rows, s.detach(), ids, lp, y, st, 2.0, 0.5, -100, backend))
 
 
 def test_compile_fullgraph():

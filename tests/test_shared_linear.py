@@ -12,6 +12,8 @@ from fastkd.nn import SharedLinear
 from fastkd.reference.shared_linear import pack_indices, unpack_indices
 from fastkd.sharing import kmeans_1d
 
+from _util import device_for
+
 try:
     import triton  # noqa: F401
 
@@ -92,7 +94,7 @@ def test_torch_forward_matches_dense(dtype, per_channel):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)])
 @pytest.mark.parametrize("bits, per_channel, bias", [(4, False, True), (3, True, False), (6, True, True)])
 def test_triton_matches_reference(dtype, tol, bits, per_channel, bias):
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = device_for("triton")
     lin, sl = _layer(n=21, k=45, bits=bits, per_channel=per_channel, bias=bias)
     sl = sl.to(dev)
     x = torch.randn(13, 45, device=dev).to(dtype)
@@ -156,10 +158,11 @@ def test_opcheck_and_compile():
     lin, sl = _layer(n=7, k=9, per_channel=True)
     x = torch.randn(5, 9, requires_grad=True)
     for backend in ["torch"] + (["triton"] if HAS_TRITON else []):
-        torch.library.opcheck(
-            torch.ops.fastkd.shared_linear,
-            (x, sl.indices, sl.codebook, sl.bias, 9, 4, backend),
-        )
+        # the Triton kernel gets its tensors where it runs (a GPU when there is one)
+        dev = device_for(backend)
+        args = [t.detach().to(dev).requires_grad_(t.requires_grad)
+                for t in (x, sl.indices, sl.codebook, sl.bias)]
+        torch.library.opcheck(torch.ops.fastkd.shared_linear, (*args, 9, 4, backend))
     compiled = torch.compile(sl, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), sl(x))
 

@@ -1,0 +1,28 @@
+"""Where the tests run fastkd's Triton kernels, decided once for every test module.
+
+With a CUDA device visible the Triton backends get CUDA tensors, so the suite tests the compiled
+kernels. Without one they get CPU tensors and run in Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1 before any kernel is defined). Handing CPU tensors to backend="triton" on a GPU
+machine does not test anything: it raises, because TRITON_INTERPRET is (rightly) unset there.
+
+The reference (backend="torch") tests may stay on the CPU: use ``device_for(backend)``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastkd._backend import triton_interpret
+
+HAS_CUDA = torch.cuda.is_available()
+# The device for tensors handed to a Triton backend: the GPU when there is one, else the CPU.
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# Triton runs here either on a GPU or, on CPU tensors, in the interpreter.
+TRITON_OK = HAS_CUDA or triton_interpret()
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def device_for(backend: str) -> str:
+    """The device a test should put its tensors on for `backend` ("triton" or "torch")."""
+    return DEVICE if backend == "triton" else "cpu"
