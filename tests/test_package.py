@@ -84,3 +84,19 @@ def test_kernels_are_installed_inside_the_package():
 @pytest.mark.skipif(not _extension.loaded(), reason="fastkd._C was not built here")
 def test_extension_reports_build_facts():
     assert _extension.build_info()
+
+
+def test_backend_selection_touches_no_import_machinery(monkeypatch):
+    """Selection runs inside torch.compile'd code; Dynamo (torch 2.11) refuses to trace
+    importlib.util.find_spec, which selection once called on every kd_loss on CUDA."""
+    from fastkd._backend import REGISTRY
+
+    def refuse(*a, **k):
+        raise AssertionError("importlib.util.find_spec called during backend selection")
+
+    monkeypatch.setattr(importlib.util, "find_spec", refuse)
+    for ops in REGISTRY.values():
+        for device in ("cpu", "cuda", "meta"):
+            ops.auto(device)
+            for name in ops.names():
+                ops.reasons(name, device)

@@ -1,0 +1,155 @@
+"""What the Triton kernels compile to on Hopper, without a GPU.
+
+Compiles fastkd's Triton kernels ahead of time for sm_90 (Triton's own ptxas and cuobjdump; no
+device needed) and reports, per kernel configuration: registers per thread, spill/stack bytes, and
+for the hottest loop of the SASS its length and counts of barriers (BAR.SYNC), warp shuffles (SHFL),
+exp2 (MUFU.EX2) and tensor-core instructions; plus whether the PTX uses tf32 anywhere. This is the
+"read what costs no device time" step: a change that should cut barriers or spills can be checked
+here before a GPU lease, and tests/test_codegen.py asserts the properties that must hold.
+
+    python bench/codegen_report.py [--json]
+
+Run it with TRITON_INTERPRET unset (the interpreter replaces @triton.jit functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_kernel(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int = 3):
+    """types: pointer/scalar type per runtime argument name ('*bf16', 'i32', 'fp32', ...)."""
+    sig = {}
+    for name in fn.arg_names:
+        sig[name] = "constexpr" if name in constexprs else types[name]
+    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    get = lambda key: max((int(v) for v in re.findall(rf"{key}:(\d+)", out)), default=0)  # noqa: E731
+    return {"registers": get("REG"), "stack_bytes": get("STACK"), "local_bytes": get("LOCAL"),
+            "shared_bytes": get("SHARED")}
+
+
+def _loops(sass: str) -> list:
+    """(start, end) address ranges of the backward branches' bodies, largest first."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"BRA\s+(?:`\()?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            loops.append(body)
+    return sorted(loops, key=len, reverse=True), [t for _, t in ins]
+
+
+def analyse(kernel) -> dict:
+    cubin = kernel.asm["cubin"]
+    loops, all_ins = _loops(_sass(cubin))
+    hot = loops[0] if loops else []
+
+    def count(body, pat):
+        return sum(1 for t in body if re.search(pat, t))
+
+    rec = _resources(cubin)
+    rec.update({
+        "instructions": len(all_ins),
+        "loop_instructions": len(hot),
+        "loop_bar_sync": count(hot, r"\bBAR\.SYNC"),
+        "loop_shfl": count(hot, r"\bSHFL"),
+        "loop_mufu_ex2": count(hot, r"MUFU\.EX2"),
+        "loop_mma": count(hot, r"\b(HMMA|IMMA|HGMMA|IGMMA)"),
+        "ptx_uses_tf32": ".tf32" in kernel.asm["ptx"],
+    })
+    return rec
+
+
+def cases():
+    """(name, thunk compiling one kernel configuration)."""
+    from fastkd.kernels import int8_linear, kd_loss
+
+    kd_types = {"student_ptr": "*bf16", "teacher_ptr": "*bf16", "target_ptr": "*i64",
+                "loss_ptr": "*fp32", "stats_ptr": "*fp32", "stride_s": "i32", "stride_t": "i32",
+                "n_cols": "i32", "scale2": "fp32", "temp_sq": "fp32", "alpha": "fp32",
+                "ignore_index": "i32", "beta": "fp32", "lb2": "fp32", "l1b2": "fp32",
+                "grad_rows_ptr": "*fp32", "stride_g": "i32", "grad_ptr": "*bf16",
+                "stride_out": "i32", "c_kl": "fp32", "c_ce": "fp32"}
+    out = []
+    for block, warps in [(8192, 16), (4096, 8)]:
+        for fn_name in ("_kd_loss_fwd_kernel", "_kd_loss_bwd_kernel"):
+            consts = {"HAS_TARGET": True, "SEPARATE_CE": True, "DIVERGENCE": 0, "N_STATS": 3,
+                      "BLOCK_V": block}
+            fn = getattr(kd_loss, fn_name)
+            out.append((f"kd_loss {fn_name[9:12]} kl T!=1 target BLOCK_V={block} warps={warps}",
+                        lambda fn=fn, c=consts, w=warps: compile_kernel(fn, kd_types, c, w)))
+    gemm_types = {"a_ptr": "*fp32", "a_scale_ptr": "*fp32", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
+                  "bias_ptr": "*fp32", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+                  "stride_am": "i32", "stride_ak": "i32", "stride_wn": "i32", "stride_wk": "i32",
+                  "stride_cm": "i32", "stride_cn": "i32"}
+    for dtype in ("fp32", "bf16"):
+        types = dict(gemm_types, a_ptr=f"*{dtype}", c_ptr=f"*{dtype}")
+        consts = {"A_INT8": False, "HAS_BIAS": True, "IEEE_FP32": dtype == "fp32",
+                  "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+        out.append((f"int8_linear w8a16 {dtype} 64x64x64",
+                    lambda t=types, c=consts: compile_kernel(int8_linear._int8_weight_gemm_kernel,
+                                                             t, c, 4)))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    results = {}
+    for name, thunk in cases():
+        results[name] = analyse(thunk())
+    if args.json:
+        print(json.dumps({"triton": triton.__version__, "target": "sm_90", "kernels": results}))
+        return 0
+    cols = ["registers", "stack_bytes", "loop_instructions", "loop_bar_sync", "loop_shfl",
+            "loop_mufu_ex2", "loop_mma", "ptx_uses_tf32"]
+    print(f"Triton {triton.__version__}, sm_90, compiled ahead of time")
+    print(f"{'kernel':<52}" + "".join(f"{c:>18}" for c in cols))
+    for name, r in results.items():
+        print(f"{name:<52}" + "".join(f"{str(r[c]):>18}" for c in cols))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
