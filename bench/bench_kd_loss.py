@@ -3,11 +3,13 @@
 Forward + backward of the full loss (T^2-scaled KL + hard-label CE, alpha = 0.5, T = 2, a few
 ignored rows), bf16 logits on CUDA. Implementations, all timed in the same run:
   fastkd       fastkd.functional.kd_loss (Triton on CUDA)
+  fastkd reduce=R  the same with the forward's step reductions done another way (CUDA only)
   torch        the loss written in plain torch (log_softmax, kl_div, cross_entropy), eager
   torch.compile  the same function under torch.compile
   liger        LigerKLDIVLoss on torch log-softmax outputs + torch cross-entropy (when installed)
 Reported: median ms (do_bench), ratio = baseline ms / fastkd ms, effective GB/s for fastkd's five
-passes over N x V (read s, t; read s, t; write grad) and peak extra memory beyond the inputs.
+passes over N x V (read s, t; read s, t; write grad) and peak extra memory beyond the inputs;
+separately, the forward alone for each fastkd variant (fwd_ms), where the variants differ.
 
     python bench/bench_kd_loss.py --out bench/results/kd_loss-<date>-<device>.json [--quick]
 """
@@ -62,6 +64,21 @@ def fastkd_loss(s, t, y, T=TEMPERATURE, alpha=ALPHA):
     return fastkd.functional.kd_loss(s, t, y, temperature=T, alpha=alpha)
 
 
+def fastkd_variant(reduce: int):
+    """fastkd with the forward's step reductions done another way (kernels/kd_loss.py REDUCE),
+    timed next to the default so a GPU run can decide between them."""
+    from fastkd.kernels import kd_loss as kk
+
+    def loss(s, t, y, T=TEMPERATURE, alpha=ALPHA):
+        old, kk.FWD_REDUCE = kk.FWD_REDUCE, reduce
+        try:
+            return fastkd.functional.kd_loss(s, t, y, temperature=T, alpha=alpha)
+        finally:
+            kk.FWD_REDUCE = old
+
+    return loss
+
+
 def _inputs(n, v, device, dtype):
     g = torch.Generator(device=device).manual_seed(0)
     s = (torch.randn(n, v, device=device, generator=g) * 2).to(dtype).requires_grad_()
@@ -95,6 +112,11 @@ def run(device: str = "cuda", quick: bool = False) -> list:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     impls = {"fastkd": fastkd_loss, "torch": torch_kd_loss}
     if device == "cuda":
+        from fastkd.kernels import kd_loss as kk
+
+        for r in (0, 1, 2):
+            if r != kk.FWD_REDUCE:
+                impls[f"fastkd reduce={r}"] = fastkd_variant(r)
         # dynamic=True: one compilation serves every shape (a recompile per shape would cost more
         # than the whole timed sweep); the generated kernels are still Inductor's fused reductions
         impls["torch.compile"] = torch.compile(torch_kd_loss, dynamic=True)
@@ -115,6 +137,9 @@ def run(device: str = "cuda", quick: bool = False) -> list:
                 )
                 rec["ms"] = common.time_ms(step, device)
                 row_ms[name] = rec["ms"]
+                if name.startswith("fastkd"):  # the forward alone: where the variants differ
+                    sd = s.detach()
+                    rec["fwd_ms"] = common.time_ms(lambda: fn(sd, t, y), device)
                 elem = s.element_size()
                 rec["gbps_5pass"] = 5 * n * v * elem / (rec["ms"] * 1e-3) / 1e9
                 rec["grad_buffer_mb"] = n * v * elem / 2**20
@@ -129,8 +154,9 @@ def run(device: str = "cuda", quick: bool = False) -> list:
                     torch.cuda.empty_cache()
             records.append(rec)
             if device == "cuda":  # progress through a long sweep; the table comes at the end
-                print(f"kd_loss N={n:<6} V={v:<7} {name:<14} "
-                      f"{rec.get('ms', float('nan')):.3f} ms  {rec.get('error', '')}", flush=True)
+                print(f"kd_loss N={n:<6} V={v:<7} {name:<16} "
+                      f"{rec.get('ms', float('nan')):.3f} ms (fwd {rec.get('fwd_ms', float('nan')):.3f})"
+                      f"  {rec.get('error', '')}", flush=True)
         base = row_ms.get("fastkd")
         for rec in records[-len(impls):]:
             if base and rec.get("ms"):
@@ -145,7 +171,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default: print only)")
     args = p.parse_args(argv)
     records = run(args.device, args.quick)
-    common.print_table(records, ["impl", "n", "v", "dtype", "ms", "speedup_of_fastkd",
+    common.print_table(records, ["impl", "n", "v", "dtype", "ms", "fwd_ms", "speedup_of_fastkd",
                                  "gbps_5pass", "peak_extra_mb", "grad_buffer_mb", "error"])
     if args.out:
         print("wrote", common.write_json(records, args.out, {"benchmark": "kd_loss"}))

@@ -7,7 +7,7 @@ exp2 (MUFU.EX2) and tensor-core instructions; plus whether the PTX uses tf32 any
 "read what costs no device time" step: a change that should cut barriers or spills can be checked
 here before a GPU lease, and tests/test_codegen.py asserts the properties that must hold.
 
-    python bench/codegen_report.py [--json]
+    python bench/codegen_report.py [--json] [--match SUBSTRING ...]
 
 Run it with TRITON_INTERPRET unset (the interpreter replaces @triton.jit functions).
 """
@@ -34,13 +34,24 @@ TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_kernel(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int = 3):
-    """types: pointer/scalar type per runtime argument name ('*bf16', 'i32', 'fp32', ...)."""
-    sig = {}
-    for name in fn.arg_names:
-        sig[name] = "constexpr" if name in constexprs else types[name]
-    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+def compile_kernel(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int = 3,
+                   values: dict | None = None):
+    """types: type per runtime argument ('*bf16', 'i32', 'fp32', ...). values: representative
+    runtime values of integer arguments, specialised the way Triton's launcher does: == 1 becomes
+    the constant 1, a multiple of 16 gets the divisibility hint; pointers are taken as 16-byte
+    aligned (what torch allocates). Without these the code is not what runs (no vector loads)."""
+    values = values or {}
+    consts = dict(constexprs)
+    consts.update({k: 1 for k, v in values.items() if v == 1})
+    sig = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            continue
+        if sig[name].startswith("*") or (name in values and values[name] % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v
+                                                      for k, v in consts.items()}, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -110,34 +121,60 @@ def cases():
                 "ignore_index": "i32", "beta": "fp32", "lb2": "fp32", "l1b2": "fp32",
                 "grad_rows_ptr": "*fp32", "stride_g": "i32", "grad_ptr": "*bf16",
                 "stride_out": "i32", "c_kl": "fp32", "c_ce": "fp32"}
+    v = 128256  # a Llama-3 vocabulary; rows contiguous
+    kd_values = {"stride_s": v, "stride_t": v, "n_cols": v, "stride_out": v, "stride_g": 0}
     out = []
-    for block, warps in [(8192, 16), (4096, 8)]:
-        for fn_name in ("_kd_loss_fwd_kernel", "_kd_loss_bwd_kernel"):
-            consts = {"HAS_TARGET": True, "SEPARATE_CE": True, "DIVERGENCE": 0, "N_STATS": 3,
-                      "BLOCK_V": block}
-            fn = getattr(kd_loss, fn_name)
-            out.append((f"kd_loss {fn_name[9:12]} kl T!=1 target BLOCK_V={block} warps={warps}",
-                        lambda fn=fn, c=consts, w=warps: compile_kernel(fn, kd_types, c, w)))
+    for block, warps, reduce in [(8192, 16, 0), (8192, 16, 1), (8192, 16, 2), (4096, 8, 0)]:
+        consts = {"HAS_TARGET": True, "SEPARATE_CE": True, "DIVERGENCE": 0, "N_STATS": 3,
+                  "BLOCK_V": block}
+        fwd = kd_loss._kd_loss_fwd_kernel
+        out.append((f"kd_loss fwd REDUCE={reduce} BLOCK_V={block} warps={warps}",
+                    lambda c=dict(consts, REDUCE=reduce), w=warps: compile_kernel(
+                        fwd, kd_types, c, w, values=kd_values)))
+        if reduce == 0:
+            bwd = kd_loss._kd_loss_bwd_kernel
+            out.append((f"kd_loss bwd BLOCK_V={block} warps={warps}",
+                        lambda c=consts, w=warps: compile_kernel(bwd, kd_types, c, w,
+                                                                 values=kd_values)))
     gemm_types = {"a_ptr": "*fp32", "a_scale_ptr": "*fp32", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
                   "bias_ptr": "*fp32", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
                   "stride_am": "i32", "stride_ak": "i32", "stride_wn": "i32", "stride_wk": "i32",
                   "stride_cm": "i32", "stride_cn": "i32"}
+    k = n = 4096
+    gemm_values = {"M": 2048, "N": n, "K": k, "stride_am": k, "stride_ak": 1, "stride_wn": k,
+                   "stride_wk": 1, "stride_cm": n, "stride_cn": 1}
+    gemm = int8_linear._int8_weight_gemm_kernel
     for dtype in ("fp32", "bf16"):
         types = dict(gemm_types, a_ptr=f"*{dtype}", c_ptr=f"*{dtype}")
         consts = {"A_INT8": False, "HAS_BIAS": True, "IEEE_FP32": dtype == "fp32",
                   "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
         out.append((f"int8_linear w8a16 {dtype} 64x64x64",
-                    lambda t=types, c=consts: compile_kernel(int8_linear._int8_weight_gemm_kernel,
-                                                             t, c, 4)))
+                    lambda t=types, c=consts: compile_kernel(gemm, t, c, 4, values=gemm_values)))
+    # Every autotuning candidate of the int8 GEMM (bf16 activations for w8a16, bias bf16)
+    for a_int8, table in ((True, int8_linear._W8A8_CONFIGS), (False, int8_linear._W8A16_CONFIGS)):
+        types = dict(gemm_types, a_ptr="*i8" if a_int8 else "*bf16", c_ptr="*bf16",
+                     bias_ptr="*bf16")
+        for bucket, configs in table.items():
+            for cfg in configs:
+                consts = dict(cfg.kwargs, A_INT8=a_int8, HAS_BIAS=True, IEEE_FP32=False)
+                name = (f"int8_linear {'w8a8' if a_int8 else 'w8a16'} bucket {bucket} "
+                        f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}"
+                        f" w{cfg.num_warps} s{cfg.num_stages}")
+                out.append((name, lambda t=types, c=consts, cfg=cfg: compile_kernel(
+                    gemm, t, c, cfg.num_warps, cfg.num_stages, values=gemm_values)))
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--match", action="append", default=[],
+                   help="only kernels whose name contains this (repeatable)")
     args = p.parse_args(argv)
     results = {}
     for name, thunk in cases():
+        if args.match and not any(m in name for m in args.match):
+            continue
         results[name] = analyse(thunk())
     if args.json:
         print(json.dumps({"triton": triton.__version__, "target": "sm_90", "kernels": results}))

@@ -54,6 +54,11 @@ def _max_triple(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
+def _add_quad(a0, a1, a2, a3, b0, b1, b2, b3):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
 def _logaddexp2(a, b):
     mx = tl.maximum(a, b)
     mn = tl.minimum(a, b)
@@ -109,6 +114,7 @@ def _kd_loss_fwd_kernel(
     DIVERGENCE: tl.constexpr,
     N_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    REDUCE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + row * stride_s
@@ -119,17 +125,25 @@ def _kd_loss_fwd_kernel(
         valid = tgt != ignore_index
         n_loop = tl.where(valid, n_cols, 0)  # ignored rows read nothing
     neg_inf = float("-inf")
-    # The running maxima are scalars (one block reduction each per step: the shift must be common
-    # to the row), but the running sums stay per lane, rescaled by the scalar shift change, and are
-    # reduced once after the loop. Each step then has one block reduction (of the 2-3 maxima
-    # together) instead of 6-7, each a round of shuffles and barriers across the program's warps.
+    # REDUCE picks how a step's 2-3 maxima and 2-4 sums cross the program's warps (each block
+    # reduction is a round of shuffles and barriers; see bench/codegen_report.py for the counts):
+    #   0: one block reduction per quantity (the version measured on the H200: 14 barriers/step)
+    #   1: two tuple reductions, maxima together and sums together (9 barriers, same registers)
+    #   2: one tuple reduction of the maxima; the sums stay per lane, rescaled by the scalar shift
+    #      change, and are reduced once after the loop (4 barriers, twice the registers)
     m_s = neg_inf
     m_t = neg_inf
     m_1 = neg_inf
-    d_s = tl.zeros([BLOCK_V], dtype=tl.float32)
-    d_t = tl.zeros([BLOCK_V], dtype=tl.float32)
-    d_1 = tl.zeros([BLOCK_V], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+    if REDUCE == 2:
+        d_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        d_t = tl.zeros([BLOCK_V], dtype=tl.float32)
+        d_1 = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+    else:
+        d_s = 0.0
+        d_t = 0.0
+        d_1 = 0.0
+        acc = 0.0
     for start in range(0, n_loop, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < n_cols
@@ -137,39 +151,71 @@ def _kd_loss_fwd_kernel(
         t = tl.load(t_row + cols, mask=in_row, other=neg_inf).to(tl.float32)
         s2 = s * scale2
         t2 = t * scale2
-        # All block maxima of the step in one reduction (one round of barriers, not two or three).
-        if SEPARATE_CE:
-            s1 = s * 1.4426950408889634
+        s1 = s * 1.4426950408889634  # student at T = 1 (used only if SEPARATE_CE)
+        bm_1 = neg_inf
+        if REDUCE == 0:
+            bm_s = tl.max(s2, 0)
+            bm_t = tl.max(t2, 0)
+            if SEPARATE_CE:
+                bm_1 = tl.max(s1, 0)
+        elif SEPARATE_CE:
             bm_s, bm_t, bm_1 = tl.reduce((s2, t2, s1), 0, _max_triple)
         else:
             bm_s, bm_t = tl.reduce((s2, t2), 0, _max_pair)
         new_m_s = tl.maximum(m_s, bm_s)
         new_m_t = tl.maximum(m_t, bm_t)
+        new_m_1 = tl.maximum(m_1, bm_1)
         # While a row has seen only -inf its max stays -inf: shift by 0 then (all terms are 0).
         sh_s = tl.where(new_m_s == neg_inf, 0.0, new_m_s)
         sh_t = tl.where(new_m_t == neg_inf, 0.0, new_m_t)
+        sh_1 = tl.where(new_m_1 == neg_inf, 0.0, new_m_1)
         # Rescale acc to the new shifts: a' = a - dt, b' = b - ds, so
-        # acc' = 2^-dt * (acc + (ds - dt) * d_t), lane by lane; guarded for d_t = 0 (nothing
-        # accumulated yet, where the shift change can be infinite).
+        # acc' = 2^-dt * (acc + (ds - dt) * d_t) (lane by lane for REDUCE 2). Guarded for d_t = 0
+        # (nothing accumulated yet, where the shift change can be infinite). Each term is folded
+        # in as soon as it exists, which keeps the live registers of REDUCE 2 down.
         keep_t = tl.exp2(m_t - sh_t)
         e_t = tl.exp2(t2 - sh_t)
+        x_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         if DIVERGENCE == 0:  # the others take their terms in a second pass
             acc = tl.where(d_t > 0, keep_t * (acc + ((sh_s - m_s) - (sh_t - m_t)) * d_t), 0.0)
-            diff = (t2 - sh_t) - (s2 - sh_s)
-            acc += tl.where(e_t > 0, e_t * diff, 0.0)
-        d_t = d_t * keep_t + e_t
-        d_s = d_s * tl.exp2(m_s - sh_s) + tl.exp2(s2 - sh_s)
+            x_acc = tl.where(e_t > 0, e_t * ((t2 - sh_t) - (s2 - sh_s)), 0.0)
+            if REDUCE == 2:
+                acc += x_acc
+            elif REDUCE == 0:
+                acc += tl.sum(x_acc, 0)
+        d_t = d_t * keep_t
+        if REDUCE == 2:
+            d_t += e_t
+        elif REDUCE == 0:
+            d_t += tl.sum(e_t, 0)
+        e_s = tl.exp2(s2 - sh_s)
+        d_s = d_s * tl.exp2(m_s - sh_s)
+        if REDUCE == 2:
+            d_s += e_s
+        elif REDUCE == 0:
+            d_s += tl.sum(e_s, 0)
+        e_1 = tl.zeros([BLOCK_V], dtype=tl.float32)
+        if SEPARATE_CE:
+            e_1 = tl.exp2(s1 - sh_1)
+            d_1 = d_1 * tl.exp2(m_1 - sh_1)
+            if REDUCE == 2:
+                d_1 += e_1
+            elif REDUCE == 0:
+                d_1 += tl.sum(e_1, 0)
+        if REDUCE == 1:
+            b_t, b_s, b_1, b_acc = tl.reduce((e_t, e_s, e_1, x_acc), 0, _add_quad)
+            d_t += b_t
+            d_s += b_s
+            d_1 += b_1
+            acc += b_acc
         m_s = sh_s
         m_t = sh_t
-        if SEPARATE_CE:
-            new_m_1 = tl.maximum(m_1, bm_1)
-            sh_1 = tl.where(new_m_1 == neg_inf, 0.0, new_m_1)
-            d_1 = d_1 * tl.exp2(m_1 - sh_1) + tl.exp2(s1 - sh_1)
-            m_1 = sh_1
-    acc = tl.sum(acc, 0)
-    d_t = tl.sum(d_t, 0)
-    d_s = tl.sum(d_s, 0)
-    d_1 = tl.sum(d_1, 0)
+        m_1 = sh_1
+    if REDUCE == 2:
+        d_t = tl.sum(d_t, 0)
+        d_s = tl.sum(d_s, 0)
+        d_1 = tl.sum(d_1, 0)
+        acc = tl.sum(acc, 0)
 
     # An ignored row accumulated nothing (d = 0): use 1 so its discarded values stay finite.
     d_s = tl.where(d_s > 0, d_s, 1.0)
@@ -293,6 +339,12 @@ def _kd_loss_bwd_kernel(
         tl.store(out_row + cols, (grad * g).to(out_row.dtype.element_ty), mask=in_row)
 
 
+# How the forward's per-step reductions are done (REDUCE in _kd_loss_fwd_kernel). 0 is the version
+# measured on the H200 (2026-11-30); 1 and 2 cut the loop's barriers from 14 to 9 and 4 (sm_90
+# SASS) and wait for a GPU run to decide: bench/bench_kd_loss.py times all three.
+FWD_REDUCE = 0
+
+
 def _launch_config(n_cols: int) -> tuple[int, int]:
     """BLOCK_V and num_warps for a row of n_cols logits."""
     cap = 8192 if os.environ.get("TRITON_INTERPRET", "0") != "1" else 16384
@@ -354,6 +406,7 @@ def kd_loss_forward(
         DIVERGENCE=div,
         N_STATS=n_stats,
         BLOCK_V=block,
+        REDUCE=FWD_REDUCE,
         num_warps=num_warps,
     )
     return loss, stats

@@ -215,3 +215,24 @@ def test_compile_fullgraph():
     f(a, t, target).backward()
     cf(b, t, target).backward()
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("reduce", [0, 1, 2])
+@pytest.mark.parametrize("divergence,beta,T,with_target,mask", [
+    ("kl", 0.5, 2.0, True, False), ("kl", 0.5, 1.0, True, True), ("kl", 0.5, 0.7, False, False),
+    ("jsd", 0.35, 2.0, True, True)])
+def test_forward_reduction_variants(monkeypatch, reduce, divergence, beta, T, with_target, mask):
+    """The forward's three ways of reducing a step (kernels/kd_loss.py REDUCE) compute the same
+    loss: several blocks per row (the running rescaling), T != 1 with a target (the third stream),
+    and -inf columns (a padded vocabulary), including a block that is entirely -inf."""
+    from fastkd.kernels import kd_loss as kk
+
+    monkeypatch.setattr(kk, "FWD_REDUCE", reduce)
+    monkeypatch.setattr(kk, "_launch_config", lambda n_cols: (32, 4))
+    cols = None
+    if mask:
+        cols = torch.ones(203, dtype=torch.bool)
+        cols[[0, 7, 31, 100, 202]] = False
+        cols[64:96] = False  # a whole 32-wide block of -inf
+    _check("triton", torch.float32, (5, 203), divergence, beta, T, 0.4, "none", with_target,
+           mask=cols)
