@@ -41,7 +41,11 @@ from ._validate import (
     check_tensor,
 )
 
-_CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 32M (64 MiB in bf16 per buffer)
+# Logits per chunk: 128M (256 MiB per bf16 buffer; 1046 rows of a 128256 vocabulary). Each chunk
+# reads and writes the whole V x H weight gradient once (addmm_ into it), so small chunks cost
+# bandwidth: at 32M (261 rows) the fused step took 1.48x its matmuls on the H200 (N = 4096,
+# H = 4096, V = 128256), 16 read-modify-writes of a 1 GB gradient; 4 at this size.
+_CHUNK_ELEMENTS = 1 << 27
 
 
 def default_chunk_rows(n_rows: int, n_classes: int) -> int:
@@ -115,11 +119,22 @@ class FusedLinearKDFunction(torch.autograd.Function):
         need_b = ctx.has_sb and ctx.needs_input_grad[2]
         if precompute:
             # The caller's loss is scale * sum_i rows_i: every row's incoming gradient is equal.
+            # They are scaled in place and handed over: a scaled copy of the V x H weight gradient
+            # was the largest buffer of the whole step (1 GB for a 128k x 4096 head, measured on
+            # the H200 as twice the unfused path's extra memory at N = 1024). The price: a second
+            # backward through the same graph cannot reuse them.
+            if getattr(ctx, "grads_handed_over", False):
+                raise RuntimeError(
+                    "fused_linear_kd_loss computes its gradients in the forward and hands them over "
+                    "in the first backward; a second backward through the same graph "
+                    "(retain_graph=True) is not supported: compute the loss again"
+                )
+            ctx.grads_handed_over = True
             grad_sh, grad_sw, grad_sb = ctx.saved_tensors
             g = grad_rows[0] if grad_rows.numel() else grad_rows.sum()
-            out_h = grad_sh * g.to(grad_sh.dtype) if need_h else None
-            out_w = (grad_sw * g).to(ctx.w_dtype) if need_w else None
-            out_b = grad_sb * g if need_b else None
+            out_h = grad_sh.mul_(g.to(grad_sh.dtype)) if need_h else None
+            out_w = grad_sw.mul_(g).to(ctx.w_dtype) if need_w else None
+            out_b = grad_sb.mul_(g) if need_b else None
         else:
             sh, sw, sb, th, tw, tb, target = ctx.saved_tensors
             kw = {"divergence": divergence, "beta": beta}
@@ -182,7 +197,7 @@ def fused_linear_kd_loss(
         student_bias, teacher_bias: optional ``(V,)``.
         temperature, alpha, ignore_index, reduction, divergence, beta, backend: as in
             :func:`fastkd.functional.kd_loss`.
-        chunk_rows: rows per chunk (default: about 32M logits per chunk). Extra memory is about
+        chunk_rows: rows per chunk (default: about 128M logits per chunk). Extra memory is about
             three ``chunk_rows x V`` buffers in the logits' dtype.
 
     Returns:

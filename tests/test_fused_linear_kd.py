@@ -143,3 +143,28 @@ def test_validation():
         fused_linear_kd_loss(sh, sw.half(), th, tw, y)
     with pytest.raises(ValueError, match="divergence"):
         fused_linear_kd_loss(sh, sw, th, tw, y, divergence="x")
+
+
+def test_second_backward_through_the_graph_is_refused_clearly():
+    """Gradients computed in the forward are handed over (scaled in place) by the first backward;
+    a retain_graph second backward must raise, not silently return scaled-twice gradients."""
+    sh, sw, sb, th, tw, tb, y = _make()
+    h, w = sh.clone().requires_grad_(), sw.clone().requires_grad_()
+    loss = fused_linear_kd_loss(h, w, th, tw, y, reduction="mean", backend="torch")
+    (2.0 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+    # reduction="none" recomputes in its backward and supports it
+    h.grad = w.grad = None
+    rows = fused_linear_kd_loss(h, w, th, tw, y, reduction="none", backend="torch")
+    rows.sum().backward(retain_graph=True)
+    g1 = w.grad.clone()
+    rows.sum().backward()
+    torch.testing.assert_close(w.grad, 2 * g1)
+
+
+def test_default_chunk_rows():
+    from fastkd._fused_linear_kd import default_chunk_rows
+
+    assert default_chunk_rows(4096, 128256) == (1 << 27) // 128256 == 1046
+    assert default_chunk_rows(10, 128256) == 10 and default_chunk_rows(5, 1 << 30) == 1
