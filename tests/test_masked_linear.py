@@ -225,13 +225,15 @@ def test_tile_map_matches_brute_force():
             t = mask[i * TILE : (i + 1) * TILE, j * TILE : (j + 1) * TILE]
             expected[i, j] = TILE_EMPTY if not t.any() else (TILE_FULL if t.all() else TILE_PARTIAL)
     assert torch.equal(kind, expected)
-    o = nt * kt
-    row_ptr = data[o : o + nt + 1]
-    col_ptr = data[o + nt + 1 : o + nt + kt + 2]
+    lay = tiles.layout
+    assert data.numel() == lay.size
+    row_ptr = data[lay.row_ptr : lay.row_ptr + nt + 1]
+    col_ptr = data[lay.col_ptr : lay.col_ptr + kt + 1]
     nnz = tiles.nonempty
-    row_idx = data[o + nt + kt + 2 : o + nt + kt + 2 + nnz]
-    col_idx = data[o + nt + kt + 2 + nnz :]
-    assert data.numel() == o + nt + kt + 2 + 2 * nnz
+    row_idx = data[lay.row_idx : lay.row_idx + nnz]
+    col_idx = data[lay.col_idx : lay.col_idx + nnz]
+    assert lay.row_ptr == nt * kt and lay.col_ptr == lay.row_ptr + nt + 1
+    assert lay.row_idx == lay.col_ptr + kt + 1 and lay.col_idx == lay.row_idx + nt * kt
     assert nnz == int((expected != TILE_EMPTY).sum()) == 4
     for i in range(nt):
         assert row_idx[row_ptr[i] : row_ptr[i + 1]].tolist() == (expected[i] != 0).nonzero().flatten().tolist()
@@ -239,6 +241,41 @@ def test_tile_map_matches_brute_force():
         assert col_idx[col_ptr[j] : col_ptr[j + 1]].tolist() == (expected[:, j] != 0).nonzero().flatten().tolist()
     assert tiles.full == int((expected == TILE_FULL).sum())
     assert tiles.tile_density == pytest.approx(4 / 12)
+    _check_ell_lists(tiles, expected)
+
+
+def _check_ell_lists(tiles, kind):
+    """The Triton kernels' lists: per group of 1 or 2 tile-rows (tile-columns), the non-empty
+    tile-columns (tile-rows), full ones first, each part ascending."""
+    data, lists = tiles.data, tiles.layout.lists()
+    for name, grid in (("rows", kind), ("cols", kind.t())):
+        for g in (1, 2):
+            lst = lists[f"{name}{g}"]
+            assert lst.groups == -(-grid.shape[0] // g) and lst.width == grid.shape[1]
+            for grp in range(lst.groups):
+                members = grid[grp * g : (grp + 1) * g]  # 1 or 2 rows (the last group may be short)
+                nonempty = (members != TILE_EMPTY).any(0)
+                full = (members == TILE_FULL).all(0)
+                want = full.nonzero().flatten().tolist() + (nonempty & ~full).nonzero().flatten().tolist()
+                count = int(data[lst.count + grp])
+                assert count == len(want), (name, g, grp)
+                assert int(data[lst.nfull + grp]) == int(full.sum())
+                start = lst.idx + grp * lst.width
+                assert data[start : start + count].tolist() == want, (name, g, grp)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (64, 64), (130, 67), (257, 300)])
+def test_tile_map_lists_match_brute_force_random(shape):
+    torch.manual_seed(1)
+    n, k = shape
+    nt, kt = -(-n // TILE), -(-k // TILE)
+    choice = torch.randint(0, 3, (nt, kt))  # empty / partial / full per tile
+    mask = (choice == 2).repeat_interleave(TILE, 0).repeat_interleave(TILE, 1)[:n, :k].clone()
+    for i, j in (choice == 1).nonzero().tolist():
+        mask[i * TILE + 0, j * TILE + 0] = True  # one kept entry: partial unless a 1x1 tile
+    tiles = build_tile_map(mask)
+    kind = tiles.data[: nt * kt].reshape(nt, kt)
+    _check_ell_lists(tiles, kind)
 
 
 def test_tile_map_cache_rebuilds_when_mask_changes():
