@@ -136,8 +136,9 @@ def _masked_mm_kernel(
         t = t_next
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om
     tl.store(
-        out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_o[None, :].to(tl.int64) * stride_oo,
+        out_ptrs + offs_o[None, :].to(tl.int64) * stride_oo,
         acc.to(out_ptr.dtype.element_ty),
         mask=m_ok[:, None] & o_ok[None, :],
     )
@@ -179,13 +180,12 @@ def _masked_grad_weight_kernel(
     # Only a partly kept tile reads its mask; full ones keep everything (other=1). (The kind is
     # broadcast to a tensor first: the interpreter rejects a scalar-and-tensor load mask.)
     partial = (tl.full((TILE_N, TILE_K), 0, tl.int32) + kind) == 1
-    keep = tl.load(
-        keep_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_k[None, :].to(tl.int64) * stride_kk,
-        mask=out_ok & partial, other=1,
-    )
+    rows_n = offs_n[:, None].to(tl.int64)
+    cols_k = offs_k[None, :].to(tl.int64)
+    keep = tl.load(keep_ptr + rows_n * stride_kn + cols_k * stride_kk, mask=out_ok & partial, other=1)
     acc = tl.where(keep != 0, acc, 0.0)
     tl.store(
-        out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :].to(tl.int64) * stride_ok,
+        out_ptr + rows_n * stride_on + cols_k * stride_ok,
         acc.to(out_ptr.dtype.element_ty),
         mask=out_ok,
     )
@@ -233,11 +233,14 @@ def _mask_bytes(mask: torch.Tensor) -> torch.Tensor:
 
 def _check(tile_map: torch.Tensor, size: int, device) -> None:
     if tile_map.dtype != torch.int32 or tile_map.dim() != 1 or not tile_map.is_contiguous():
-        raise ValueError("tile_map must be a contiguous 1-D int32 tensor (build_tile_map(mask).data)")
+        raise ValueError(
+            "tile_map must be a contiguous 1-D int32 tensor (build_tile_map(mask).data)"
+        )
     if tile_map.numel() != size or tile_map.device != device:
         raise ValueError(
-            f"tile_map has {tile_map.numel()} entries on {tile_map.device}, a tile map of this mask "
-            f"has {size} on {device}; rebuild it with fastkd.reference.masked_linear.build_tile_map"
+            f"tile_map has {tile_map.numel()} entries on {tile_map.device}, a tile map of this "
+            f"mask has {size} on {device}; rebuild it with "
+            "fastkd.reference.masked_linear.build_tile_map"
         )
 
 
@@ -301,9 +304,11 @@ def masked_linear_grad_input(
     dx = torch.empty((M, K), dtype=grad_out.dtype, device=grad_out.device)
     keep = _mask_bytes(mask)
     # output column o = k, reduction r = n: W and the mask are read transposed through strides
+    w_strides = (weight.stride(1), weight.stride(0))
+    k_strides = (keep.stride(1), keep.stride(0))
     return _masked_mm(
-        grad_out, weight, (weight.stride(1), weight.stride(0)), keep, (keep.stride(1), keep.stride(0)),
-        None, dx, tile_map, layout.lists()[f"cols{g}"], g,
+        grad_out, weight, w_strides, keep, k_strides, None, dx, tile_map,
+        layout.lists()[f"cols{g}"], g,
     )
 
 
