@@ -1,5 +1,6 @@
-"""GPU benchmark of fastkd's masked linear (issue 3): the tile-skipping CUDA kernel against dense
-cuBLAS and PyTorch's semi-structured 2:4 path, all measured in the same run.
+"""GPU benchmark of fastkd's masked linear (issue 3): the tile-skipping CUDA kernel and the
+block-sparse Triton kernels against dense cuBLAS and PyTorch's semi-structured 2:4 path, all
+measured in the same run.
 
     python bench/bench_masked_linear.py                 # full sweep, JSON to bench/results/
     python bench/bench_masked_linear.py --quick         # a few shapes, to smoke-test a GPU box
@@ -7,13 +8,18 @@ cuBLAS and PyTorch's semi-structured 2:4 path, all measured in the same run.
 Sweep: bf16; M in {1, 16, 128, 2048, 8192}; (K, N) in {(4096, 4096), (4096, 14336), (14336, 4096)};
 patterns 64x64 blocks at 50/75/90 %, 2:4, unstructured 50/90 %. For each point:
   forward:   dense F.linear(x, W) (the unpruned layer, cuBLAS) | fastkd backend="torch" (cuBLAS on
-             W o M, mask applied per call) | backend="cuda" (the sparse kernel) | backend="auto" |
-             for 2:4 also F.linear on to_sparse_semi_structured(W o M)
-  fwd+bwd:   dense F.linear vs fastkd cuda and auto (x and W both need gradients)
-Each record has the median milliseconds (triton.testing.do_bench), the speedup over dense
-(dense_ms / ms, > 1 is faster), achieved TFLOP/s of the dense-equivalent work, the peak extra
-memory of one sparse forward, and the kernel's max error against an fp32 reference. The issue's
-targets are evaluated at the end and stored with the results.
+             W o M, mask applied per call) | backend="cuda" (the WMMA kernel) | backend="triton"
+             (the block-sparse Triton kernels, BLOCK_N = 64) | fastkd_triton_n128 (the same with
+             BLOCK_N = 128, two map rows per program) | backend="auto" | for 2:4 also F.linear on
+             to_sparse_semi_structured(W o M)
+  fwd+bwd:   dense F.linear vs fastkd cuda, triton, auto and torch (x and W both need gradients)
+Each record has the median milliseconds of the whole call (triton.testing.do_bench: includes the
+Python work of argument checks and backend choice, which can exceed the GPU time of a small call),
+the same replayed from a CUDA graph (``*_graph_ms``: GPU time only, what a captured training step
+would see), the speedup over dense (dense_ms / ms, > 1 is faster), achieved TFLOP/s of the
+dense-equivalent work, the peak extra memory of one sparse forward, and each sparse kernel's max
+error against an fp32 reference. The issue's targets are evaluated at the end and stored with the
+results.
 """
 
 from __future__ import annotations
@@ -74,6 +80,58 @@ def bench_ms(fn, rep_ms: int) -> float:
     return float(do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median"))
 
 
+def graph_ms(fn, rep_ms: int, calls: int = 10) -> float:
+    """Median milliseconds of one fn() replayed from a CUDA graph holding `calls` of them (no
+    Python or launch overhead: the GPU time of the call)."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles Triton kernels) outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    torch.cuda.synchronize()
+    ms = do_bench(graph.replay, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
+    del graph
+    return float(ms) / calls
+
+
+class _TritonTiles:
+    """Run the Triton backend with `tiles` map tiles per program (BLOCK_N, BLOCK_K = 64 tiles)."""
+
+    def __init__(self, tiles: int):
+        self.tiles = tiles
+
+    def __enter__(self):
+        from fastkd.kernels import masked_linear as kern
+
+        self.saved = dict(kern.TILES_PER_PROGRAM)
+        kern.TILES_PER_PROGRAM.update(forward=self.tiles, grad_input=self.tiles)
+
+    def __exit__(self, *exc):
+        from fastkd.kernels import masked_linear as kern
+
+        kern.TILES_PER_PROGRAM.update(self.saved)
+
+
+def _timed(name, fn, rep_ms, rec, prefix, times, graph_times=None):
+    try:
+        times[name] = bench_ms(fn, rep_ms)
+    except Exception as exc:
+        rec[f"{prefix}{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        return
+    if graph_times is not None:
+        try:
+            graph_times[name] = graph_ms(fn, rep_ms)
+        except Exception as exc:
+            rec[f"{prefix}{name}_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+
+
 def one_point(m, k, n, pattern, sparsity, rep_ms, backward=True) -> dict:
     from fastkd.functional import masked_linear
     from fastkd.reference.masked_linear import build_tile_map
@@ -88,21 +146,33 @@ def one_point(m, k, n, pattern, sparsity, rep_ms, backward=True) -> dict:
     rec = {
         "M": m, "K": k, "N": n, "dtype": "bfloat16", "pattern": pattern, "sparsity": sparsity,
         "density": float(mask.float().mean()), "tile_density": tiles.tile_density,
+        "full_tiles": tiles.full / max(1, tiles.n_tiles * tiles.k_tiles),
     }
 
-    # correctness of the sparse kernel at this point (fp32 reference on the same bf16 inputs)
-    y = masked_linear(x, w, mask, backend="cuda", tile_map=tiles)
+    # correctness of the sparse kernels at this point (fp32 reference on the same bf16 inputs)
     ref = Fn.linear(x.float(), (w * mask).float())
-    rec["max_abs_err_vs_fp32"] = float((y.float() - ref).abs().max())
     rec["torch_bf16_err_vs_fp32"] = float((Fn.linear(x, w * mask).float() - ref).abs().max())
-    del y, ref
+    for backend, key in (("cuda", "max_abs_err_vs_fp32"), ("triton", "triton_max_abs_err_vs_fp32")):
+        try:
+            y = masked_linear(x, w, mask, backend=backend, tile_map=tiles)
+            rec[key] = float((y.float() - ref).abs().max())
+        except Exception as exc:
+            rec[f"{backend}_check_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    del ref
+
+    def triton_n128():
+        with _TritonTiles(2):
+            return masked_linear(x, w, mask, backend="triton", tile_map=tiles)
 
     fwd = {
         "dense_linear": lambda: Fn.linear(x, w),
         "fastkd_torch": lambda: masked_linear(x, w, mask, backend="torch"),
         "fastkd_cuda": lambda: masked_linear(x, w, mask, backend="cuda", tile_map=tiles),
+        "fastkd_triton": lambda: masked_linear(x, w, mask, backend="triton", tile_map=tiles),
+        "fastkd_triton_n128": triton_n128,
         "fastkd_auto": lambda: masked_linear(x, w, mask, backend="auto", tile_map=tiles),
     }
+    in_graph = ("dense_linear", "fastkd_cuda", "fastkd_triton", "fastkd_triton_n128")
     if pattern == "2:4":
         try:
             from torch.sparse import to_sparse_semi_structured
@@ -111,26 +181,38 @@ def one_point(m, k, n, pattern, sparsity, rep_ms, backward=True) -> dict:
             fwd["semi_structured_2to4"] = lambda: Fn.linear(x, w24)
         except Exception as exc:  # not every build/GPU/shape supports it
             rec["semi_structured_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    times = {}
+    times, gtimes = {}, {}
     for name, fn in fwd.items():
-        try:
-            times[name] = bench_ms(fn, rep_ms)
-        except Exception as exc:
-            rec[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        _timed(name, fn, rep_ms, rec, "", times, gtimes if name in in_graph else None)
     rec["fwd_ms"] = times
+    rec["fwd_graph_ms"] = gtimes
     if "dense_linear" in times:
         rec["fwd_speedup_vs_dense"] = {k_: times["dense_linear"] / v for k_, v in times.items()}
         rec["fwd_tflops"] = {k_: flops / v / 1e9 for k_, v in times.items()}
+    if "dense_linear" in gtimes:
+        dense = gtimes["dense_linear"]
+        rec["fwd_graph_speedup_vs_dense"] = {k_: dense / v for k_, v in gtimes.items()}
+        # the kept tiles' share of the dense work, done at what fraction of cuBLAS's rate
+        kept = tiles.tile_density
+        rec["fwd_graph_per_kept_tile_vs_cublas"] = {
+            k_: dense * kept / v for k_, v in gtimes.items() if k_ != "dense_linear"
+        }
 
     # memory: extra peak of one sparse forward beyond its inputs and output
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = masked_linear(x, w, mask, backend="cuda", tile_map=tiles)
-    torch.cuda.synchronize()
-    rec["sparse_fwd_extra_peak_bytes"] = torch.cuda.max_memory_allocated() - base - out.numel() * 2
+    for backend in ("cuda", "triton"):
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            out = masked_linear(x, w, mask, backend=backend, tile_map=tiles)
+            torch.cuda.synchronize()
+            extra = torch.cuda.max_memory_allocated() - base - out.numel() * 2
+            rec[f"{'sparse' if backend == 'cuda' else 'triton'}_fwd_extra_peak_bytes"] = extra
+            del out
+        except Exception:
+            pass  # the timing above already recorded why this backend cannot run
     rec["masked_weight_bytes"] = w.numel() * 2
-    del out
+    rec["tile_map_bytes"] = tiles.data.numel() * 4
 
     if backward:
         xg = x.detach().clone().requires_grad_(True)
@@ -146,16 +228,27 @@ def one_point(m, k, n, pattern, sparsity, rep_ms, backward=True) -> dict:
 
             return run
 
-        bt = {}
-        for name, fn in (("dense_linear", dense_step), ("fastkd_cuda", step("cuda")),
-                         ("fastkd_auto", step("auto")), ("fastkd_torch", step("torch"))):
-            try:
-                bt[name] = bench_ms(fn, rep_ms)
-            except Exception as exc:
-                rec[f"fwdbwd_{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        def triton_n128_step():
+            with _TritonTiles(2):
+                masked_linear(xg, wg, mask, backend="triton", tile_map=tiles).backward(gy)
+
+        bt, bgt = {}, {}
+        steps = (
+            ("dense_linear", dense_step), ("fastkd_cuda", step("cuda")),
+            ("fastkd_triton", step("triton")), ("fastkd_triton_n128", triton_n128_step),
+            ("fastkd_auto", step("auto")), ("fastkd_torch", step("torch")),
+        )
+        for name, fn in steps:
+            graphed = name in ("dense_linear", "fastkd_cuda", "fastkd_triton")
+            _timed(name, fn, rep_ms, rec, "fwdbwd_", bt, bgt if graphed else None)
         rec["fwdbwd_ms"] = bt
+        rec["fwdbwd_graph_ms"] = bgt
         if "dense_linear" in bt:
             rec["fwdbwd_speedup_vs_dense"] = {k_: bt["dense_linear"] / v for k_, v in bt.items()}
+        if "dense_linear" in bgt:
+            rec["fwdbwd_graph_speedup_vs_dense"] = {
+                k_: bgt["dense_linear"] / v for k_, v in bgt.items()
+            }
     return rec
 
 
@@ -166,18 +259,20 @@ def evaluate_targets(records) -> dict:
     def fwd(r, name):
         return r.get("fwd_speedup_vs_dense", {}).get(name)
 
-    for sp, target in ((0.5, 1.6), (0.75, 3.0), (0.9, 6.0)):
-        got = [fwd(r, "fastkd_cuda") for r in records
-               if r["pattern"] == "block64" and r["sparsity"] == sp and r["M"] >= 2048]
+    for kernel in ("fastkd_cuda", "fastkd_triton"):
+        tag = "" if kernel == "fastkd_cuda" else "triton_"
+        for sp, target in ((0.5, 1.6), (0.75, 3.0), (0.9, 6.0)):
+            got = [fwd(r, kernel) for r in records
+                   if r["pattern"] == "block64" and r["sparsity"] == sp and r["M"] >= 2048]
+            got = [g for g in got if g is not None]
+            out[f"{tag}block64_{int(sp * 100)}_fwd_M>=2048_min_speedup"] = {
+                "target": target, "min": min(got) if got else None,
+                "met": bool(got) and min(got) >= target}
+        got = [r.get("fwdbwd_speedup_vs_dense", {}).get(kernel) for r in records
+               if r["pattern"] == "block64" and r["sparsity"] == 0.75 and r["M"] >= 2048]
         got = [g for g in got if g is not None]
-        out[f"block64_{int(sp * 100)}_fwd_M>=2048_min_speedup"] = {
-            "target": target, "min": min(got) if got else None,
-            "met": bool(got) and min(got) >= target}
-    got = [r.get("fwdbwd_speedup_vs_dense", {}).get("fastkd_cuda") for r in records
-           if r["pattern"] == "block64" and r["sparsity"] == 0.75 and r["M"] >= 2048]
-    got = [g for g in got if g is not None]
-    out["block64_75_fwdbwd_M>=2048_min_speedup"] = {
-        "target": 1.4, "min": min(got) if got else None, "met": bool(got) and min(got) >= 1.4}
+        out[f"{tag}block64_75_fwdbwd_M>=2048_min_speedup"] = {
+            "target": 1.4, "min": min(got) if got else None, "met": bool(got) and min(got) >= 1.4}
     got = [max(fwd(r, "fastkd_auto") or 0, fwd(r, "semi_structured_2to4") or 0) for r in records
            if r["pattern"] == "2:4" and r["M"] >= 4096]
     out["2to4_fwd_M>=4096_best_speedup"] = {
@@ -221,12 +316,9 @@ def _cpu_points() -> list:
 
 def run(device: str = "cuda", quick: bool = False, rep_ms: int = 100, backward: bool = True) -> list:
     """Records for this device (the `python -m fastkd bench` / gpu_check.sh convention)."""
-    if device != "cuda":
+    if torch.device(device).type != "cuda":
         return _cpu_points()
-    import fastkd
-
-    if not fastkd._extension.loaded():
-        raise RuntimeError(f"fastkd._C not loaded: {fastkd._extension.LOAD_ERROR}")
+    # Without fastkd._C the CUDA kernel's timings are recorded as errors; the rest still runs.
     m_list, kn_list, patterns = _sweep(quick)
     records = []
     for k, n in kn_list:
@@ -235,12 +327,21 @@ def run(device: str = "cuda", quick: bool = False, rep_ms: int = 100, backward: 
                 rec = one_point(m, k, n, pattern, sparsity, rep_ms, backward)
                 records.append(rec)
                 sp = rec.get("fwd_speedup_vs_dense", {})
+                gsp = rec.get("fwd_graph_speedup_vs_dense", {})
+                bsp = rec.get("fwdbwd_graph_speedup_vs_dense", {})
+                nan = float("nan")
                 print(
                     f"M={m:<5} K={k:<5} N={n:<5} {pattern:>12} {str(sparsity):>5} "
-                    f"cuda x{sp.get('fastkd_cuda', float('nan')):.2f} "
-                    f"auto x{sp.get('fastkd_auto', float('nan')):.2f} "
-                    f"2:4 x{sp.get('semi_structured_2to4', float('nan')):.2f} "
-                    f"err {rec['max_abs_err_vs_fp32']:.3g} (torch {rec['torch_bf16_err_vs_fp32']:.3g})",
+                    f"cuda x{sp.get('fastkd_cuda', nan):.2f} "
+                    f"triton x{sp.get('fastkd_triton', nan):.2f} "
+                    f"(graph x{gsp.get('fastkd_triton', nan):.2f}, "
+                    f"n128 x{gsp.get('fastkd_triton_n128', nan):.2f}, "
+                    f"fwd+bwd x{bsp.get('fastkd_triton', nan):.2f}) "
+                    f"auto x{sp.get('fastkd_auto', nan):.2f} "
+                    f"2:4 x{sp.get('semi_structured_2to4', nan):.2f} "
+                    f"err cuda {rec.get('max_abs_err_vs_fp32', nan):.3g} "
+                    f"triton {rec.get('triton_max_abs_err_vs_fp32', nan):.3g} "
+                    f"(torch {rec['torch_bf16_err_vs_fp32']:.3g})",
                     flush=True,
                 )
                 torch.cuda.empty_cache()

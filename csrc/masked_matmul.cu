@@ -13,8 +13,12 @@
 //   [kind    : n_tiles*k_tiles]  0 = no kept entry, 1 = partly kept, 2 = every in-bounds entry kept
 //   [row_ptr : n_tiles + 1    ]  CSR over tile-rows: non-empty tiles of tile-row tn are
 //   [col_ptr : k_tiles + 1    ]      row_idx[row_ptr[tn] .. row_ptr[tn+1]) (their tile-columns)
-//   [row_idx : nnz            ]  CSC over tile-columns: non-empty tiles of tile-column tk are
-//   [col_idx : nnz            ]      col_idx[col_ptr[tk] .. col_ptr[tk+1]) (their tile-rows)
+//   [row_idx : n_tiles*k_tiles]  CSC over tile-columns: non-empty tiles of tile-column tk are
+//   [col_idx : n_tiles*k_tiles]      col_idx[col_ptr[tk] .. col_ptr[tk+1]) (their tile-rows)
+//   [...                      ]  lists for the Triton kernels (fastkd.reference.masked_linear.
+//                                 TileMapLayout), not read here
+// row_idx and col_idx hold nnz entries each, padded to n_tiles*k_tiles so that every offset
+// follows from the shape alone.
 // Empty tiles are skipped entirely; the mask is read (elementwise) only inside partly kept tiles,
 // so any mask is computed exactly and the speed grows with block structure.
 //
@@ -311,20 +315,20 @@ TileMap view_tile_map(const at::Tensor& weight, const at::Tensor& mask, const at
   const int64_t nt = ceil_div(weight.size(0), TILE);
   const int64_t kt = ceil_div(weight.size(1), TILE);
   TORCH_CHECK(nt <= 65535 && kt <= 65535, "fastkd masked_mm: weight too large for the tile grid");
-  const int64_t fixed = nt * kt + nt + 1 + kt + 1;
-  const int64_t rest = tile_map.numel() - fixed;
-  TORCH_CHECK(rest >= 0 && rest % 2 == 0 && rest / 2 <= nt * kt,
+  // The sections read here (kind, row_ptr, col_ptr, padded row_idx and col_idx); the Triton
+  // lists that follow make the map longer.
+  const int64_t needed = 3 * nt * kt + nt + 1 + kt + 1;
+  TORCH_CHECK(tile_map.numel() >= needed,
               "fastkd masked_mm: tile_map of ", tile_map.numel(), " entries does not match a ",
               weight.size(0), "x", weight.size(1), " weight with ", TILE, "x", TILE,
               " tiles; rebuild it with fastkd.reference.masked_linear.build_tile_map");
-  const int64_t nnz = rest / 2;
   const int* base = tile_map.data_ptr<int>();
   TileMap tm;
   tm.kind = base;
   tm.row_ptr = base + nt * kt;
   tm.col_ptr = tm.row_ptr + nt + 1;
   tm.row_idx = tm.col_ptr + kt + 1;
-  tm.col_idx = tm.row_idx + nnz;
+  tm.col_idx = tm.row_idx + nt * kt;
   tm.n_tiles = static_cast<int>(nt);
   tm.k_tiles = static_cast<int>(kt);
   return tm;

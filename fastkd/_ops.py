@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .reference.masked_linear import tile_map_layout
 
 NAMESPACE = "fastkd"
 
@@ -442,9 +443,10 @@ for _name in ("fastkd::int8_linear_w8a8", "fastkd::int8_linear_w8a16"):
 #     masked_mm_grad_input(grad_out, weight, mask, tile_map) -> dx (M, K)
 #     masked_mm_grad_weight(grad_out, x, mask, tile_map) -> dW (N, K), zero where mask is False
 #   Public ops (autograd on masked_linear): pick the implementation from the resolved backend
-#   string ("cuda" -> the kernel ops above, anything else -> the reference, i.e. dense
-#   F.linear / cuBLAS on W o M). A CUDA-key kernel on these ops would shadow the reference for
-#   every CUDA tensor, which is why the CUDA kernels live on the separate kernel ops.
+#   string ("cuda" -> the kernel ops above, "triton" -> the block-sparse Triton kernels of
+#   kernels/masked_linear.py, anything else -> the reference, i.e. dense F.linear / cuBLAS on
+#   W o M). A CUDA-key kernel on these ops would shadow the reference for every CUDA tensor, which
+#   is why the CUDA kernels live on the separate kernel ops.
 # --------------------------------------------------------------------------------------------
 
 torch.library.define(
@@ -488,33 +490,48 @@ def _masked_mm_grad_weight_ref(grad_out, x, mask, tile_map):
     return reference.masked_linear_grad_weight(grad_out, x, mask)
 
 
-def _need_tile_map(tile_map, op):
+def _need_tile_map(tile_map, op, backend):
     if tile_map is None:
-        raise ValueError(f"{op}: backend 'cuda' needs the mask's tile map (build_tile_map)")
+        raise ValueError(f"{op}: backend {backend!r} needs the mask's tile map (build_tile_map)")
     return tile_map
+
+
+def _masked_triton(tile_map, mask, op):
+    """The Triton kernels and the layout of this mask's tile map."""
+    tile_map = _need_tile_map(tile_map, op, "triton")
+    return _kernels("masked_linear"), tile_map, tile_map_layout(*mask.shape)
 
 
 @torch.library.register_kernel("fastkd::masked_linear", None)
 def _masked_linear_impl(x, weight, mask, bias, tile_map, backend):
     if backend == "cuda":
-        tile_map = _need_tile_map(tile_map, "masked_linear")
+        tile_map = _need_tile_map(tile_map, "masked_linear", backend)
         return torch.ops.fastkd.masked_mm(x, weight, mask, bias, tile_map)
+    if backend == "triton":
+        kern, tile_map, layout = _masked_triton(tile_map, mask, "masked_linear")
+        return kern.masked_linear_forward(x, weight, mask, bias, tile_map, layout)
     return reference.masked_linear_forward(x, weight, mask, bias)
 
 
 @torch.library.register_kernel("fastkd::masked_linear_grad_input", None)
 def _masked_linear_grad_input_impl(grad_out, weight, mask, tile_map, backend):
     if backend == "cuda":
-        tile_map = _need_tile_map(tile_map, "masked_linear_grad_input")
+        tile_map = _need_tile_map(tile_map, "masked_linear_grad_input", backend)
         return torch.ops.fastkd.masked_mm_grad_input(grad_out, weight, mask, tile_map)
+    if backend == "triton":
+        kern, tile_map, layout = _masked_triton(tile_map, mask, "masked_linear_grad_input")
+        return kern.masked_linear_grad_input(grad_out, weight, mask, tile_map, layout)
     return reference.masked_linear_grad_input(grad_out, weight, mask)
 
 
 @torch.library.register_kernel("fastkd::masked_linear_grad_weight", None)
 def _masked_linear_grad_weight_impl(grad_out, x, mask, tile_map, backend):
     if backend == "cuda":
-        tile_map = _need_tile_map(tile_map, "masked_linear_grad_weight")
+        tile_map = _need_tile_map(tile_map, "masked_linear_grad_weight", backend)
         return torch.ops.fastkd.masked_mm_grad_weight(grad_out, x, mask, tile_map)
+    if backend == "triton":
+        kern, tile_map, layout = _masked_triton(tile_map, mask, "masked_linear_grad_weight")
+        return kern.masked_linear_grad_weight(grad_out, x, mask, tile_map, layout)
     return reference.masked_linear_grad_weight(grad_out, x, mask)
 
 

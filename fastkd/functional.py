@@ -13,6 +13,7 @@ from . import _ops  # noqa: F401  (registers the ops)
 from ._backend import (
     ENV_VAR,
     TORCH,
+    TRITON,
     Backend,
     OpBackends,
     register,
@@ -388,6 +389,8 @@ from .reference.masked_linear import MaskTiles, build_tile_map  # noqa: E402
 
 MASKED_MM_OPS = ("masked_mm", "masked_mm_grad_input", "masked_mm_grad_weight")
 MASKED_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# The backends that skip empty weight tiles and read the mask's tile map.
+MASKED_SPARSE_BACKENDS = ("cuda", "triton")
 
 # Whether `auto` may take the sparse CUDA kernel instead of dense cuBLAS on W o M.
 # MEASURED NO (bench/results/masked_linear-2026-11-30-NVIDIA-H200.json, H200, torch 2.11, bf16,
@@ -397,6 +400,11 @@ MASKED_HALF_DTYPES = (torch.float16, torch.bfloat16)
 # When it does, the thresholds below decide (64x64 weight tiles are what the kernel skips, so the
 # fraction of tiles with a kept entry is what matters, not the fraction of kept weights).
 AUTO_PICKS_SPARSE_KERNEL = False
+# Whether `auto` may take the block-sparse Triton kernels (kernels/masked_linear.py).
+# NOT MEASURED YET: written without a GPU; bench/bench_masked_linear.py times it next to the CUDA
+# kernel and dense cuBLAS. Turn on (the same thresholds then decide) only where that run shows it
+# ahead of dense; see bench/notes_masked_linear.md for what it is expected to do.
+AUTO_PICKS_TRITON_KERNEL = False
 AUTO_SPARSE_MAX_TILE_DENSITY = 0.30  # at most 30% of 64x64 weight tiles non-empty
 AUTO_SPARSE_MIN_ROWS = 512  # rows of x (M); below it too few CTAs fill the GPU
 
@@ -418,10 +426,25 @@ MASKED_LINEAR_BACKENDS = register(
         [
             Backend("cuda", auto_devices=("cuda",) if AUTO_PICKS_SPARSE_KERNEL else (),
                     unavailable=_masked_cuda_unavailable),
+            Backend("triton", auto_devices=("cuda",) if AUTO_PICKS_TRITON_KERNEL else (),
+                    unavailable=TRITON.unavailable),
             TORCH,
         ],
     )
 )
+
+
+def masked_linear_reasons(dtype: torch.dtype):
+    """`extra` for MASKED_LINEAR_BACKENDS.select: why a backend cannot take inputs of `dtype`."""
+
+    def extra(name):
+        if name == "cuda" and dtype not in MASKED_HALF_DTYPES:
+            return [f"the CUDA kernel takes float16/bfloat16, got {dtype}"]
+        if name == "triton" and dtype == torch.bfloat16 and _interpreting():
+            return ["the Triton interpreter runs on numpy, which has no bfloat16"]
+        return []
+
+    return extra
 
 
 def _check_mask_tiles(tile_map, mask: Tensor) -> None:
@@ -453,12 +476,14 @@ def masked_linear(
         weight: ``(N, K)``, same dtype and device as ``x``.
         mask: ``(N, K)`` bool, True where the weight is kept.
         bias: optional ``(N,)``, same dtype as ``x``.
-        backend: ``"auto"``, ``"torch"`` (dense ``F.linear`` on ``W o M``: cuBLAS on a GPU) or
-            ``"cuda"`` (the tile-skipping tensor-core kernel: CUDA tensors, fp16/bf16, fastkd._C
-            built). ``auto`` takes ``cuda`` only where it should be faster (see
-            ``AUTO_SPARSE_MAX_TILE_DENSITY``, provisional), else ``torch``.
-        tile_map: the mask's :class:`MaskTiles`; built here (one device sync) when the CUDA kernel
-            runs without one. ``MaskedLinear`` caches it.
+        backend: ``"auto"``, ``"torch"`` (dense ``F.linear`` on ``W o M``: cuBLAS on a GPU),
+            ``"cuda"`` (the tile-skipping WMMA kernel: CUDA tensors, fp16/bf16, fastkd._C built)
+            or ``"triton"`` (the block-sparse Triton kernels: CUDA tensors, or CPU tensors under
+            ``TRITON_INTERPRET=1``; fp16/bf16/fp32, fp32 with IEEE fp32 products). ``auto`` takes a
+            sparse kernel only where one was measured faster (``AUTO_PICKS_SPARSE_KERNEL``,
+            ``AUTO_PICKS_TRITON_KERNEL``, ``AUTO_SPARSE_MAX_TILE_DENSITY``), else ``torch``.
+        tile_map: the mask's :class:`MaskTiles`; built here (one device sync) when a sparse kernel
+            runs without one (under ``torch.compile`` it must be given). ``MaskedLinear`` caches it.
 
     Returns:
         ``(..., N)`` in the dtype of ``x`` (the autocast dtype inside ``torch.autocast``).
@@ -497,33 +522,28 @@ def masked_linear(
     if tile_map is not None:
         _check_mask_tiles(tile_map, mask)
 
-    def extra(name):
-        if name == "cuda" and x.dtype not in MASKED_HALF_DTYPES:
-            return [f"the CUDA kernel takes float16/bfloat16, got {x.dtype}"]
-        return []
-
-    impl = MASKED_LINEAR_BACKENDS.select(backend, x.device, extra)
+    impl = MASKED_LINEAR_BACKENDS.select(backend, x.device, masked_linear_reasons(x.dtype))
     chosen_by_auto = backend == "auto" and os.environ.get(ENV_VAR, "auto") in ("", "auto")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.shape[1])
-    if impl == "cuda":
+    if impl in MASKED_SPARSE_BACKENDS:
         if tile_map is None:
             if torch.compiler.is_compiling():
                 if chosen_by_auto:
                     impl = "torch"  # building the map needs a sync; the dense path needs none
                 else:
                     raise ValueError(
-                        "backend='cuda' under torch.compile needs tile_map= (build_tile_map(mask), "
+                        f"backend={impl!r} under torch.compile needs tile_map= (build_tile_map(mask), "
                         "built outside the compiled region)"
                     )
             else:
                 tile_map = build_tile_map(mask)
-        if impl == "cuda" and chosen_by_auto:
+        if impl != "torch" and chosen_by_auto:
             if (
                 tile_map.tile_density > AUTO_SPARSE_MAX_TILE_DENSITY
                 or x2.shape[0] < AUTO_SPARSE_MIN_ROWS
             ):
                 impl = "torch"
-    tiles = tile_map.data if (impl == "cuda" and tile_map is not None) else None
+    tiles = tile_map.data if (impl in MASKED_SPARSE_BACKENDS and tile_map is not None) else None
     y = torch.ops.fastkd.masked_linear(x2, weight, mask, bias, tiles, impl)
     return y.reshape(*lead, weight.shape[0])

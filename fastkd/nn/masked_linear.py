@@ -6,7 +6,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import _extension
 from .. import functional as F
 from .._backend import check_backend
 from ..prune import magnitude_mask, pattern_name
@@ -20,10 +19,11 @@ class MaskedLinear(nn.Module):
     the state_dict). Pruned weights get exactly zero gradient, and ``from_linear`` zeroes them, so
     they stay exactly zero under SGD, momentum, Adam and AdamW with weight decay.
 
-    On CUDA with fp16/bf16 the tile map of the mask (which 64x64 weight tiles hold a kept entry) is
-    built once and cached; it is rebuilt when the mask changes (an in-place edit, ``load_state_dict``,
-    ``.to()``), or explicitly with :meth:`set_mask_`. Under ``torch.compile`` the cached map is used
-    as it is: call ``set_mask_`` (or run once eagerly) after changing the mask.
+    Where a sparse kernel runs (backend "cuda" or "triton", or "auto" where it picks one), the tile
+    map of the mask (which 64x64 weight tiles hold a kept entry) is built once, cached and passed
+    to it; it is rebuilt when the mask changes (an in-place edit, ``load_state_dict``, ``.to()``),
+    or explicitly with :meth:`set_mask_`. Under ``torch.compile`` the cached map is used as it is:
+    call ``set_mask_`` (or run once eagerly) after changing the mask.
     """
 
     def __init__(
@@ -154,11 +154,17 @@ class MaskedLinear(nn.Module):
         return self._tiles
 
     def _tiles_for(self, x: Tensor) -> Optional[MaskTiles]:
-        # Only the CUDA kernel reads the map; the CPU / fp32 path never pays for it.
-        wanted = self.backend == "cuda" or (self.backend == "auto" and F.AUTO_PICKS_SPARSE_KERNEL)
-        if not wanted or not x.is_cuda:
-            return None
-        if x.dtype not in F.MASKED_HALF_DTYPES or not _extension.loaded():
+        # Only the sparse kernels (cuda, triton) read the map; the dense path never pays for it.
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            dtype = torch.get_autocast_dtype(x.device.type)  # what masked_linear will compute in
+        try:
+            impl = F.MASKED_LINEAR_BACKENDS.select(
+                self.backend, x.device, F.masked_linear_reasons(dtype)
+            )
+        except RuntimeError:
+            return None  # masked_linear raises with the reason
+        if impl not in F.MASKED_SPARSE_BACKENDS:
             return None
         if torch.compiler.is_compiling():
             return self._tiles

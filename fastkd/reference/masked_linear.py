@@ -41,16 +41,90 @@ def masked_linear_grad_weight(grad_out: Tensor, x: Tensor, mask: Tensor) -> Tens
 
 
 @dataclass(frozen=True)
+class TileList:
+    """Where one ELL tile list lives in the packed map: for each of ``groups`` groups of output
+    tiles, ``count[g]`` non-empty reduction tiles at ``idx[g * width : g * width + count[g]]``, the
+    first ``nfull[g]`` of them full (mask not needed), the rest partly kept (ascending within each).
+    Fixed size, so the offsets follow from the shape alone (no device read to find them)."""
+
+    count: int  # offset of count[groups]
+    nfull: int  # offset of nfull[groups]
+    idx: int  # offset of idx[groups * width]
+    groups: int
+    width: int
+
+    @property
+    def end(self) -> int:
+        return self.idx + self.groups * self.width
+
+
+@dataclass(frozen=True)
+class TileMapLayout:
+    """Offsets of every section of the packed tile map of a mask with ``n_tiles x k_tiles`` tiles.
+
+        [kind    : nt*kt]  0 empty, 1 partly kept, 2 every in-bounds entry kept   (both backends)
+        [row_ptr : nt+1 ][col_ptr : kt+1]                                         (CUDA kernels)
+        [row_idx : nt*kt][col_idx : nt*kt]  CSR / CSC of the non-empty tiles, each padded to nt*kt
+        [rows1][rows2][cols1][cols2]        ELL lists, full tiles first (Triton kernels):
+            rows<g>: groups of g tile-rows (forward, BLOCK_N = 64 g), reduction over tile-columns
+            cols<g>: groups of g tile-columns (grad_input, BLOCK_K = 64 g), over tile-rows
+    A group of two is non-empty where either tile is, and full only where both (in bounds) are.
+    """
+
+    n_tiles: int
+    k_tiles: int
+
+    @property
+    def kind(self) -> int:
+        return 0
+
+    @property
+    def row_ptr(self) -> int:
+        return self.n_tiles * self.k_tiles
+
+    @property
+    def col_ptr(self) -> int:
+        return self.row_ptr + self.n_tiles + 1
+
+    @property
+    def row_idx(self) -> int:
+        return self.col_ptr + self.k_tiles + 1
+
+    @property
+    def col_idx(self) -> int:
+        return self.row_idx + self.n_tiles * self.k_tiles
+
+    def lists(self) -> dict:
+        """{"rows1", "rows2", "cols1", "cols2"} -> TileList, in their order in the map."""
+        nt, kt = self.n_tiles, self.k_tiles
+        out, off = {}, self.col_idx + nt * kt
+        for name, groups, width in (
+            ("rows1", nt, kt),
+            ("rows2", -(-nt // 2), kt),
+            ("cols1", kt, nt),
+            ("cols2", -(-kt // 2), nt),
+        ):
+            out[name] = TileList(off, off + groups, off + 2 * groups, groups, width)
+            off = out[name].end
+        return out
+
+    @property
+    def size(self) -> int:
+        return self.lists()["cols2"].end
+
+
+def tile_map_layout(n: int, k: int, tile: int = TILE) -> TileMapLayout:
+    """The layout of the tile map of an (n, k) mask."""
+    return TileMapLayout(-(-n // tile), -(-k // tile))
+
+
+@dataclass(frozen=True)
 class MaskTiles:
     """The tile map of a (N, K) mask on a grid of TILE x TILE tiles, packed in one int32 tensor
-    ``data`` on the mask's device (layout documented in csrc/masked_matmul.cu):
-
-        [kind: n_tiles*k_tiles][row_ptr: n_tiles+1][col_ptr: k_tiles+1][row_idx: nnz][col_idx: nnz]
-
-    kind is 0 (no kept entry), 1 (partly kept) or 2 (every in-bounds entry kept); row_ptr/row_idx
-    list the non-empty tiles of each tile-row (CSR, for the forward) and col_ptr/col_idx those of
-    each tile-column (CSC, the transposed map, for dX). The counts are Python ints so backend
-    choice needs no device sync.
+    ``data`` on the mask's device; :class:`TileMapLayout` gives the offset of every section (the
+    CUDA kernels read kind and the CSR/CSC lists, see csrc/masked_matmul.cu; the Triton kernels
+    read kind and the ELL lists, see kernels/masked_linear.py). The counts are Python ints so
+    backend choice needs no device sync.
     """
 
     data: Tensor
@@ -65,6 +139,39 @@ class MaskTiles:
         """Fraction of weight tiles with at least one kept entry (what the kernel cannot skip)."""
         total = self.n_tiles * self.k_tiles
         return self.nonempty / total if total else 0.0
+
+    @property
+    def layout(self) -> TileMapLayout:
+        return TileMapLayout(self.n_tiles, self.k_tiles)
+
+
+def _group(flags: Tensor, g: int, reduce: str) -> Tensor:
+    """Combine groups of g consecutive rows of a (G, R) bool grid: any (reduce="any") or all."""
+    if g == 1:
+        return flags
+    rows, width = flags.shape
+    pad = (-rows) % g
+    # A missing row (past the last tile-row) has no entries: empty for "any", full for "all".
+    fill = torch.full((pad, width), reduce == "all", dtype=torch.bool, device=flags.device)
+    grouped = torch.cat([flags, fill]).reshape(-1, g, width)
+    return grouped.any(dim=1) if reduce == "any" else grouped.all(dim=1)
+
+
+def _ell_list(nonempty: Tensor, full: Tensor) -> Tensor:
+    """[count: G][nfull: G][idx: G*R] of a (G, R) grid: per group the non-empty columns, the full
+    ones first, each part ascending. No device sync (no data-dependent shapes)."""
+    groups, width = nonempty.shape
+    col = torch.arange(width, device=nonempty.device)
+    # sort key: full tiles, then partly kept ones, then empty ones (ignored: past count)
+    key = torch.where(full, col, torch.where(nonempty, col + width, col + 2 * width))
+    idx = key.argsort(dim=1) % width
+    return torch.cat(
+        [
+            nonempty.sum(dim=1, dtype=torch.int32),
+            full.sum(dim=1, dtype=torch.int32),
+            idx.to(torch.int32).reshape(-1),
+        ]
+    )
 
 
 @torch.no_grad()
@@ -86,28 +193,37 @@ def build_tile_map(mask: Tensor, tile: int = TILE) -> MaskTiles:
     kind[kept == 0] = TILE_EMPTY
     kind[kept == size] = TILE_FULL
     nonempty = kind != TILE_EMPTY
-    # CSR by tile-row: nonzero() lists (row, col) in row-major order.
+    full = kind == TILE_FULL
+    # CSR by tile-row: nonzero() lists (row, col) in row-major order; padded to nt*kt entries.
     rc = nonempty.nonzero()
+    nnz = int(rc.shape[0])
     row_ptr = torch.zeros(nt + 1, dtype=torch.int32, device=mask.device)
     row_ptr[1:] = nonempty.sum(dim=1).cumsum(0)
     # CSC by tile-column: the same on the transpose.
     cr = nonempty.t().nonzero()
     col_ptr = torch.zeros(kt + 1, dtype=torch.int32, device=mask.device)
     col_ptr[1:] = nonempty.sum(dim=0).cumsum(0)
-    data = torch.cat(
-        [
-            kind.reshape(-1),
-            row_ptr,
-            col_ptr,
-            rc[:, 1].to(torch.int32),
-            cr[:, 1].to(torch.int32),
-        ]
-    ).contiguous()
+    pad = torch.zeros(nt * kt - nnz, dtype=torch.int32, device=mask.device)
+    parts = [
+        kind.reshape(-1),
+        row_ptr,
+        col_ptr,
+        rc[:, 1].to(torch.int32),
+        pad,
+        cr[:, 1].to(torch.int32),
+        pad,
+    ]
+    for g in (1, 2):
+        parts.append(_ell_list(_group(nonempty, g, "any"), _group(full, g, "all")))
+    for g in (1, 2):
+        parts.append(_ell_list(_group(nonempty.t(), g, "any"), _group(full.t(), g, "all")))
+    data = torch.cat(parts).contiguous()
+    assert data.numel() == TileMapLayout(nt, kt).size
     return MaskTiles(
         data=data,
         shape=(n, k),
         n_tiles=nt,
         k_tiles=kt,
-        nonempty=int(rc.shape[0]),
-        full=int((kind == TILE_FULL).sum()),
+        nonempty=nnz,
+        full=int(full.sum()),
     )
