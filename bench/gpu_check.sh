@@ -5,7 +5,8 @@
 #   2. the GPU tests (-m gpu; compute-sanitizer memcheck of the CUDA kernels is one of them)
 #   3. the hardware ceilings (copy bandwidth, bf16 matmul), then every benchmark as JSON
 #      (--quick sweeps unless GPU_CHECK_FULL=1), the headline products first
-#   4. the rest of the test suite with CUDA visible, if time is left
+#   4. a host-vs-device profile of small calls, then the rest of the test suite with CUDA
+#      visible, if time is left
 # Each step gets min(its cap, time left before the deadline); a step that runs out is killed and
 # the run goes on. Benchmarks print every point as they go, so a killed one still leaves figures in
 # the log. Results go to $OUT (the device tool's folder) or bench/results/, named by date and device.
@@ -58,12 +59,14 @@ run 240 "$PY" -m pip install --no-build-isolation --no-deps -e .
 echo "build seconds: $(( $(date +%s) - start ))" | tee -a "$LOG"
 run 30 "$PY" -m fastkd info
 step "GPU tests"
-run 170 "$PY" -m pytest tests -m gpu -q -rs -n 8 -p no:cacheprovider
+run 200 "$PY" -m pytest tests -m gpu -q -rs -n 8 -p no:cacheprovider
 step "ceilings and benchmarks ($([ -n "$QUICK" ] && echo quick || echo full))"
 run 40 "$PY" bench/ceilings.py --out "$DEST/ceilings-$TAG.json"
-for name in kd_loss int8_linear masked_linear fused_linear_kd shared_linear; do
+for name in kd_loss masked_linear int8_linear fused_linear_kd shared_linear; do
     run 100 "$PY" "bench/bench_$name.py" $QUICK --out "$DEST/$name-$TAG.json"
 done
+# host time vs device time of small calls (the eager figures at small shapes are host-bound)
+run 60 "$PY" bench/profile_small.py --out "$DEST/profile_small-$TAG.json"
 step "rest of the test suite (CUDA visible)"
 run 300 "$PY" -m pytest tests -m "not gpu" -q -n 8 -p no:cacheprovider
 echo "gpu_check finished with status $status after $(( $(date +%s) - T0 ))s" | tee -a "$LOG"
