@@ -170,7 +170,7 @@ def _shared_linear_fwd_kernel(
     k_begin = pid_k * K_SPLIT
     kb_begin = pid_k * KB_SPLIT
     steps = tl.cdiv(tl.minimum(K_SPLIT, K - k_begin), BLOCK_K)
-    for s in range(0, steps):
+    for s in range(steps):
         k0 = k_begin + s * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
@@ -201,7 +201,7 @@ def _split_k_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, SPLITS, stride_ym,
     ok = offs_n < N
     p = part_ptr + m.to(tl.int64) * N + offs_n
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for _ in range(0, SPLITS):  # step the pointer: s * M * N could overflow int32
+    for _ in range(SPLITS):  # step the pointer: s * M * N could overflow int32
         acc += tl.load(p, mask=ok, other=0.0)
         p += M * N
     if HAS_BIAS:
@@ -324,7 +324,7 @@ _SM_COUNT: dict = {}
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4
+        return 1
     i = device.index if device.index is not None else torch.cuda.current_device()
     if i not in _SM_COUNT:
         _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
@@ -332,16 +332,20 @@ def _sm_count(device: torch.device) -> int:
 
 
 def fused_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype,
-                 lookup: int = LOOKUP_PAIR) -> dict:
+                 lookup: int = LOOKUP_PAIR, tiles: Optional[tuple] = None) -> dict:
     """Tiles, warps, stages and the K split of v2_fused for one call (no host sync).
 
+    tiles: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to use instead of the defaults (the
+    benchmark's sweep); the split still follows the rule below.
     The split gives every SM about four programs when the (M, N) tiles alone cannot, but stops before
     the fp32 partial sums (8 * split * M * N bytes written and read back, mostly in L2) exceed twice
     the index bytes (N * K / 2).
     """
-    if device.type != "cuda":  # the interpreter: small tiles keep it quick, and K still splits
+    programs_wanted = 4 * _sm_count(device)
+    if tiles is not None:
+        bm, bn, bk, warps, stages = tiles
+    elif device.type != "cuda":  # the interpreter: small tiles keep it quick, and K still splits
         bm, bn, bk, warps, stages = 16, 16, 32, 4, 1
-        programs_wanted = 4
     else:
         if dtype == torch.float32:  # ieee fp32 dot runs on the FMA units: small tiles
             bm = 16 if M <= 16 else (32 if M <= 32 else 64)
@@ -355,10 +359,9 @@ def fused_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtyp
             bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
         if lookup == LOOKUP_GLOBAL:  # the pipeliner stages the 4-byte codebook gathers too
             bk, stages = 64, min(stages, 3)
-        programs_wanted = 4 * _sm_count(device)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     k_steps = max(1, triton.cdiv(K, bk))
-    split = max(1, min(k_steps, triton.cdiv(programs_wanted, tiles), K // (8 * M)))
+    split = max(1, min(k_steps, triton.cdiv(programs_wanted, n_tiles), K // (8 * max(M, 1))))
     k_split = triton.cdiv(k_steps, split) * bk  # columns per program, a multiple of BLOCK_K
     split = max(1, triton.cdiv(K, k_split))
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps,
@@ -418,6 +421,13 @@ def _forward_v2_dequant(x, indices, codebook, bias, in_features, bits):
 VARIANTS = ("v2", "v2_fused", "v2_dequant", "v1")
 
 
+def resolve_variant(variant: str, M: int, dtype: torch.dtype) -> str:
+    """The path "v2" takes for M rows of dtype; any other variant is itself."""
+    if variant != "v2":
+        return variant
+    return "v2_dequant" if M >= _DEQUANT_MIN_M and dtype != torch.float32 else "v2_fused"
+
+
 def shared_linear_forward(
     x: torch.Tensor,
     indices: torch.Tensor,
@@ -439,9 +449,7 @@ def shared_linear_forward(
         x = x.contiguous()
     indices = indices.contiguous()
     codebook = codebook.float().contiguous()
-    if variant == "v2":
-        big = M >= _DEQUANT_MIN_M and x.dtype != torch.float32
-        variant = "v2_dequant" if big else "v2_fused"
+    variant = resolve_variant(variant, M, x.dtype)
     if variant == "v2_dequant":
         if x.dtype == torch.float32:
             raise ValueError("v2_dequant takes fp16/bf16 x (fp32 stays on the exact fused path)")

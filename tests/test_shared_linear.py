@@ -9,7 +9,7 @@ from torch import nn
 import fastkd
 from fastkd import functional as FK
 from fastkd.nn import SharedLinear
-from fastkd.reference.shared_linear import pack_indices, unpack_indices
+from fastkd.reference.shared_linear import pack_indices, shared_dequantize, unpack_indices
 from fastkd.sharing import kmeans_1d
 
 try:
@@ -114,13 +114,11 @@ def _random_layer(n, k, bits, per_channel, bias, dev, seed=0):
     idx = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
     cb = torch.randn((n, 2**bits) if per_channel else (2**bits,), generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    to = lambda t: None if t is None else t.to(dev)  # noqa: E731
-    return to(pack_indices(idx, bits)), to(cb), to(b)
+    return pack_indices(idx, bits).to(dev), cb.to(dev), None if b is None else b.to(dev)
 
 
 def _check_variant(variant, dtype, m, n, k, bits, per_channel, bias, config=None):
     from fastkd.kernels import shared_linear as kernels
-    from fastkd.reference.shared_linear import shared_dequantize
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     indices, cb, b = _random_layer(n, k, bits, per_channel, bias, dev)
