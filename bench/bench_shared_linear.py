@@ -13,14 +13,18 @@ L2 is flushed before every call, so the weights come from HBM):
   shared_v2_dequant  CUDA only: the v2 dequantize kernel, then cuBLAS (fp16/bf16)
 Each record has speedup_vs_dense (dense ms / impl ms, > 1 is faster), the bytes of weight it reads
 and their ratio to a bf16 weight, achieved GB/s (weight + x + y bytes over the time) and TFLOP/s,
-and for the shared implementations the relative error against x @ W_dequant.T in fp32.
+and for the shared implementations the relative error against x @ W_dequant.T in fp32. On CUDA also
+graph_ms / graph_speedup_vs_dense (a CUDA-graph replay: the device time without Python, dispatch and
+launch costs; an eager call that costs the host more than the ~80 us L2 flush shows its host time
+in "ms") and host_us (CPU time to issue one eager call). Small-M kernels are judged on graph_ms.
 
 CUDA cases (M, N, K, bits, per_channel): M in {1, 16, 128, 4096} at N = K = 4096 and (1024, 11008,
 4096), each for bits in {4 (per layer), 4 (per channel), 6 (per layer)}; --quick: M in {1, 16, 128,
 4096} at 4 bits per layer and M = 16 at 4 bits per channel. --sweep adds v2_fused tile candidates
 (SWEEP_TILES) at each case. CPU: (33, 257, 513), the reference only, a few seconds.
 
-    python bench/bench_shared_linear.py [--device D] [--quick] [--sweep] [--out FILE.json] [--iters 5]
+    python bench/bench_shared_linear.py [--device D] [--quick] [--sweep] [--out FILE.json]
+                                        [--iters 5]
 
 CPU pytest-benchmark micro-benchmarks live in bench/test_bench_shared_linear.py.
 """
@@ -57,6 +61,38 @@ SWEEP_TILES = {
     256: [(64, 128, 64, 4, 4), (128, 64, 64, 8, 3), (128, 128, 128, 8, 2)],
     1 << 30: [(128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)],
 }
+
+
+def graph_and_host(fn) -> dict:
+    """CUDA only. graph_ms: do_bench of a CUDA-graph replay of fn (median; the device time without
+    Python, dispatch and launch costs, which an eager do_bench shows once they exceed the L2 flush
+    before each call); host_us: CPU wall time to issue one eager call, no synchronisation."""
+    import time
+
+    from triton.testing import do_bench
+
+    rec = {}
+    torch.cuda.synchronize()
+    reps = 50
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    rec["host_us"] = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        med, lo, hi = do_bench(graph.replay, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        rec.update(graph_ms=float(med), graph_ms_p20=float(lo), graph_ms_p80=float(hi))
+    except Exception as exc:  # a call that cannot be captured is a finding, not the end of the run
+        rec["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return rec
 
 
 def make_layer(n, k, bits, per_channel, device, iters=5):
@@ -139,7 +175,7 @@ def run(device: str = "cuda", quick: bool = False, *, shapes=None, configs=None,
         x = torch.randn(m, k, device=device).to(dtype)
         w_dense = lin.weight.detach().to(dtype)
         ref = F.linear(x.float(), sl.dequantized_weight())
-        base_ms = None
+        base_ms = base_graph_ms = None
         for name, (fn, weight_bytes, extra) in _impls(x, sl, w_dense, k, bits, backend, variants,
                                                      sweep).items():
             rec = {"op": "shared_linear", "impl": name, "m": m, "n": n, "k": k, "bits": bits,
@@ -154,6 +190,8 @@ def run(device: str = "cuda", quick: bool = False, *, shapes=None, configs=None,
                         None if (b := common.peak_extra_bytes(fn, device)) is None
                         else b / 2**20)
                     rec.update(common.time_stats(fn, device))
+                    if on_cuda:
+                        rec.update(graph_and_host(fn))
             except Exception as exc:  # one failing impl must not end the run
                 rec["error"] = ("OOM: " if common.is_oom(exc) else "") + \
                     f"{type(exc).__name__}: {exc}"[:200]
@@ -161,7 +199,7 @@ def run(device: str = "cuda", quick: bool = False, *, shapes=None, configs=None,
                 print("!!", name, m, n, k, bits, per_channel, rec["error"], flush=True)
                 continue
             if name == "dense_linear":
-                base_ms = rec["ms"]
+                base_ms, base_graph_ms = rec["ms"], rec.get("graph_ms")
             sec = rec["ms"] * 1e-3
             rec["weight_bytes"] = weight_bytes
             rec["weight_mem_vs_bf16"] = weight_bytes / (n * k * 2)
@@ -169,11 +207,14 @@ def run(device: str = "cuda", quick: bool = False, *, shapes=None, configs=None,
                            + m * n * x.element_size()) / sec / 1e9
             rec["TFLOPs"] = 2.0 * m * n * k / sec / 1e12
             rec["speedup_vs_dense"] = base_ms / rec["ms"] if base_ms else None
+            if rec.get("graph_ms") and base_graph_ms:
+                rec["graph_speedup_vs_dense"] = base_graph_ms / rec["graph_ms"]
             records.append(rec)
             if on_cuda:  # a killed run still leaves every finished point in the log
+                g_ms, g_x = rec.get("graph_ms") or 0, rec.get("graph_speedup_vs_dense") or 0
                 print(f"  {name:<44} M={m:<5} N={n:<6} K={k:<5} bits={bits} pc={per_channel!s:<5} "
-                      f"{rec['ms']:.4f} ms  x{rec['speedup_vs_dense'] or 0:.3f} vs dense",
-                      flush=True)
+                      f"{rec['ms']:.4f} ms x{rec['speedup_vs_dense'] or 0:.3f} | graph "
+                      f"{g_ms:.4f} ms x{g_x:.3f} | host {rec.get('host_us', 0):.0f} us", flush=True)
         del lin, sl, x, w_dense, ref
         if on_cuda:
             torch.cuda.empty_cache()
@@ -189,8 +230,9 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="also time v2_fused tile candidates")
     args = p.parse_args(argv)
     records = run(args.device, args.quick, iters=args.iters, sweep=args.sweep)
-    common.print_table(records, ["impl", "variant", "m", "n", "k", "bits", "per_channel", "dtype", "ms",
-                                 "ms_p20", "ms_p80", "speedup_vs_dense", "GBps", "TFLOPs",
+    common.print_table(records, ["impl", "variant", "m", "n", "k", "bits", "per_channel", "dtype",
+                                 "ms", "ms_p20", "ms_p80", "speedup_vs_dense", "graph_ms",
+                                 "graph_speedup_vs_dense", "host_us", "GBps", "TFLOPs",
                                  "weight_mem_vs_bf16", "rel_err_vs_fp32_dequant", "error"])
     if args.out:
         print("wrote", common.write_json(records, args.out, {"benchmark": "shared_linear",

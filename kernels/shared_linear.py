@@ -320,6 +320,7 @@ def _lookup_kind(bits: int, per_channel: bool, dtype: torch.dtype) -> int:
 
 
 _SM_COUNT: dict = {}
+_CONFIGS: dict = {}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -373,7 +374,14 @@ def _forward_v2_fused(x, indices, codebook, bias, y, bits, config=None):
     N = indices.shape[0]
     per_channel = codebook.dim() == 2
     lookup = _lookup_kind(bits, per_channel, x.dtype)
-    cfg = dict(config or fused_config(M, N, K, x.device, x.dtype, lookup))
+    if config is None:  # cached: at decode sizes the host time of a call is what the user waits on
+        key = (M, N, K, x.device, x.dtype, lookup)
+        config = _CONFIGS.get(key)
+        if config is None:
+            if len(_CONFIGS) > 4096:  # variable M (e.g. sequence lengths) must not grow it forever
+                _CONFIGS.clear()
+            config = _CONFIGS[key] = fused_config(M, N, K, x.device, x.dtype, lookup)
+    cfg = dict(config)
     split, k_split = cfg.pop("split"), cfg.pop("k_split")
     assert k_split % cfg["BLOCK_K"] == 0 and split * k_split >= K
     part = (torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else y)
