@@ -28,13 +28,15 @@ from fastkd.kernels import shared_linear as SL  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SASS_COUNTS = {
-    "LDG": r"\bLDG\.", "LDG.128": r"\bLDG\.E\.128", "LDGSTS": r"\bLDGSTS", "LDS": r"\bLDS\b|\bLDS\.",
+    "LDG": r"\bLDG\.", "LDG.128": r"\bLDG\.E\.128", "LDGSTS": r"\bLDGSTS",
+    "LDS": r"\bLDS\b|\bLDS\.",
     "STS": r"\bSTS\b|\bSTS\.", "LDSM": r"\bLDSM", "HMMA": r"\bHMMA", "HGMMA": r"\bHGMMA",
     "SHFL": r"\bSHFL", "BAR": r"\bBAR\.", "total": r"/\*[0-9a-f]{4}\*/ ",
 }
 
 
-def compile_kernel(fn, types: dict, consts: dict, aligned: list, warps: int, stages: int, arch: int):
+def compile_kernel(fn, types: dict, consts: dict, aligned: list, warps: int, stages: int,
+                   arch: int):
     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),

@@ -10,8 +10,8 @@ Variants (``shared_linear_forward(..., variant=)``; the public op always takes t
 
 v2 (default) picks one of
   v2_fused    ``_shared_linear_fwd_kernel``: one program per BLOCK_M x BLOCK_N tile of y and slice
-              of K. Per K step it loads a contiguous (BLOCK_N, BLOCK_K/2) tile of index bytes (16-byte
-              vector loads along K; the full-precision W never exists in memory), turns them into a
+              of K. Per K step it loads a contiguous (BLOCK_N, BLOCK_K/2) tile of index bytes
+              (16-byte vector loads along K; the full-precision W never exists in memory), makes a
               (BLOCK_N, BLOCK_K) tile of W in x's dtype through a small lookup table the program
               built once, and feeds tl.dot. Small M splits K over programs (fp32 partial sums, then
               ``_split_k_reduce_kernel``) so that a decode-sized call still fills every SM.
@@ -25,9 +25,9 @@ v1          the first kernel, kept for side-by-side timing: (BLOCK_K, BLOCK_N) t
             twice) and a global gather of the fp32 codebook per weight.
 
 Lookup tables (built per program from the fp32 codebook, entry 0 forced to 0, cast to x's dtype):
-  PAIR    per-layer codebook, BITS <= 4, fp16/bf16 x: 256 int32 entries, one per index byte, each the
-          two 16-bit weights of its nibbles (low half = low nibble = even k). One tl.gather per two
-          weights, no nibble arithmetic, no select, no conversion.
+  PAIR    per-layer codebook, BITS <= 4, fp16/bf16 x: 256 int32 entries, one per index byte, each
+          the two 16-bit weights of its nibbles (low half = low nibble = even k). One tl.gather per
+          two weights, no nibble arithmetic, no select, no conversion.
   TABLE   the 2**BITS entries (per layer) or the BLOCK_N rows of 2**BITS entries flattened to 1-D
           (per channel, BITS <= 4): one tl.gather per weight (from shared memory: Triton lowers a
           1-D gather that way, while a 2-D gather along the row became several shuffles per weight).
@@ -49,7 +49,8 @@ LOOKUP_TABLE = 1
 LOOKUP_PAIR = 2
 
 # At or above this many rows a fp16/bf16 call takes v2_dequant (a guess until a GPU run measures the
-# crossover: bench/bench_shared_linear.py times both variants at every M; see notes_shared_linear.md)
+# crossover: bench/bench_shared_linear.py times both variants at every M; see
+# bench/notes_shared_linear.md)
 _DEQUANT_MIN_M = 1024
 
 
@@ -135,7 +136,8 @@ def _weight_tile(idx_ptr, cb_ptr, table, offs_n, n_ok, k0, kb0, N, K, KB, stride
         offs_k = k0 + tl.arange(0, BLOCK_K)
         i = tl.load(idx_ptr + row + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :],
                     other=0).to(tl.int32)
-        w = _lookup(table, cb_ptr, offs_n, N, i, stride_cb, DT, PER_CHANNEL, LOOKUP, BLOCK_N, BLOCK_K)
+        w = _lookup(table, cb_ptr, offs_n, N, i, stride_cb, DT, PER_CHANNEL, LOOKUP, BLOCK_N,
+                    BLOCK_K)
     return w
 
 
@@ -150,7 +152,7 @@ def _shared_linear_fwd_kernel(
 ):
     """y tile (pid_m, pid_n) over K columns [pid_k * K_SPLIT, (pid_k + 1) * K_SPLIT).
 
-    x is row-major with unit column stride; K_SPLIT is a multiple of BLOCK_K and KB_SPLIT = K_SPLIT/2.
+    x is row-major with unit column stride; K_SPLIT is a multiple of BLOCK_K, KB_SPLIT = K_SPLIT/2.
     SPLIT: write the fp32 partial sum to part[pid_k] (M, N) for _split_k_reduce_kernel, else add the
     bias and write y in x's dtype.
     """
@@ -215,14 +217,15 @@ def _shared_dequant_kernel(
     BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, LOOKUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """W (N, K) in w's dtype, one (BLOCK_N, BLOCK_K) tile per program. Grid (cdiv(N, BN), cdiv(K, BK))."""
+    """W (N, K) in w's dtype, one (BLOCK_N, BLOCK_K) tile per program; grid (N / BN, K / BK)."""
     DT: tl.constexpr = w_ptr.dtype.element_ty
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     k0 = tl.program_id(1) * BLOCK_K
     table = _lookup_table(cb_ptr, offs_n, n_ok, stride_cb, DT, BITS, PER_CHANNEL, LOOKUP)
     w = _weight_tile(idx_ptr, cb_ptr, table, offs_n, n_ok, k0, tl.program_id(1) * (BLOCK_K // 2),
-                     N, K, KB, stride_in, stride_cb, DT, BITS, PER_CHANNEL, LOOKUP, BLOCK_N, BLOCK_K)
+                     N, K, KB, stride_in, stride_cb, DT, BITS, PER_CHANNEL, LOOKUP, BLOCK_N,
+                     BLOCK_K)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], w,
              mask=n_ok[:, None] & (offs_k < K)[None, :])
@@ -338,9 +341,9 @@ def fused_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtyp
 
     tiles: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to use instead of the defaults (the
     benchmark's sweep); the split still follows the rule below.
-    The split gives every SM about four programs when the (M, N) tiles alone cannot, but stops before
-    the fp32 partial sums (8 * split * M * N bytes written and read back, mostly in L2) exceed twice
-    the index bytes (N * K / 2).
+    The split gives every SM about four programs when the (M, N) tiles alone cannot, but stops
+    before the fp32 partial sums (8 * split * M * N bytes written and read back, mostly in L2)
+    exceed twice the index bytes (N * K / 2).
     """
     programs_wanted = 4 * _sm_count(device)
     if tiles is not None:
