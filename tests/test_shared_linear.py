@@ -9,7 +9,7 @@ from torch import nn
 import fastkd
 from fastkd import functional as FK
 from fastkd.nn import SharedLinear
-from fastkd.reference.shared_linear import pack_indices, unpack_indices
+from fastkd.reference.shared_linear import pack_indices, shared_dequantize, unpack_indices
 from fastkd.sharing import kmeans_1d
 
 from _util import device_for
@@ -107,6 +107,136 @@ def test_triton_matches_reference(dtype, tol, bits, per_channel, bias):
     err_torch = (y_torch.double() - ref).abs().max()
     assert y_tr.dtype == dtype
     assert err_tr <= max(2 * err_torch, tol * ref.abs().max())
+
+
+def _random_layer(n, k, bits, per_channel, bias, dev, seed=0):
+    """Indices over the whole range and a random codebook whose entry 0 is NOT zero: the kernels
+    must read it as 0 themselves."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    cb = torch.randn((n, 2**bits) if per_channel else (2**bits,), generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    return pack_indices(idx, bits).to(dev), cb.to(dev), None if b is None else b.to(dev)
+
+
+def _check_variant(variant, dtype, m, n, k, bits, per_channel, bias, config=None, seed=0):
+    from fastkd.kernels import shared_linear as kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    indices, cb, b = _random_layer(n, k, bits, per_channel, bias, dev, seed)
+    x = torch.randn(m, k, device=dev).to(dtype)
+    y = kernels.shared_linear_forward(x, indices, cb, b, k, bits, variant=variant, config=config)
+    w = shared_dequantize(indices, cb, k, bits)
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    # the same-dtype torch computation sets the tolerance (it rounds W and y to dtype the same way)
+    y_torch = FK.shared_linear(x, indices, cb, b, in_features=k, bits=bits, backend="torch")
+    err = (y.double() - ref).abs().max().item()
+    err_torch = (y_torch.double() - ref).abs().max().item()
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 8e-2}[dtype]
+    tol *= max(1.0, ref.abs().max().item())
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert err <= max(2 * err_torch, tol), (err, err_torch, tol)
+
+
+# (m, n, k): M = 1 and odd, K odd and not a multiple of BLOCK_K (32 in the interpreter, 64-256 on
+# GPU), N not a multiple of BLOCK_N (16 / 64-128), K = 1
+V2_SHAPES = [(1, 19, 37), (13, 21, 45), (3, 5, 1)]
+V2_LAYOUTS = [(4, False), (4, True), (3, True), (6, False), (6, True), (8, False)]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("m, n, k", V2_SHAPES)
+@pytest.mark.parametrize("bits, per_channel", V2_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_v2_fused_matches_reference(m, n, k, bits, per_channel, dtype, bias):
+    _check_variant("v2_fused", dtype, m, n, k, bits, per_channel, bias)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("m, n, k", [(13, 21, 45), (1, 19, 37)])
+@pytest.mark.parametrize("bits, per_channel", V2_LAYOUTS)
+def test_triton_v2_dequant_matches_reference(m, n, k, bits, per_channel):
+    _check_variant("v2_dequant", torch.float16, m, n, k, bits, per_channel, bias=True)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits, per_channel", [(4, False), (4, True), (6, True)])
+@pytest.mark.parametrize("split, steps", [(2, 1), (3, 2)])
+def test_triton_v2_split_k(dtype, bits, per_channel, split, steps):
+    """K split over programs (fp32 partials + the reduce kernel); a split of several K steps whose
+    last one runs past K, odd M and N."""
+    k = 32 * steps * (split - 1) + 19  # the last split is short and ends mid-tile
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2,
+           "split": split, "k_split": 32 * steps}
+    _check_variant("v2_fused", dtype, 7, 23, k, bits, per_channel, True, config=cfg)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits, per_channel", [(4, False), (6, True)])
+def test_triton_v1_still_matches_reference(dtype, bits, per_channel):
+    _check_variant("v1", dtype, 13, 21, 45, bits, per_channel, True)
+
+
+# The GPU tile configs: (16, 1000, 1500) splits K six ways with 16x64x128 tiles; (100, 1100, 4100)
+# splits a 128x128x64 wgmma tile five ways; (300, 1100, 777) runs whole-K wgmma tiles; (1100, 700,
+# 333) crosses _DEQUANT_MIN_M, so "v2" takes the dequantize + cuBLAS path there.
+GPU_CASES = [(1, 1000, 1500), (16, 1000, 1500), (100, 1100, 4100), (300, 1100, 777),
+             (1100, 700, 333)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("m, n, k", GPU_CASES)
+@pytest.mark.parametrize("bits, per_channel", [(4, False), (4, True), (6, False), (6, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_v2_matches_reference(m, n, k, bits, per_channel, dtype):
+    _check_variant("v2", dtype, m, n, k, bits, per_channel, bias=True, seed=m)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("m, n, k", [(16, 1000, 1500), (1100, 700, 333)])
+@pytest.mark.parametrize("variant", ["v2_fused", "v1"])
+def test_gpu_fused_and_v1_match_reference(m, n, k, variant):
+    _check_variant(variant, torch.bfloat16, m, n, k, 4, False, bias=True, seed=m)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("m", [16, 1100])
+@pytest.mark.parametrize("bits, per_channel", [(4, False), (4, True), (6, True)])
+def test_gpu_dequant_path_matches_reference(m, bits, per_channel):
+    _check_variant("v2_dequant", torch.bfloat16, m, 700, 333, bits, per_channel, bias=True)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_default_variant_switches_to_dequant_for_large_m(monkeypatch):
+    from fastkd.kernels import shared_linear as kernels
+
+    calls = []
+    real = kernels._forward_v2_dequant
+    monkeypatch.setattr(kernels, "_DEQUANT_MIN_M", 8)
+    monkeypatch.setattr(kernels, "_forward_v2_dequant",
+                        lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    _check_variant("v2", torch.float16, 9, 21, 45, 4, False, True)  # M >= 8: dequant + GEMM
+    _check_variant("v2", torch.float16, 7, 21, 45, 4, False, True)  # fused
+    _check_variant("v2", torch.float32, 9, 21, 45, 4, False, True)  # fp32 stays fused (exact)
+    assert calls == [9]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_variant_errors():
+    from fastkd.kernels import shared_linear as kernels
+
+    indices, cb, _ = _random_layer(5, 9, 4, False, False, "cpu")
+    with pytest.raises(ValueError, match="variant"):
+        kernels.shared_linear_forward(torch.randn(2, 9), indices, cb, None, 9, 4, variant="v3")
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        kernels.shared_linear_forward(torch.randn(2, 9), indices, cb, None, 9, 4,
+                                      variant="v2_dequant")
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
