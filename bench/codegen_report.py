@@ -35,7 +35,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 
 def compile_kernel(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int = 3,
-                   values: dict | None = None):
+                   values: dict | None = None, arch: int = 90):
     """types: type per runtime argument ('*bf16', 'i32', 'fp32', ...). values: representative
     runtime values of integer arguments, specialised the way Triton's launcher does: == 1 becomes
     the constant 1, a multiple of 16 gets the divisibility hint; pointers are taken as 16-byte
@@ -52,10 +52,11 @@ def compile_kernel(fn, types: dict, constexprs: dict, num_warps: int, num_stages
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v
                                                       for k, v in consts.items()}, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    target = TARGET if arch == 90 else GPUTarget("cuda", arch, 32)
+    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _sass(cubin: bytes) -> str:
+def sass_of(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -63,7 +64,7 @@ def _sass(cubin: bytes) -> str:
                               check=True).stdout
 
 
-def _resources(cubin: bytes) -> dict:
+def resources_of(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -92,13 +93,13 @@ def _loops(sass: str) -> list:
 
 def analyse(kernel) -> dict:
     cubin = kernel.asm["cubin"]
-    loops, all_ins = _loops(_sass(cubin))
+    loops, all_ins = _loops(sass_of(cubin))
     hot = loops[0] if loops else []
 
     def count(body, pat):
         return sum(1 for t in body if re.search(pat, t))
 
-    rec = _resources(cubin)
+    rec = resources_of(cubin)
     rec.update({
         "instructions": len(all_ins),
         "loop_instructions": len(hot),

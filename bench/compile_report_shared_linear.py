@@ -5,7 +5,8 @@ barriers). This is how v2's design was checked before any GPU run (bench/notes_s
 
     python bench/compile_report_shared_linear.py [--arch 90] [--sms 132] [--dump DIR]
 
-Uses Triton's ptxas and cuobjdump (shipped in the triton wheel). Checked with Triton 3.6 and 3.9.
+Uses Triton's ptxas and cuobjdump (shipped in the triton wheel) through bench/codegen_report.py's
+helpers. Checked with Triton 3.6 and 3.9.
 """
 
 from __future__ import annotations
@@ -13,20 +14,18 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
+from codegen_report import resources_of, sass_of  # noqa: E402
+from codegen_report import compile_kernel as _compile  # noqa: E402
 from fastkd.kernels import shared_linear as SL  # noqa: E402
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SASS_COUNTS = {
     "LDG": r"\bLDG\.", "LDG.128": r"\bLDG\.E\.128", "LDGSTS": r"\bLDGSTS",
     "LDS": r"\bLDS\b|\bLDS\.",
@@ -37,23 +36,15 @@ SASS_COUNTS = {
 
 def compile_kernel(fn, types: dict, consts: dict, aligned: list, warps: int, stages: int,
                    arch: int):
-    sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": warps, "num_stages": stages})
+    """A 4096 x 4096 layer: the `aligned` integers are multiples of 16 (pointers always are)."""
+    values = {n: 4096 for n in aligned if not types[n].startswith("*")}
+    return _compile(fn, types, consts, warps, stages, values=values, arch=arch)
 
 
 def report(ck, label: str, dump: str | None = None) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(ck.asm["cubin"])
-    usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name],
-                           capture_output=True, text=True).stdout
-    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name],
-                          capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage, re.S)
-    rec = {"regs": int(m.group(1)) if m else None, "smem": ck.metadata.shared,
-           "local": int(m.group(2)) if m else None,
+    usage = resources_of(ck.asm["cubin"])
+    sass = sass_of(ck.asm["cubin"])
+    rec = {"regs": usage["registers"], "smem": ck.metadata.shared, "local": usage["local_bytes"],
            **{k: len(re.findall(v, sass)) for k, v in SASS_COUNTS.items()}}
     print(f"{label}\n    " + " ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
     if dump:
