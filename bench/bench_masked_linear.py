@@ -34,6 +34,9 @@ import sys
 import torch
 import torch.nn.functional as Fn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
 M_LIST = [1, 16, 128, 2048, 8192]
 KN_LIST = [(4096, 4096), (4096, 14336), (14336, 4096)]
 PATTERNS = [
@@ -80,27 +83,6 @@ def bench_ms(fn, rep_ms: int) -> float:
     return float(do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median"))
 
 
-def graph_ms(fn, rep_ms: int, calls: int = 10) -> float:
-    """Median milliseconds of one fn() replayed from a CUDA graph holding `calls` of them (no
-    Python or launch overhead: the GPU time of the call)."""
-    from triton.testing import do_bench
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (compiles Triton kernels) outside the capture
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    torch.cuda.synchronize()
-    ms = do_bench(graph.replay, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
-    del graph
-    return float(ms) / calls
-
-
 class _TritonTiles:
     """Run the Triton backend with `tiles` map tiles per program (BLOCK_N, BLOCK_K = 64 tiles)."""
 
@@ -127,7 +109,7 @@ def _timed(name, fn, rep_ms, rec, prefix, times, graph_times=None):
         return
     if graph_times is not None:
         try:
-            graph_times[name] = graph_ms(fn, rep_ms)
+            graph_times[name] = common.graph_stats(fn, rep_ms)["graph_ms"]
         except Exception as exc:
             rec[f"{prefix}{name}_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
 
@@ -292,9 +274,6 @@ def _sweep(quick: bool):
 
 def _cpu_points() -> list:
     """The reference path on the CPU, small shapes: dense F.linear vs masked_linear(backend="torch")."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import common
-
     from fastkd.functional import masked_linear
 
     records = []

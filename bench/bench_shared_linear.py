@@ -64,32 +64,11 @@ SWEEP_TILES = {
 
 
 def graph_and_host(fn) -> dict:
-    """CUDA only. graph_ms: do_bench of a CUDA-graph replay of fn (median; the device time without
-    Python, dispatch and launch costs, which an eager do_bench shows once they exceed the L2 flush
-    before each call); host_us: CPU wall time to issue one eager call, no synchronisation."""
-    import time
-
-    from triton.testing import do_bench
-
-    rec = {}
-    torch.cuda.synchronize()
-    reps = 50
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    rec["host_us"] = (time.perf_counter() - t0) / reps * 1e6
-    torch.cuda.synchronize()
+    """CUDA only: host_us (CPU time to issue one eager call) and the CUDA-graph replay time of one
+    call (graph_ms, with p20/p80), or graph_error when fn cannot be captured."""
+    rec = {"host_us": common.host_us(fn)}
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        med, lo, hi = do_bench(graph.replay, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        rec.update(graph_ms=float(med), graph_ms_p20=float(lo), graph_ms_p80=float(hi))
+        rec.update(common.graph_stats(fn))
     except Exception as exc:  # a call that cannot be captured is a finding, not the end of the run
         rec["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
     return rec

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -53,7 +52,8 @@ def compile_kernel(fn, types: dict, constexprs: dict, num_warps: int, num_stages
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v
                                                       for k, v in consts.items()}, attrs=attrs)
     target = TARGET if arch == 90 else GPUTarget("cuda", arch, 32)
-    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=target,
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def sass_of(cubin: bytes) -> str:

@@ -119,3 +119,40 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3e}"
     return "-" if v is None else str(v)
+
+
+def host_us(fn, reps: int = 50) -> float:
+    """CUDA: microseconds of CPU wall time to issue one eager fn(), no synchronisation inside
+    (what a call costs the host: Python, checks, dispatch, launches)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    spent = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    return spent
+
+
+def graph_stats(fn, rep_ms: int = 100, calls: int = 10) -> dict:
+    """CUDA: {"graph_ms", "graph_ms_p20", "graph_ms_p80"} of one fn() replayed from a CUDA graph
+    holding `calls` of them: the GPU time of the call, without Python or launch overhead (which an
+    eager do_bench includes once it exceeds the work). Raises if fn cannot be captured."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles, autotunes) outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    torch.cuda.synchronize()
+    med, lo, hi = do_bench(graph.replay, warmup=max(10, rep_ms // 4), rep=rep_ms,
+                           quantiles=[0.5, 0.2, 0.8])
+    del graph
+    return {"graph_ms": float(med) / calls, "graph_ms_p20": float(lo) / calls,
+            "graph_ms_p80": float(hi) / calls}

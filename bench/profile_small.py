@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -57,26 +56,14 @@ def cases():
 def measure(fn) -> dict:
     from triton.testing import do_bench
 
+    import common
+
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    reps = 50
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    host = (time.perf_counter() - t0) / reps * 1e6
-    torch.cuda.synchronize()
-    rec = {"host_us": host, "device_us": do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3}
+    rec = {"host_us": common.host_us(fn),
+           "device_us": do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3}
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        rec["graph_us"] = do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3
+        rec["graph_us"] = common.graph_stats(fn)["graph_ms"] * 1e3
     except Exception as exc:  # noqa: BLE001 - a call that cannot be captured is a finding
         rec["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
     from torch.profiler import ProfilerActivity, profile
@@ -103,9 +90,11 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001
             results[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         r = results[name]
-        ks = ", ".join(f"{k['name'][:40]} x{k['count']} {k['us']:.0f}us" for k in r.get("kernels", []))
-        print(f"{name:<32} host {r.get('host_us', float('nan')):8.1f} us  device "
-              f"{r.get('device_us', float('nan')):8.1f} us  graph {r.get('graph_us', float('nan')):8.1f} us"
+        ks = ", ".join(f"{k['name'][:40]} x{k['count']} {k['us']:.0f}us"
+                       for k in r.get("kernels", []))
+        nan = float("nan")
+        print(f"{name:<32} host {r.get('host_us', nan):8.1f} us  device "
+              f"{r.get('device_us', nan):8.1f} us  graph {r.get('graph_us', nan):8.1f} us"
               f"  {r.get('error', r.get('graph_error', ''))}\n    kernels: {ks}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
