@@ -11,6 +11,7 @@ CUDA sweep (the numbers the issue asks for): bf16 activations, M in {1, 2, 4, 8,
     fastkd_w8a16       fastkd.functional.int8_linear(mode="w8a16", backend="triton")
     torch_int_mm       per-token quantization in torch + torch._int_mm + torch scaling and bias
                        (the fastkd torch reference, which zero-pads M <= 16 to satisfy _int_mm)
+    fastkd_*_gemv      the same with the decode kernel (CUDA, M <= 4), not yet the default
     torchao_*          torchao's int8 dynamic-activation and weight-only configs, when importable
     bnb_int8           bitsandbytes Linear8bitLt (LLM.int8, threshold 6), when importable
   Optional baselines that cannot run appear as records with an "error" starting "skipped:".
@@ -57,6 +58,16 @@ def _versions() -> dict:
     return out
 
 
+def _with_decode_kernel(kind: str, fn, *args, **kwargs):
+    from fastkd.kernels import int8_linear as kern
+
+    old, kern.DECODE_KERNEL = kern.DECODE_KERNEL, kind
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        kern.DECODE_KERNEL = old
+
+
 def _baselines(k: int, n: int, w_bf16, bias, wq, ws, device, backend: str) -> dict:
     """name -> (callable(x), weight bytes it holds). Optional ones are skipped with a reason."""
     import fastkd.functional as F
@@ -78,6 +89,13 @@ def _baselines(k: int, n: int, w_bf16, bias, wq, ws, device, backend: str) -> di
     }
     skipped = {}
     if device.type == "cuda":
+        # the decode kernel variant (rows M <= GEMV_MAX_M only; see kernels/int8_linear.py)
+        for mode in ("w8a8", "w8a16"):
+            impls[f"fastkd_{mode}_gemv"] = (
+                lambda x, mode=mode: _with_decode_kernel(
+                    "gemv", F.int8_linear, x, wq, ws, bias, mode=mode, backend=backend),
+                wq.numel() + ws.numel() * 4,
+            )
         try:
             import copy
 
@@ -115,6 +133,7 @@ def run(device: str = "cuda", quick: bool = False, *, m_values=None, kn_shapes=N
         dtype: torch.dtype = torch.bfloat16) -> list:
     """One record per (K, N, M, implementation); the `python -m fastkd bench` hook."""
     import fastkd.functional as F
+    from fastkd.kernels import int8_linear as kern
 
     device = torch.device(device)
     on_cuda = device.type == "cuda"
@@ -141,6 +160,8 @@ def run(device: str = "cuda", quick: bool = False, *, m_values=None, kn_shapes=N
                 y_ref = TF.linear(x, w_bf16, bias).float()
                 base_ms = None
                 for name, (fn, weight_bytes) in impls.items():
+                    if name.endswith("_gemv") and m > kern.GEMV_MAX_M:
+                        continue  # the decode kernel only takes decode-size rows
                     row = {"op": "int8_linear", "impl": name, "M": m, "K": k, "N": n,
                            "dtype": str(dtype)[6:], "device": device.type,
                            "backend": backend if name.startswith("fastkd") else None}

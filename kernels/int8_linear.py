@@ -172,6 +172,69 @@ def _int8_weight_gemm_kernel(
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _int8_weight_gemv_kernel(
+    a_ptr,
+    a_scale_ptr,
+    w_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_wn,
+    stride_wk,
+    stride_cm,
+    stride_cn,
+    A_INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Decode-size rows (M <= GEMV_MAX_M): one program per (BLOCK_N outputs, row), no tensor cores.
+
+    A GEMM tile wastes 15 of its 16 rows at M = 1 and, with BLOCK_N >= 32, gives N = 4096 only 128
+    programs for 132 SMs. Here each program streams a BLOCK_N x K strip of int8 weights once with
+    wide loads and multiplies on the CUDA cores: W8A8 in int32 (exact, like the GEMM), W8A16 in
+    fp32. Rows of the same strip run side by side and share it through L2. Same epilogue as the
+    GEMM (row scale, then column scale, then bias, in that order), so W8A8 stays bit-identical.
+    """
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    cols = tl.where(n_ok, offs_n, 0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_row = a_ptr + row * stride_am
+    w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    if A_INT8:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_row + (k0 + offs_k) * stride_ak, mask=k_ok, other=0)
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+        if A_INT8:
+            acc += w.to(tl.int32) * a.to(tl.int32)[None, :]
+        else:
+            acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K * stride_wk
+    total = tl.sum(acc, 1)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
+    if A_INT8:
+        y = total.to(tl.float32) * tl.load(a_scale_ptr + row)
+        y = y * w_scale
+    else:
+        y = total * w_scale
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(c_ptr + row * stride_cm + offs_n * stride_cn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launch configuration
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +283,20 @@ _W8A16_CONFIGS = {
     3: [_cfg(128, 128, 64, 8, 8, 3), _cfg(128, 256, 64, 8, 8, 3), _cfg(256, 128, 64, 8, 8, 3),
         _cfg(128, 128, 32, 8, 4, 4), _cfg(64, 128, 64, 8, 4, 4)],
 }
+# Decode: which kernel runs rows M <= GEMV_MAX_M on CUDA. "gemm" (the tensor-core GEMM, bucket 0)
+# is what was measured on the H200 (2026-11-30); "gemv" (_int8_weight_gemv_kernel) is written and
+# tested but not yet timed on a GPU: bench_int8_linear.py times both, and the faster becomes this
+# default. Predicted for M = 1, N = K = 4096: ~5-6 us against the GEMM's 9 us (w8a8) and 15 us
+# (w8a16), the floor being 4 us for 16.8 MB of int8 weights at 4.2 TB/s.
+DECODE_KERNEL = "gemm"
+GEMV_MAX_M = 4
+_GEMV_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bn, bk, w, st in [(8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (32, 256, 8, 2),
+                          (4, 1024, 4, 3)]
+]
+_GEMV_TUNED = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K"])(_int8_weight_gemv_kernel)
+_INTERPRET_GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 64}
 # Interpreter: one small configuration that still exercises several tiles and K steps.
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
 
@@ -256,6 +333,18 @@ def _launch_gemm(a, a_scale, w, w_scale, bias, out, a_int8: bool) -> None:
         out.stride(0),
         out.stride(1),
     )
+    interp = _interpret() or a.device.type != "cuda"
+    if DECODE_KERNEL == "gemv" and m <= GEMV_MAX_M and (a_int8 or a.dtype != torch.float32):
+        flags = dict(A_INT8=a_int8, HAS_BIAS=bias is not None)
+
+        def gemv_grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), m)
+
+        if interp:
+            _int8_weight_gemv_kernel[gemv_grid](*args, **flags, **_INTERPRET_GEMV_CONFIG)
+        else:
+            _GEMV_TUNED[gemv_grid](*args, **flags)
+        return
     flags = dict(
         A_INT8=a_int8,
         HAS_BIAS=bias is not None,
@@ -265,7 +354,7 @@ def _launch_gemm(a, a_scale, w, w_scale, bias, out, a_int8: bool) -> None:
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    if _interpret() or a.device.type != "cuda":
+    if interp:
         _int8_weight_gemm_kernel[grid](*args, **flags, **_INTERPRET_CONFIG)
     else:
         _tuned_kernel(a_int8, m_bucket(m))[grid](*args, **flags)

@@ -196,6 +196,49 @@ def test_triton_w8a16_matches_reference(m, k, n, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("m,k,n", [(1, 300, 37), (3, 67, 19), (4, 130, 9), (5, 100, 37)])
+def test_decode_gemv_matches_the_gemm_path(monkeypatch, m, k, n, has_bias, dtype):
+    """The decode kernel (kernels/int8_linear.py DECODE_KERNEL = "gemv", rows M <= GEMV_MAX_M):
+    W8A8 gives what the GEMM gives, bit for bit in the interpreter (int32 sums, same epilogue
+    order), W8A16 the float64 truth to rounding; M = 5 falls back to the GEMM. K and N are not
+    multiples of the tile (several K steps, a partial N strip)."""
+    from fastkd.kernels import int8_linear as kern
+
+    x, w, b = _layer_data(m, k, n, dtype, seed=21, device=TRITON_DEVICE)
+    wq, ws = F.quantize_weight(w)
+    bias = b if has_bias else None
+    gemm = {mode: F.int8_linear(x, wq, ws, bias, mode=mode, backend="triton")
+            for mode in ("w8a8", "w8a16")}
+    calls = []
+    real = kern._int8_weight_gemv_kernel
+    monkeypatch.setattr(kern, "DECODE_KERNEL", "gemv")
+    if INTERPRET:  # count the decode kernel's launches (on a GPU the autotuned wrapper runs)
+        class Spy:
+            def __getitem__(self, grid):
+                calls.append(grid)
+                return real[grid]
+        monkeypatch.setattr(kern, "_int8_weight_gemv_kernel", Spy())
+    y8 = F.int8_linear(x, wq, ws, bias, mode="w8a8", backend="triton")
+    y16 = F.int8_linear(x, wq, ws, bias, mode="w8a16", backend="triton")
+    if INTERPRET:
+        expect = 0 if m > kern.GEMV_MAX_M else (2 if dtype != torch.float32 else 1)
+        assert len(calls) == expect
+        assert torch.equal(y8, gemm["w8a8"])
+    else:
+        torch.testing.assert_close(y8, gemm["w8a8"], rtol=2e-6 if dtype == torch.float32 else 8e-3,
+                                   atol=1e-6)
+    truth = x.double() @ (wq.double() * ws.double()[:, None]).t()
+    if bias is not None:
+        truth = truth + bias.double()
+    scale = truth.abs().max().item()
+    err = (y16.double() - truth).abs().max().item()
+    err_gemm = (gemm["w8a16"].double() - truth).abs().max().item()
+    assert err <= 2 * err_gemm + (1e-5 if dtype == torch.float32 else 1e-3) * scale
+
+
+@needs_triton
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 def test_triton_empty_and_zero_k(mode):
     w = torch.zeros(5, 0, dtype=torch.int8, device=TRITON_DEVICE)
