@@ -13,6 +13,7 @@
 #
 #   GPU_CHECK_BUDGET_S   seconds for the whole run (default 520)
 #   GPU_CHECK_FULL=1     full benchmark sweeps instead of --quick
+#   GPU_CHECK_FULL_BENCHES="kd_loss ..."   full sweeps for these benchmarks only
 #   WHEELS=DIR           pip-install peer wheels (liger-kernel, torchao, bitsandbytes) from DIR first
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +64,9 @@ run 200 "$PY" -m pytest tests -m gpu -q -rs -n 8 -p no:cacheprovider
 step "ceilings and benchmarks ($([ -n "$QUICK" ] && echo quick || echo full))"
 run 40 "$PY" bench/ceilings.py --out "$DEST/ceilings-$TAG.json"
 for name in kd_loss masked_linear int8_linear fused_linear_kd shared_linear; do
-    run 100 "$PY" "bench/bench_$name.py" $QUICK --out "$DEST/$name-$TAG.json"
+    q=$QUICK
+    case " ${GPU_CHECK_FULL_BENCHES:-} " in *" $name "*) q= ;; esac
+    run 100 "$PY" "bench/bench_$name.py" $q --out "$DEST/$name-$TAG.json"
 done
 # host time vs device time of small calls (the eager figures at small shapes are host-bound)
 run 60 "$PY" bench/profile_small.py --out "$DEST/profile_small-$TAG.json"
