@@ -64,9 +64,10 @@ run 200 "$PY" -m pytest tests -m gpu -q -rs -n 8 -p no:cacheprovider
 step "ceilings and benchmarks ($([ -n "$QUICK" ] && echo quick || echo full))"
 run 40 "$PY" bench/ceilings.py --out "$DEST/ceilings-$TAG.json"
 for name in kd_loss masked_linear int8_linear fused_linear_kd shared_linear; do
-    q=$QUICK
+    q=$QUICK cap=100
     case " ${GPU_CHECK_FULL_BENCHES:-} " in *" $name "*) q= ;; esac
-    run 100 "$PY" "bench/bench_$name.py" $q --out "$DEST/$name-$TAG.json"
+    [ -z "$q" ] && cap=300
+    run $cap "$PY" "bench/bench_$name.py" $q --out "$DEST/$name-$TAG.json"
 done
 # host time vs device time of small calls (the eager figures at small shapes are host-bound)
 run 60 "$PY" bench/profile_small.py --out "$DEST/profile_small-$TAG.json"
