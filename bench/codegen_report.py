@@ -163,6 +163,57 @@ def cases():
                         f" w{cfg.num_warps} s{cfg.num_stages}")
                 out.append((name, lambda t=types, c=consts, cfg=cfg: compile_kernel(
                     gemm, t, c, cfg.num_warps, cfg.num_stages, values=gemm_values)))
+    # the int8 decode GEMV (M <= 4), every autotuning candidate
+    gemv_values = dict(gemm_values, M=1)
+    for a_int8 in (True, False):
+        types = dict(gemm_types, a_ptr="*i8" if a_int8 else "*bf16", c_ptr="*bf16",
+                     bias_ptr="*bf16")
+        for cfg in int8_linear._GEMV_CONFIGS:
+            consts = dict(cfg.kwargs, A_INT8=a_int8, HAS_BIAS=True)
+            name = (f"int8_linear gemv {'w8a8' if a_int8 else 'w8a16'} "
+                    f"{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} w{cfg.num_warps}")
+            out.append((name, lambda t=types, c=consts, cfg=cfg: compile_kernel(
+                int8_linear._int8_weight_gemv_kernel, t, c, cfg.num_warps, cfg.num_stages,
+                values=gemv_values)))
+    out.extend(_masked_cases())
+    return out
+
+
+def _masked_cases():
+    """The block-sparse masked-linear kernels at the launcher's bf16 configurations (M = 2048)."""
+    import torch
+
+    from fastkd.kernels import masked_linear as ml
+
+    m, n, k = 2048, 4096, 4096
+    mm_types = {"a_ptr": "*bf16", "w_ptr": "*bf16", "keep_ptr": "*u8", "bias_ptr": "*bf16",
+                "out_ptr": "*bf16", "map_ptr": "*i32", "M": "i32", "OUT": "i32", "RED": "i32",
+                "stride_am": "i32", "stride_ar": "i32", "stride_wo": "i32", "stride_wr": "i32",
+                "stride_ko": "i32", "stride_kr": "i32", "stride_om": "i32", "stride_oo": "i32",
+                "count_off": "i32", "nfull_off": "i32", "idx_off": "i32", "list_width": "i32"}
+    mm_values = {"M": m, "OUT": n, "RED": k, "stride_am": k, "stride_ar": 1, "stride_wo": k,
+                 "stride_wr": 1, "stride_ko": k, "stride_kr": 1, "stride_om": n, "stride_oo": 1,
+                 "list_width": 64}
+    gw_types = {"g_ptr": "*bf16", "x_ptr": "*bf16", "keep_ptr": "*u8", "out_ptr": "*bf16",
+                "map_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_tiles": "i32",
+                "stride_gm": "i32", "stride_gn": "i32", "stride_xm": "i32", "stride_xk": "i32",
+                "stride_kn": "i32", "stride_kk": "i32", "stride_on": "i32", "stride_ok": "i32"}
+    gw_values = {"M": m, "N": n, "K": k, "k_tiles": k // ml.TILE, "stride_gm": n, "stride_gn": 1,
+                 "stride_xm": k, "stride_xk": 1, "stride_kn": k, "stride_kk": 1, "stride_on": k,
+                 "stride_ok": 1}
+    out = []
+    for tiles in (1, 2):
+        bm, bo, warps, stages = ml._mm_config(m, torch.bfloat16, tiles, "cuda")
+        consts = {"HAS_BIAS": True, "IEEE_FP32": False, "BLOCK_M": bm, "BLOCK_O": bo,
+                  "TILE_R": ml.TILE, "GROUP": ml.GROUP_M}
+        out.append((f"masked_linear mm bf16 {bm}x{bo} w{warps} s{stages}",
+                    lambda c=consts, w=warps, st=stages: compile_kernel(
+                        ml._masked_mm_kernel, mm_types, c, w, st, values=mm_values)))
+    bm, warps, stages = ml._grad_weight_config(m, torch.bfloat16, "cuda")
+    consts = {"IEEE_FP32": False, "BLOCK_M": bm, "TILE_N": ml.TILE, "TILE_K": ml.TILE}
+    out.append((f"masked_linear grad_weight bf16 BLOCK_M={bm} w{warps} s{stages}",
+                lambda c=consts: compile_kernel(ml._masked_grad_weight_kernel, gw_types, c, warps,
+                                                stages, values=gw_values)))
     return out
 
 
