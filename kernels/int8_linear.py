@@ -93,6 +93,22 @@ def _quantize_per_token_kernel(
 
 
 @triton.jit
+def _epilogue(acc, a_scale, w_scale, bias_ptrs, bias_mask, A_INT8: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
+    """fp32 result of the int8 GEMM and GEMV: (acc * row scale) * column scale + bias, in this
+    order in both kernels (and in the torch reference), so their w8a8 outputs agree bit for bit.
+    The scales and the bias pointers come already shaped to broadcast against acc."""
+    if A_INT8:
+        y = acc.to(tl.float32) * a_scale
+        y = y * w_scale
+    else:
+        y = acc * w_scale
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _int8_weight_gemm_kernel(
     a_ptr,
     a_scale_ptr,
@@ -158,16 +174,12 @@ def _int8_weight_gemm_kernel(
 
     m_ok = offs_m < M
     n_ok = offs_n < N
-    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    a_scale = 1.0
     if A_INT8:
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)
-        y = acc.to(tl.float32) * a_scale[:, None]
-        y = y * w_scale[None, :]
-    else:
-        y = acc * w_scale[None, :]
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        y = y + b[None, :]
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+    y = _epilogue(acc, a_scale, w_scale, (bias_ptr + offs_n)[None, :], n_ok[None, :],
+                  A_INT8, HAS_BIAS)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -199,8 +211,8 @@ def _int8_weight_gemv_kernel(
     A GEMM tile wastes 15 of its 16 rows at M = 1 and, with BLOCK_N >= 32, gives N = 4096 only 128
     programs for 132 SMs. Here each program streams a BLOCK_N x K strip of int8 weights once with
     wide loads and multiplies on the CUDA cores: W8A8 in int32 (exact, like the GEMM), W8A16 in
-    fp32. Rows of the same strip run side by side and share it through L2. Same epilogue as the
-    GEMM (row scale, then column scale, then bias, in that order), so W8A8 stays bit-identical.
+    fp32. Rows of the same strip run side by side and share it through L2. It ends in the GEMM's
+    _epilogue, so W8A8 stays bit-identical to it.
     """
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -225,13 +237,10 @@ def _int8_weight_gemv_kernel(
         w_ptrs += BLOCK_K * stride_wk
     total = tl.sum(acc, 1)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
+    a_scale = 1.0
     if A_INT8:
-        y = total.to(tl.float32) * tl.load(a_scale_ptr + row)
-        y = y * w_scale
-    else:
-        y = total * w_scale
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        a_scale = tl.load(a_scale_ptr + row)
+    y = _epilogue(total, a_scale, w_scale, bias_ptr + offs_n, n_ok, A_INT8, HAS_BIAS)
     tl.store(c_ptr + row * stride_cm + offs_n * stride_cn, y.to(c_ptr.dtype.element_ty), mask=n_ok)
 
 
