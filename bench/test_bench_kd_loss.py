@@ -10,7 +10,7 @@ import bench_kd_loss as b
 
 
 @pytest.mark.parametrize("impl", ["fastkd", "torch"])
-@pytest.mark.parametrize("n,v", [(64, 4096)])
+@pytest.mark.parametrize("n,v", [(64, 4096), (64, 32000), (4, 16)])
 def test_kd_loss_fwd_bwd_cpu(benchmark, impl, n, v):
     fn = b.fastkd_loss if impl == "fastkd" else b.torch_kd_loss
     s, t, y = b._inputs(n, v, "cpu", torch.float32)

@@ -192,6 +192,29 @@ def test_extreme_logits_stay_finite_and_accurate(backend, T):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("with_target", [True, False])
+def test_nan_logit_makes_its_row_nan(backend, divergence, where, with_target):
+    # A diverged model must not get a finite loss back: torch's own losses propagate nan, and
+    # the masking that drops zero-probability entries must not drop a nan with them.
+    s, t, y = make_inputs((4, 301), seed=11, with_target=with_target, ignored=0)
+    bad = s if where == "student" else t
+    bad[1, 17] = float("nan")
+    bad[2, 0] = float("nan")
+    if with_target:
+        y[2] = -100  # an ignored row stays 0, nan or not, as in cross_entropy
+    out, grad, _ = run(s, t, y, backend, "none", temperature=2.0, divergence=divergence)
+    assert torch.isnan(out[1]), out
+    assert torch.isnan(grad[1]).any()
+    if with_target:
+        assert out[2].item() == 0.0 and torch.equal(grad[2], torch.zeros_like(grad[2]))
+    else:
+        assert torch.isnan(out[2])
+    assert torch.isfinite(out[[0, 3]]).all() and torch.isfinite(grad[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_identical_logits_give_zero_soft_loss(backend):
     s, _, _ = make_inputs((3, 1271), seed=7)
     out, grad, _ = run(s, s.clone(), None, backend, "none", temperature=2.0)

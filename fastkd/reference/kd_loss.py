@@ -86,6 +86,46 @@ def _lse_at_row_max(x: Tensor, log_softmax_x: Tensor) -> Tensor:
     return x.amax(dim=-1) - log_softmax_x.amax(dim=-1)
 
 
+def _exp_shifted(x: Tensor, inv_t: float, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """exp(x / T - shift) per row, fp32, in one fresh buffer (or `out`): two passes over x."""
+    return torch.add(-shift[:, None], x, alpha=inv_t, out=out).exp_()
+
+
+def _exp_sum(x: Tensor, inv_t: float, out: Optional[Tensor] = None):
+    """(max of x / T, sum of exp(x / T - max), that exp buffer) per row."""
+    row_max = x.amax(dim=-1).float() * inv_t  # T > 0: the max of x / T
+    e = _exp_shifted(x, inv_t, row_max, out=out)
+    return row_max, e.sum(dim=-1), e
+
+
+def _kl_forward_chunk(s: Tensor, t: Tensor, inv_t: float):
+    """Forward KL(p || q) per row, lse(s/T), lse(t/T) and lse(s) for one chunk of rows.
+
+    On the CPU this is bound by passes over the chunk and by fresh N x V buffers (each one's
+    pages are faulted in anew), not by arithmetic, so it takes the fewest of both: one exp pass
+    per normaliser, and two fp32 buffers in all, the teacher's probabilities p and a work buffer
+    reused for every student-side pass. With log p - log q = (t - s)/T - lse(t/T) + lse(s/T),
+    KL = sum p (log p - log q); an entry with p = 0 (a masked or underflowed teacher logit) adds
+    nothing even where q = 0: its 0 * (-inf) or 0 * nan is dropped by nansum. A nan logit makes
+    its row nan (checked per row, since nansum would hide it).
+    """
+    m_t, z_t, p = _exp_sum(t, inv_t)
+    p.div_(z_t[:, None])
+    lse_t = m_t + z_t.log()
+    m_s, z_s, work = _exp_sum(s, inv_t)
+    lse_s = m_s + z_s.log()
+    if inv_t == 1.0:
+        lse_1 = lse_s
+    else:
+        m_1, z_1, _ = _exp_sum(s, 1.0, out=work)
+        lse_1 = m_1 + z_1.log()
+    # log p - log q, accumulated in fp32 whatever the logits' dtypes
+    log_ratio = torch.add((lse_s - lse_t)[:, None], t, alpha=inv_t, out=work).sub_(s, alpha=inv_t)
+    kl = log_ratio.mul_(p).nansum(dim=-1)
+    kl = torch.where(torch.isnan(lse_s) | torch.isnan(lse_t), lse_s + lse_t, kl)
+    return kl, lse_s, lse_t, lse_1
+
+
 def kd_loss_forward(
     student: Tensor,
     teacher: Tensor,
@@ -110,33 +150,69 @@ def kd_loss_forward(
     step = _row_chunk(n_rows, n_cols)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        s = student[r0:r1].float()
-        t = teacher[r0:r1].float()
-        s_t = s if temperature == 1.0 else s * inv_t
-        t_t = t if temperature == 1.0 else t * inv_t
-        # torch's fused log_softmax: fewer passes than logsumexp + subtract, and it subtracts the
-        # row max before the log-sum, which keeps log-probabilities of huge logits accurate
-        log_q = torch.log_softmax(s_t, dim=-1)
-        log_p = torch.log_softmax(t_t, dim=-1)
-        lse_s = _lse_at_row_max(s_t, log_q)
-        lse_t = _lse_at_row_max(t_t, log_p)
-        terms, qg = _divergence_terms(log_p, log_q, divergence, beta)
-        soft = temperature * temperature * terms.sum(dim=-1).clamp_min(0.0)
-        cols = [lse_s, lse_t, None]
-        if qg is not None:
-            cols.append(qg.sum(dim=-1))
-        cols[2] = lse_s if temperature == 1.0 else torch.logsumexp(s, dim=-1)
+        s = student[r0:r1]
+        t = teacher[r0:r1]
+        if divergence == "kl":
+            d, lse_s, lse_t, lse_1 = _kl_forward_chunk(s, t, inv_t)
+            cols = [lse_s, lse_t, lse_1]
+        else:
+            s = s.float()
+            s_t = s if temperature == 1.0 else s * inv_t
+            t_t = t.float() if temperature == 1.0 else t.float() * inv_t
+            # torch's fused log_softmax subtracts the row max before the log-sum, which keeps
+            # log-probabilities of huge logits accurate
+            log_q = torch.log_softmax(s_t, dim=-1)
+            log_p = torch.log_softmax(t_t, dim=-1)
+            lse_s = _lse_at_row_max(s_t, log_q)
+            terms, qg = _divergence_terms(log_p, log_q, divergence, beta)
+            lse_t = _lse_at_row_max(t_t, log_p)
+            # the terms skip entries of zero probability, which a nan makes of every entry
+            row_nan = torch.isnan(lse_s) | torch.isnan(lse_t)
+            d = torch.where(row_nan, lse_s + lse_t, terms.sum(dim=-1))
+            dot = torch.where(row_nan, lse_s + lse_t, qg.sum(dim=-1))
+            lse_1 = lse_s if temperature == 1.0 else torch.logsumexp(s, dim=-1)
+            cols = [lse_s, lse_t, lse_1, dot]
+        soft = temperature * temperature * torch.where(d < 0, 0.0, d)  # keeps a nan, unlike clamp
         valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
         if valid is None:
             row = soft
         else:
-            ce = cols[2] - s.gather(1, safe[:, None]).squeeze(1)
+            ce = lse_1 - s.gather(1, safe[:, None]).squeeze(1).float()
             row = torch.where(valid, alpha * soft + (1.0 - alpha) * ce, torch.zeros_like(soft))
             zero = torch.zeros_like(lse_s)
             cols = [torch.where(valid, x, zero) for x in cols]
         loss[r0:r1] = row
         stats[r0:r1] = torch.stack(cols, dim=1)
     return loss, stats
+
+
+def _kl_backward_chunk(out, s, t, st, scale, valid, safe, inv_t, c_kl, c_ce) -> None:
+    """Write d(sum_i scale_i row_i)/ds for forward KL into `out`, from the saved statistics.
+
+    g = c_kl (q - p) + c_ce (softmax(s) - onehot(y)), scaled per row, with q, p and softmax(s)
+    read off their saved logsumexps: three exp passes (two when T = 1), one scratch buffer, and
+    the rest in place, straight into `out` when it is fp32. Ignored rows (zero statistics) get
+    lse = +inf, so their probabilities are exactly 0, never inf * 0.
+    """
+    lse = st[:, :3]
+    if valid is not None:
+        scale = torch.where(valid, scale, torch.zeros_like(scale))
+        lse = torch.where(valid[:, None], lse, torch.full_like(lse, float("inf")))
+    a = (c_kl * scale)[:, None]
+    b = (c_ce * scale)[:, None] if valid is not None else None
+    direct = out.dtype == torch.float32
+    g = _exp_shifted(s, inv_t, lse[:, 0], out=out if direct else None)
+    same_q = b is not None and inv_t == 1.0  # softmax(s / T) is softmax(s)
+    g.mul_(a + b if same_q else a)
+    scratch = _exp_shifted(t, inv_t, lse[:, 1])
+    g.addcmul_(scratch, a, value=-1.0)
+    if b is not None:
+        if not same_q:
+            g.addcmul_(_exp_shifted(s, 1.0, lse[:, 2], out=scratch), b)
+        g.scatter_add_(1, safe[:, None], -b)
+        g.masked_fill_(~valid[:, None], 0.0)  # exactly 0 there, even where a logit is nan
+    if not direct:
+        out.copy_(g)
 
 
 def kd_loss_backward(
@@ -163,26 +239,25 @@ def kd_loss_backward(
     step = _row_chunk(n_rows, n_cols)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        s = student[r0:r1].float()
-        t = teacher[r0:r1].float()
         st = stats[r0:r1]
-        s_t = s if temperature == 1.0 else s * inv_t
-        t_t = t if temperature == 1.0 else t * inv_t
-        if divergence == "kl":
-            # fused softmaxes, updated in place: the fewest passes torch offers on the CPU path
-            g = torch.softmax(s_t, dim=-1).sub_(torch.softmax(t_t, dim=-1)).mul_(c_kl)
-        else:
-            log_q = s_t - st[:, 0:1]
-            _, qg = _divergence_terms(t_t - st[:, 1:2], log_q, divergence, beta)
-            g = (qg - log_q.exp() * st[:, 3:4]).mul_(c_kl)
         scale = grad_rows[r0:r1].float()
         valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
+        if divergence == "kl":
+            _kl_backward_chunk(grad[r0:r1], student[r0:r1], teacher[r0:r1], st, scale, valid,
+                               safe, inv_t, c_kl, c_ce)
+            continue
+        s = student[r0:r1].float()
+        t = teacher[r0:r1].float()
+        s_t = s if temperature == 1.0 else s * inv_t
+        t_t = t if temperature == 1.0 else t * inv_t
+        log_q = s_t - st[:, 0:1]
+        _, qg = _divergence_terms(t_t - st[:, 1:2], log_q, divergence, beta)
+        g = (qg - log_q.exp() * st[:, 3:4]).mul_(c_kl)
         if valid is not None:
             g.add_(torch.softmax(s, dim=-1), alpha=c_ce)
             g.scatter_add_(1, safe[:, None], torch.full_like(g[:, :1], -c_ce))
             scale = torch.where(valid, scale, torch.zeros_like(scale))
-            if divergence != "kl":
-                # ignored rows carry zero statistics: force their (possibly inf) terms to 0
-                g = torch.where(valid[:, None], g, torch.zeros_like(g))
+            # ignored rows carry zero statistics: force their (possibly inf) terms to 0
+            g = torch.where(valid[:, None], g, torch.zeros_like(g))
         grad[r0:r1] = g.mul_(scale[:, None])
     return grad
