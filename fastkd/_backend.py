@@ -99,7 +99,7 @@ class OpBackends:
         `extra(name) -> list[str]` adds reasons that depend on the inputs (dtype, density...).
         """
         check_backend(requested)
-        device_type = torch.device(device).type
+        device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
         explicit = requested
         if requested == "auto":
             env = os.environ.get(ENV_VAR, "auto") or "auto"

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers the ops)
+from .reference import int8_linear as _int8_reference
 from ._backend import (
     ENV_VAR,
     TORCH,
@@ -220,7 +221,7 @@ def shared_linear(
     x2 = x.reshape(-1, in_features)
     if impl == "triton" and x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.ops.fastkd.shared_linear(x2, indices, codebook, bias, in_features, bits, impl)
+    y = _ops.call("shared_linear", x2, indices, codebook, bias, in_features, bits, impl)
     return y.reshape(*lead, n)
 
 
@@ -229,6 +230,7 @@ def shared_linear(
 # --------------------------------------------------------------------------------------------
 
 INT8_MODES = ("w8a8", "w8a16")
+_INT8_MAX_K_W8A8 = _int8_reference.MAX_K_W8A8
 
 
 def _int8_triton_dtype_reasons(dtype):
@@ -332,16 +334,14 @@ def int8_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), k)  # not -1: K may be 0
     if mode == "w8a8":
-        y = torch.ops.fastkd.int8_linear_w8a8(x2, weight, weight_scale, bias, impl)
+        y = _ops.call("int8_linear_w8a8", x2, weight, weight_scale, bias, impl)
     else:
-        y = torch.ops.fastkd.int8_linear_w8a16(x2, weight, weight_scale, bias, impl)
+        y = _ops.call("int8_linear_w8a16", x2, weight, weight_scale, bias, impl)
     return y.reshape(*lead, n_out)
 
 
 def _int8_ref_max_k() -> int:
-    from .reference.int8_linear import MAX_K_W8A8
-
-    return MAX_K_W8A8
+    return _INT8_MAX_K_W8A8
 
 
 def quantize_per_token(x: Tensor, *, backend: str = "auto") -> tuple:
@@ -358,7 +358,7 @@ def quantize_per_token(x: Tensor, *, backend: str = "auto") -> tuple:
         backend, x.device, _int8_triton_dtype_reasons(x.dtype)
     )
     k = x.shape[-1]
-    q, s = torch.ops.fastkd.quantize_per_token(x.detach().reshape(x.shape[:-1].numel(), k), impl)
+    q, s = _ops.call("quantize_per_token", x.detach().reshape(x.shape[:-1].numel(), k), impl)
     return q.reshape(x.shape), s.reshape(x.shape[:-1])
 
 
@@ -545,5 +545,5 @@ def masked_linear(
             ):
                 impl = "torch"
     tiles = tile_map.data if (impl in MASKED_SPARSE_BACKENDS and tile_map is not None) else None
-    y = torch.ops.fastkd.masked_linear(x2, weight, mask, bias, tiles, impl)
+    y = _ops.call("masked_linear", x2, weight, mask, bias, tiles, impl)
     return y.reshape(*lead, weight.shape[0])

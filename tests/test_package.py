@@ -100,3 +100,72 @@ def test_backend_selection_touches_no_import_machinery(monkeypatch):
             ops.auto(device)
             for name in ops.names():
                 ops.reasons(name, device)
+
+
+# ------------------------------------------------------------------- eager calls and autograd
+
+def _int8_args(requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 37, generator=g).requires_grad_(requires_grad)
+    w, ws = fastkd.functional.quantize_weight(torch.randn(11, 37, generator=g))
+    return x, w, ws
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_inference_calls_skip_the_dispatcher_hop_only_when_nothing_can_observe_it(monkeypatch):
+    from fastkd import _ops
+
+    calls = []
+    real = _ops._DIRECT["int8_linear_w8a8"]
+    monkeypatch.setitem(_ops._DIRECT, "int8_linear_w8a8",
+                        lambda *a: calls.append(1) or real(*a))
+    x, w, ws = _int8_args()
+    direct = fastkd.functional.int8_linear(x, w, ws, backend="torch")
+    assert calls == [1]  # plain tensors, no grad: the implementation, called directly
+    # ... with the same result the dispatcher gives
+    torch.testing.assert_close(direct, torch.ops.fastkd.int8_linear_w8a8(x, w, ws, None, "torch"),
+                               rtol=0, atol=0)
+    # a dispatch mode sees the op itself, not its insides only
+    with _RecordOps() as mode:
+        fastkd.functional.int8_linear(x, w, ws, backend="torch")
+    assert "fastkd.int8_linear_w8a8.default" in mode.ops and calls == [1]
+    # a torch function mode (torch.device is one) and a gradient to record take the op too
+    with torch.device("cpu"):
+        fastkd.functional.int8_linear(x, w, ws, backend="torch")
+    xg, _, _ = _int8_args(requires_grad=True)
+    y = fastkd.functional.int8_linear(xg, w, ws, backend="torch")
+    assert calls == [1] and y.grad_fn is not None
+    with torch.no_grad():
+        fastkd.functional.int8_linear(xg, w, ws, backend="torch")
+    assert calls == [1, 1]
+
+
+def test_autograd_registration_gets_keyword_only_defaults_and_trims_gradients():
+    # fastkd._ops.register_autograd fills what the dispatcher drops (keyword-only defaults) and
+    # returns one gradient per input actually passed: kd_loss_forward's divergence/beta.
+    s = torch.randn(3, 29, requires_grad=True)
+    t = torch.randn(3, 29)
+    rows, _ = torch.ops.fastkd.kd_loss_forward(s, t, None, 2.0, 0.5, -100, "torch")
+    rows.sum().backward()
+    grad_default = s.grad.clone()
+    s.grad = None
+    rows2, _ = torch.ops.fastkd.kd_loss_forward(s, t, None, 2.0, 0.5, -100, "torch",
+                                                divergence="kl", beta=0.5)
+    rows2.sum().backward()
+    torch.testing.assert_close(rows, rows2, rtol=0, atol=0)
+    torch.testing.assert_close(s.grad, grad_default, rtol=0, atol=0)
+    s.grad = None
+    rows3, _ = torch.ops.fastkd.kd_loss_forward(s, t, None, 2.0, 0.5, -100, "torch",
+                                                divergence="jsd", beta=0.25)
+    rows3.sum().backward()
+    assert not torch.allclose(rows3, rows) and torch.isfinite(s.grad).all()
+    assert not torch.allclose(s.grad, grad_default)  # the backward got divergence="jsd" too
