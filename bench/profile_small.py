@@ -50,7 +50,65 @@ def cases():
             F.kd_loss(s, t, y).backward()
 
         out[f"kd_loss fwd+bwd N={nrows} V={v}"] = step
+    out.update(launch_cases(dev))
     return out
+
+
+def launch_cases(dev: str) -> dict:
+    """What the pieces of a small call cost the host: Triton launches by pointer count (its
+    launcher queries the driver once per pointer argument), an autotuned launch, an allocation,
+    one tiny aten kernel, and fastkd's Python around the int8 kernels with their launches
+    stubbed out. The differences attribute the host time of the calls above."""
+    import triton
+    import triton.language as tl
+
+    import fastkd.functional as F
+    from fastkd.kernels import int8_linear as K
+
+    @triton.jit
+    def _nop1(p0, n, B: tl.constexpr):
+        tl.store(p0 + tl.arange(0, B), tl.zeros([B], tl.float32), mask=tl.arange(0, B) < n)
+
+    @triton.jit
+    def _nop8(p0, p1, p2, p3, p4, p5, p6, p7, n, s0, s1, s2, s3, B: tl.constexpr):
+        tl.store(p0 + tl.arange(0, B), tl.zeros([B], tl.float32), mask=tl.arange(0, B) < n)
+
+    _nop8_tuned = triton.autotune([triton.Config({"B": 16})], key=["n"])(_nop8)
+    bufs = [torch.zeros(64, device=dev) for _ in range(8)]
+    tiny = torch.zeros(1, device=dev)
+    out = {
+        "launch triton 1 pointer": lambda: _nop1[(1,)](bufs[0], 16, B=16),
+        "launch triton 8 pointers": lambda: _nop8[(1,)](*bufs, 16, 1, 2, 3, 4, B=16),
+        "launch triton 8 pointers autotuned": lambda: _nop8_tuned[(1,)](*bufs, 16, 1, 2, 3, 4),
+        "torch.empty (1, 4096) bf16": lambda: torch.empty(1, 4096, device=dev,
+                                                          dtype=torch.bfloat16),
+        "aten add_ 1 element": lambda: tiny.add_(1.0),
+    }
+    g = torch.Generator(device=dev).manual_seed(0)
+    wq, ws = F.quantize_weight(torch.randn(4096, 4096, device=dev, generator=g))
+    x = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16, generator=g)
+
+    def python_only(mode):
+        def call():
+            real = K._launch_gemm, K._quantize_per_token_kernel
+            K._launch_gemm = lambda *a, **k: None
+            K._quantize_per_token_kernel = _NoLaunch()
+            try:
+                F.int8_linear(x, wq, ws, mode=mode)
+            finally:
+                K._launch_gemm, K._quantize_per_token_kernel = real
+        return call
+
+    out["int8 w8a8 M=1 python only (launches stubbed)"] = python_only("w8a8")
+    out["int8 w8a16 M=1 python only (launches stubbed)"] = python_only("w8a16")
+    return out
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: `kernel[grid](...)` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: None
 
 
 def measure(fn) -> dict:
