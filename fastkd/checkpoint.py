@@ -125,16 +125,79 @@ def _compressed_layers(model: nn.Module) -> dict:
     return out
 
 
+# Widths that fastkd.shrink_ changes on attention modules (BERT-style and grouped-query).
+_SHRUNK_ATTRIBUTES = ("num_attention_heads", "all_head_size", "num_heads", "num_key_value_heads")
+
+
+def _shapes(model: nn.Module) -> dict:
+    """The widths a skeleton needs to take this model's tensors: every plain ``nn.Linear``'s
+    (in_features, out_features, bias) and the head counts of attention modules, so a model made
+    smaller by ``fastkd.shrink_`` (widths that differ per layer, which no config describes)
+    loads into a full-size skeleton."""
+    linear, attributes = {}, {}
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear:
+            linear[name] = [mod.in_features, mod.out_features, mod.bias is not None]
+        found = {}
+        for attr in _SHRUNK_ATTRIBUTES:
+            value = getattr(mod, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                found[attr] = value
+        pruned = getattr(mod, "pruned_heads", None)  # transformers' own head pruning
+        if isinstance(pruned, (set, frozenset)) and pruned:
+            found["pruned_heads"] = sorted(pruned)
+        if found:
+            attributes[name] = found
+    return {"linear": linear, "attributes": attributes}
+
+
+def _apply_shapes(skeleton: nn.Module, shapes: dict) -> None:
+    """Resize the skeleton's plain linears and head counts to the recorded ones (only where they
+    differ: a layer left as it is keeps its identity, and so any weight tying)."""
+    for name, (fan_in, fan_out, has_bias) in shapes.get("linear", {}).items():
+        old = _submodule(skeleton, name)
+        if type(old) is not nn.Linear:
+            continue  # a compressed layer replaces it anyway, with its own recorded shape
+        if (old.in_features, old.out_features, old.bias is not None) == (fan_in, fan_out,
+                                                                          has_bias):
+            continue
+        if not name:
+            raise ValueError("the skeleton itself is a Linear of another shape; build it at "
+                             f"({fan_in}, {fan_out}) instead")
+        new = nn.Linear(fan_in, fan_out, bias=has_bias, device=old.weight.device,
+                        dtype=old.weight.dtype)
+        _replace(skeleton, name, new)
+    for name, found in shapes.get("attributes", {}).items():
+        mod = _submodule(skeleton, name)
+        for attr, value in found.items():
+            setattr(mod, attr, set(value) if attr == "pruned_heads" else value)
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as e:
+        raise ValueError(f"skeleton has no module {name!r} to rebuild") from e
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
 def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
     """Write ``model``'s state (compressed layers as they are) to a safetensors file.
 
-    The file's metadata holds ``{"format", "layers": {path: {"type", "settings"}}}``; returns it.
+    The file's metadata holds ``{"format", "layers": {path: {"type", "settings"}}, "shapes":
+    {"linear": {path: [in, out, bias]}, "attributes": {path: {name: value}}}}``; returns it.
+    ``shapes`` lets a full-size skeleton take a model shrunk by :func:`fastkd.shrink_`.
     """
     from safetensors.torch import save_model
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    header = {"format": FORMAT, "layers": _compressed_layers(model)}
+    header = {"format": FORMAT, "layers": _compressed_layers(model), "shapes": _shapes(model)}
     save_model(model, os.fspath(path), metadata={_META_KEY: json.dumps(header)})
     return header
 
@@ -154,13 +217,15 @@ def read_compressed_header(path: Union[str, os.PathLike]) -> dict:
 
 def load_compressed(skeleton: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Rebuild the compressed layers recorded in ``path`` into ``skeleton`` (an uncompressed model
-    of the same architecture), load every tensor exactly, and return the skeleton."""
+    of the same architecture, at its original widths even if the saved model was shrunk), load
+    every tensor exactly, and return the skeleton."""
     from safetensors.torch import load_model
 
     if not isinstance(skeleton, nn.Module):
         raise TypeError(f"skeleton must be an nn.Module, got {type(skeleton).__name__}")
     _ensure_builtin()
     header = read_compressed_header(path)
+    _apply_shapes(skeleton, header.get("shapes", {}))  # absent in files written before it
     for name, entry in header["layers"].items():
         spec = LAYER_REGISTRY.get(entry["type"])
         if spec is None:
@@ -170,13 +235,7 @@ def load_compressed(skeleton: nn.Module, path: Union[str, os.PathLike]) -> nn.Mo
             )
         if not name:
             raise ValueError("the root module itself is compressed; load it directly instead")
-        try:
-            old = skeleton.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"skeleton has no module {name!r} to rebuild") from e
-        parent_name, _, attr = name.rpartition(".")
-        parent = skeleton.get_submodule(parent_name) if parent_name else skeleton
-        setattr(parent, attr, spec.build(entry["settings"], old))
+        _replace(skeleton, name, spec.build(entry["settings"], _submodule(skeleton, name)))
     load_model(skeleton, os.fspath(path), strict=True)
     return skeleton
 

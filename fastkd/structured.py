@@ -326,7 +326,9 @@ def shrink_(model: nn.Module, *, verbose: bool = False) -> list:
     connected ``nn.Linear`` layers by smaller ones without the dead neurons. Layers it cannot prove
     connected are left alone. Returns a list of ``(where, before, after)`` widths.
 
-    The model's ``config`` (if any) is not changed: widths may now differ per layer.
+    The model's ``config`` (if any) is not changed: widths may now differ per layer, which no
+    config describes. ``fastkd.save_compressed`` records them, and ``fastkd.load_compressed``
+    loads the file into a full-size model of the same architecture.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

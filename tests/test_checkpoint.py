@@ -85,3 +85,73 @@ def test_size_report_counts_bytes_per_type():
     tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
     tied[1].weight = tied[0].weight
     assert fastkd.size_report(tied)["total_bytes"] == 64
+
+
+_TINY = {
+    "bert": "transformers.BertModel(transformers.BertConfig(hidden_size=24, num_hidden_layers=2, "
+            "num_attention_heads=4, intermediate_size=37, vocab_size=53, "
+            "max_position_embeddings=16, hidden_dropout_prob=0.0, "
+            "attention_probs_dropout_prob=0.0)).eval()",
+    "llama": "transformers.LlamaModel(transformers.LlamaConfig(hidden_size=24, "
+             "num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, "
+             "intermediate_size=37, vocab_size=53, max_position_embeddings=16, head_dim=4)).eval()",
+}
+
+
+def _prune_rows_(layer: nn.Linear, rows) -> None:
+    with torch.no_grad():
+        layer.weight[rows] = 0
+        if layer.bias is not None:
+            layer.bias[rows] = 0
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_shrunk_model_loads_into_a_full_size_skeleton(tmp_path, arch):
+    """shrink_ leaves widths that differ per layer (no config describes them): the checkpoint
+    records them, and a fresh full-size model of the same architecture takes the file, heads
+    included, with bit-identical outputs. A layer quantized after shrinking keeps its shape."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = eval(_TINY[arch])
+    if arch == "bert":
+        for i, layer in enumerate(model.encoder.layer):
+            _prune_rows_(layer.intermediate.dense, list(range(0, 37, 2 + i)))
+            hd = layer.attention.self.attention_head_size
+            _prune_rows_(layer.attention.self.value, list(range(hd, 2 * hd)))  # head 1 dies
+        quantized = "encoder.layer.1.output.dense"
+    else:
+        for i, layer in enumerate(model.layers):
+            _prune_rows_(layer.mlp.gate_proj, list(range(1, 37, 3 + i)))
+            _prune_rows_(layer.self_attn.v_proj, list(range(4, 8)))  # key/value group 1 dies
+        quantized = "layers.1.mlp.down_proj"
+    report = fastkd.shrink_(model)
+    assert report  # something was removed
+    fastkd.quantize_(model, mode="w8a16", filter_fn=lambda m, n: n == quantized)
+    ckpt = tmp_path / "shrunk.safetensors"
+    header = fastkd.save_compressed(model, ckpt)
+    assert header["shapes"]["linear"]
+    if arch == "bert":  # its self-attention keeps head counts as attributes
+        assert header["shapes"]["attributes"]["encoder.layer.0.attention.self"][
+            "num_attention_heads"] == 3
+    ids = torch.randint(0, 53, (2, 9))
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, transformers, fastkd
+        torch.manual_seed(123)  # another init: every tensor must come from the file
+        skel = {_TINY[arch]}
+        fastkd.load_compressed(skel, {str(ckpt)!r})
+        with torch.no_grad():
+            out = skel(torch.load({str(tmp_path / "ids.pt")!r})).last_hidden_state
+        torch.save(out, {str(tmp_path / "out.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+    # without the recorded widths a full-size skeleton cannot take the file
+    from safetensors.torch import load_model
+
+    with pytest.raises(RuntimeError):
+        load_model(eval(_TINY[arch]), str(ckpt), strict=True)
