@@ -86,28 +86,44 @@ def test_reference_quantize_rows_properties(dtype):
 
 @pytest.mark.parametrize(
     "m,k,n",
-    [(17, 64, 24), (3, 64, 16), (40, 100, 24), (2, 7, 5), (0, 8, 8), (4, 0, 3)],
-    ids=["int_mm", "int_mm_padded_m", "f64_odd_k", "f64_tiny", "empty_m", "empty_k"],
+    [(17, 64, 24), (3, 64, 16), (40, 100, 24), (2, 7, 5), (0, 8, 8), (4, 0, 3), (5, 2500, 7)],
+    ids=["k64", "small_m", "odd_k", "tiny", "empty_m", "empty_k", "k_over_slices"],
 )
-def test_reference_int8_mm_is_exact(m, k, n):
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_reference_int8_mm_is_exact(m, k, n, precision):
+    # "highest": fp32 BLAS over K-slices on the CPU; "medium" lets the CPU matmul use bf16, so
+    # the reference must not trust fp32 then (it takes float64)
     g = _gen(2)
     # include -128, which per-channel codes never produce but external int8 weights might
     a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     b = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     if m and k:
         a[0, 0] = -128
-    out = ref.int8_mm(a, b)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        assert ref._fp32_matmul_is_ieee() == (precision == "highest")
+        out = ref.int8_mm(a, b)
+    finally:
+        torch.set_float32_matmul_precision(before)
     assert out.dtype == torch.int32 and out.shape == (m, n)
     assert torch.equal(out.long(), _exact_int_mm(a, b))
 
 
-def test_reference_int8_mm_float64_path_exact_at_large_magnitudes():
-    # worst case |acc| = K * 128**2 close to 2**31: float32 would round, float64 must not
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_reference_int8_mm_exact_at_large_magnitudes(precision):
+    # worst case |acc| = K * 128**2 close to 2**31: one fp32 sum would round; fp32 slices of
+    # 1024 products (each slice sum at most 2**24) and float64 must not
     k = 131_000
     a = torch.full((1, k), -128, dtype=torch.int8)
     b = torch.full((3, k), -128, dtype=torch.int8)
     b[1, ::2] = 127
-    out = ref.int8_mm(a, b)  # M = 1, K % 8 != 0: the float64 path
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        out = ref.int8_mm(a, b)
+    finally:
+        torch.set_float32_matmul_precision(before)
     assert torch.equal(out.long(), _exact_int_mm(a, b))
 
 
