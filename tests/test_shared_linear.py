@@ -43,6 +43,29 @@ def test_pack_roundtrip(bits, k):
     assert torch.equal(unpack_indices(packed, k, bits), idx.long())
 
 
+@pytest.mark.parametrize("bits", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("k", [1, 7, 10])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_dequantize_is_the_codebook_lookup(bits, k, per_channel):
+    # The byte-table lookup against the definition: W[n, k] = codebook[(n,) idx[n, k]], entry 0
+    # exactly 0 whatever the codebook holds there (here it holds -3.5, and a nan elsewhere).
+    g = torch.Generator().manual_seed(bits * 100 + k)
+    n, c = 6, 2**bits
+    idx = torch.randint(0, c, (n, k), generator=g, dtype=torch.uint8)
+    cb = torch.randn((n, c) if per_channel else (c,), generator=g)
+    cb[..., 0] = -3.5
+    if c > 2:
+        cb[..., c - 1] = float("nan")
+    w = shared_dequantize(pack_indices(idx, bits), cb, k, bits)
+    i = idx.long()
+    expect = torch.gather(cb, 1, i) if per_channel else cb[i]
+    expect = torch.where(i == 0, 0.0, expect)
+    assert w.shape == (n, k) and w.dtype == torch.float32
+    assert torch.equal(w.isnan(), expect.isnan())
+    assert torch.equal(torch.nan_to_num(w), torch.nan_to_num(expect))
+    assert not torch.signbit(w[i == 0]).any()  # +0.0, as the kernels give
+
+
 def test_kmeans_1d_beats_uniform_grid_and_keeps_zeros():
     torch.manual_seed(0)
     w = torch.randn(3, 500) ** 3  # heavy tails: a uniform grid fits them badly

@@ -5,7 +5,7 @@ With x (M, K), weight W and bool mask Mk (N, K), bias b (N,):
     dx = dy (W o Mk)
     dW = (dy^T x) o Mk          (pruned weights get exactly zero gradient)
     db = sum over rows of dy
-The pruned weights are removed with ``masked_fill`` rather than a multiply, so an inf/NaN in a pruned
+The pruned weights are removed by selection rather than a multiply, so an inf/NaN in a pruned
 position cannot leak into the result.
 """
 
@@ -21,8 +21,28 @@ TILE = 64  # must equal TILE in csrc/masked_matmul.cu
 TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
 
 
+# Same-size integer types to select float bits with (see zero_pruned).
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+         torch.float64: torch.int64}
+
+
+def zero_pruned(t: Tensor, mask: Tensor) -> Tensor:
+    """``t`` with +0.0 wherever ``mask`` is False, every kept entry's bits unchanged.
+
+    On the CPU ``masked_fill``/``where`` run a branchy loop that a random 50 % mask mispredicts
+    half the time (3.5 ms for a 1024 x 1024 fp32 weight on the 2-core CI machine): there the kept
+    bits are selected with an integer AND against an all-ones/zero mask instead (0.34 ms, the
+    same result bit for bit). Elsewhere ``masked_fill``.
+    """
+    bits = _BITS.get(t.dtype)
+    if t.device.type != "cpu" or bits is None:
+        return t.masked_fill(~mask, 0)
+    keep = mask.to(bits).neg_()  # -1: every bit set
+    return torch.bitwise_and(t.view(bits), keep).view(t.dtype)
+
+
 def _masked_weight(weight: Tensor, mask: Tensor) -> Tensor:
-    return weight.masked_fill(~mask, 0)
+    return zero_pruned(weight, mask)
 
 
 def masked_linear_forward(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -37,7 +57,7 @@ def masked_linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor) -> 
 
 def masked_linear_grad_weight(grad_out: Tensor, x: Tensor, mask: Tensor) -> Tensor:
     """(M, N), (M, K) -> (N, K), zero wherever the mask is False."""
-    return grad_out.t().matmul(x).masked_fill(~mask, 0)
+    return zero_pruned(grad_out.t().matmul(x), mask)
 
 
 @dataclass(frozen=True)
