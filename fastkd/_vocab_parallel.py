@@ -10,8 +10,9 @@ the same on every rank. Only per-row statistics cross ranks:
        (2 floats per row), which need the global normalisers from step 2.
 Every rank then has the full row loss (the returned loss is identical on all ranks), and the
 backward needs no communication: the gradient of a shard uses the global statistics only.
-The local arithmetic is the plain-torch reference (fp32, chunked over rows); the sizes of the shards
-are exchanged once per call (one small all_gather).
+The local arithmetic is the plain-torch reference (fp32, chunked over rows). The sizes of the shards
+are exchanged once per (group, local size, device) and remembered: reading them back is a host
+sync, which a training step should not pay every time (tensor-parallel shards do not change size).
 """
 
 from __future__ import annotations
@@ -27,14 +28,26 @@ from .reference.kd_loss import _divergence_terms, _row_chunk
 _NEG_INF = float("-inf")
 
 
+_SHARDS: dict = {}  # (id(group), n_local, device) -> (group, offset, total)
+
+
 def shard_offset(n_local: int, group, device) -> tuple[int, int]:
-    """(offset of this rank's classes, total classes) from the shard sizes in rank order."""
+    """(offset of this rank's classes, total classes) from the shard sizes in rank order.
+
+    Gathered on the first call for a (group, local size, device) and remembered afterwards (the
+    group is kept with the entry, so a recycled id cannot match another group)."""
+    key = (id(group), n_local, str(device))
+    hit = _SHARDS.get(key)
+    if hit is not None and hit[0] is group:
+        return hit[1], hit[2]
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([n_local], dtype=torch.long, device=device), group=group)
     sizes = [int(x) for x in sizes]
     rank = dist.get_rank(group)
-    return sum(sizes[:rank]), sum(sizes)
+    offset, total = sum(sizes[:rank]), sum(sizes)
+    _SHARDS[key] = (group, offset, total)
+    return offset, total
 
 
 def _shift(m: Tensor) -> Tensor:

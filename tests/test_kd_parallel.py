@@ -44,6 +44,11 @@ def _worker(rank, world, port, splits, out_dir):
         y[y == 2] = 3  # never the padded class
         y[0, ::2] = -100
         y[1, 1] = V - 1  # a target in the last shard
+        import fastkd._vocab_parallel as vp
+
+        gathers = []
+        real_gather = vp.dist.all_gather
+        vp.dist.all_gather = lambda *a, **k: gathers.append(1) or real_gather(*a, **k)
         results = []
         for div, beta, T, alpha, with_t, red in CASES:
             tgt = y if with_t else None
@@ -57,6 +62,9 @@ def _worker(rank, world, port, splits, out_dir):
             out = kd_loss(part, t[..., lo:hi], tgt, group=dist.group.WORLD, **kw)
             (out * w).sum().backward()
             results.append((ref.detach(), out.detach(), full.grad[..., lo:hi], part.grad))
+        vp.dist.all_gather = real_gather
+        # the shard sizes are gathered once (a host sync), then remembered for this group
+        results.append(len(gathers))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -67,7 +75,9 @@ def test_vocab_parallel_matches_unsharded(tmp_path, splits):
     world = len(splits)
     mp.spawn(_worker, args=(world, _free_port(), splits, str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
-        for ref, out, g_ref, g_out in torch.load(tmp_path / f"rank{rank}.pt"):
+        *cases, n_gathers = torch.load(tmp_path / f"rank{rank}.pt")
+        assert n_gathers == 1
+        for ref, out, g_ref, g_out in cases:
             assert torch.isfinite(out).all() and torch.isfinite(g_out).all()
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
