@@ -101,6 +101,23 @@ def launch_cases(dev: str) -> dict:
 
     out["int8 w8a8 M=1 python only (launches stubbed)"] = python_only("w8a8")
     out["int8 w8a16 M=1 python only (launches stubbed)"] = python_only("w8a16")
+
+    from fastkd.kernels import kd_loss as KD
+
+    s = torch.randn(256, 4096, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
+    t = torch.randn(256, 4096, device=dev, dtype=torch.bfloat16, generator=g)
+    y = torch.randint(0, 4096, (256,), device=dev, generator=g)
+
+    def kd_python_only():
+        real = KD._kd_loss_fwd_kernel, KD._kd_loss_bwd_kernel
+        KD._kd_loss_fwd_kernel = KD._kd_loss_bwd_kernel = _NoLaunch()
+        try:
+            s.grad = None
+            F.kd_loss(s, t, y).backward()
+        finally:
+            KD._kd_loss_fwd_kernel, KD._kd_loss_bwd_kernel = real
+
+    out["kd_loss fwd+bwd python and aten only (launches stubbed)"] = kd_python_only
     return out
 
 
