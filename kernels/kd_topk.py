@@ -6,10 +6,11 @@ logprobs (N, k) fp32 teacher log-probabilities; target (N,) int64 or none.
 Forward, one program per row: one streaming pass over the V student logits keeps the online
 (max, sum) of 2^(s * log2(e) / T) (and of s at T = 1 for the cross-entropy when T != 1); then the k
 ids are gathered, giving Q_i = q[id_i] and the tail Q_tail = 1 - sum_i Q_i. It writes the row loss
-and (lse(s/T), lse(s), P_sum, r = P_tail / Q_tail).
+and (lse(s/T), lse(s), P_sum, log r), r = P_tail / Q_tail (log r = -inf without a tail mass).
 
 Backward: one streaming pass writes, for every class, the tail-class gradient
-    g_row * (c_kl * q_j * (P_sum - r) + (1 - alpha) * (softmax(s)_j - [j = y]))
+    g_row * (c_kl * (q_j * P_sum - 2^(s_j * log2(e) / T - lse2 + log2 r)) + (1 - alpha) * (...))
+(q_j * r as one exponential: r alone can pass fp32's range when the student's tail is tiny)
 and a second small launch overwrites the k id columns with q_j * P_sum - P_i in place of the tail
 term (same-stream launches are ordered, so no barrier is needed).
 
@@ -94,14 +95,14 @@ def _kd_topk_fwd_kernel(
     p = tl.exp(lp)
     d = tl.sum(tl.where(p > 0, p * (lp - log2q * ln2), 0.0), 0)
     p_sum = tl.sum(p, 0)
-    ratio = 0.0
+    log_ratio_out = float("-inf")
     if HAS_TAIL:
         p_tail = tl.maximum(1.0 - p_sum, 0.0)
         q_tail = tl.maximum(1.0 - tl.sum(q, 0), 1e-30)
         pos = p_tail > 0
         log_ratio = tl.log(tl.where(pos, p_tail, 1.0)) - tl.log(q_tail)
         d += tl.where(pos, p_tail * log_ratio, 0.0)
-        ratio = tl.where(pos, tl.exp(log_ratio), 0.0)
+        log_ratio_out = tl.where(pos, log_ratio, float("-inf"))
         p_sum += p_tail
     lse_s = ln2 * lse_s2
     if HAS_TARGET:
@@ -115,7 +116,7 @@ def _kd_topk_fwd_kernel(
         lse_s = tl.where(valid, lse_s, 0.0)
         lse_1 = tl.where(valid, lse_1, 0.0)
         p_sum = tl.where(valid, p_sum, 0.0)
-        ratio = tl.where(valid, ratio, 0.0)
+        log_ratio_out = tl.where(valid, log_ratio_out, 0.0)
     else:
         row_loss = temp_sq * d
         lse_1 = lse_s
@@ -123,7 +124,7 @@ def _kd_topk_fwd_kernel(
     tl.store(stats_ptr + row * 4 + 0, lse_s)
     tl.store(stats_ptr + row * 4 + 1, lse_1)
     tl.store(stats_ptr + row * 4 + 2, p_sum)
-    tl.store(stats_ptr + row * 4 + 3, ratio)
+    tl.store(stats_ptr + row * 4 + 3, log_ratio_out)
 
 
 @triton.jit
@@ -137,8 +138,8 @@ def _row_setup(grad_rows_ptr, stride_g, target_ptr, stats_ptr, row, ignore_index
     lse_s2 = tl.load(stats_ptr + row * 4 + 0) * 1.4426950408889634
     lse_12 = tl.load(stats_ptr + row * 4 + 1) * 1.4426950408889634
     p_sum = tl.load(stats_ptr + row * 4 + 2)
-    ratio = tl.load(stats_ptr + row * 4 + 3)
-    return g, tgt, lse_s2, lse_12, p_sum, ratio
+    log2_ratio = tl.load(stats_ptr + row * 4 + 3) * 1.4426950408889634
+    return g, tgt, lse_s2, lse_12, p_sum, log2_ratio
 
 
 @triton.jit
@@ -163,15 +164,16 @@ def _kd_topk_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + row * stride_s
     out_row = grad_ptr + row * stride_out
-    g, tgt, lse_s2, lse_12, p_sum, ratio = _row_setup(
+    g, tgt, lse_s2, lse_12, p_sum, log2_ratio = _row_setup(
         grad_rows_ptr, stride_g, target_ptr, stats_ptr, row, ignore_index, HAS_TARGET
     )
     n_read = tl.where(g != 0.0, n_cols, 0)  # ignored (or zero-weight) rows write zeros
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         s = tl.load(s_row + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
-        q = tl.exp2(s * scale2 - lse_s2)
-        grad = c_kl * q * (p_sum - ratio)
+        s2 = s * scale2
+        q = tl.exp2(s2 - lse_s2)
+        grad = c_kl * (q * p_sum - tl.exp2(s2 - (lse_s2 - log2_ratio)))
         if HAS_TARGET:
             if SEPARATE_CE:
                 q1 = tl.exp2(s * 1.4426950408889634 - lse_12)
@@ -205,7 +207,7 @@ def _kd_topk_bwd_ids_kernel(
     BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    g, tgt, lse_s2, lse_12, p_sum, ratio = _row_setup(
+    g, tgt, lse_s2, lse_12, p_sum, log2_ratio = _row_setup(
         grad_rows_ptr, stride_g, target_ptr, stats_ptr, row, ignore_index, HAS_TARGET
     )
     kk = tl.arange(0, BLOCK_K)

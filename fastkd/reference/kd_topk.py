@@ -13,9 +13,12 @@ The stored log-probabilities are used as given: the temperature is applied to th
 store them at the temperature you distil at. With k = V this is exactly kd_loss's forward KL.
 
 Gradient (P_sum = sum_b P_b, r = P_tail / Q_tail, 0 when P_tail = 0), with respect to z:
-    dD/dz_j = q_j * (P_sum - r)       for j not among the ids (tail classes)
+    dD/dz_j = q_j * P_sum - q_j * r   for j not among the ids (tail classes)
     dD/dz_j = q_j * P_sum - P_i       for j = id_i
-Row statistics (N, 4) fp32: lse(s/T), lse(s), P_sum, r (0 on ignored rows).
+q_j * r = P_tail * q_j / Q_tail is computed as exp(z_j - lse(z) + log r): r alone overflows fp32
+when the student's tail mass is tiny (below ~e^-88 of the teacher's), the product never does.
+Row statistics (N, 4) fp32: lse(s/T), lse(s), P_sum, log r (-inf when P_tail = 0; all 0 on
+ignored rows).
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ from torch import Tensor
 from .kd_loss import _row_chunk, _valid_rows
 
 
-def _tail_mask(ids: Tensor, n_cols: int) -> Tensor:
-    mask = torch.ones(ids.shape[0], n_cols, dtype=torch.bool, device=ids.device)
-    return mask.scatter_(1, ids, False)
+def _lse_and_exp(z: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """logsumexp per row of fp32 ``z`` (-inf for a row of -inf), its exps left in ``out``."""
+    m = z.amax(dim=-1)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.sub(z, m[:, None], out=out).exp_()
+    return m + e.sum(dim=-1).log()
 
 
 def kd_loss_topk_forward(
@@ -42,7 +48,12 @@ def kd_loss_topk_forward(
     alpha: float,
     ignore_index: int,
 ) -> tuple[Tensor, Tensor]:
-    """Row losses (N,) fp32 and statistics (N, 4) fp32. student (N, V); ids, logprobs (N, k)."""
+    """Row losses (N,) fp32 and statistics (N, 4) fp32. student (N, V); ids, logprobs (N, k).
+
+    On the CPU the cost is passes over N x V and fresh N x V buffers: z = s / T and one work
+    buffer, an exp pass for lse(s/T), one for the tail's own logsumexp (z with the k ids set to
+    -inf in place: exact, with its own max, however small the tail) and one for lse(s) if T != 1.
+    """
     n_rows, n_cols = student.shape
     has_tail = ids.shape[1] < n_cols
     loss = torch.zeros(n_rows, dtype=torch.float32, device=student.device)
@@ -50,34 +61,34 @@ def kd_loss_topk_forward(
     step = _row_chunk(n_rows, n_cols)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        s = student[r0:r1].float()
+        s = student[r0:r1]
         idx = ids[r0:r1].long()
         lp = logprobs[r0:r1].float()
-        z = s / temperature
-        lse_s = torch.logsumexp(z, dim=-1)
+        z = s.float() * (1.0 / temperature)
+        work = torch.empty_like(z)
+        lse_s = _lse_and_exp(z, out=work)
         log_q_top = z.gather(1, idx) - lse_s[:, None]
         p_top = lp.exp()
         zero_k = torch.zeros_like(p_top)
         d = torch.where(p_top > 0, p_top * (lp - log_q_top), zero_k).sum(-1)
         p_sum = p_top.sum(-1)
-        ratio = torch.zeros_like(lse_s)
+        log_ratio = torch.full_like(lse_s, float("-inf"))
         if has_tail:
             p_tail = (1.0 - p_sum).clamp_min(0.0)
-            tail_z = torch.where(_tail_mask(idx, n_cols), z, torch.full_like(z, float("-inf")))
-            log_q_tail = torch.logsumexp(tail_z, dim=-1) - lse_s
+            log_q_tail = _lse_and_exp(z.scatter_(1, idx, float("-inf")), out=work) - lse_s
             pos = p_tail > 0
             log_p_tail = torch.where(pos, p_tail, torch.ones_like(p_tail)).log()
             d = d + torch.where(pos, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(d))
-            ratio = torch.where(pos, (log_p_tail - log_q_tail).exp(), torch.zeros_like(d))
+            log_ratio = torch.where(pos, log_p_tail - log_q_tail, torch.full_like(d, float("-inf")))
             p_sum = p_sum + p_tail
         soft = temperature * temperature * d
-        lse_1 = lse_s if temperature == 1.0 else torch.logsumexp(s, dim=-1)
-        cols = [lse_s, lse_1, p_sum, ratio]
+        lse_1 = lse_s if temperature == 1.0 else _lse_and_exp(s.float(), out=work)
+        cols = [lse_s, lse_1, p_sum, log_ratio]
         valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
         if valid is None:
             row = soft
         else:
-            ce = lse_1 - s.gather(1, safe[:, None]).squeeze(1)
+            ce = lse_1 - s.gather(1, safe[:, None]).squeeze(1).float()
             row = torch.where(valid, alpha * soft + (1.0 - alpha) * ce, torch.zeros_like(soft))
             cols = [torch.where(valid, x, torch.zeros_like(x)) for x in cols]
         loss[r0:r1] = row
@@ -96,29 +107,42 @@ def kd_loss_topk_backward(
     alpha: float,
     ignore_index: int,
 ) -> Tensor:
-    """Gradient of sum_i grad_rows[i] * row_loss[i] w.r.t. the student (N, V), student dtype."""
+    """Gradient of sum_i grad_rows[i] * row_loss[i] w.r.t. the student (N, V), student dtype.
+
+    Per row, g = scale * (c_kl * (q * P_sum - q * r, with q * P_sum - P_i at the k ids)
+    + c_ce * (softmax(s) - onehot(y))), built in place on two exp buffers.
+    Ignored rows read lse = +inf (probabilities exactly 0) and are zeroed row-wise at the end.
+    """
     n_rows, n_cols = student.shape
     grad = torch.empty_like(student)
     c_kl = temperature if target is None else alpha * temperature
     c_ce = 1.0 - alpha
+    inv_t = 1.0 / temperature
     step = _row_chunk(n_rows, n_cols)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        s = student[r0:r1].float()
+        s = student[r0:r1]
         st = stats[r0:r1]
         idx = ids[r0:r1].long()
-        q = (s / temperature - st[:, 0:1]).exp()
-        p_sum = st[:, 2:3]
-        g = q * (p_sum - st[:, 3:4])
-        g.scatter_(1, idx, q.gather(1, idx) * p_sum - logprobs[r0:r1].float().exp())
-        g = c_kl * g
         scale = grad_rows[r0:r1].float()
         valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
+        lse = st[:, :2]
         if valid is not None:
-            p_1 = q if temperature == 1.0 else (s - st[:, 1:2]).exp()
-            g = g + c_ce * p_1
-            g.scatter_add_(1, safe[:, None], torch.full_like(g[:, :1], -c_ce))
             scale = torch.where(valid, scale, torch.zeros_like(scale))
-            g = torch.where(valid[:, None], g, torch.zeros_like(g))
-        grad[r0:r1] = (g * scale[:, None]).to(student.dtype)
+            lse = torch.where(valid[:, None], lse, torch.full_like(lse, float("inf")))
+        a = c_kl * scale
+        q = torch.add(-lse[:, 0:1], s.float(), alpha=inv_t).exp_()
+        q_top = q.gather(1, idx)
+        p_sum = st[:, 2:3]
+        g = q.mul_(a[:, None] * p_sum)
+        # q * r = exp(z - (lse(z) - log r)): -inf - x stays -inf without a tail mass
+        q_r = torch.add(st[:, 3:4] - lse[:, 0:1], s.float(), alpha=inv_t).exp_()
+        g.addcmul_(q_r, a[:, None], value=-1.0)
+        g.scatter_(1, idx, a[:, None] * (q_top * p_sum - logprobs[r0:r1].float().exp()))
+        if valid is not None:
+            b = (c_ce * scale)[:, None]
+            g.addcmul_(torch.add(-lse[:, 1:2], s.float(), out=q_r).exp_(), b)
+            g.scatter_add_(1, safe[:, None], -b)
+            g.masked_fill_(~valid[:, None], 0.0)  # exactly 0 there, even where a logit is nan
+        grad[r0:r1] = g
     return grad
