@@ -137,6 +137,25 @@ def cases():
             out.append((f"kd_loss bwd BLOCK_V={block} warps={warps}",
                         lambda c=consts, w=warps: compile_kernel(bwd, kd_types, c, w,
                                                                  values=kd_values)))
+    # the top-k teacher kernels (k = 64), forward with and without a tail bucket, both backwards
+    from fastkd.kernels import kd_topk
+
+    topk_types = dict(kd_types, ids_ptr="*i64", lp_ptr="*fp32", stride_ids="i32",
+                      stride_lp="i32", k="i32")
+    topk_values = dict(kd_values, stride_ids=64, stride_lp=64, k=64)
+    block, warps = kd_topk._launch_config(v)
+    for has_tail in (True, False):
+        consts = {"HAS_TARGET": True, "SEPARATE_CE": True, "HAS_TAIL": has_tail,
+                  "BLOCK_V": block, "BLOCK_K": 64}
+        out.append((f"kd_topk fwd tail={has_tail}", lambda c=consts: compile_kernel(
+            kd_topk._kd_topk_fwd_kernel, topk_types, c, warps, values=topk_values)))
+    common = {"HAS_TARGET": True, "SEPARATE_CE": True}
+    out.append(("kd_topk bwd", lambda: compile_kernel(
+        kd_topk._kd_topk_bwd_kernel, topk_types, dict(common, BLOCK_V=block), warps,
+        values=topk_values)))
+    out.append(("kd_topk bwd ids", lambda: compile_kernel(
+        kd_topk._kd_topk_bwd_ids_kernel, topk_types, dict(common, BLOCK_K=64), 4,
+        values=topk_values)))
     gemm_types = {"a_ptr": "*fp32", "a_scale_ptr": "*fp32", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
                   "bias_ptr": "*fp32", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
                   "stride_am": "i32", "stride_ak": "i32", "stride_wn": "i32", "stride_wk": "i32",

@@ -63,7 +63,7 @@ def test_kd_loops_keep_their_barrier_and_spill_budget(report):
     assert max(ex2) - min(ex2) <= 4 and max(ex2) <= bwd["loop_mufu_ex2"] + 4, (ex2, bwd)
 
 
-@pytest.mark.parametrize("family", ["int8_linear gemv", "masked_linear"])
+@pytest.mark.parametrize("family", ["int8_linear gemv", "masked_linear", "kd_topk"])
 def test_gpu_kernels_compile_for_sm90_without_spills(family):
     """Kernels the interpreter tests but no CI machine compiles: lowering for sm_90 must succeed
     (an interpreter-only pass says nothing about it) and their configurations must not spill."""
