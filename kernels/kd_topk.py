@@ -79,7 +79,8 @@ def _kd_topk_fwd_kernel(
             sh1 = tl.where(new_m1 == neg_inf, 0.0, new_m1)
             d_1 = d_1 * tl.exp2(m_1 - sh1) + tl.sum(tl.exp2(s1 - sh1), 0)
             m_1 = sh1
-    d_s = tl.where(d_s > 0, d_s, 1.0)
+    # an empty row (d = 0) uses 1; a nan logit leaves d nan, and so the row (as kd_loss does)
+    d_s = tl.where(d_s == 0, 1.0, d_s)
     lse_s2 = m_s + tl.log2(d_s)
 
     kk = tl.arange(0, BLOCK_K)
@@ -94,6 +95,7 @@ def _kd_topk_fwd_kernel(
     q = tl.exp2(log2q)
     p = tl.exp(lp)
     d = tl.sum(tl.where(p > 0, p * (lp - log2q * ln2), 0.0), 0)
+    d = tl.where(tl.sum(tl.where(lp != lp, 1, 0), 0) > 0, float("nan"), d)  # a nan teacher entry
     p_sum = tl.sum(p, 0)
     log_ratio_out = float("-inf")
     if HAS_TAIL:
@@ -107,7 +109,7 @@ def _kd_topk_fwd_kernel(
     lse_s = ln2 * lse_s2
     if HAS_TARGET:
         if SEPARATE_CE:
-            lse_1 = ln2 * (m_1 + tl.log2(tl.where(d_1 > 0, d_1, 1.0)))
+            lse_1 = ln2 * (m_1 + tl.log2(tl.where(d_1 == 0, 1.0, d_1)))
         else:
             lse_1 = lse_s
         safe_tgt = tl.where(valid, tgt, 0).to(tl.int64)

@@ -210,3 +210,24 @@ def test_reference_keeps_a_tiny_student_tail_finite():
     out.sum().backward()
     assert torch.isfinite(sv.grad).all()
     torch.testing.assert_close(sv.grad.double(), s64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_nan_makes_its_row_nan(backend, where, T):
+    # a diverged student or a corrupt stored teacher must not give a finite loss; an ignored row
+    # stays 0 as in cross_entropy
+    s, ids, lp, target = _inputs((4, 97), 6, torch.float32, seed=5)
+    target[:] = torch.tensor([3, 5, -100, 7])
+    if where == "student":
+        s[1, 40] = float("nan")
+        s[2, 40] = float("nan")
+    else:
+        lp[1, 2] = float("nan")
+        lp[2, 2] = float("nan")
+    dev = device_for(backend)
+    out = kd_loss_topk(s.to(dev), ids.to(dev), lp.to(dev), target.to(dev), temperature=T,
+                       reduction="none", backend=backend).cpu()
+    assert torch.isnan(out[1]) and out[2].item() == 0.0
+    assert torch.isfinite(out[[0, 3]]).all()

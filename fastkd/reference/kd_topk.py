@@ -71,6 +71,7 @@ def kd_loss_topk_forward(
         p_top = lp.exp()
         zero_k = torch.zeros_like(p_top)
         d = torch.where(p_top > 0, p_top * (lp - log_q_top), zero_k).sum(-1)
+        d = torch.where(torch.isnan(lp).any(-1), float("nan"), d)  # the guard above drops a nan
         p_sum = p_top.sum(-1)
         log_ratio = torch.full_like(lse_s, float("-inf"))
         if has_tail:
