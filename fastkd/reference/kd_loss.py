@@ -92,10 +92,13 @@ def _exp_shifted(x: Tensor, inv_t: float, shift: Tensor, out: Optional[Tensor] =
 
 
 def _exp_sum(x: Tensor, inv_t: float, out: Optional[Tensor] = None):
-    """(max of x / T, sum of exp(x / T - max), that exp buffer) per row."""
-    row_max = x.amax(dim=-1).float() * inv_t  # T > 0: the max of x / T
-    e = _exp_shifted(x, inv_t, row_max, out=out)
-    return row_max, e.sum(dim=-1), e
+    """(shift, sum of exp(x / T - shift), that exp buffer) per row; shift + log(sum) is the
+    logsumexp of x / T. The shift is the row max (T > 0: the max of x / T), or 0 for a row of
+    -inf, whose logsumexp is then -inf rather than nan."""
+    row_max = x.amax(dim=-1).float() * inv_t
+    shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    e = _exp_shifted(x, inv_t, shift, out=out)
+    return shift, e.sum(dim=-1), e
 
 
 def _kl_forward_chunk(s: Tensor, t: Tensor, inv_t: float):

@@ -28,15 +28,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kd_loss import _row_chunk, _valid_rows
+from .kd_loss import _exp_sum, _row_chunk, _valid_rows
 
 
 def _lse_and_exp(z: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """logsumexp per row of fp32 ``z`` (-inf for a row of -inf), its exps left in ``out``."""
-    m = z.amax(dim=-1)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    e = torch.sub(z, m[:, None], out=out).exp_()
-    return m + e.sum(dim=-1).log()
+    """logsumexp per row of ``z`` (-inf for a row of -inf), its exps left in ``out``."""
+    shift, total, _ = _exp_sum(z, 1.0, out=out)
+    return shift + total.log()
 
 
 def kd_loss_topk_forward(
