@@ -14,6 +14,7 @@ and lists the kernels one call launches (torch.profiler).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -90,13 +91,9 @@ def launch_cases(dev: str) -> dict:
 
     def python_only(mode):
         def call():
-            real = K._launch_gemm, K._quantize_per_token_kernel
-            K._launch_gemm = lambda *a, **k: None
-            K._quantize_per_token_kernel = _NoLaunch()
-            try:
+            with _stubbed(K, _launch_gemm=lambda *a, **k: None,
+                          _quantize_per_token_kernel=_NoLaunch()):
                 F.int8_linear(x, wq, ws, mode=mode)
-            finally:
-                K._launch_gemm, K._quantize_per_token_kernel = real
         return call
 
     out["int8 w8a8 M=1 python only (launches stubbed)"] = python_only("w8a8")
@@ -109,16 +106,25 @@ def launch_cases(dev: str) -> dict:
     y = torch.randint(0, 4096, (256,), device=dev, generator=g)
 
     def kd_python_only():
-        real = KD._kd_loss_fwd_kernel, KD._kd_loss_bwd_kernel
-        KD._kd_loss_fwd_kernel = KD._kd_loss_bwd_kernel = _NoLaunch()
-        try:
+        with _stubbed(KD, _kd_loss_fwd_kernel=_NoLaunch(), _kd_loss_bwd_kernel=_NoLaunch()):
             s.grad = None
             F.kd_loss(s, t, y).backward()
-        finally:
-            KD._kd_loss_fwd_kernel, KD._kd_loss_bwd_kernel = real
 
     out["kd_loss fwd+bwd python and aten only (launches stubbed)"] = kd_python_only
     return out
+
+
+@contextlib.contextmanager
+def _stubbed(module, **replacements):
+    """Replace attributes of `module` for the duration of the block."""
+    real = {name: getattr(module, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in real.items():
+            setattr(module, name, value)
 
 
 class _NoLaunch:

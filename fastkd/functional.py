@@ -325,9 +325,9 @@ def int8_linear(
         if tuple(bias.shape) != (n_out,):
             raise ValueError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
         check_same_device(x, bias, "x", "bias")
-    if mode == "w8a8" and k > _int8_ref_max_k():
+    if mode == "w8a8" and k > _INT8_MAX_K_W8A8:
         raise ValueError(
-            f"w8a8 accumulates in int32, which can overflow for K = {k} > {_int8_ref_max_k()}; "
+            f"w8a8 accumulates in int32, which can overflow for K = {k} > {_INT8_MAX_K_W8A8}; "
             "use mode='w8a16'"
         )
     impl = INT8_LINEAR_BACKENDS.select(backend, x.device, _int8_triton_dtype_reasons(x.dtype))
@@ -338,10 +338,6 @@ def int8_linear(
     else:
         y = _ops.call("int8_linear_w8a16", x2, weight, weight_scale, bias, impl)
     return y.reshape(*lead, n_out)
-
-
-def _int8_ref_max_k() -> int:
-    return _INT8_MAX_K_W8A8
 
 
 def quantize_per_token(x: Tensor, *, backend: str = "auto") -> tuple:
