@@ -84,6 +84,8 @@ def kd_loss(
         student_logits: ``(..., V)`` fp32, fp16 or bf16. Receives the gradient.
         teacher_logits: ``(..., V)``, any of the same dtypes (need not match the student's); a
             constant (no gradient). ``-inf`` entries (a padded vocabulary) have zero probability.
+            A row with no distribution (a nan or ``+inf`` logit, or every logit ``-inf``, in the
+            student or the teacher) gives nan, in its loss and its gradient, unless ignored.
         target: optional ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
         temperature: ``T > 0``. alpha: in ``[0, 1]``; unused without a target.
         ignore_index: rows whose target equals it contribute 0 and leave the mean's denominator.

@@ -217,11 +217,11 @@ def _kd_loss_fwd_kernel(
         d_1 = tl.sum(d_1, 0)
         acc = tl.sum(acc, 0)
 
-    # An ignored row accumulated nothing (d = 0): use 1 so its discarded values stay finite. A nan
-    # logit leaves its sum nan (tl.max may drop it, its exponential does not), and so the row.
-    d_s = tl.where(d_s == 0, 1.0, d_s)
-    d_t = tl.where(d_t == 0, 1.0, d_t)
-    d_1 = tl.where(d_1 == 0, 1.0, d_1)
+    # A row whose distribution is undefined gives nan: a nan or +inf logit leaves its sum nan
+    # (tl.max may drop a nan, its exponential does not), and a row with no mass (every logit
+    # -inf) has a zero sum, so lse = -inf, which the backward's exponentials turn into nan too.
+    # An ignored row read nothing (zero sums): whatever it computes, the selects below discard.
+    undefined = (d_s == 0) | (d_t == 0)
     log2_d_s = tl.log2(d_s)
     log2_d_t = tl.log2(d_t)
     kl = 0.6931471805599453 * (acc / d_t - log2_d_t + log2_d_s)
@@ -247,9 +247,9 @@ def _kd_loss_fwd_kernel(
         kl = tl.sum(div_acc, 0)
         dot = tl.sum(dot_acc, 0)
         # the terms skip entries of zero probability, which a nan makes of every entry
-        row_nan = (lse_s2 != lse_s2) | (lse_t2 != lse_t2)
-        kl = tl.where(row_nan, lse_s2 + lse_t2, kl)
-        dot = tl.where(row_nan, lse_s2 + lse_t2, dot)
+        undefined = undefined | (lse_s2 != lse_s2) | (lse_t2 != lse_t2)
+        dot = tl.where(undefined, float("nan"), dot)
+    kl = tl.where(undefined, float("nan"), kl)
     kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can dip below 0; tl.maximum would drop a nan
     if HAS_TARGET:
         if SEPARATE_CE:

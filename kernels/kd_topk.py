@@ -79,8 +79,9 @@ def _kd_topk_fwd_kernel(
             sh1 = tl.where(new_m1 == neg_inf, 0.0, new_m1)
             d_1 = d_1 * tl.exp2(m_1 - sh1) + tl.sum(tl.exp2(s1 - sh1), 0)
             m_1 = sh1
-    # an empty row (d = 0) uses 1; a nan logit leaves d nan, and so the row (as kd_loss does)
-    d_s = tl.where(d_s == 0, 1.0, d_s)
+    # A nan or +inf logit leaves d_s nan, and so the row (as kd_loss does); a student with no
+    # mass (every logit -inf) has d_s = 0 and lse = -inf: its row is made nan below, and the
+    # backward's exponentials of it are nan. Ignored rows read nothing; the selects drop them.
     lse_s2 = m_s + tl.log2(d_s)
 
     kk = tl.arange(0, BLOCK_K)
@@ -106,10 +107,11 @@ def _kd_topk_fwd_kernel(
         d += tl.where(pos, p_tail * log_ratio, 0.0)
         log_ratio_out = tl.where(pos, log_ratio, float("-inf"))
         p_sum += p_tail
+    d = tl.where(d_s == 0, float("nan"), d)
     lse_s = ln2 * lse_s2
     if HAS_TARGET:
         if SEPARATE_CE:
-            lse_1 = ln2 * (m_1 + tl.log2(tl.where(d_1 == 0, 1.0, d_1)))
+            lse_1 = ln2 * (m_1 + tl.log2(d_1))
         else:
             lse_1 = lse_s
         safe_tgt = tl.where(valid, tgt, 0).to(tl.int64)

@@ -86,6 +86,36 @@ def test_reference_matches_oracle(shape, T, with_target, reduction):
     )
 
 
+@pytest.mark.parametrize("T", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("with_target", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_kl_paths_agree(monkeypatch, T, with_target, dtype):
+    # The reference computes "kl" one way for small chunks (fused log_softmax / softmax, fewest
+    # ops) and another for large ones (fewest passes and buffers): the same loss and gradient,
+    # on masked vocabulary entries, extreme logits, ignored and undefined rows alike.
+    from fastkd.reference import kd_loss as ref_kd
+
+    s, t, y = make_inputs((7, 203), dtype=dtype, with_target=with_target, seed=12)
+    t[:, 190:] = float("-inf")  # a padded vocabulary, masked in some student rows too
+    s[:3, 190:] = float("-inf")
+    s[3] = s[3].sign() * 1e4  # extreme logits
+    s[4, 5] = float("nan")  # undefined rows
+    t[5] = float("-inf")
+    if y is not None:  # no target on a masked class (its cross-entropy is inf); row 0 ignored
+        y = torch.where(y == -100, y, y % 190)
+        assert y[0] == -100
+    results = []
+    for small in (1 << 30, 0):
+        monkeypatch.setattr(ref_kd, "_SMALL_ELEMENTS", small)
+        results.append(run(s, t, y, "torch", "none", temperature=T, alpha=0.3)[:2])
+    (out_a, grad_a), (out_b, grad_b) = results
+    assert torch.isnan(out_a[[4, 5]]).all() and torch.isfinite(out_a[[0, 1, 2, 3, 6]]).all()
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # rounding differs between the two ways; the 1e4 logits' probabilities carry ~1e4 * 2**-24
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-5)
+    torch.testing.assert_close(grad_a, grad_b, equal_nan=True, **tol)
+
+
 @needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
@@ -195,13 +225,19 @@ def test_extreme_logits_stay_finite_and_accurate(backend, T):
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("with_target", [True, False])
-def test_nan_logit_makes_its_row_nan(backend, divergence, where, with_target):
+@pytest.mark.parametrize("kind", ["nan", "+inf", "no_mass"])
+def test_undefined_row_is_nan(backend, divergence, where, with_target, kind):
     # A diverged model must not get a finite loss back: torch's own losses propagate nan, and
-    # the masking that drops zero-probability entries must not drop a nan with them.
+    # the masking that drops zero-probability entries must not drop a nan with them. A row whose
+    # distribution is undefined (a nan or +inf logit, or every logit -inf: no mass) is nan too,
+    # in the loss and the gradient, on both paths.
     s, t, y = make_inputs((4, 301), seed=11, with_target=with_target, ignored=0)
     bad = s if where == "student" else t
-    bad[1, 17] = float("nan")
-    bad[2, 0] = float("nan")
+    for row, col in ((1, 17), (2, 0)):
+        if kind == "no_mass":
+            bad[row] = float("-inf")
+        else:
+            bad[row, col] = float(kind)
     if with_target:
         y[2] = -100  # an ignored row stays 0, nan or not, as in cross_entropy
     out, grad, _ = run(s, t, y, backend, "none", temperature=2.0, divergence=divergence)

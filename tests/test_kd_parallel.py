@@ -49,7 +49,7 @@ def _worker(rank, world, port, splits, out_dir):
         gathers = []
         real_gather = vp.dist.all_gather
         vp.dist.all_gather = lambda *a, **k: gathers.append(1) or real_gather(*a, **k)
-        results = []
+        results, undefined = [], []
         for div, beta, T, alpha, with_t, red in CASES:
             tgt = y if with_t else None
             kw = dict(temperature=T, alpha=alpha, reduction=red, divergence=div, beta=beta,
@@ -62,10 +62,25 @@ def _worker(rank, world, port, splits, out_dir):
             out = kd_loss(part, t[..., lo:hi], tgt, group=dist.group.WORLD, **kw)
             (out * w).sum().backward()
             results.append((ref.detach(), out.detach(), full.grad[..., lo:hi], part.grad))
+        # rows whose distribution is undefined (a student with no mass, a nan teacher logit in
+        # the last shard) are nan in the loss and in every shard's gradient, as unsharded
+        s_bad, t_bad = s.clone(), t.clone()
+        s_bad[2, 4] = float("-inf")
+        t_bad[2, 3, V - 1] = float("nan")
+        for div in ("kl", "jsd"):
+            kw = dict(temperature=2.0, alpha=0.3, reduction="none", divergence=div,
+                      backend="torch")
+            full = s_bad.clone().requires_grad_()
+            ref = kd_loss(full, t_bad, y, **kw)
+            ref.nansum().backward()
+            part = s_bad[..., lo:hi].clone().requires_grad_()
+            out = kd_loss(part, t_bad[..., lo:hi], y, group=dist.group.WORLD, **kw)
+            out.nansum().backward()
+            undefined.append((ref.detach(), out.detach(), full.grad[..., lo:hi], part.grad))
         vp.dist.all_gather = real_gather
         # the shard sizes are gathered once (a host sync), then remembered for this group
         results.append(len(gathers))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save((results, undefined), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -75,9 +90,16 @@ def test_vocab_parallel_matches_unsharded(tmp_path, splits):
     world = len(splits)
     mp.spawn(_worker, args=(world, _free_port(), splits, str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
-        *cases, n_gathers = torch.load(tmp_path / f"rank{rank}.pt")
+        (*cases, n_gathers), undefined = torch.load(tmp_path / f"rank{rank}.pt")
         assert n_gathers == 1
         for ref, out, g_ref, g_out in cases:
             assert torch.isfinite(out).all() and torch.isfinite(g_out).all()
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
+        for ref, out, g_ref, g_out in undefined:
+            bad = torch.zeros_like(out, dtype=torch.bool)
+            bad[2, 3] = bad[2, 4] = True
+            assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+            assert torch.isnan(g_out[bad]).all() and torch.isfinite(g_out[~bad]).all()
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+            torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6, equal_nan=True)

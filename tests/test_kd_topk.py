@@ -213,21 +213,27 @@ def test_reference_keeps_a_tiny_student_tail_finite():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("where", ["student nan", "student +inf", "student no mass", "teacher nan"])
 @pytest.mark.parametrize("T", [1.0, 2.0])
-def test_nan_makes_its_row_nan(backend, where, T):
-    # a diverged student or a corrupt stored teacher must not give a finite loss; an ignored row
-    # stays 0 as in cross_entropy
+def test_undefined_row_is_nan(backend, where, T):
+    # a diverged student (a nan or +inf logit, or every logit -inf) or a corrupt stored teacher
+    # must not give a finite loss or gradient; an ignored row stays 0 as in cross_entropy
     s, ids, lp, target = _inputs((4, 97), 6, torch.float32, seed=5)
     target[:] = torch.tensor([3, 5, -100, 7])
-    if where == "student":
-        s[1, 40] = float("nan")
-        s[2, 40] = float("nan")
-    else:
-        lp[1, 2] = float("nan")
-        lp[2, 2] = float("nan")
+    for row in (1, 2):
+        if where == "student no mass":
+            s[row] = float("-inf")
+        elif where.startswith("student"):
+            s[row, 40] = float(where.split()[1])
+        else:
+            lp[row, 2] = float("nan")
     dev = device_for(backend)
-    out = kd_loss_topk(s.to(dev), ids.to(dev), lp.to(dev), target.to(dev), temperature=T,
-                       reduction="none", backend=backend).cpu()
+    sv = s.to(dev).requires_grad_()
+    out = kd_loss_topk(sv, ids.to(dev), lp.to(dev), target.to(dev), temperature=T,
+                       reduction="none", backend=backend)
+    out.sum().backward()
+    out, grad = out.detach().cpu(), sv.grad.cpu()
     assert torch.isnan(out[1]) and out[2].item() == 0.0
-    assert torch.isfinite(out[[0, 3]]).all()
+    assert torch.isfinite(out[[0, 3]]).all() and torch.isfinite(grad[[0, 3]]).all()
+    assert torch.equal(grad[2], torch.zeros_like(grad[2]))
+    assert torch.isnan(grad[1]).any()

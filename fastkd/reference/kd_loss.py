@@ -21,7 +21,8 @@ with c_kl = alpha * T (T^2 times the 1/T of the inner derivative), or T without 
            "jsd":        g_j = beta (log q_j - log m_j) - (1 - beta) ((1 - beta) p_j + beta q_j) / m_j
 The row statistics are (lse(s/T), lse(t/T), lse(s)) for "kl", plus sum_i q_i g_i as a fourth column
 for the other divergences. Rows whose target equals ignore_index give 0, zero statistics and a zero
-gradient.
+gradient. A counted row whose student or teacher distribution is undefined (a nan or +inf logit, or
+every logit -inf) gives a nan loss and gradient, as torch's own losses do; the Triton kernels agree.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ import torch
 from torch import Tensor
 
 _CHUNK_ELEMENTS = 1 << 22
+# Chunks of at most this many logits take the small-input path of "kl" (fused log_softmax and
+# softmax passes, fewer ops; their time is per-op overhead, not memory traffic).
+_SMALL_ELEMENTS = 1 << 14
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 
@@ -46,12 +50,13 @@ def _row_chunk(n_rows: int, n_cols: int) -> int:
     return max(1, min(n_rows, _CHUNK_ELEMENTS // max(n_cols, 1)))
 
 
-def _valid_rows(target: Optional[Tensor], ignore_index: int, r0: int, r1: int, device):
+def _valid_rows(target: Optional[Tensor], ignore_index: int, r0: int, r1: int):
+    """(counted-row mask, targets with ignored rows sent to class 0) for rows r0:r1."""
     if target is None:
         return None, None
     tgt = target[r0:r1]
     valid = tgt != ignore_index
-    return valid, torch.where(valid, tgt, torch.zeros_like(tgt))
+    return valid, tgt * valid
 
 
 def _log_weight(w: float) -> float:
@@ -61,7 +66,7 @@ def _log_weight(w: float) -> float:
 def _divergence_terms(log_p: Tensor, log_q: Tensor, divergence: str, beta: float):
     """Per-element divergence terms (summing to D) and q_j * g_j (None for "kl"), fp32."""
     p = log_p.exp()
-    zero = torch.zeros_like(p)
+    zero = 0.0
     if divergence == "kl":
         # p = 0 (a masked or underflowed teacher entry) contributes nothing, even where q = 0.
         return torch.where(p > 0, p * (log_p - log_q), zero), None
@@ -86,19 +91,33 @@ def _lse_at_row_max(x: Tensor, log_softmax_x: Tensor) -> Tensor:
     return x.amax(dim=-1) - log_softmax_x.amax(dim=-1)
 
 
-def _exp_shifted(x: Tensor, inv_t: float, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """exp(x / T - shift) per row, fp32, in one fresh buffer (or `out`): two passes over x."""
-    return torch.add(-shift[:, None], x, alpha=inv_t, out=out).exp_()
+def _exp_shifted(x: Tensor, inv_t: float, neg_shift: Tensor,
+                 out: Optional[Tensor] = None) -> Tensor:
+    """exp(x / T + neg_shift) per row, fp32, in one fresh buffer (or `out`): two passes over x."""
+    return torch.add(neg_shift[:, None], x, alpha=inv_t, out=out).exp_()
 
 
 def _exp_sum(x: Tensor, inv_t: float, out: Optional[Tensor] = None):
-    """(shift, sum of exp(x / T - shift), that exp buffer) per row; shift + log(sum) is the
-    logsumexp of x / T. The shift is the row max (T > 0: the max of x / T), or 0 for a row of
-    -inf, whose logsumexp is then -inf rather than nan."""
-    row_max = x.amax(dim=-1).float() * inv_t
-    shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-    e = _exp_shifted(x, inv_t, shift, out=out)
-    return shift, e.sum(dim=-1), e
+    """(logsumexp of x / T, sum of exp(x / T - shift), that exp buffer) per row.
+
+    The shift is the row max (T > 0: the max of x / T), or 0 for a row without a finite max: a row
+    of -inf then has logsumexp -inf rather than nan, and a +inf logit gives +inf; a nan stays nan.
+    """
+    neg_shift = x.amax(dim=-1).float().mul_(-inv_t)  # amax returns a fresh tensor
+    neg_shift.nan_to_num_(nan=math.nan, posinf=0.0, neginf=0.0)
+    e = _exp_shifted(x, inv_t, neg_shift, out=out)
+    total = e.sum(dim=-1)
+    return total.log().sub_(neg_shift), total, e
+
+
+def _undefined_to_nan(x: Tensor, lse_s: Tensor, lse_t: Tensor) -> Tensor:
+    """x, with nan on rows where either distribution is undefined: a nan or +inf logit, or no
+    mass at all (every logit -inf). Their logsumexps are then not finite, and u - u with
+    u = lse_s + lse_t is 0 exactly when u is finite and nan otherwise (short of overflow at
+    |logit / T| ~ 1e38); the masking that drops zero-probability entries would otherwise return
+    a finite value for such rows."""
+    u = lse_s + lse_t
+    return x + (u - u)
 
 
 def _kl_forward_chunk(s: Tensor, t: Tensor, inv_t: float):
@@ -109,24 +128,17 @@ def _kl_forward_chunk(s: Tensor, t: Tensor, inv_t: float):
     per normaliser, and two fp32 buffers in all, the teacher's probabilities p and a work buffer
     reused for every student-side pass. With log p - log q = (t - s)/T - lse(t/T) + lse(s/T),
     KL = sum p (log p - log q); an entry with p = 0 (a masked or underflowed teacher logit) adds
-    nothing even where q = 0: its 0 * (-inf) or 0 * nan is dropped by nansum. A nan logit makes
-    its row nan (checked per row, since nansum would hide it).
+    nothing even where q = 0: its 0 * (-inf) or 0 * nan is dropped by nansum. A row with an
+    undefined distribution is nan (checked per row, since nansum would hide it).
     """
-    m_t, z_t, p = _exp_sum(t, inv_t)
+    lse_t, z_t, p = _exp_sum(t, inv_t)
     p.div_(z_t[:, None])
-    lse_t = m_t + z_t.log()
-    m_s, z_s, work = _exp_sum(s, inv_t)
-    lse_s = m_s + z_s.log()
-    if inv_t == 1.0:
-        lse_1 = lse_s
-    else:
-        m_1, z_1, _ = _exp_sum(s, 1.0, out=work)
-        lse_1 = m_1 + z_1.log()
+    lse_s, _, work = _exp_sum(s, inv_t)
+    lse_1 = lse_s if inv_t == 1.0 else _exp_sum(s, 1.0, out=work)[0]
     # log p - log q, accumulated in fp32 whatever the logits' dtypes
     log_ratio = torch.add((lse_s - lse_t)[:, None], t, alpha=inv_t, out=work).sub_(s, alpha=inv_t)
     kl = log_ratio.mul_(p).nansum(dim=-1)
-    kl = torch.where(torch.isnan(lse_s) | torch.isnan(lse_t), lse_s + lse_t, kl)
-    return kl, lse_s, lse_t, lse_1
+    return _undefined_to_nan(kl, lse_s, lse_t), lse_s, lse_t, lse_1
 
 
 def kd_loss_forward(
@@ -146,47 +158,55 @@ def kd_loss_forward(
     stats[:, 3] = sum_i q_i g_i (not "kl"), and 0 on ignored rows.
     """
     n_rows, n_cols = student.shape
-    width = n_stats(divergence)
-    loss = torch.zeros(n_rows, dtype=torch.float32, device=student.device)
-    stats = torch.zeros(n_rows, width, dtype=torch.float32, device=student.device)
-    inv_t = 1.0 / temperature
     step = _row_chunk(n_rows, n_cols)
+    if step >= n_rows:  # one chunk (the common case below ~4M logits): no copies into buffers
+        return _forward_chunk(student, teacher, target, 0, n_rows, temperature, alpha,
+                              ignore_index, divergence, beta)
+    loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
+    stats = torch.empty(n_rows, n_stats(divergence), dtype=torch.float32, device=student.device)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        s = student[r0:r1]
-        t = teacher[r0:r1]
-        if divergence == "kl":
-            d, lse_s, lse_t, lse_1 = _kl_forward_chunk(s, t, inv_t)
-            cols = [lse_s, lse_t, lse_1]
-        else:
-            s = s.float()
-            s_t = s if temperature == 1.0 else s * inv_t
-            t_t = t.float() if temperature == 1.0 else t.float() * inv_t
-            # torch's fused log_softmax subtracts the row max before the log-sum, which keeps
-            # log-probabilities of huge logits accurate
-            log_q = torch.log_softmax(s_t, dim=-1)
-            log_p = torch.log_softmax(t_t, dim=-1)
-            lse_s = _lse_at_row_max(s_t, log_q)
-            terms, qg = _divergence_terms(log_p, log_q, divergence, beta)
-            lse_t = _lse_at_row_max(t_t, log_p)
-            # the terms skip entries of zero probability, which a nan makes of every entry
-            row_nan = torch.isnan(lse_s) | torch.isnan(lse_t)
-            d = torch.where(row_nan, lse_s + lse_t, terms.sum(dim=-1))
-            dot = torch.where(row_nan, lse_s + lse_t, qg.sum(dim=-1))
-            lse_1 = lse_s if temperature == 1.0 else torch.logsumexp(s, dim=-1)
-            cols = [lse_s, lse_t, lse_1, dot]
-        soft = temperature * temperature * torch.where(d < 0, 0.0, d)  # keeps a nan, unlike clamp
-        valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
-        if valid is None:
-            row = soft
-        else:
-            ce = lse_1 - s.gather(1, safe[:, None]).squeeze(1).float()
-            row = torch.where(valid, alpha * soft + (1.0 - alpha) * ce, torch.zeros_like(soft))
-            zero = torch.zeros_like(lse_s)
-            cols = [torch.where(valid, x, zero) for x in cols]
-        loss[r0:r1] = row
-        stats[r0:r1] = torch.stack(cols, dim=1)
+        loss[r0:r1], stats[r0:r1] = _forward_chunk(student[r0:r1], teacher[r0:r1], target, r0,
+                                                   r1, temperature, alpha, ignore_index,
+                                                   divergence, beta)
     return loss, stats
+
+
+def _forward_chunk(s, t, target, r0, r1, temperature, alpha, ignore_index, divergence, beta):
+    """(row losses, row statistics) of rows r0:r1, whose logits are s and t."""
+    inv_t = 1.0 / temperature
+    if divergence == "kl" and s.numel() > _SMALL_ELEMENTS:
+        d, lse_s, lse_t, lse_1 = _kl_forward_chunk(s, t, inv_t)
+        cols = [lse_s, lse_t, lse_1]
+    else:
+        # Fewer, fused passes (log_softmax), at the cost of more fresh buffers: what small
+        # chunks of "kl" want (their time is per-op overhead), and what the other divergences'
+        # terms need anyway. torch's log_softmax subtracts the row max before the log-sum, which
+        # keeps log-probabilities of huge logits accurate.
+        s = s.float()
+        s_t = s if temperature == 1.0 else s * inv_t
+        t_t = t.float() if temperature == 1.0 else t.float() * inv_t
+        log_q = torch.log_softmax(s_t, dim=-1)
+        log_p = torch.log_softmax(t_t, dim=-1)
+        lse_s = _lse_at_row_max(s_t, log_q)
+        lse_t = _lse_at_row_max(t_t, log_p)
+        terms, qg = _divergence_terms(log_p, log_q, divergence, beta)
+        d = _undefined_to_nan(terms.sum(dim=-1), lse_s, lse_t)
+        if temperature == 1.0:
+            lse_1 = lse_s
+        else:
+            lse_1 = _lse_at_row_max(s, torch.log_softmax(s, dim=-1))
+        cols = [lse_s, lse_t, lse_1]
+        if qg is not None:
+            cols.append(_undefined_to_nan(qg.sum(dim=-1), lse_s, lse_t))
+    soft = d.clamp_min_(0.0).mul_(temperature * temperature)  # rounding can dip below 0; keeps nan
+    stats = torch.stack(cols, dim=1)
+    valid, safe = _valid_rows(target, ignore_index, r0, r1)
+    if valid is None:
+        return soft, stats
+    ce = lse_1 - s.gather(1, safe[:, None]).squeeze(1)  # fp32, as lse_1 is
+    row = torch.add(soft.mul_(alpha), ce, alpha=1.0 - alpha)
+    return torch.where(valid, row, 0.0), torch.where(valid[:, None], stats, 0.0)
 
 
 def _kl_backward_chunk(out, s, t, st, scale, valid, safe, inv_t, c_kl, c_ce) -> None:
@@ -194,28 +214,45 @@ def _kl_backward_chunk(out, s, t, st, scale, valid, safe, inv_t, c_kl, c_ce) -> 
 
     g = c_kl (q - p) + c_ce (softmax(s) - onehot(y)), scaled per row, with q, p and softmax(s)
     read off their saved logsumexps: three exp passes (two when T = 1), one scratch buffer, and
-    the rest in place, straight into `out` when it is fp32. Ignored rows (zero statistics) get
-    lse = +inf, so their probabilities are exactly 0, never inf * 0.
+    the rest in place, straight into `out` when it is fp32. Ignored rows (zero statistics) are
+    shifted by -inf, so their probabilities are exactly 0, never inf * 0.
     """
-    lse = st[:, :3]
+    neg_lse = st[:, :3].neg()
     if valid is not None:
-        scale = torch.where(valid, scale, torch.zeros_like(scale))
-        lse = torch.where(valid[:, None], lse, torch.full_like(lse, float("inf")))
+        scale = torch.where(valid, scale, 0.0)
+        neg_lse.masked_fill_(~valid[:, None], float("-inf"))
     a = (c_kl * scale)[:, None]
-    b = (c_ce * scale)[:, None] if valid is not None else None
+    nb = (-c_ce * scale)[:, None] if valid is not None else None  # minus the CE coefficient
     direct = out.dtype == torch.float32
-    g = _exp_shifted(s, inv_t, lse[:, 0], out=out if direct else None)
-    same_q = b is not None and inv_t == 1.0  # softmax(s / T) is softmax(s)
-    g.mul_(a + b if same_q else a)
-    scratch = _exp_shifted(t, inv_t, lse[:, 1])
+    g = _exp_shifted(s, inv_t, neg_lse[:, 0], out=out if direct else None)
+    same_q = nb is not None and inv_t == 1.0  # softmax(s / T) is softmax(s)
+    g.mul_(a - nb if same_q else a)
+    scratch = _exp_shifted(t, inv_t, neg_lse[:, 1])
     g.addcmul_(scratch, a, value=-1.0)
-    if b is not None:
+    if nb is not None:
         if not same_q:
-            g.addcmul_(_exp_shifted(s, 1.0, lse[:, 2], out=scratch), b)
-        g.scatter_add_(1, safe[:, None], -b)
+            g.addcmul_(_exp_shifted(s, 1.0, neg_lse[:, 2], out=scratch), nb, value=-1.0)
+        g.scatter_add_(1, safe[:, None], nb)
         g.masked_fill_(~valid[:, None], 0.0)  # exactly 0 there, even where a logit is nan
     if not direct:
         out.copy_(g)
+
+
+def _kl_backward_small(s, t, scale, valid, safe, temperature, c_kl, c_ce) -> Tensor:
+    """d(sum_i scale_i row_i)/ds for forward KL, fp32, on the small-input path: the softmaxes
+    recomputed by torch's fused kernel (which matches exp(z - lse) of the saved statistics to
+    rounding, and is nan on the same undefined rows) in fewer ops than from the statistics."""
+    s = s.float()
+    s_t = s if temperature == 1.0 else s * (1.0 / temperature)
+    t_t = t.float() if temperature == 1.0 else t.float() * (1.0 / temperature)
+    q = torch.softmax(s_t, dim=-1)
+    g = q - torch.softmax(t_t, dim=-1)
+    if valid is None:
+        return g.mul_((c_kl * scale)[:, None])
+    g.mul_(c_kl).add_(q if temperature == 1.0 else torch.softmax(s, dim=-1), alpha=c_ce)
+    g.scatter_add_(1, safe[:, None], torch.full_like(g[:, :1], -c_ce))
+    g.mul_(torch.where(valid, scale, 0.0)[:, None])
+    return g.masked_fill_(~valid[:, None], 0.0)  # exactly 0 there, even where a logit is nan
 
 
 def kd_loss_backward(
@@ -244,10 +281,17 @@ def kd_loss_backward(
         r1 = min(n_rows, r0 + step)
         st = stats[r0:r1]
         scale = grad_rows[r0:r1].float()
-        valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
-        if divergence == "kl":
+        valid, safe = _valid_rows(target, ignore_index, r0, r1)
+        if divergence == "kl" and (r1 - r0) * n_cols > _SMALL_ELEMENTS:
             _kl_backward_chunk(grad[r0:r1], student[r0:r1], teacher[r0:r1], st, scale, valid,
                                safe, inv_t, c_kl, c_ce)
+            continue
+        if divergence == "kl":
+            g = _kl_backward_small(student[r0:r1], teacher[r0:r1], scale, valid, safe,
+                                   temperature, c_kl, c_ce)
+            if step >= n_rows and grad.dtype == torch.float32:
+                return g
+            grad[r0:r1] = g
             continue
         s = student[r0:r1].float()
         t = teacher[r0:r1].float()
@@ -259,8 +303,8 @@ def kd_loss_backward(
         if valid is not None:
             g.add_(torch.softmax(s, dim=-1), alpha=c_ce)
             g.scatter_add_(1, safe[:, None], torch.full_like(g[:, :1], -c_ce))
-            scale = torch.where(valid, scale, torch.zeros_like(scale))
+            scale = torch.where(valid, scale, 0.0)
             # ignored rows carry zero statistics: force their (possibly inf) terms to 0
-            g = torch.where(valid[:, None], g, torch.zeros_like(g))
+            g = torch.where(valid[:, None], g, 0.0)
         grad[r0:r1] = g.mul_(scale[:, None])
     return grad

@@ -33,8 +33,7 @@ from .kd_loss import _exp_sum, _row_chunk, _valid_rows
 
 def _lse_and_exp(z: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """logsumexp per row of ``z`` (-inf for a row of -inf), its exps left in ``out``."""
-    shift, total, _ = _exp_sum(z, 1.0, out=out)
-    return shift + total.log()
+    return _exp_sum(z, 1.0, out=out)[0]
 
 
 def kd_loss_topk_forward(
@@ -83,7 +82,7 @@ def kd_loss_topk_forward(
         soft = temperature * temperature * d
         lse_1 = lse_s if temperature == 1.0 else _lse_and_exp(s.float(), out=work)
         cols = [lse_s, lse_1, p_sum, log_ratio]
-        valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
+        valid, safe = _valid_rows(target, ignore_index, r0, r1)
         if valid is None:
             row = soft
         else:
@@ -124,7 +123,7 @@ def kd_loss_topk_backward(
         st = stats[r0:r1]
         idx = ids[r0:r1].long()
         scale = grad_rows[r0:r1].float()
-        valid, safe = _valid_rows(target, ignore_index, r0, r1, student.device)
+        valid, safe = _valid_rows(target, ignore_index, r0, r1)
         lse = st[:, :2]
         if valid is not None:
             scale = torch.where(valid, scale, torch.zeros_like(scale))
