@@ -108,6 +108,9 @@ def analyse(kernel) -> dict:
         "loop_mufu_ex2": count(hot, r"MUFU\.EX2"),
         "loop_mma": count(hot, r"\b(HMMA|IMMA|HGMMA|IGMMA)"),
         "ptx_uses_tf32": ".tf32" in kernel.asm["ptx"],
+        # fp32 max instructions that keep a nan operand, and those that drop it (return the other)
+        "ptx_max_nan": len(re.findall(r"\bmax\.NaN\.f32\b", kernel.asm["ptx"])),
+        "ptx_max_dropping_nan": len(re.findall(r"\bmax(?:\.ftz)?\.f32\b", kernel.asm["ptx"])),
     })
     return rec
 
@@ -156,6 +159,14 @@ def cases():
     out.append(("kd_topk bwd ids", lambda: compile_kernel(
         kd_topk._kd_topk_bwd_ids_kernel, topk_types, dict(common, BLOCK_K=64), 4,
         values=topk_values)))
+    # per-token quantization of bf16 activations, a row in one block (K = 4096) and in two passes
+    q_types = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "stride_xm": "i32",
+               "stride_xk": "i32", "stride_qm": "i32", "K": "i32"}
+    for k_row, block, one_pass in ((4096, 4096, True), (14336, 4096, False)):
+        out.append((f"int8_linear quantize K={k_row}", lambda b=block, o=one_pass, kr=k_row: (
+            compile_kernel(int8_linear._quantize_per_token_kernel, q_types,
+                           {"BLOCK_K": b, "ONE_PASS": o}, 8,
+                           values={"stride_xm": kr, "stride_xk": 1, "stride_qm": kr, "K": kr}))))
     gemm_types = {"a_ptr": "*fp32", "a_scale_ptr": "*fp32", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
                   "bias_ptr": "*fp32", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
                   "stride_am": "i32", "stride_ak": "i32", "stride_wn": "i32", "stride_wk": "i32",

@@ -8,6 +8,7 @@ is allowed (M = 1, K = 100 ...): tails are masked with zeros, which add nothing 
 _quantize_per_token_kernel (one program per row):
     amax = max_k |x[m, k]|;  x_s[m] = max(amax, 1e-30) / 127
     x_q[m, k] = clamp(rint(x[m, k] / x_s[m]), -127, 127)
+  A nan in the row makes amax and x_s nan (a nan-propagating max), so the GEMM's output row is nan.
   Both divisions are IEEE round-to-nearest (tl.math.div_rn, not the approximate GPU division) and
   rint is round-half-to-even through the 1.5 * 2**23 trick, so the codes equal the torch reference's
   bit for bit. A row that fits one block is read once; longer rows are read twice (amax, then codes).
@@ -52,6 +53,14 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    # max.NaN: a nan activation must make its row's scale nan (so its output row is nan, as in
+    # F.linear and the torch reference); the plain GPU max returns the other operand and would
+    # quantize the row as if the nan were not there.
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quantize_per_token_kernel(
     x_ptr,
     q_ptr,
@@ -70,8 +79,8 @@ def _quantize_per_token_kernel(
     if ONE_PASS:
         mask = cols < K
         v = tl.load(x_row + cols * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(v), 0)
-        scale = tl.math.div_rn(tl.maximum(amax, 1e-30), 127.0)
+        amax = tl.reduce(tl.abs(v), 0, _max_keep_nan)
+        scale = tl.math.div_rn(_max_keep_nan(amax, 1e-30), 127.0)
         q = _round_half_even(tl.math.div_rn(v, scale))
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(q_row + cols, q.to(tl.int8), mask=mask)
@@ -80,9 +89,9 @@ def _quantize_per_token_kernel(
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + cols < K
             v = tl.load(x_row + (k0 + cols) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-            run = tl.maximum(run, tl.abs(v))
-        amax = tl.max(run, 0)
-        scale = tl.math.div_rn(tl.maximum(amax, 1e-30), 127.0)
+            run = _max_keep_nan(run, tl.abs(v))
+        amax = tl.reduce(run, 0, _max_keep_nan)
+        scale = tl.math.div_rn(_max_keep_nan(amax, 1e-30), 127.0)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + cols < K
             v = tl.load(x_row + (k0 + cols) * stride_xk, mask=mask, other=0.0).to(tl.float32)

@@ -63,6 +63,22 @@ def test_kd_loops_keep_their_barrier_and_spill_budget(report):
     assert max(ex2) - min(ex2) <= 4 and max(ex2) <= bwd["loop_mufu_ex2"] + 4, (ex2, bwd)
 
 
+def test_int8_quantization_keeps_a_nan():
+    """A nan activation must make its row's scale nan, so the int8 linear's output row is nan as
+    in F.linear. The interpreter cannot show this (numpy's max propagates nan); on the GPU a plain
+    max returns the other operand, so the amax must use max.NaN. (The clamp of the codes to
+    [-127, 127] may still drop it: the nan scale carries it to the output.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "codegen_report.py"), "--json",
+           "--match", "int8_linear quantize"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    kernels = json.loads(proc.stdout.strip().splitlines()[-1])["kernels"]
+    assert len(kernels) == 2, kernels  # a row in one block, and in two passes
+    for name, r in kernels.items():
+        assert r["ptx_max_nan"] > 0, (name, r)
+
+
 @pytest.mark.parametrize("family", ["int8_linear gemv", "masked_linear", "kd_topk"])
 def test_gpu_kernels_compile_for_sm90_without_spills(family):
     """Kernels the interpreter tests but no CI machine compiles: lowering for sm_90 must succeed

@@ -325,6 +325,25 @@ def test_bf16_activations_do_not_overflow():
         assert _sqnr_db(truth, y) >= SQNR_MIN[mode]
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("m, k", [(3, 100), (5, 300)])  # a row in one block, and in two passes
+def test_nan_activation_gives_nan_row(backend, mode, m, k):
+    # as F.linear: the row with a nan is nan, the others are untouched. W8A8 is the delicate case:
+    # the nan must reach the row's scale (a GPU max drops it; the kernel uses max.NaN, checked in
+    # test_codegen.py, since the interpreter's numpy max propagates nan either way).
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    dtype = torch.float16 if device == "cpu" and backend == "triton" else torch.bfloat16  # numpy
+    x, w, b = _layer_data(m, k, 24, dtype, seed=21, device=device)
+    wq, ws = F.quantize_weight(w)
+    clean = F.int8_linear(x, wq, ws, b, mode=mode, backend=backend)
+    x[1, k // 2] = float("nan")
+    y = F.int8_linear(x, wq, ws, b, mode=mode, backend=backend)
+    assert torch.isnan(y[1]).all()
+    keep = [i for i in range(m) if i != 1]
+    assert torch.equal(y[keep], clean[keep])
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd (dX = dY @ W_deq; straight-through for the activation rounding in W8A8)
 # --------------------------------------------------------------------------------------------
