@@ -147,15 +147,23 @@ def kd_loss_topk(
 
 
 def _check_ids(ids: Tensor, n_classes: int) -> None:
-    """Ids lie in [0, V) and are distinct per row (checked eagerly on the CPU, async elsewhere)."""
+    """Ids lie in [0, V) and are distinct per row (checked eagerly on the CPU, async elsewhere:
+    a repeated id would count its class twice in the student's mass at the ids, silently)."""
     bad = ((ids < 0) | (ids >= n_classes)).any()
     msg = f"teacher_ids must lie in [0, {n_classes})"
+    distinct = "teacher_ids must be distinct within each row"
+    repeated = None
+    if ids.shape[1] > 1:
+        repeated = (ids.sort(dim=1).values.diff(dim=1) == 0).any()
     if ids.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(bad):
             raise ValueError(msg)
-        if ids.shape[1] > 1 and bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()):
-            raise ValueError("teacher_ids must be distinct within each row")
+        if repeated is not None and bool(repeated):
+            raise ValueError(distinct)
     else:
+        if repeated is not None:
+            bad = bad | repeated
+            msg = f"{msg} and be distinct within each row"
         torch._assert_async(~bad, msg)
 
 

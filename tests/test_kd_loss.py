@@ -392,6 +392,18 @@ def test_target_out_of_range(bad):
         F.kd_loss(s, t, y)
 
 
+def test_target_out_of_range_on_the_async_path():
+    # On an accelerator or under torch.compile the range check is a device-side assert (no host
+    # sync); a compiled call on the CPU raises it as RuntimeError, so CI checks that branch too.
+    from fastkd._validate import check_class_targets
+
+    check = torch.compile(check_class_targets, fullgraph=True, dynamic=False)
+    check(torch.tensor([0, 36, -100]), 37, -100)  # in range or ignored: fine
+    for bad in (37, -1):
+        with pytest.raises(RuntimeError, match=r"\[0, 37\)"):
+            check(torch.tensor([0, bad, -100]), 37, -100)
+
+
 def test_module_rejects_bad_settings():
     with pytest.raises(ValueError, match="temperature"):
         fastkd.nn.KDLoss(temperature=0)

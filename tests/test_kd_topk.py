@@ -169,6 +169,20 @@ def test_validation():
         fastkd.teacher_topk(s, 11)
 
 
+def test_validation_on_the_async_path():
+    # Where reading the ids would cost a host sync (an accelerator, or under torch.compile) the
+    # range and distinctness checks are device-side asserts; on the CPU a compiled call raises
+    # them as RuntimeError, which lets CI check that path's logic.
+    from fastkd._topk import _check_ids
+
+    check = torch.compile(_check_ids, fullgraph=True, dynamic=False)
+    ids = torch.tensor([[0, 3, 5], [1, 2, 4]])
+    check(ids, 10)  # fine
+    for bad in (torch.tensor([[0, 3, 3], [1, 2, 4]]), torch.tensor([[0, 3, 5], [1, 2, 10]])):
+        with pytest.raises(RuntimeError, match="distinct within each row"):
+            check(bad, 10)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend):
     s, ids, lp, y = (x.to(device_for(backend))
