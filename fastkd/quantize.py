@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from .nn._linear_like import is_replaceable_linear
 from .nn.int8_linear import Int8Linear, _check_mode
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -19,7 +20,8 @@ def quantize_(
     backend: str = "auto",
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` in ``model`` for which ``filter_fn(module, name)``
-    is true (all of them without a filter) by ``Int8Linear.from_linear(module, mode)``.
+    is true (all of them without a filter) by ``Int8Linear.from_linear(module, mode)``. Hugging
+    Face ``Conv1D`` layers (GPT-2's attention and MLP projections) count as linears too.
 
     ``name`` is the module's qualified name in ``model`` (``"encoder.layer.0.attention.self.query"``).
     ``model`` itself may be an ``nn.Linear``; then it cannot be replaced in place and a
@@ -37,12 +39,13 @@ def quantize_(
         )
     # Collect first, then swap: replacing while iterating named_modules() would mutate the tree
     # under the iterator.
-    # Only exact nn.Linear: subclasses (e.g. nn.MultiheadAttention's out_proj, whose weight is read
-    # directly by its parent) may depend on holding a float weight.
+    # Only exact nn.Linear (and Hugging Face Conv1D): subclasses (e.g. nn.MultiheadAttention's
+    # out_proj, whose weight is read directly by its parent) may depend on holding a float weight.
     targets = [
         (name, module)
         for name, module in model.named_modules(remove_duplicate=False)
-        if type(module) is nn.Linear and name and (filter_fn is None or filter_fn(module, name))
+        if is_replaceable_linear(module) and name
+        and (filter_fn is None or filter_fn(module, name))
     ]
     swapped: dict = {}  # a linear shared under several names becomes one shared Int8Linear
     for name, module in targets:

@@ -91,8 +91,6 @@ def _assign(v: Tensor, cent: Tensor) -> Tensor:
     return torch.searchsorted(mids.contiguous(), v.contiguous())
 
 
-def _default_filter(module: nn.Module, name: str) -> bool:
-    return type(module) is nn.Linear
 
 
 def share_weights_(
@@ -104,18 +102,22 @@ def share_weights_(
 ) -> dict:
     """Replace every ``nn.Linear`` (or those ``filter_fn(module, name)`` accepts, as in
     ``quantize_`` and ``sparsify_``) by a
-    ``fastkd.nn.SharedLinear`` with ``2**bits`` shared weights, in place.
+    ``fastkd.nn.SharedLinear`` with ``2**bits`` shared weights, in place. Hugging Face ``Conv1D``
+    layers (GPT-2's attention and MLP projections) count as linears too.
 
     Returns ``{"bytes_before", "bytes_after", "layers": {name: (before, after)}}`` counting weight,
     bias, index and codebook bytes of the replaced layers.
     """
+    from .nn._linear_like import is_replaceable_linear
     from .nn.shared_linear import SharedLinear
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    fn = filter_fn or _default_filter
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and fn(m, n)]
-    if isinstance(model, nn.Linear) and any(n == "" for n, _ in targets):
+    # Only exact nn.Linear (and Hugging Face Conv1D), whatever the filter: subclasses such as
+    # nn.MultiheadAttention's out_proj are read by their parent as a float weight.
+    targets = [(n, m) for n, m in model.named_modules()
+               if is_replaceable_linear(m) and (filter_fn is None or filter_fn(m, n))]
+    if is_replaceable_linear(model) and any(n == "" for n, _ in targets):
         raise ValueError("share_weights_ replaces submodules; wrap a bare nn.Linear in a module")
     layers = {}
     for name, lin in targets:

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from .nn._linear_like import is_replaceable_linear
 from .nn.masked_linear import MaskedLinear
 from .prune import parse_pattern
 
@@ -20,7 +21,8 @@ def sparsify_(
 ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` for which ``filter_fn(module, name)`` is true (all of
     them without a filter) by a :class:`~fastkd.nn.MaskedLinear` holding its weights and a magnitude
-    mask (:func:`fastkd.prune.magnitude_mask`, per layer); returns ``model``.
+    mask (:func:`fastkd.prune.magnitude_mask`, per layer); returns ``model``. Hugging Face
+    ``Conv1D`` layers (GPT-2's attention and MLP projections) count as linears too.
 
     ``name`` is the module's qualified name (``"encoder.layer.0.attention.self.query"``). For N:M
     patterns pass ``sparsity=None`` or the implied value. Skipped, whatever the filter says: linears
@@ -41,7 +43,7 @@ def sparsify_(
         if isinstance(parent, nn.MultiheadAttention):
             continue
         for child_name, child in parent.named_children():
-            if type(child) is not nn.Linear:  # subclasses may override forward
+            if not is_replaceable_linear(child):  # nn.Linear subclasses may override forward
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if uses.get(id(child.weight), 0) > 1:

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
+from ._linear_like import as_linear
 
 
 def _check_mode(mode) -> str:
@@ -67,9 +68,9 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", backend: str = "auto"):
-        """Quantize ``linear``'s weight per output channel; the bias keeps its values and dtype."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        """Quantize ``linear``'s weight per output channel; the bias keeps its values and dtype.
+        ``linear`` is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's layers)."""
+        linear = as_linear(linear, "Int8Linear.from_linear")
         _check_mode(mode)
         w = linear.weight
         if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
+from ._linear_like import as_linear
 from ..prune import magnitude_mask, pattern_name
 from ..reference.masked_linear import MaskTiles, build_tile_map
 
@@ -81,9 +82,9 @@ class MaskedLinear(nn.Module):
         ``mask`` if given; else ``magnitude_mask(weight, sparsity, pattern)`` if a sparsity is
         given or the pattern is N:M; else the ``weight_mask`` of a module pruned with
         ``torch.nn.utils.prune`` (its ``weight_orig`` is used); else all True. Pruned weights are
-        set to zero."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        set to zero. ``linear`` is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's layers;
+        a ``mask`` for it is given in the ``(out_features, in_features)`` layout)."""
+        linear = as_linear(linear, "MaskedLinear.from_linear")
         if mask is not None and sparsity is not None:
             raise ValueError("pass either mask or sparsity, not both")
         torch_pruned = hasattr(linear, "weight_orig") and hasattr(linear, "weight_mask")

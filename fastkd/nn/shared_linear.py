@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..reference.shared_linear import pack_indices, shared_dequantize
+from ._linear_like import as_linear
 
 
 class SharedLinear(nn.Module):
@@ -52,11 +53,11 @@ class SharedLinear(nn.Module):
         cls, linear: nn.Linear, bits: int = 4, per_channel: bool = False, iters: int = 100,
         backend: str = "auto",
     ) -> "SharedLinear":
-        """Cluster ``linear``'s weights with k-means (zeros kept as the fixed cluster 0)."""
+        """Cluster ``linear``'s weights with k-means (zeros kept as the fixed cluster 0).
+        ``linear`` is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's layers)."""
         from ..sharing import kmeans_1d
 
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        linear = as_linear(linear, "SharedLinear.from_linear")
         w = linear.weight.detach()
         if not torch.isfinite(w).all():
             raise ValueError("the weight contains inf or NaN; cannot cluster it")

@@ -1,0 +1,56 @@
+"""Layers that compute a linear map and that fastkd's compressed layers can replace.
+
+``nn.Linear`` itself, and Hugging Face's ``Conv1D`` (GPT-2, DistilGPT-2, GPT-J's ancestors and
+their kin use it for every attention and MLP projection): ``y = x @ W + b`` with ``W`` stored
+``(in_features, out_features)``, the transpose of ``nn.Linear``'s layout. It is recognised by name
+and module so transformers need not be imported.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_hf_conv1d(module) -> bool:
+    """True for ``transformers``' ``Conv1D`` (a linear layer with a transposed weight)."""
+    cls = type(module)
+    weight = getattr(module, "weight", None)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers")
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+    )
+
+
+def is_replaceable_linear(module) -> bool:
+    """Exactly ``nn.Linear`` (subclasses may read their weight elsewhere, as
+    ``nn.MultiheadAttention`` reads ``out_proj.weight``) or a Hugging Face ``Conv1D``."""
+    return type(module) is nn.Linear or is_hf_conv1d(module)
+
+
+def as_linear(module, who: str) -> nn.Linear:
+    """``module`` as an ``nn.Linear`` computing the same map: ``nn.Linear`` (or a subclass) as it
+    is; a Hugging Face ``Conv1D`` as a new ``nn.Linear`` holding a transposed copy of its weight
+    (and its bias, and the transposed ``weight_orig``/``weight_mask`` of
+    ``torch.nn.utils.prune``, if pruned that way). Anything else is a TypeError naming ``who``."""
+    if isinstance(module, nn.Linear):
+        return module
+    if not is_hf_conv1d(module):
+        raise TypeError(
+            f"{who} takes an nn.Linear or a Hugging Face Conv1D, got {type(module).__name__}"
+        )
+    pruned = hasattr(module, "weight_orig") and hasattr(module, "weight_mask")
+    orig = module.weight_orig if pruned else module.weight
+    n_in, n_out = orig.shape
+    linear = nn.Linear(n_in, n_out, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(orig.detach().t().contiguous(), requires_grad=orig.requires_grad)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
+    if pruned:
+        linear.weight_orig = linear.weight
+        linear.register_buffer("weight_mask", module.weight_mask.detach().t().contiguous())
+    linear.train(module.training)
+    return linear
