@@ -30,7 +30,10 @@ weights a zero gradient, and only trainable parameters are optimized.
 Batches may be a tensor (inputs only), a tuple/list ``(inputs, target, ...)`` (``inputs`` may
 itself be a tuple of positional arguments), or a mapping of keyword arguments with an optional
 ``"labels"`` entry (Hugging Face style). Model outputs may be a tensor, a tuple (first element),
-or an object or mapping with ``logits``.
+or an object or mapping with ``logits``. For a Hugging Face decoder-only language model (GPT-2,
+LLaMA, ...) the labels follow that library's convention, the token at each position (as a
+language-modelling collator makes them): the logits at position ``i`` are paired with the label at
+``i + 1`` and the last position is dropped, as the model's own loss does (``shift_labels``).
 """
 
 from __future__ import annotations
@@ -115,6 +118,20 @@ def _split_batch(batch):
         f"a batch must be a tensor, a tuple/list (inputs, target) or a mapping; got "
         f"{type(batch).__name__}"
     )
+
+
+def _is_hf_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face decoder-only generative model (its labels are the input tokens, shifted by
+    the model's own loss); encoder-decoder models align labels with their decoder's logits."""
+    config = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if config is None or not callable(can_generate):
+        return False
+    try:
+        generative = bool(can_generate())
+    except Exception:
+        return False
+    return generative and not getattr(config, "is_encoder_decoder", False)
 
 
 def _first_tensor(out) -> Tensor:
@@ -206,6 +223,11 @@ class Distiller:
             training batch) with its optimizer ``self.discriminator_optimizer``.
         adversarial_hidden: hidden width of the discriminator (positive int).
         adversarial_lr: learning rate of the discriminator's Adam; ``None`` uses ``lr``.
+        shift_labels: pair the outputs at position ``i`` of the second-to-last dimension with the
+            target at ``i + 1`` (next-token prediction; the last position has no target and is
+            dropped from the loss and the metrics). ``None`` (default): on when the student is a
+            Hugging Face decoder-only generative model, whose batches carry unshifted labels;
+            pass ``False`` if your labels are already aligned with the logits.
     """
 
     def __init__(
@@ -227,6 +249,7 @@ class Distiller:
         adversarial_weight: float = 0.0,
         adversarial_hidden: int = 256,
         adversarial_lr: Optional[float] = None,
+        shift_labels: Optional[bool] = None,
     ):
         if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
             raise TypeError("teacher and student must be torch.nn.Module instances")
@@ -259,6 +282,9 @@ class Distiller:
         self.task = task
         self.backend = backend
         self.progress = bool(progress)
+        if shift_labels is not None and not isinstance(shift_labels, bool):
+            raise TypeError(f"shift_labels must be None or a bool, got {shift_labels!r}")
+        self.shift_labels = _is_hf_causal_lm(student) if shift_labels is None else shift_labels
 
         if device is None:
             first = next(iter(student.parameters()), None)
@@ -302,6 +328,18 @@ class Distiller:
         )
         with torch.no_grad(), ctx:
             return _output_tensor(call(self.teacher), "teacher")
+
+    def _align(self, s: Tensor, t: Tensor, target: Optional[Tensor]):
+        """With shift_labels and a target: outputs at positions [0, L-1) against targets at
+        [1, L) (the second-to-last output dimension is the sequence)."""
+        if not self.shift_labels or target is None:
+            return s, t, target
+        if s.dim() < 3 or target.shape != s.shape[:-1]:
+            raise ValueError(
+                f"shift_labels pairs (batch, sequence, classes) outputs with (batch, sequence) "
+                f"targets; got outputs {tuple(s.shape)} and targets {tuple(target.shape)}"
+            )
+        return s[..., :-1, :], t[..., :-1, :], target[..., 1:]
 
     def _check_outputs(self, s: Tensor, t: Tensor) -> None:
         if s.shape != t.shape:
@@ -477,6 +515,7 @@ class Distiller:
                     t_out = self._teacher_forward(call)
                     s_out = _output_tensor(call(self.student), "student")
                     self._check_outputs(s_out, t_out)
+                    s_out, t_out, target = self._align(s_out, t_out, target)
                     loss, _ = self._output_loss(s_out, t_out, target)
                     if s_cap is not None:
                         s_feats, t_feats = s_cap.take(), t_cap.take()
@@ -565,6 +604,7 @@ class Distiller:
                 t_out = self._teacher_forward(call)
                 s_out = _output_tensor(call(self.student), "student")
                 self._check_outputs(s_out, t_out)
+                s_out, t_out, target = self._align(s_out, t_out, target)
                 total, n = self._output_loss(s_out, t_out, target, reduction="sum")
                 loss_sum += total.double()
                 count += n

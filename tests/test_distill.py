@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -308,3 +309,65 @@ def test_bad_inputs(problem):
         Distiller(teacher, student, progress=False).fit([(x, y + 5)])
     with pytest.raises(ValueError, match="regression target shape"):
         Distiller(teacher, student, task="regression", progress=False).fit([(x, torch.randn(8))])
+
+
+def _tiny_gpt2(seed, n_layer):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=61,
+                                  n_positions=16, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _lm_batches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 61, (8, 12), generator=g)
+    labels = ids.clone()
+    labels[:2, 9:] = -100  # padding, as a language-modelling collator marks it
+    return [{"input_ids": ids[i:i + 4], "labels": labels[i:i + 4]} for i in (0, 4)]
+
+
+def test_causal_lm_labels_are_shifted_as_the_model_itself_does():
+    # Hugging Face LM batches carry labels = input tokens; logits at i predict the token at i + 1.
+    # With alpha = 0 the Distiller's loss must be exactly the student's own LM loss.
+    teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
+    batches = _lm_batches()
+    d = Distiller(teacher, student, alpha=0.0, temperature=2.0, progress=False, backend="torch")
+    assert d.shift_labels  # detected: a decoder-only generative model
+    with torch.no_grad():
+        own = [student.eval()(**b) for b in batches]
+        counts = [(b["labels"][:, 1:] != -100).sum() for b in batches]
+        expected = sum(o.loss * c for o, c in zip(own, counts)) / sum(counts)
+    got = d.evaluate(batches)["loss"]
+    torch.testing.assert_close(got, expected.item(), rtol=1e-5, atol=1e-6)
+    # and the soft term pairs the same positions: alpha = 1 equals kd_loss on the first L - 1
+    d1 = Distiller(teacher, student, alpha=0.5, temperature=2.0, progress=False, backend="torch")
+    with torch.no_grad():
+        rows = [fastkd.functional.kd_loss(
+            student(b["input_ids"]).logits[:, :-1], teacher.eval()(b["input_ids"]).logits[:, :-1],
+            b["labels"][:, 1:], temperature=2.0, alpha=0.5, reduction="sum") for b in batches]
+    torch.testing.assert_close(d1.evaluate(batches)["loss"], (sum(rows) / sum(counts)).item(),
+                               rtol=1e-5, atol=1e-6)
+    # labels already aligned with the logits: shift_labels=False pairs position i with label i
+    d2 = Distiller(teacher, student, alpha=0.0, progress=False, backend="torch",
+                   shift_labels=False)
+    with torch.no_grad():
+        flat = [F.cross_entropy(student(b["input_ids"]).logits.flatten(0, 1),
+                                b["labels"].flatten(), reduction="sum") for b in batches]
+        n = sum((b["labels"] != -100).sum() for b in batches)
+    torch.testing.assert_close(d2.evaluate(batches)["loss"], (sum(flat) / n).item(),
+                               rtol=1e-5, atol=1e-6)
+    history = d.fit(batches, epochs=1)
+    assert math.isfinite(history[0]["train_loss"])
+
+
+def test_shift_labels_is_off_for_other_models_and_checked(problem):
+    teacher, student = _mlp(20, 32, 5, 0), _mlp(20, 8, 5, 1)
+    assert not Distiller(teacher, student, progress=False).shift_labels
+    with pytest.raises(TypeError, match="shift_labels"):
+        Distiller(teacher, student, shift_labels="yes")
+    # (batch, classes) outputs cannot be shifted along a sequence
+    train = problem[0]
+    d = Distiller(teacher, student, progress=False, shift_labels=True)
+    with pytest.raises(ValueError, match="shift_labels"):
+        d.evaluate(train)
