@@ -91,8 +91,6 @@ def _assign(v: Tensor, cent: Tensor) -> Tensor:
     return torch.searchsorted(mids.contiguous(), v.contiguous())
 
 
-
-
 def share_weights_(
     model: nn.Module,
     bits: int = 4,
