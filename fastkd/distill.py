@@ -33,7 +33,10 @@ itself be a tuple of positional arguments), or a mapping of keyword arguments wi
 or an object or mapping with ``logits``. For a Hugging Face decoder-only language model (GPT-2,
 LLaMA, ...) the labels follow that library's convention, the token at each position (as a
 language-modelling collator makes them): the logits at position ``i`` are paired with the label at
-``i + 1`` and the last position is dropped, as the model's own loss does (``shift_labels``).
+``i + 1`` and the last position is dropped, as the model's own loss does (``shift_labels``). A
+mapping batch without labels but with an ``attention_mask`` of the outputs' leading shape (padded
+sequences) counts only the positions the mask keeps, in the loss and the metrics; with labels,
+``ignore_index`` (-100) marks what does not count, as in Hugging Face.
 """
 
 from __future__ import annotations
@@ -100,20 +103,21 @@ def _to_device(obj, device: torch.device):
 
 
 def _split_batch(batch):
-    """-> (call, target): call(model) runs the model on the batch's inputs."""
+    """-> (call, target, attention_mask): call(model) runs the model on the batch's inputs; the
+    mask is a mapping batch's ``attention_mask`` (None otherwise)."""
     if isinstance(batch, Mapping):
         kwargs = {k: v for k, v in batch.items() if k != "labels"}
-        return (lambda m: m(**kwargs)), batch.get("labels")
+        return (lambda m: m(**kwargs)), batch.get("labels"), batch.get("attention_mask")
     if isinstance(batch, Tensor):
-        return (lambda m: m(batch)), None
+        return (lambda m: m(batch)), None, None
     if isinstance(batch, (tuple, list)):
         if len(batch) == 0:
             raise ValueError("a batch is an empty tuple/list")
         inputs = batch[0]
         target = batch[1] if len(batch) > 1 else None
         if isinstance(inputs, (tuple, list)):
-            return (lambda m: m(*inputs)), target
-        return (lambda m: m(inputs)), target
+            return (lambda m: m(*inputs)), target, None
+        return (lambda m: m(inputs)), target, None
     raise TypeError(
         f"a batch must be a tensor, a tuple/list (inputs, target) or a mapping; got "
         f"{type(batch).__name__}"
@@ -341,6 +345,16 @@ class Distiller:
             )
         return s[..., :-1, :], t[..., :-1, :], target[..., 1:]
 
+    def _soft_rows(self, s: Tensor, target: Optional[Tensor], attention_mask) -> Optional[Tensor]:
+        """Which output rows count when a classification batch has no target: those its
+        attention_mask keeps, when the mask is per output row (a sequence model's padding);
+        None (every row) otherwise. With a target, ignore_index marks the rows instead."""
+        if (self.task != "classification" or target is not None or attention_mask is None
+                or not isinstance(attention_mask, Tensor)
+                or attention_mask.shape != s.shape[:-1]):
+            return None
+        return attention_mask != 0
+
     def _check_outputs(self, s: Tensor, t: Tensor) -> None:
         if s.shape != t.shape:
             raise ValueError(
@@ -349,10 +363,12 @@ class Distiller:
                 + ("classes" if self.task == "classification" else "targets")
             )
 
-    def _output_loss(self, s: Tensor, t: Tensor, target: Optional[Tensor], reduction="mean"):
-        """Returns (loss, count): the mean (or the sum with reduction="sum") and its row count."""
+    def _output_loss(self, s: Tensor, t: Tensor, target: Optional[Tensor], reduction="mean",
+                     rows_mask: Optional[Tensor] = None):
+        """Returns (loss, count): the mean (or the sum with reduction="sum") and its row count.
+        ``rows_mask`` (classification without a target): only the rows it keeps count."""
         if self.task == "classification":
-            if reduction == "mean":
+            if reduction == "mean" and rows_mask is None:
                 return self.loss_fn(s, t, target), None
             rows = fkd_functional.kd_loss(
                 s,
@@ -363,6 +379,11 @@ class Distiller:
                 reduction="none",
                 backend=self.backend,
             )
+            if rows_mask is not None:
+                total, count = torch.where(rows_mask, rows, 0.0).sum(), rows_mask.sum()
+                if reduction == "mean":
+                    return total / count.clamp_min(1), None
+                return total, count
             if target is None:
                 return rows.sum(), rows.numel()
             valid = target != self.loss_fn.ignore_index
@@ -511,12 +532,13 @@ class Distiller:
                     dynamic_ncols=True,
                 )
                 for batch in bar:
-                    call, target = _split_batch(_to_device(batch, self.device))
+                    call, target, attention_mask = _split_batch(_to_device(batch, self.device))
                     t_out = self._teacher_forward(call)
                     s_out = _output_tensor(call(self.student), "student")
                     self._check_outputs(s_out, t_out)
                     s_out, t_out, target = self._align(s_out, t_out, target)
-                    loss, _ = self._output_loss(s_out, t_out, target)
+                    keep = self._soft_rows(s_out, target, attention_mask)
+                    loss, _ = self._output_loss(s_out, t_out, target, rows_mask=keep)
                     if s_cap is not None:
                         s_feats, t_feats = s_cap.take(), t_cap.take()
                         if self.hint_projections is None:
@@ -596,16 +618,18 @@ class Distiller:
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         labelled = torch.zeros((), dtype=torch.float64, device=self.device)
         agree = torch.zeros((), dtype=torch.float64, device=self.device)
-        rows = 0
+        rows = torch.zeros((), dtype=torch.float64, device=self.device)
         batches = 0
         try:
             for batch in loader:
-                call, target = _split_batch(_to_device(batch, self.device))
+                call, target, attention_mask = _split_batch(_to_device(batch, self.device))
                 t_out = self._teacher_forward(call)
                 s_out = _output_tensor(call(self.student), "student")
                 self._check_outputs(s_out, t_out)
                 s_out, t_out, target = self._align(s_out, t_out, target)
-                total, n = self._output_loss(s_out, t_out, target, reduction="sum")
+                keep = self._soft_rows(s_out, target, attention_mask)
+                total, n = self._output_loss(s_out, t_out, target, reduction="sum",
+                                             rows_mask=keep)
                 loss_sum += total.double()
                 count += n
                 batches += 1
@@ -613,8 +637,9 @@ class Distiller:
                     hint_sum += self._hint_loss(s_cap.take(), t_cap.take()).double()
                 if self.task == "classification":
                     pred = s_out.argmax(-1)
-                    agree += (pred == t_out.argmax(-1)).sum()
-                    rows += pred.numel()
+                    same = pred == t_out.argmax(-1)
+                    agree += (same & keep).sum() if keep is not None else same.sum()
+                    rows += keep.sum() if keep is not None else pred.numel()
                     if target is not None:
                         valid = target != self.loss_fn.ignore_index
                         correct += ((pred == target) & valid).sum()
@@ -630,7 +655,7 @@ class Distiller:
         if self.task == "classification":
             if labelled.item() > 0:
                 metrics["accuracy"] = (correct / labelled).item()
-            metrics["agreement"] = (agree / max(rows, 1)).item()
+            metrics["agreement"] = (agree / rows.clamp_min(1)).item()
         if s_cap is not None:
             metrics["hint_loss"] = (hint_sum / batches).item()
         return metrics

@@ -371,3 +371,30 @@ def test_shift_labels_is_off_for_other_models_and_checked(problem):
     d = Distiller(teacher, student, progress=False, shift_labels=True)
     with pytest.raises(ValueError, match="shift_labels"):
         d.evaluate(train)
+
+
+def test_padding_without_labels_does_not_count():
+    # Pure distillation of a padded LM batch (no labels): the positions the attention_mask drops
+    # must not count, so what sits there cannot change the loss or the metrics.
+    teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 61, (4, 10), generator=g)
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[3, 3:] = 0
+    d = Distiller(teacher, student, temperature=2.0, progress=False, backend="torch")
+    got = d.evaluate([{"input_ids": ids, "attention_mask": mask}])
+    with torch.no_grad():
+        s = student.eval()(ids, attention_mask=mask).logits
+        t = teacher.eval()(ids, attention_mask=mask).logits
+        keep = mask.bool()
+        expected = fastkd.functional.kd_loss(s[keep], t[keep], temperature=2.0)
+        agreement = (s.argmax(-1) == t.argmax(-1))[keep].float().mean()
+    torch.testing.assert_close(got["loss"], expected.item(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["agreement"], agreement.item())
+    other = ids.clone()
+    other[~keep] = (other[~keep] + 7) % 61  # different tokens where the mask says padding
+    again = d.evaluate([{"input_ids": other, "attention_mask": mask}])
+    torch.testing.assert_close(again["loss"], got["loss"], rtol=1e-6, atol=1e-7)
+    history = d.fit([{"input_ids": ids, "attention_mask": mask}], epochs=1)
+    assert math.isfinite(history[0]["train_loss"])
