@@ -15,6 +15,8 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from .nn._linear_like import is_hf_conv1d
+
 __all__ = ["register_compressed_layer", "save_compressed", "load_compressed", "size_report"]
 
 FORMAT = "fastkd.compressed/1"
@@ -131,13 +133,16 @@ _SHRUNK_ATTRIBUTES = ("num_attention_heads", "all_head_size", "num_heads", "num_
 
 def _shapes(model: nn.Module) -> dict:
     """The widths a skeleton needs to take this model's tensors: every plain ``nn.Linear``'s
-    (in_features, out_features, bias) and the head counts of attention modules, so a model made
+    (in_features, out_features, bias), every Hugging Face ``Conv1D``'s weight shape (in, out) and
+    the head counts of attention modules, so a model made
     smaller by ``fastkd.shrink_`` (widths that differ per layer, which no config describes)
     loads into a full-size skeleton."""
-    linear, attributes = {}, {}
+    linear, conv1d, attributes = {}, {}, {}
     for name, mod in model.named_modules():
         if type(mod) is nn.Linear:
             linear[name] = [mod.in_features, mod.out_features, mod.bias is not None]
+        elif is_hf_conv1d(mod):
+            conv1d[name] = list(mod.weight.shape)  # (in, out)
         found = {}
         for attr in _SHRUNK_ATTRIBUTES:
             value = getattr(mod, attr, None)
@@ -148,7 +153,7 @@ def _shapes(model: nn.Module) -> dict:
             found["pruned_heads"] = sorted(pruned)
         if found:
             attributes[name] = found
-    return {"linear": linear, "attributes": attributes}
+    return {"linear": linear, "conv1d": conv1d, "attributes": attributes}
 
 
 def _apply_shapes(skeleton: nn.Module, shapes: dict) -> None:
@@ -166,6 +171,12 @@ def _apply_shapes(skeleton: nn.Module, shapes: dict) -> None:
                              f"({fan_in}, {fan_out}) instead")
         new = nn.Linear(fan_in, fan_out, bias=has_bias, device=old.weight.device,
                         dtype=old.weight.dtype)
+        _replace(skeleton, name, new)
+    for name, (fan_in, fan_out) in shapes.get("conv1d", {}).items():
+        old = _submodule(skeleton, name)
+        if not is_hf_conv1d(old) or tuple(old.weight.shape) == (fan_in, fan_out):
+            continue  # a compressed layer replaces it anyway, or it already fits
+        new = type(old)(fan_out, fan_in).to(device=old.weight.device, dtype=old.weight.dtype)
         _replace(skeleton, name, new)
     for name, found in shapes.get("attributes", {}).items():
         mod = _submodule(skeleton, name)
@@ -190,7 +201,8 @@ def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
     """Write ``model``'s state (compressed layers as they are) to a safetensors file.
 
     The file's metadata holds ``{"format", "layers": {path: {"type", "settings"}}, "shapes":
-    {"linear": {path: [in, out, bias]}, "attributes": {path: {name: value}}}}``; returns it.
+    {"linear": {path: [in, out, bias]}, "conv1d": {path: [in, out]}, "attributes": {path:
+    {name: value}}}}``; returns it.
     ``shapes`` lets a full-size skeleton take a model shrunk by :func:`fastkd.shrink_`.
     """
     from safetensors.torch import save_model

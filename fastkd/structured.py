@@ -8,6 +8,7 @@ connected, so the result is a smaller dense model that computes the same functio
 * ``nn.Sequential`` MLPs: ``Linear -> elementwise activations/dropout -> Linear``;
 * Hugging Face BERT-style blocks: ``intermediate.dense`` (+ activation) -> ``output.dense``;
 * LLaMA-style gated MLPs: ``gate_proj``, ``up_proj`` -> ``down_proj`` (``act(gate) * up``);
+* GPT-2-style MLPs of Hugging Face ``Conv1D`` layers: ``c_fc`` (+ activation) -> ``c_proj``;
 * attention heads: BERT-style self-attention (through the model's own ``prune_heads`` when the
   installed transformers has it, otherwise by slicing query/key/value/output the same way) and
   LLaMA-style grouped-query attention (whole key/value groups with their query heads).
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from .nn._linear_like import is_hf_conv1d
 
 __all__ = ["structured_mask", "shrink_"]
 
@@ -242,6 +245,41 @@ def _shrink_gated_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
     return True
 
 
+def _slice_conv1d(layer: nn.Module, keep: Tensor, dim: int) -> nn.Module:
+    """A new Hugging Face Conv1D keeping the output features (dim=0) or input features (dim=1)
+    where `keep` is True. Conv1D stores its weight (in, out), the transpose of nn.Linear."""
+    idx = keep.nonzero().squeeze(1).to(layer.weight.device)
+    w = layer.weight.detach().index_select(1 - dim, idx)
+    b = layer.bias.detach().index_select(0, idx) if dim == 0 else layer.bias.detach()
+    new = type(layer)(w.shape[1], w.shape[0]).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        new.bias.copy_(b)
+    new.weight.requires_grad_(layer.weight.requires_grad)
+    new.train(layer.training)
+    return new
+
+
+def _shrink_conv1d_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
+    a, b = getattr(mlp, "c_fc", None), getattr(mlp, "c_proj", None)
+    if not (is_hf_conv1d(a) and is_hf_conv1d(b)) or a.weight.shape[1] != b.weight.shape[0]:
+        return False
+    if a.bias is None or b.bias is None:
+        return False
+    # c_proj(act(c_fc(x))): neuron j adds nothing when c_proj's input row j is zero, and is 0
+    # when c_fc's output column j and bias are zero and act(0) = 0.
+    dead = (b.weight.detach() == 0).all(dim=1)
+    act = getattr(mlp, "act", None)
+    if act is not None and _maps_zero_to_zero(act):
+        dead |= (a.weight.detach() == 0).all(dim=0) & (a.bias.detach() == 0)
+    n = a.weight.shape[1]
+    n_dead = int(dead.sum())
+    if n_dead and _check_keep(n - n_dead, prefix):
+        mlp.c_fc, mlp.c_proj = _slice_conv1d(a, ~dead, 0), _slice_conv1d(b, ~dead, 1)
+        report.append((f"{prefix}c_fc/c_proj", n, n - n_dead))
+    return True
+
+
 def _head_keep(n_heads: int, head_dim: int, rows_zero: Tensor, cols_zero: Tensor) -> Tensor:
     dead = rows_zero.reshape(n_heads, head_dim).all(1) | cols_zero.reshape(n_heads, head_dim).all(1)
     return ~dead
@@ -316,6 +354,7 @@ _PATTERNS: list = [
     _shrink_gqa_attention,
     _shrink_gated_mlp,
     _shrink_bert_mlp,
+    _shrink_conv1d_mlp,
 ]
 
 

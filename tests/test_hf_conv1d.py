@@ -130,3 +130,33 @@ def test_share_weights_leaves_multihead_attention_out_proj_alone():
     x = torch.randn(2, 5, 16)
     out, _ = model.attn(x, x, x)
     assert torch.isfinite(out).all()
+
+
+def test_shrink_removes_dead_gpt2_mlp_neurons_and_the_checkpoint_round_trips(tmp_path):
+    model = _gpt2(seed=5)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        fc0 = model.transformer.h[0].mlp.c_fc  # (48, 192): output neurons are columns
+        keep = fastkd.structured_mask(fc0.weight.t(), 0.4, dim=0)[:, 0]
+        fc0.weight.mul_(keep[None, :])
+        fc0.bias.mul_(keep)  # GELU(0) = 0: these neurons are always 0
+        proj1 = model.transformer.h[1].mlp.c_proj  # (192, 48): input neurons are rows
+        proj1.weight[:50] = 0  # these neurons reach nothing
+        masked = model(ids).logits
+    report = fastkd.shrink_(model)
+    widths = {where: (before, after) for where, before, after in report}
+    assert widths == {"transformer.h.0.mlp.c_fc/c_proj": (192, 192 - int((~keep).sum())),
+                      "transformer.h.1.mlp.c_fc/c_proj": (192, 142)}
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (48, 192 - int((~keep).sum()))
+    assert model.transformer.h[1].mlp.c_proj.weight.shape == (142, 48)
+    with torch.no_grad():
+        shrunk = model(ids).logits
+    torch.testing.assert_close(shrunk, masked, rtol=1e-5, atol=1e-5)
+    fastkd.quantize_(model, filter_fn=lambda m, n: n == "transformer.h.1.mlp.c_fc")
+    with torch.no_grad():
+        ref = model(ids).logits
+    fastkd.save_compressed(model, tmp_path / "shrunk")
+    skeleton = _gpt2(seed=6)  # full size
+    fastkd.load_compressed(skeleton, tmp_path / "shrunk")
+    with torch.no_grad():
+        assert torch.equal(skeleton(ids).logits, ref)
