@@ -307,6 +307,26 @@ def test_finetuning_moves_centroids_keeps_zeros():
     assert torch.equal(sl.dequantized_weight() == 0, lin.weight == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_module_dtype_conversion_keeps_the_codebook_fp32(dtype):
+    # model.to(bf16) after share_weights_ is how a model is served; the op takes an fp32
+    # codebook, so the conversion keeps it (and its gradient) fp32 and converts the bias.
+    torch.manual_seed(0)
+    layer = SharedLinear.from_linear(nn.Linear(40, 24), bits=4, per_channel=True)
+    x = torch.randn(3, 40)
+    layer(x).sum().backward()
+    codebook, grad = layer.codebook.detach().clone(), layer.codebook.grad.clone()
+    converted = layer.to(dtype)
+    assert converted.codebook.dtype == torch.float32 and converted.bias.dtype == dtype
+    assert torch.equal(converted.codebook, codebook) and torch.equal(converted.codebook.grad, grad)
+    y = converted(x.to(dtype))
+    assert y.dtype == dtype
+    expected = x.to(dtype).double() @ converted.dequantized_weight().double().t()
+    torch.testing.assert_close(y.double(), expected + converted.bias.double(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()  # the gradient keeps accumulating in fp32
+    assert converted.codebook.grad.dtype == torch.float32
+
+
 def test_opcheck_and_compile():
     lin, sl = _layer(n=7, k=9, per_channel=True)
     x = torch.randn(5, 9, requires_grad=True)

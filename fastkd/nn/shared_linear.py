@@ -17,7 +17,8 @@ class SharedLinear(nn.Module):
     ``codebook`` (fp32 parameter, ``(2**bits,)`` or ``(out_features, 2**bits)``; entry 0 is the
     pruned-weight cluster and always reads as 0) and ``bias`` (parameter or None). Training updates
     the codebook (each centroid gets the summed gradient of its weights) and the bias; the cluster
-    assignment stays fixed.
+    assignment stays fixed. The codebook stays fp32 under ``module.half()`` / ``.to(dtype)`` (the
+    bias follows), so a model converted to bf16 runs on bf16 inputs.
     """
 
     def __init__(
@@ -78,6 +79,18 @@ class SharedLinear(nn.Module):
                 out.bias = nn.Parameter(linear.bias.detach().clone())
         out.train(linear.training)
         return out
+
+    def _apply(self, fn, *args, **kwargs):
+        # module.half() / .to(bfloat16) would round the fp32 codebook, which the op requires:
+        # keep it (and a gradient it holds) fp32, and let it follow device moves only.
+        grad = self.codebook.grad
+        data, grad = self.codebook.data, grad.data if grad is not None else None  # old storage
+        super()._apply(fn, *args, **kwargs)
+        moved = self.codebook
+        if moved.dtype != torch.float32:
+            moved.data = data.to(device=moved.device)
+            moved.grad = grad.to(device=moved.device) if grad is not None else None
+        return self
 
     def dequantized_weight(self) -> Tensor:
         """The fp32 (out_features, in_features) weight this layer multiplies by."""
