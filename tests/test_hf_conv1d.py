@@ -1,6 +1,7 @@
-"""Hugging Face Conv1D (GPT-2's attention and MLP projections: y = x @ W + b, W stored (in, out))
-is a linear layer to every fastkd swap: quantize_, sparsify_, share_weights_, the from_linear
-constructors (including a torch.nn.utils.prune mask) and compressed checkpoints."""
+"""What the model-wide swaps accept. Hugging Face Conv1D (GPT-2's attention and MLP projections:
+y = x @ W + b, W stored (in, out)) is a linear layer to every fastkd swap: quantize_, sparsify_,
+share_weights_, the from_linear constructors (including a torch.nn.utils.prune mask), shrink_ and
+compressed checkpoints. Weights on the meta device get a clear error where values are needed."""
 
 import copy
 
@@ -160,3 +161,14 @@ def test_shrink_removes_dead_gpt2_mlp_neurons_and_the_checkpoint_round_trips(tmp
     fastkd.load_compressed(skeleton, tmp_path / "shrunk")
     with torch.no_grad():
         assert torch.equal(skeleton(ids).logits, ref)
+
+
+def test_weights_on_the_meta_device_get_a_clear_error():
+    # masks and codebooks are computed from the weights' values; int8 layers can be made on meta
+    meta = nn.Sequential(nn.Linear(16, 8, device="meta"))
+    with pytest.raises(ValueError, match="meta device"):
+        fastkd.sparsify_(meta, sparsity=0.5)
+    with pytest.raises(ValueError, match="meta device"):
+        fastkd.share_weights_(meta, bits=4)
+    fastkd.quantize_(meta)  # shapes only: fine on meta, filled by load_state_dict later
+    assert type(meta[0]) is Int8Linear and meta[0].weight.is_meta

@@ -54,3 +54,12 @@ def as_linear(module, who: str) -> nn.Linear:
         linear.register_buffer("weight_mask", module.weight_mask.detach().t().contiguous())
     linear.train(module.training)
     return linear
+
+
+def require_values(weight: torch.Tensor, who: str) -> None:
+    """A clear error where a weight's values are needed and it has none (the meta device)."""
+    if weight.is_meta:
+        raise ValueError(
+            f"{who} needs the weight's values, but it is on the meta device: load the weights "
+            "first (e.g. load_state_dict or to_empty + initialisation)"
+        )

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from ._linear_like import as_linear
+from ._linear_like import as_linear, require_values
 from ..prune import magnitude_mask, pattern_name
 from ..reference.masked_linear import MaskTiles, build_tile_map
 
@@ -105,6 +105,7 @@ class MaskedLinear(nn.Module):
                 mask = mask != 0
             made_by = "given"
         elif sparsity is not None or is_nm:
+            require_values(weight, "MaskedLinear.from_linear with a sparsity (a magnitude mask)")
             mask = magnitude_mask(weight, sparsity, pattern)
             made_by = pattern_name(pattern)
         elif torch_pruned:

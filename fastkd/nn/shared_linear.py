@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..reference.shared_linear import pack_indices, shared_dequantize
-from ._linear_like import as_linear
+from ._linear_like import as_linear, require_values
 
 
 class SharedLinear(nn.Module):
@@ -60,6 +60,7 @@ class SharedLinear(nn.Module):
 
         linear = as_linear(linear, "SharedLinear.from_linear")
         w = linear.weight.detach()
+        require_values(w, "SharedLinear.from_linear (k-means over the weights)")
         if not torch.isfinite(w).all():
             raise ValueError("the weight contains inf or NaN; cannot cluster it")
         out = cls(
