@@ -398,3 +398,29 @@ def test_padding_without_labels_does_not_count():
     torch.testing.assert_close(again["loss"], got["loss"], rtol=1e-6, atol=1e-7)
     history = d.fit([{"input_ids": ids, "attention_mask": mask}], epochs=1)
     assert math.isfinite(history[0]["train_loss"])
+
+
+def test_shift_labels_detection_across_model_types():
+    # only decoder-only generative models take shifted labels; classifiers, encoders, masked LMs
+    # and encoder-decoders (whose decoder logits align with their labels) do not
+    transformers = pytest.importorskip("transformers")
+    from fastkd.distill import _is_hf_causal_lm
+
+    gpt2 = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    llama = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, vocab_size=50)
+    bert = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, vocab_size=50)
+    t5 = transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50,
+                               d_kv=8)
+    cases = [
+        (transformers.GPT2LMHeadModel(gpt2), True),
+        (transformers.LlamaForCausalLM(llama), True),
+        (transformers.GPT2ForSequenceClassification(gpt2), False),
+        (transformers.GPT2Model(gpt2), False),
+        (transformers.BertForMaskedLM(bert), False),
+        (transformers.T5ForConditionalGeneration(t5), False),
+    ]
+    for model, expected in cases:
+        assert _is_hf_causal_lm(model) is expected, type(model).__name__
