@@ -12,6 +12,7 @@ CUDA sweep (the numbers the issue asks for): bf16 activations, M in {1, 2, 4, 8,
     torch_int_mm       per-token quantization in torch + torch._int_mm + torch scaling and bias
                        (the fastkd torch reference, which zero-pads M <= 16 to satisfy _int_mm)
     fastkd_*_gemv      the same with the decode kernel (CUDA, M <= 4), not yet the default
+    fastkd_w8a16_swapped  W8A16 through the swapped GEMM (C^T = W x^T), not yet the default
     torchao_*          torchao's int8 dynamic-activation and weight-only configs, when importable
     bnb_int8           bitsandbytes Linear8bitLt (LLM.int8, threshold 6), when importable
   Optional baselines that cannot run appear as records with an "error" starting "skipped:".
@@ -29,6 +30,7 @@ CPU pytest-benchmark micro-benchmarks of the torch reference live in bench/test_
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -58,14 +60,17 @@ def _versions() -> dict:
     return out
 
 
-def _with_decode_kernel(kind: str, fn, *args, **kwargs):
+def _with_kernel_setting(setting: str, value, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with kernels/int8_linear.py's `setting` (DECODE_KERNEL,
+    W8A16_SWAPPED) set to `value` for the call."""
     from fastkd.kernels import int8_linear as kern
 
-    old, kern.DECODE_KERNEL = kern.DECODE_KERNEL, kind
+    old = getattr(kern, setting)
+    setattr(kern, setting, value)
     try:
         return fn(*args, **kwargs)
     finally:
-        kern.DECODE_KERNEL = old
+        setattr(kern, setting, old)
 
 
 def _baselines(k: int, n: int, w_bf16, bias, wq, ws, device, backend: str) -> dict:
@@ -92,10 +97,18 @@ def _baselines(k: int, n: int, w_bf16, bias, wq, ws, device, backend: str) -> di
         # the decode kernel variant (rows M <= GEMV_MAX_M only; see kernels/int8_linear.py)
         for mode in ("w8a8", "w8a16"):
             impls[f"fastkd_{mode}_gemv"] = (
-                lambda x, mode=mode: _with_decode_kernel(
-                    "gemv", F.int8_linear, x, wq, ws, bias, mode=mode, backend=backend),
+                lambda x, mode=mode: _with_kernel_setting(
+                    "DECODE_KERNEL", "gemv", F.int8_linear, x, wq, ws, bias, mode=mode,
+                    backend=backend),
                 wq.numel() + ws.numel() * 4,
             )
+        # the swapped W8A16 GEMM (weight as wgmma's register operand), every M
+        impls["fastkd_w8a16_swapped"] = (
+            lambda x: _with_kernel_setting(
+                "W8A16_SWAPPED", True, F.int8_linear, x, wq, ws, bias, mode="w8a16",
+                backend=backend),
+            wq.numel() + ws.numel() * 4,
+        )
         try:
             import copy
 
@@ -220,6 +233,18 @@ def check_targets(rows) -> dict:
         "each_fastkd_mode_min_speedup_over_sweep": min(fastkd_all, default=None),
         "weight_mem_vs_bf16 (goal <= 0.51)": max(mem, default=None),
     }
+    # the untimed W8A16 variant against the default, per M (geometric mean over the (K, N)
+    # shapes): > 1 means the swapped GEMM is faster there; decides kernels' W8A16_SWAPPED
+    swapped = {}
+    for r in rows:
+        if r["impl"] == "fastkd_w8a16_swapped" and "error" not in r:
+            base = [b for b in rows if b["impl"] == "fastkd_w8a16" and "error" not in b
+                    and (b["M"], b["K"], b["N"]) == (r["M"], r["K"], r["N"])]
+            if base:
+                swapped.setdefault(r["M"], []).append(base[0]["ms"] / r["ms"])
+    if swapped:
+        out["w8a16_swapped_speedup_over_default_by_M"] = {
+            m: round(math.prod(v) ** (1 / len(v)), 3) for m, v in sorted(swapped.items())}
     return out
 
 

@@ -107,6 +107,7 @@ def analyse(kernel) -> dict:
         "loop_shfl": count(hot, r"\bSHFL"),
         "loop_mufu_ex2": count(hot, r"MUFU\.EX2"),
         "loop_mma": count(hot, r"\b(HMMA|IMMA|HGMMA|IGMMA)"),
+        "loop_sts": count(hot, r"\bSTS\b|\bSTS\."),  # shared-memory stores by the threads
         "ptx_uses_tf32": ".tf32" in kernel.asm["ptx"],
         # fp32 max instructions that keep a nan operand, and those that drop it (return the other)
         "ptx_max_nan": len(re.findall(r"\bmax\.NaN\.f32\b", kernel.asm["ptx"])),
@@ -193,6 +194,18 @@ def cases():
                         f" w{cfg.num_warps} s{cfg.num_stages}")
                 out.append((name, lambda t=types, c=consts, cfg=cfg: compile_kernel(
                     gemm, t, c, cfg.num_warps, cfg.num_stages, values=gemm_values)))
+    # the swapped W8A16 GEMM (weight as wgmma's register A operand), every autotuning candidate
+    swapped_types = {k: v for k, v in gemm_types.items()}
+    swapped_types.update(a_ptr="*bf16", c_ptr="*bf16", bias_ptr="*bf16")
+    for bucket, configs in int8_linear._W8A16_SWAPPED_CONFIGS.items():
+        for cfg in configs:
+            consts = dict(cfg.kwargs, HAS_BIAS=True)
+            name = (f"int8_linear w8a16 swapped bucket {bucket} {cfg.kwargs['BLOCK_M']}x"
+                    f"{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} w{cfg.num_warps} "
+                    f"s{cfg.num_stages}")
+            out.append((name, lambda c=consts, cfg=cfg: compile_kernel(
+                int8_linear._w8a16_gemm_swapped_kernel, swapped_types, c, cfg.num_warps,
+                cfg.num_stages, values=gemm_values)))
     # the int8 decode GEMV (M <= 4), every autotuning candidate
     gemv_values = dict(gemm_values, M=1)
     for a_int8 in (True, False):

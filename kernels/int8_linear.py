@@ -118,6 +118,20 @@ def _epilogue(acc, a_scale, w_scale, bias_ptrs, bias_mask, A_INT8: tl.constexpr,
 
 
 @triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program's output tile, in grouped order: neighbouring programs
+    share weight columns, so they hit in L2."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % group_size, (pid % width) // group_size
+
+
+@triton.jit
 def _int8_weight_gemm_kernel(
     a_ptr,
     a_scale_ptr,
@@ -142,17 +156,7 @@ def _int8_weight_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: neighbouring programs share weight columns, so they hit in L2.
-    width = GROUP_M * grid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
-
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -191,6 +195,63 @@ def _int8_weight_gemm_kernel(
                   A_INT8, HAS_BIAS)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _w8a16_gemm_swapped_kernel(
+    a_ptr,
+    a_scale_ptr,
+    w_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_wn,
+    stride_wk,
+    stride_cm,
+    stride_cn,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """W8A16 (fp16/bf16 activations) as the transposed product C^T = W_deq @ x^T, the same
+    formula and output as _int8_weight_gemm_kernel's W8A16 path.
+
+    Why: wgmma (Hopper) reads its B operand from shared memory only, and in the plain kernel the
+    weight tile, converted int8 -> bf16 in registers, is B: each K step stores it back to shared
+    memory, then a barrier and a wait on the previous wgmma, so conversion and MMA do not overlap
+    (sm_90 SASS: STS.128 + BAR.SYNC per step). With the weight as A, wgmma takes it straight from
+    registers. Token rows become wgmma's N dimension (down to 8), which also suits decode sizes.
+    Untimed (bench_int8_linear.py `fastkd_w8a16_swapped`; W8A16_SWAPPED picks it)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk  # (BLOCK_N, BLOCK_K)
+    a_ptrs = a_ptr + rows[None, :] * stride_am + offs_k[:, None] * stride_ak  # (BLOCK_K, BLOCK_M)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+        a = tl.load(a_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(w.to(a.dtype), a, acc)  # exact conversion: |code| <= 128
+        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+    y = _epilogue(acc, 1.0, w_scale, (bias_ptr + offs_n)[:, None], n_ok[:, None], False,
+                  HAS_BIAS)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[None, :] * stride_cm + offs_n[:, None] * stride_cn
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
 @triton.jit
@@ -314,6 +375,18 @@ _GEMV_CONFIGS = [
                           (4, 1024, 4, 3)]
 ]
 _GEMV_TUNED = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K"])(_int8_weight_gemv_kernel)
+# W8A16 with fp16/bf16 activations: the plain GEMM (measured on the H200: 0.6x bf16 at M = 2048)
+# or _w8a16_gemm_swapped_kernel (False = the measured one until a GPU run times both). BLOCK_N
+# (weight rows) is wgmma's M side (64 or 128), BLOCK_M (tokens) its N side (16 upward).
+W8A16_SWAPPED = False
+_W8A16_SWAPPED_CONFIGS = {
+    0: [_cfg(16, 64, 128, 1, 4, 4), _cfg(16, 128, 128, 1, 4, 4), _cfg(16, 64, 256, 1, 4, 3),
+        _cfg(16, 128, 64, 1, 4, 5)],
+    1: [_cfg(32, 128, 128, 4, 4, 4), _cfg(64, 128, 64, 4, 4, 4), _cfg(64, 64, 128, 4, 4, 4)],
+    2: [_cfg(64, 128, 64, 8, 4, 4), _cfg(128, 128, 64, 8, 8, 3), _cfg(128, 64, 64, 8, 4, 4)],
+    3: [_cfg(128, 128, 64, 8, 8, 3), _cfg(256, 128, 64, 8, 8, 3), _cfg(128, 256, 64, 8, 8, 3),
+        _cfg(128, 128, 128, 8, 8, 3)],
+}
 _INTERPRET_GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 64}
 # Interpreter: one small configuration that still exercises several tiles and K steps.
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
@@ -321,13 +394,17 @@ _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
 _TUNED: dict = {}
 
 
-def _tuned_kernel(a_int8: bool, bucket: int):
-    key = (a_int8, bucket)
+def _tuned_kernel(a_int8: bool, bucket: int, swapped: bool = False):
+    key = (a_int8, bucket, swapped)
     if key not in _TUNED:
-        configs = (_W8A8_CONFIGS if a_int8 else _W8A16_CONFIGS)[bucket]
+        if swapped:
+            configs, kernel = _W8A16_SWAPPED_CONFIGS[bucket], _w8a16_gemm_swapped_kernel
+        else:
+            configs = (_W8A8_CONFIGS if a_int8 else _W8A16_CONFIGS)[bucket]
+            kernel = _int8_weight_gemm_kernel
         # Separate autotuners per bucket: each picks among its own few configs, keyed by the
         # problem's N, K (dtypes are part of Triton's key) so M only matters through its bucket.
-        _TUNED[key] = triton.autotune(configs=configs, key=["N", "K"])(_int8_weight_gemm_kernel)
+        _TUNED[key] = triton.autotune(configs=configs, key=["N", "K"])(kernel)
     return _TUNED[key]
 
 
@@ -363,15 +440,22 @@ def _launch_gemm(a, a_scale, w, w_scale, bias, out, a_int8: bool) -> None:
         else:
             _GEMV_TUNED[gemv_grid](*args, **flags)
         return
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    if W8A16_SWAPPED and not a_int8 and a.dtype != torch.float32:
+        if interp:
+            _w8a16_gemm_swapped_kernel[grid](*args, HAS_BIAS=bias is not None,
+                                             **_INTERPRET_CONFIG)
+        else:
+            _tuned_kernel(False, m_bucket(m), swapped=True)[grid](*args, HAS_BIAS=bias is not None)
+        return
     flags = dict(
         A_INT8=a_int8,
         HAS_BIAS=bias is not None,
         IEEE_FP32=(not a_int8) and a.dtype == torch.float32,
     )
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
     if interp:
         _int8_weight_gemm_kernel[grid](*args, **flags, **_INTERPRET_CONFIG)
     else:

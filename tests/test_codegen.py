@@ -79,6 +79,25 @@ def test_int8_quantization_keeps_a_nan():
         assert r["ptx_max_nan"] > 0, (name, r)
 
 
+def test_swapped_w8a16_gemm_keeps_the_weight_in_registers():
+    """The swapped W8A16 GEMM exists to give wgmma the converted weight tile from registers: its
+    loop must have no thread stores to shared memory (the plain kernel's has them, one round trip
+    per K step) and must still run on the tensor cores, without spills, for every candidate."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "codegen_report.py"), "--json",
+           "--match", "int8_linear w8a16 swapped", "--match", "int8_linear w8a16 bucket 3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    kernels = json.loads(proc.stdout.strip().splitlines()[-1])["kernels"]
+    swapped = {k: v for k, v in kernels.items() if "swapped" in k}
+    plain = {k: v for k, v in kernels.items() if "swapped" not in k}
+    assert len(swapped) >= 10 and plain, sorted(kernels)
+    for name, r in swapped.items():
+        assert r["loop_sts"] == 0 and r["loop_mma"] > 0, (name, r)
+        assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, (name, r)
+    assert all(r["loop_sts"] > 0 for r in plain.values()), plain  # what the variant removes
+
+
 @pytest.mark.parametrize("family", ["int8_linear gemv", "masked_linear", "kd_topk"])
 def test_gpu_kernels_compile_for_sm90_without_spills(family):
     """Kernels the interpreter tests but no CI machine compiles: lowering for sm_90 must succeed

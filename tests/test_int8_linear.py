@@ -192,9 +192,15 @@ def test_triton_w8a8_matches_reference(m, k, n, has_bias, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("swapped", [False, True])
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_triton_w8a16_matches_reference(m, k, n, dtype):
+def test_triton_w8a16_matches_reference(monkeypatch, m, k, n, dtype, swapped):
+    # swapped: the C^T = W x^T variant (kernels/int8_linear.py W8A16_SWAPPED; fp16/bf16 only,
+    # fp32 activations keep the plain kernel's IEEE path either way)
+    from fastkd.kernels import int8_linear as kern
+
+    monkeypatch.setattr(kern, "W8A16_SWAPPED", swapped)
     x, w, b = _layer_data(m, k, n, dtype, seed=7, device=TRITON_DEVICE)
     wq, ws = F.quantize_weight(w)
     y_t = F.int8_linear(x, wq, ws, b, mode="w8a16", backend="triton")
