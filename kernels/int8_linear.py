@@ -118,9 +118,12 @@ def _epilogue(acc, a_scale, w_scale, bias_ptrs, bias_mask, A_INT8: tl.constexpr,
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program's output tile, in grouped order: neighbouring programs
-    share weight columns, so they hit in L2."""
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    """Row, column and K offsets of this program's output tile, tiles in grouped order
+    (neighbouring programs share weight columns, so they hit in L2), and the int64 row/column
+    indices to read: rows and columns past the edge read row/column 0 (always valid) and are
+    never stored."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -128,7 +131,13 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     group = pid // width
     first_m = group * GROUP_M
     group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    return first_m + (pid % width) % group_size, (pid % width) // group_size
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    return offs_m, offs_n, tl.arange(0, BLOCK_K), rows, cols
 
 
 @triton.jit
@@ -156,13 +165,7 @@ def _int8_weight_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Rows and columns past the edge read row/column 0 (always valid) and are never stored.
-    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    offs_m, offs_n, offs_k, rows, cols = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
@@ -229,12 +232,7 @@ def _w8a16_gemm_swapped_kernel(
     (sm_90 SASS: STS.128 + BAR.SYNC per step). With the weight as A, wgmma takes it straight from
     registers. Token rows become wgmma's N dimension (down to 8), which also suits decode sizes.
     Untimed (bench_int8_linear.py `fastkd_w8a16_swapped`; W8A16_SWAPPED picks it)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    offs_m, offs_n, offs_k, rows, cols = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk  # (BLOCK_N, BLOCK_K)
     a_ptrs = a_ptr + rows[None, :] * stride_am + offs_k[:, None] * stride_ak  # (BLOCK_K, BLOCK_M)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
