@@ -138,6 +138,29 @@ def _is_hf_causal_lm(model: nn.Module) -> bool:
     return generative and not getattr(config, "is_encoder_decoder", False)
 
 
+def _lm_head_weight(model: nn.Module, who: str):
+    """(weight (V, H), bias or None) of a Hugging Face model's float lm head."""
+    base = getattr(model, "base_model", None)
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if base is None or base is model or type(head) is not nn.Linear:
+        raise ValueError(
+            f"fused_lm_head needs a Hugging Face language model ({who}): a base_model and an "
+            f"nn.Linear output embedding; got {type(model).__name__} with head "
+            f"{type(head).__name__} (a quantized or swapped lm head cannot be fused)"
+        )
+    return head.weight, head.bias
+
+
+def _last_hidden(out) -> Tensor:
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None and isinstance(out, Mapping):
+        hidden = out.get("last_hidden_state")
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"the base model returned {type(out).__name__} without last_hidden_state")
+    return hidden
+
+
 def _first_tensor(out) -> Tensor:
     if isinstance(out, Tensor):
         return out
@@ -232,6 +255,14 @@ class Distiller:
             dropped from the loss and the metrics). ``None`` (default): on when the student is a
             Hugging Face decoder-only generative model, whose batches carry unshifted labels;
             pass ``False`` if your labels are already aligned with the logits.
+        fused_lm_head: for Hugging Face causal language models (student and teacher): train
+            without materialising either model's logits. Each step runs the models' bodies
+            (``base_model``) and hands the last hidden states and the lm-head weights to
+            :func:`fastkd.functional.fused_linear_kd_loss`, which computes the logits chunk by
+            chunk; the loss equals the unfused one to rounding. Checked on the first batch:
+            the models' logits must be exactly ``lm_head(last hidden state)`` (no softcapping or
+            scaling). Not with ``adversarial_weight`` (which needs logits); :meth:`evaluate`
+            still computes logits (without gradients) for its metrics.
     """
 
     def __init__(
@@ -254,6 +285,7 @@ class Distiller:
         adversarial_hidden: int = 256,
         adversarial_lr: Optional[float] = None,
         shift_labels: Optional[bool] = None,
+        fused_lm_head: bool = False,
     ):
         if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
             raise TypeError("teacher and student must be torch.nn.Module instances")
@@ -289,6 +321,16 @@ class Distiller:
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise TypeError(f"shift_labels must be None or a bool, got {shift_labels!r}")
         self.shift_labels = _is_hf_causal_lm(student) if shift_labels is None else shift_labels
+        if not isinstance(fused_lm_head, bool):
+            raise TypeError(f"fused_lm_head must be a bool, got {fused_lm_head!r}")
+        self.fused_lm_head = fused_lm_head
+        self._fused_checked = False
+        if fused_lm_head:
+            if task != "classification" or self.adversarial_weight > 0:
+                raise ValueError("fused_lm_head needs task='classification' and no adversarial "
+                                 "term (the discriminator reads logits)")
+            for model, who in ((student, "student"), (teacher, "teacher")):
+                _lm_head_weight(model, who)  # raises if the model has no usable lm head
 
         if device is None:
             first = next(iter(student.parameters()), None)
@@ -324,14 +366,17 @@ class Distiller:
 
     # ------------------------------------------------------------------ pieces of a step
 
-    def _teacher_forward(self, call):
+    def _teacher_forward(self, call, raw: bool = False):
+        """call(teacher) without gradients (under autocast with teacher_autocast): its output
+        tensor, or with ``raw`` whatever call returns."""
         ctx = (
             torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
             if self._autocast_dtype is not None
             else contextlib.nullcontext()
         )
         with torch.no_grad(), ctx:
-            return _output_tensor(call(self.teacher), "teacher")
+            out = call(self.teacher)
+            return out if raw else _output_tensor(out, "teacher")
 
     def _align(self, s: Tensor, t: Tensor, target: Optional[Tensor]):
         """With shift_labels and a target: outputs at positions [0, L-1) against targets at
@@ -354,6 +399,65 @@ class Distiller:
                 or attention_mask.shape != s.shape[:-1]):
             return None
         return attention_mask != 0
+
+    def _check_fused_heads(self, batch) -> None:
+        """Once: the models' logits must be lm_head(last hidden state) (no softcapping or
+        scaling in their forward), checked on the first sequence of the first batch."""
+        one = {k: (v[:1] if isinstance(v, Tensor) and v.dim() > 0 else v)
+               for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            for model, who in ((self.student, "student"), (self.teacher, "teacher")):
+                weight, bias = _lm_head_weight(model, who)
+                was_training = model.training
+                model.eval()  # the same function twice: no dropout
+                try:
+                    logits = _output_tensor(model(**one), who).float()
+                    hidden = _last_hidden(model.base_model(**one))
+                finally:
+                    model.train(was_training)
+                fused = F.linear(hidden.to(weight.dtype), weight, bias).float()
+                tol = 1e-3 * max(logits.abs().max().item(), 1.0)
+                if logits.shape != fused.shape or (logits - fused).abs().max().item() > tol:
+                    raise ValueError(
+                        f"fused_lm_head: the {who}'s logits are not lm_head(last hidden state) "
+                        "(its forward post-processes them, e.g. softcapping or scaling); train "
+                        "it with fused_lm_head=False"
+                    )
+        self._fused_checked = True
+
+    def _fused_step_loss(self, batch, target, attention_mask) -> Tensor:
+        """The output loss of one batch through fused_linear_kd_loss (no N x V logits)."""
+        if not isinstance(batch, Mapping):
+            raise TypeError("fused_lm_head needs mapping batches (Hugging Face style)")
+        if not self._fused_checked:
+            self._check_fused_heads(batch)
+        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+        w_s, b_s = _lm_head_weight(self.student, "student")
+        w_t, b_t = _lm_head_weight(self.teacher, "teacher")
+        h_t = self._teacher_forward(lambda m: _last_hidden(m.base_model(**kwargs)), raw=True)
+        h_s = _last_hidden(self.student.base_model(**kwargs))
+        if h_t.dtype != w_t.dtype:  # a teacher under autocast: its head runs in that dtype too
+            w_t = w_t.to(h_t.dtype)
+            b_t = None if b_t is None else b_t.to(h_t.dtype)
+        if self.shift_labels and target is not None:
+            if h_s.dim() < 3 or target.shape != h_s.shape[:-1]:
+                raise ValueError(
+                    f"shift_labels pairs (batch, sequence) targets with the sequence; got "
+                    f"hidden states {tuple(h_s.shape)} and targets {tuple(target.shape)}")
+            h_s, h_t, target = h_s[..., :-1, :], h_t[..., :-1, :], target[..., 1:]
+        keep = None
+        if target is None and isinstance(attention_mask, Tensor) and (
+                attention_mask.shape == h_s.shape[:-1]):
+            keep = attention_mask != 0
+        loss = fkd_functional.fused_linear_kd_loss(
+            h_s, w_s, h_t.detach(), w_t.detach(), target, student_bias=b_s,
+            teacher_bias=None if b_t is None else b_t.detach(), temperature=self.temperature,
+            alpha=self.alpha, ignore_index=self.loss_fn.ignore_index,
+            reduction="mean" if keep is None else "none", backend=self.backend,
+        )
+        if keep is not None:
+            loss = torch.where(keep, loss, 0.0).sum() / keep.sum().clamp_min(1)
+        return loss
 
     def _check_outputs(self, s: Tensor, t: Tensor) -> None:
         if s.shape != t.shape:
@@ -532,13 +636,17 @@ class Distiller:
                     dynamic_ncols=True,
                 )
                 for batch in bar:
-                    call, target, attention_mask = _split_batch(_to_device(batch, self.device))
-                    t_out = self._teacher_forward(call)
-                    s_out = _output_tensor(call(self.student), "student")
-                    self._check_outputs(s_out, t_out)
-                    s_out, t_out, target = self._align(s_out, t_out, target)
-                    keep = self._soft_rows(s_out, target, attention_mask)
-                    loss, _ = self._output_loss(s_out, t_out, target, rows_mask=keep)
+                    batch = _to_device(batch, self.device)
+                    call, target, attention_mask = _split_batch(batch)
+                    if self.fused_lm_head:
+                        loss = self._fused_step_loss(batch, target, attention_mask)
+                    else:
+                        t_out = self._teacher_forward(call)
+                        s_out = _output_tensor(call(self.student), "student")
+                        self._check_outputs(s_out, t_out)
+                        s_out, t_out, target = self._align(s_out, t_out, target)
+                        keep = self._soft_rows(s_out, target, attention_mask)
+                        loss, _ = self._output_loss(s_out, t_out, target, rows_mask=keep)
                     if s_cap is not None:
                         s_feats, t_feats = s_cap.take(), t_cap.take()
                         if self.hint_projections is None:

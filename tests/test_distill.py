@@ -424,3 +424,62 @@ def test_shift_labels_detection_across_model_types():
     ]
     for model, expected in cases:
         assert _is_hf_causal_lm(model) is expected, type(model).__name__
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_fused_lm_head_trains_like_the_unfused_loss(with_labels):
+    # fused_lm_head never materialises the logits: the same batches from the same initial
+    # weights must give the same losses and the same trained student, to rounding
+    teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
+    batches = _lm_batches(seed=5)
+    if not with_labels:  # padded batches without labels: the attention_mask decides
+        for b in batches:
+            mask = torch.ones_like(b["input_ids"])
+            mask[0, 8:] = 0
+            b["attention_mask"] = mask
+            del b["labels"]
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        s = copy.deepcopy(student)
+        # SGD: Adam's normalisation would turn rounding-level gradients into full-size steps
+        d = Distiller(teacher, s, temperature=2.0, alpha=0.4, progress=False, backend="torch",
+                      optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+                      fused_lm_head=fused)
+        head_calls = []
+        s.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+        history = d.fit(batches, epochs=2)
+        # fused: the lm head module runs once, in the first-batch check, never in a step
+        assert len(head_calls) == (1 if fused else 2 * len(batches))
+        runs.append(([h["train_loss"] for h in history], s.state_dict()))
+    (loss_a, state_a), (loss_b, state_b) = runs
+    assert not torch.equal(state_a["lm_head.weight"], student.state_dict()["lm_head.weight"])
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-6)
+    for name in state_a:
+        torch.testing.assert_close(state_b[name], state_a[name], rtol=1e-3, atol=1e-5,
+                                   msg=name)
+
+
+def test_fused_lm_head_refuses_what_it_cannot_fuse():
+    teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
+    with pytest.raises(ValueError, match="Hugging Face language model"):
+        Distiller(_mlp(20, 32, 5, 0), _mlp(20, 8, 5, 1), fused_lm_head=True, progress=False)
+    quantized = copy.deepcopy(student)
+    fastkd.quantize_(quantized, filter_fn=lambda m, n: n == "lm_head")
+    with pytest.raises(ValueError, match="cannot be fused"):
+        Distiller(teacher, quantized, fused_lm_head=True, progress=False)
+    with pytest.raises(ValueError, match="adversarial"):
+        Distiller(teacher, student, fused_lm_head=True, adversarial_weight=0.1, progress=False)
+    # a model whose forward post-processes its logits (as softcapping does) is caught at once
+    capped = copy.deepcopy(student)
+    forward = capped.forward
+
+    def softcapped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = 5.0 * torch.tanh(out.logits / 5.0)
+        return out
+
+    capped.forward = softcapped
+    d = Distiller(teacher, capped, fused_lm_head=True, progress=False, backend="torch")
+    with pytest.raises(ValueError, match="post-processes"):
+        d.fit(_lm_batches(), epochs=1)
