@@ -127,8 +127,9 @@ def _compressed_layers(model: nn.Module) -> dict:
     return out
 
 
-# Widths that fastkd.shrink_ changes on attention modules (BERT-style and grouped-query).
-_SHRUNK_ATTRIBUTES = ("num_attention_heads", "all_head_size", "num_heads", "num_key_value_heads")
+# Widths that fastkd.shrink_ changes on attention modules (BERT-style, grouped-query, GPT-2).
+_SHRUNK_ATTRIBUTES = ("num_attention_heads", "all_head_size", "num_heads", "num_key_value_heads",
+                      "split_size")
 
 
 def _shapes(model: nn.Module) -> dict:

@@ -9,6 +9,7 @@ connected, so the result is a smaller dense model that computes the same functio
 * Hugging Face BERT-style blocks: ``intermediate.dense`` (+ activation) -> ``output.dense``;
 * LLaMA-style gated MLPs: ``gate_proj``, ``up_proj`` -> ``down_proj`` (``act(gate) * up``);
 * GPT-2-style MLPs of Hugging Face ``Conv1D`` layers: ``c_fc`` (+ activation) -> ``c_proj``;
+* GPT-2-style attention heads (``c_attn`` packing q, k and v, then ``c_proj``);
 * attention heads: BERT-style self-attention (through the model's own ``prune_heads`` when the
   installed transformers has it, otherwise by slicing query/key/value/output the same way) and
   LLaMA-style grouped-query attention (whole key/value groups with their query heads).
@@ -280,6 +281,34 @@ def _shrink_conv1d_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
     return True
 
 
+def _shrink_conv1d_attention(attn: nn.Module, report: list, prefix: str) -> bool:
+    """GPT-2-style self-attention: one Conv1D ``c_attn`` packing q, k and v (``split_size``
+    columns each, ``num_heads`` heads of ``head_dim``), and ``c_proj``."""
+    qkv, proj = getattr(attn, "c_attn", None), getattr(attn, "c_proj", None)
+    if not (is_hf_conv1d(qkv) and is_hf_conv1d(proj)) or getattr(attn, "is_cross_attention", False):
+        return False
+    n_heads, hd = getattr(attn, "num_heads", None), getattr(attn, "head_dim", None)
+    split = getattr(attn, "split_size", None)
+    if not all(isinstance(v, int) and v > 0 for v in (n_heads, hd, split)) or n_heads * hd != split:
+        return False
+    if qkv.weight.shape[1] != 3 * split or proj.weight.shape[0] != split or qkv.bias is None:
+        return False
+    # A head adds nothing when its value columns (and bias) are zero, or when c_proj's input rows
+    # for it are zero; its query and key columns go with it.
+    w, b = qkv.weight.detach(), qkv.bias.detach()
+    v_zero = (w[:, 2 * split:] == 0).all(dim=0) & (b[2 * split:] == 0)
+    keep = _head_keep(n_heads, hd, v_zero, (proj.weight.detach() == 0).all(dim=1))
+    n_keep = int(keep.sum())
+    if n_keep in (0, n_heads):
+        return True
+    keep_feat = keep.repeat_interleave(hd)
+    attn.c_attn = _slice_conv1d(qkv, keep_feat.repeat(3), 0)
+    attn.c_proj = _slice_conv1d(proj, keep_feat, 1)
+    attn.num_heads, attn.split_size = n_keep, n_keep * hd
+    report.append((f"{prefix}heads", n_heads, n_keep))
+    return True
+
+
 def _head_keep(n_heads: int, head_dim: int, rows_zero: Tensor, cols_zero: Tensor) -> Tensor:
     dead = rows_zero.reshape(n_heads, head_dim).all(1) | cols_zero.reshape(n_heads, head_dim).all(1)
     return ~dead
@@ -355,6 +384,7 @@ _PATTERNS: list = [
     _shrink_gated_mlp,
     _shrink_bert_mlp,
     _shrink_conv1d_mlp,
+    _shrink_conv1d_attention,
 ]
 
 

@@ -172,3 +172,31 @@ def test_weights_on_the_meta_device_get_a_clear_error():
         fastkd.share_weights_(meta, bits=4)
     fastkd.quantize_(meta)  # shapes only: fine on meta, filled by load_state_dict later
     assert type(meta[0]) is Int8Linear and meta[0].weight.is_meta
+
+
+def test_shrink_removes_dead_gpt2_heads_and_the_checkpoint_round_trips(tmp_path):
+    model = _gpt2(seed=7)  # 2 heads of 24 per block
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        attn0 = model.transformer.h[0].attn
+        attn0.c_attn.weight[:, 96 + 24:] = 0  # head 1's value columns (v = columns 96..143)
+        attn0.c_attn.bias[96 + 24:] = 0
+        model.transformer.h[1].attn.c_proj.weight[:24] = 0  # head 0 reaches nothing
+        masked = model(ids).logits
+    report = fastkd.shrink_(model)
+    heads = {where: (before, after) for where, before, after in report if "heads" in where}
+    assert heads == {"transformer.h.0.attn.heads": (2, 1), "transformer.h.1.attn.heads": (2, 1)}
+    attn0 = model.transformer.h[0].attn
+    assert attn0.c_attn.weight.shape == (48, 72) and attn0.c_proj.weight.shape == (24, 48)
+    assert (attn0.num_heads, attn0.split_size) == (1, 24)
+    with torch.no_grad():
+        shrunk = model(ids).logits
+        torch.testing.assert_close(shrunk, masked, rtol=1e-5, atol=1e-5)
+        generated = model.generate(ids, max_new_tokens=3, do_sample=False,
+                                   attention_mask=torch.ones_like(ids), pad_token_id=0)
+    assert generated.shape == (2, 12)  # the cache copes with per-layer head counts
+    fastkd.save_compressed(model, tmp_path / "heads")
+    skeleton = _gpt2(seed=8)
+    fastkd.load_compressed(skeleton, tmp_path / "heads")
+    with torch.no_grad():
+        assert torch.equal(skeleton(ids).logits, shrunk)
