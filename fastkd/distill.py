@@ -261,8 +261,8 @@ class Distiller:
             :func:`fastkd.functional.fused_linear_kd_loss`, which computes the logits chunk by
             chunk; the loss equals the unfused one to rounding. Checked on the first batch:
             the models' logits must be exactly ``lm_head(last hidden state)`` (no softcapping or
-            scaling). Not with ``adversarial_weight`` (which needs logits); :meth:`evaluate`
-            still computes logits (without gradients) for its metrics.
+            scaling). Not with ``adversarial_weight`` (which needs logits). :meth:`evaluate`
+            computes the logits a bounded chunk of rows at a time for its metrics.
     """
 
     def __init__(
@@ -425,8 +425,9 @@ class Distiller:
                     )
         self._fused_checked = True
 
-    def _fused_step_loss(self, batch, target, attention_mask) -> Tensor:
-        """The output loss of one batch through fused_linear_kd_loss (no N x V logits)."""
+    def _fused_inputs(self, batch, target, attention_mask):
+        """What fused_linear_kd_loss takes for one batch: (student hidden, weight, bias, teacher
+        hidden, weight, bias, target, rows to count or None), shifted as in the unfused path."""
         if not isinstance(batch, Mapping):
             raise TypeError("fused_lm_head needs mapping batches (Hugging Face style)")
         if not self._fused_checked:
@@ -449,15 +450,40 @@ class Distiller:
         if target is None and isinstance(attention_mask, Tensor) and (
                 attention_mask.shape == h_s.shape[:-1]):
             keep = attention_mask != 0
+        b_t = None if b_t is None else b_t.detach()
+        return h_s, w_s, b_s, h_t.detach(), w_t.detach(), b_t, target, keep
+
+    def _fused_step_loss(self, batch, target, attention_mask) -> Tensor:
+        """The output loss of one batch through fused_linear_kd_loss (no N x V logits)."""
+        h_s, w_s, b_s, h_t, w_t, b_t, target, keep = self._fused_inputs(batch, target,
+                                                                         attention_mask)
         loss = fkd_functional.fused_linear_kd_loss(
-            h_s, w_s, h_t.detach(), w_t.detach(), target, student_bias=b_s,
-            teacher_bias=None if b_t is None else b_t.detach(), temperature=self.temperature,
-            alpha=self.alpha, ignore_index=self.loss_fn.ignore_index,
+            h_s, w_s, h_t, w_t, target, student_bias=b_s, teacher_bias=b_t,
+            temperature=self.temperature, alpha=self.alpha,
+            ignore_index=self.loss_fn.ignore_index,
             reduction="mean" if keep is None else "none", backend=self.backend,
         )
         if keep is not None:
             loss = torch.where(keep, loss, 0.0).sum() / keep.sum().clamp_min(1)
         return loss
+
+    def _fused_eval_chunks(self, batch, target, attention_mask):
+        """Evaluation in fused mode: (student logits, teacher logits, target, keep) for bounded
+        chunks of rows, so no batch-sized N x V tensor exists at once."""
+        from ._fused_linear_kd import default_chunk_rows
+
+        h_s, w_s, b_s, h_t, w_t, b_t, target, keep = self._fused_inputs(batch, target,
+                                                                         attention_mask)
+        h_s, h_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
+        target = None if target is None else target.reshape(-1)
+        keep = None if keep is None else keep.reshape(-1)
+        n_rows = h_s.shape[0]
+        step = default_chunk_rows(n_rows, w_s.shape[0])
+        for r0 in range(0, n_rows, step):
+            r1 = min(n_rows, r0 + step)
+            yield (F.linear(h_s[r0:r1], w_s, b_s), F.linear(h_t[r0:r1], w_t, b_t),
+                   None if target is None else target[r0:r1],
+                   None if keep is None else keep[r0:r1])
 
     def _check_outputs(self, s: Tensor, t: Tensor) -> None:
         if s.shape != t.shape:
@@ -730,28 +756,34 @@ class Distiller:
         batches = 0
         try:
             for batch in loader:
-                call, target, attention_mask = _split_batch(_to_device(batch, self.device))
-                t_out = self._teacher_forward(call)
-                s_out = _output_tensor(call(self.student), "student")
-                self._check_outputs(s_out, t_out)
-                s_out, t_out, target = self._align(s_out, t_out, target)
-                keep = self._soft_rows(s_out, target, attention_mask)
-                total, n = self._output_loss(s_out, t_out, target, reduction="sum",
-                                             rows_mask=keep)
-                loss_sum += total.double()
-                count += n
+                batch = _to_device(batch, self.device)
+                call, target, attention_mask = _split_batch(batch)
+                if self.fused_lm_head:
+                    pieces = self._fused_eval_chunks(batch, target, attention_mask)
+                else:
+                    t_out = self._teacher_forward(call)
+                    s_out = _output_tensor(call(self.student), "student")
+                    self._check_outputs(s_out, t_out)
+                    s_out, t_out, target = self._align(s_out, t_out, target)
+                    pieces = [(s_out, t_out, target,
+                               self._soft_rows(s_out, target, attention_mask))]
+                for s_out, t_out, target, keep in pieces:
+                    total, n = self._output_loss(s_out, t_out, target, reduction="sum",
+                                                 rows_mask=keep)
+                    loss_sum += total.double()
+                    count += n
+                    if self.task == "classification":
+                        pred = s_out.argmax(-1)
+                        same = pred == t_out.argmax(-1)
+                        agree += (same & keep).sum() if keep is not None else same.sum()
+                        rows += keep.sum() if keep is not None else pred.numel()
+                        if target is not None:
+                            valid = target != self.loss_fn.ignore_index
+                            correct += ((pred == target) & valid).sum()
+                            labelled += valid.sum()
                 batches += 1
                 if s_cap is not None:
                     hint_sum += self._hint_loss(s_cap.take(), t_cap.take()).double()
-                if self.task == "classification":
-                    pred = s_out.argmax(-1)
-                    same = pred == t_out.argmax(-1)
-                    agree += (same & keep).sum() if keep is not None else same.sum()
-                    rows += keep.sum() if keep is not None else pred.numel()
-                    if target is not None:
-                        valid = target != self.loss_fn.ignore_index
-                        correct += ((pred == target) & valid).sum()
-                        labelled += valid.sum()
         finally:
             if s_cap is not None:
                 s_cap.remove()

@@ -483,3 +483,26 @@ def test_fused_lm_head_refuses_what_it_cannot_fuse():
     d = Distiller(teacher, capped, fused_lm_head=True, progress=False, backend="torch")
     with pytest.raises(ValueError, match="post-processes"):
         d.fit(_lm_batches(), epochs=1)
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_fused_lm_head_evaluate_matches_the_unfused_metrics(monkeypatch, with_labels):
+    # fused evaluation computes the logits a chunk of rows at a time (7 rows here, so every
+    # batch takes several chunks): loss, agreement and accuracy must not change
+    import fastkd._fused_linear_kd as fused_module
+
+    monkeypatch.setattr(fused_module, "default_chunk_rows", lambda n_rows, n_classes: 7)
+    teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
+    batches = _lm_batches(seed=9)
+    if not with_labels:
+        for b in batches:
+            b["attention_mask"] = (torch.arange(12) < 10).long().expand(4, 12).clone()
+            del b["labels"]
+    metrics = [Distiller(teacher, student, temperature=2.0, alpha=0.3, progress=False,
+                         backend="torch", fused_lm_head=fused).evaluate(batches)
+               for fused in (False, True)]
+    assert metrics[0].keys() == metrics[1].keys()
+    assert ("accuracy" in metrics[0]) == with_labels
+    for key in metrics[0]:
+        torch.testing.assert_close(metrics[1][key], metrics[0][key], rtol=1e-5, atol=1e-7,
+                                   msg=key)
