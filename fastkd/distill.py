@@ -425,6 +425,15 @@ class Distiller:
                     )
         self._fused_checked = True
 
+    def _outputs(self, call, target, attention_mask):
+        """Both models' outputs for one batch, paired with the targets (shift_labels) and the
+        rows that count: (student output, teacher output, target, rows mask or None)."""
+        t_out = self._teacher_forward(call)
+        s_out = _output_tensor(call(self.student), "student")
+        self._check_outputs(s_out, t_out)
+        s_out, t_out, target = self._align(s_out, t_out, target)
+        return s_out, t_out, target, self._soft_rows(s_out, target, attention_mask)
+
     def _fused_inputs(self, batch, target, attention_mask):
         """What fused_linear_kd_loss takes for one batch: (student hidden, weight, bias, teacher
         hidden, weight, bias, target, rows to count or None), shifted as in the unfused path."""
@@ -667,11 +676,7 @@ class Distiller:
                     if self.fused_lm_head:
                         loss = self._fused_step_loss(batch, target, attention_mask)
                     else:
-                        t_out = self._teacher_forward(call)
-                        s_out = _output_tensor(call(self.student), "student")
-                        self._check_outputs(s_out, t_out)
-                        s_out, t_out, target = self._align(s_out, t_out, target)
-                        keep = self._soft_rows(s_out, target, attention_mask)
+                        s_out, t_out, target, keep = self._outputs(call, target, attention_mask)
                         loss, _ = self._output_loss(s_out, t_out, target, rows_mask=keep)
                     if s_cap is not None:
                         s_feats, t_feats = s_cap.take(), t_cap.take()
@@ -761,12 +766,7 @@ class Distiller:
                 if self.fused_lm_head:
                     pieces = self._fused_eval_chunks(batch, target, attention_mask)
                 else:
-                    t_out = self._teacher_forward(call)
-                    s_out = _output_tensor(call(self.student), "student")
-                    self._check_outputs(s_out, t_out)
-                    s_out, t_out, target = self._align(s_out, t_out, target)
-                    pieces = [(s_out, t_out, target,
-                               self._soft_rows(s_out, target, attention_mask))]
+                    pieces = [self._outputs(call, target, attention_mask)]
                 for s_out, t_out, target, keep in pieces:
                     total, n = self._output_loss(s_out, t_out, target, reduction="sum",
                                                  rows_mask=keep)
