@@ -143,8 +143,9 @@ def _baselines(k: int, n: int, w_bf16, bias, wq, ws, device, backend: str) -> di
 
 
 def run(device: str = "cuda", quick: bool = False, *, m_values=None, kn_shapes=None,
-        dtype: torch.dtype = torch.bfloat16) -> list:
-    """One record per (K, N, M, implementation); the `python -m fastkd bench` hook."""
+        dtype: torch.dtype = torch.bfloat16, after_shape=None) -> list:
+    """One record per (K, N, M, implementation); the `python -m fastkd bench` hook.
+    ``after_shape(rows)``, if given, is called with the records so far after each (K, N)."""
     import fastkd.functional as F
     from fastkd.kernels import int8_linear as kern
 
@@ -204,6 +205,8 @@ def run(device: str = "cuda", quick: bool = False, *, m_values=None, kn_shapes=N
                         print(f"K={k:>6} N={n:>6} M={m:>5} {name:<18} {row['ms']:.4f} ms "
                               f"x{row['speedup_vs_bf16'] or 0:.2f} vs bf16  "
                               f"err {row['max_rel_err']:.2e}", flush=True)
+        if after_shape is not None:
+            after_shape(rows)
     for name, why in skipped_all.items():
         rows.append({"op": "int8_linear", "impl": name, "dtype": str(dtype)[6:],
                      "device": device.type, "error": f"skipped: {why}"})
@@ -261,8 +264,24 @@ def main(argv=None) -> int:
     if args.smoke:
         args.device, args.quick = "cpu", True
 
-    records = run(args.device, args.quick, m_values=args.m or None)
     on_cuda = torch.device(args.device).type == "cuda"
+
+    def extra(targets, partial):
+        return {
+            "benchmark": "int8_linear",
+            "versions": _versions(),
+            "timing": "triton.testing.do_bench median (p20, p80)" if on_cuda
+            else "perf_counter median of 5 (CPU smoke: not a measurement)",
+            "what_is_timed": "the whole layer: activation quantization, GEMM, scaling, bias, cast",
+            "targets": targets,
+            "partial": partial,
+        }
+
+    def save_so_far(rows):  # a run cut short by a time limit still leaves its finished shapes
+        if args.out:
+            common.write_json(list(rows), args.out, extra(check_targets(rows), True))
+
+    records = run(args.device, args.quick, m_values=args.m or None, after_shape=save_so_far)
     targets = check_targets(records)
     common.print_table(records, ["impl", "M", "K", "N", "dtype", "ms", "ms_p20", "ms_p80",
                                  "speedup_vs_bf16", "GBps", "TFLOPs", "weight_mem_vs_bf16",
@@ -270,15 +289,7 @@ def main(argv=None) -> int:
     for key, val in targets.items():
         print(f"{key}: {common._fmt(val)}")
     if args.out:
-        extra = {
-            "benchmark": "int8_linear",
-            "versions": _versions(),
-            "timing": "triton.testing.do_bench median (p20, p80)" if on_cuda
-            else "perf_counter median of 5 (CPU smoke: not a measurement)",
-            "what_is_timed": "the whole layer: activation quantization, GEMM, scaling, bias, cast",
-            "targets": targets,
-        }
-        print("wrote", common.write_json(records, args.out, extra))
+        print("wrote", common.write_json(records, args.out, extra(targets, False)))
     return 0
 
 

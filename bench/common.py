@@ -103,8 +103,10 @@ def is_oom(exc: BaseException) -> bool:
 def write_json(records: list, path: str, extra: dict | None = None) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {"environment": environment(), **(extra or {}), "results": records}
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:  # then rename: a run killed mid-write leaves the previous file
         json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
     return path
 
 
