@@ -394,7 +394,7 @@ class Distiller:
         """Which output rows count when a classification batch has no target: those its
         attention_mask keeps, when the mask is per output row (a sequence model's padding);
         None (every row) otherwise. With a target, ignore_index marks the rows instead."""
-        if (self.task != "classification" or target is not None or attention_mask is None
+        if (self.task != "classification" or target is not None
                 or not isinstance(attention_mask, Tensor)
                 or attention_mask.shape != s.shape[:-1]):
             return None
@@ -449,16 +449,9 @@ class Distiller:
         if h_t.dtype != w_t.dtype:  # a teacher under autocast: its head runs in that dtype too
             w_t = w_t.to(h_t.dtype)
             b_t = None if b_t is None else b_t.to(h_t.dtype)
-        if self.shift_labels and target is not None:
-            if h_s.dim() < 3 or target.shape != h_s.shape[:-1]:
-                raise ValueError(
-                    f"shift_labels pairs (batch, sequence) targets with the sequence; got "
-                    f"hidden states {tuple(h_s.shape)} and targets {tuple(target.shape)}")
-            h_s, h_t, target = h_s[..., :-1, :], h_t[..., :-1, :], target[..., 1:]
-        keep = None
-        if target is None and isinstance(attention_mask, Tensor) and (
-                attention_mask.shape == h_s.shape[:-1]):
-            keep = attention_mask != 0
+        # hidden states pair with targets and masks position by position, as logits do
+        h_s, h_t, target = self._align(h_s, h_t, target)
+        keep = self._soft_rows(h_s, target, attention_mask)
         b_t = None if b_t is None else b_t.detach()
         return h_s, w_s, b_s, h_t.detach(), w_t.detach(), b_t, target, keep
 
