@@ -11,16 +11,25 @@ p(x) crowd the centre and leave the tails to a few wide clusters, so Lloyd stall
 In 1-D a cluster is a contiguous run of the sorted values, so each row is sorted once and every
 Lloyd step is a ``searchsorted`` of the centroid midpoints plus prefix-sum differences: all rows of a
 layer at once, without a (weights x clusters) distance matrix, cheap enough to run to convergence.
+
+Calibrated assignment (``share_weights_(..., calibration=...)``): with the codebook from k-means,
+the indices are chosen column by column as in GPTQ (Frantar et al. 2023; GPTVQ applies it to
+codebooks): each input column is rounded to its nearest centroid and the rounding error, weighted
+by the inverse of the input second moment H = E[x x^T] over calibration inputs, is pushed onto the
+columns not yet rounded, so that the layer's output error on such inputs shrinks rather than its
+weight error. Columns go in decreasing order of E[x_i^2]. H is damped by ``damp`` times its mean
+diagonal; ``damp`` -> infinity gives back plain nearest-centroid rounding.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import warnings
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["kmeans_1d", "share_weights_"]
+__all__ = ["kmeans_1d", "calibrated_assign", "share_weights_"]
 
 
 def kmeans_1d(
@@ -91,12 +100,117 @@ def _assign(v: Tensor, cent: Tensor) -> Tensor:
     return torch.searchsorted(mids.contiguous(), v.contiguous())
 
 
+def _check_damp(damp) -> None:
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < float("inf"):
+        raise ValueError(f"damp must be a positive finite number, got {damp!r}")
+
+
+def calibrated_assign(
+    weight: Tensor, cent: Tensor, moment: Tensor, keep: Tensor, damp: float = 1.0,
+    block: int = 128,
+) -> Tensor:
+    """Indices into ``cent`` for ``weight`` that minimise the output error on calibration inputs.
+
+    weight (N, K); cent (R, k) sorted centroids with R = N (per row) or 1 (shared by all rows);
+    moment (K, K) = E[x x^T] of the layer's inputs; keep (N, K) bool, False where the weight is
+    pruned. Returns (N, K) int64 in [0, k), or -1 where ``keep`` is False (those weights stay 0:
+    their value still counts as rounding error, spread over the columns after them). See the
+    module docstring; the columns are processed in blocks of ``block`` with one rank-``block``
+    update of the remaining columns per block.
+    """
+    n, kdim = weight.shape
+    if cent.dim() != 2 or cent.shape[0] not in (1, n):
+        raise ValueError(f"cent must be (1, k) or ({n}, k), got {tuple(cent.shape)}")
+    if moment.shape != (kdim, kdim):
+        raise ValueError(f"moment must be ({kdim}, {kdim}), got {tuple(moment.shape)}")
+    _check_damp(damp)
+    h = moment.detach().double().clone()
+    if not torch.isfinite(h).all():
+        raise ValueError("the calibration inputs' second moment is not finite (inf/NaN activations)")
+    w = weight.detach().double().clone()
+    keep = keep.to(w.device)
+    diag = h.diagonal()
+    dead = diag <= 0  # inputs that were always 0: no error can reach the output through them
+    live_mean = diag[~dead].mean() if bool((~dead).any()) else torch.ones((), dtype=h.dtype)
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    diag[dead] = live_mean
+    order = torch.argsort(diag, descending=True, stable=True)
+    w, keep = w[:, order], keep[:, order]
+    h = h[order][:, order]
+    h.diagonal().add_(damp * live_mean)
+    # upper Cholesky factor of H^-1: row j holds the updates that column j's error causes
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    cent = cent.detach().double()
+    mids = ((cent[:, 1:] + cent[:, :-1]) * 0.5).contiguous()
+    idx = torch.empty(n, kdim, dtype=torch.long, device=w.device)
+    for b0 in range(0, kdim, block):
+        b1 = min(b0 + block, kdim)
+        err = torch.empty(n, b1 - b0, dtype=w.dtype, device=w.device)
+        for j in range(b0, b1):
+            col = w[:, j]
+            if cent.shape[0] == 1:
+                i = torch.searchsorted(mids[0], col.contiguous())
+                q = cent[0][i]
+            else:
+                i = torch.searchsorted(mids, col[:, None].contiguous())[:, 0]
+                q = cent.gather(1, i[:, None])[:, 0]
+            q = torch.where(keep[:, j], q, 0.0)
+            idx[:, j] = torch.where(keep[:, j], i, -1)
+            e = (col - q) / u[j, j]
+            w[:, j + 1:b1] -= e[:, None] * u[j, j + 1:b1][None, :]
+            err[:, j - b0] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return idx[:, torch.argsort(order)]
+
+
+def _input_moments(model: nn.Module, targets, calibration) -> dict:
+    """E[x x^T] (float64, on each layer's device) of the inputs each target layer receives while
+    ``calibration`` runs: a callable given the model, or an iterable of batches (a tensor is
+    passed as ``model(batch)``, a tuple/list as ``model(*batch)``, a dict as ``model(**batch)``).
+    The model runs in eval mode under ``torch.no_grad()``; its train/eval flags are restored."""
+    sums: dict = {}
+
+    def hook(name):
+        def fn(mod, args, out):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            acc = x.T @ x
+            s, cnt = sums.get(name, (0, 0))
+            sums[name] = (acc.double() + s, cnt + x.shape[0])
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in targets]
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            if callable(calibration):
+                calibration(model)
+            else:
+                for batch in calibration:
+                    if isinstance(batch, dict):
+                        model(**batch)
+                    elif isinstance(batch, (tuple, list)):
+                        model(*batch)
+                    else:
+                        model(batch)
+    finally:
+        for hd in handles:
+            hd.remove()
+        for m, t in flags:
+            m.training = t
+    return {n: s / cnt for n, (s, cnt) in sums.items() if cnt > 0}
+
+
 def share_weights_(
     model: nn.Module,
     bits: int = 4,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     per_channel: bool = False,
     iters: int = 100,
+    calibration: Any = None,
+    damp: float = 1.0,
 ) -> dict:
     """Replace every ``nn.Linear`` (or those ``filter_fn(module, name)`` accepts, as in
     ``quantize_`` and ``sparsify_``) by a
@@ -105,6 +219,18 @@ def share_weights_(
 
     Returns ``{"bytes_before", "bytes_after", "layers": {name: (before, after)}}`` counting weight,
     bias, index and codebook bytes of the replaced layers.
+
+    ``calibration`` (optional): representative inputs, as a callable that runs the model (e.g.
+    ``lambda m: m.encode(sentences)``) or an iterable of batches (tensor -> ``model(b)``, tuple ->
+    ``model(*b)``, dict -> ``model(**b)``). The codebooks are still k-means over the weights; the
+    indices are then chosen to minimise each layer's output error on those inputs (GPTQ-style, see
+    the module docstring), with ``damp`` (> 0, relative to the mean of E[x_i^2]) regularising
+    towards plain rounding: 1.0 was best on held-out sentences with 16 to 256 calibration sentences
+    (bench/notes_shared_linear.md); use less with much more data. All layers' statistics come
+    from one pass of the float model and take in_features^2 x 8 bytes per layer; to bound that
+    memory, or to calibrate later layers on the already-shared earlier ones, call share_weights_
+    several times with filters. A layer the calibration never runs keeps plain rounding and is
+    listed under ``"uncalibrated"`` (with a warning).
     """
     from .nn._linear_like import is_replaceable_linear
     from .nn.shared_linear import SharedLinear
@@ -117,9 +243,29 @@ def share_weights_(
                if is_replaceable_linear(m) and (filter_fn is None or filter_fn(m, n))]
     if is_replaceable_linear(model) and any(n == "" for n, _ in targets):
         raise ValueError("share_weights_ replaces submodules; wrap a bare nn.Linear in a module")
+    moments, uncalibrated = {}, []
+    if calibration is not None:
+        _check_damp(damp)
+        if isinstance(calibration, torch.Tensor):
+            raise TypeError("calibration: pass a list of batches ([tensor]) or a callable taking "
+                            "the model, not a bare tensor (it would be iterated row by row)")
+        if not (callable(calibration) or hasattr(calibration, "__iter__")):
+            raise TypeError("calibration must be a callable taking the model, or an iterable of "
+                            f"batches, got {type(calibration).__name__}")
+        moments = _input_moments(model, targets, calibration)
+        for n, h in moments.items():  # before any layer is replaced
+            if not torch.isfinite(h).all():
+                raise ValueError(f"the calibration inputs of {n!r} are not finite (inf/NaN "
+                                 "activations); their second moment cannot weigh the error")
+        uncalibrated = [n for n, _ in targets if n not in moments]
+        if uncalibrated:
+            warnings.warn(f"share_weights_: the calibration never ran {len(uncalibrated)} layer(s) "
+                          f"({', '.join(uncalibrated[:3])}{', ...' if len(uncalibrated) > 3 else ''}); "
+                          "they keep nearest-centroid rounding", stacklevel=2)
     layers = {}
     for name, lin in targets:
-        shared = SharedLinear.from_linear(lin, bits=bits, per_channel=per_channel, iters=iters)
+        shared = SharedLinear.from_linear(lin, bits=bits, per_channel=per_channel, iters=iters,
+                                          input_moment=moments.get(name), damp=damp)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, shared)
         before = sum(p.numel() * p.element_size() for p in lin.parameters())
@@ -128,4 +274,5 @@ def share_weights_(
         "bytes_before": sum(b for b, _ in layers.values()),
         "bytes_after": sum(a for _, a in layers.values()),
         "layers": layers,
+        **({"uncalibrated": uncalibrated} if calibration is not None else {}),
     }

@@ -52,11 +52,15 @@ class SharedLinear(nn.Module):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, bits: int = 4, per_channel: bool = False, iters: int = 100,
-        backend: str = "auto",
+        backend: str = "auto", input_moment=None, damp: float = 1.0,
     ) -> "SharedLinear":
         """Cluster ``linear``'s weights with k-means (zeros kept as the fixed cluster 0).
-        ``linear`` is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's layers)."""
-        from ..sharing import kmeans_1d
+        ``linear`` is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's layers).
+
+        ``input_moment`` (optional, ``(in_features, in_features)``): E[x x^T] of the layer's
+        inputs on calibration data; the indices are then chosen for output error rather than
+        weight error (``fastkd.sharing.calibrated_assign``, damped by ``damp``)."""
+        from ..sharing import calibrated_assign, kmeans_1d
 
         linear = as_linear(linear, "SharedLinear.from_linear")
         w = linear.weight.detach()
@@ -71,7 +75,10 @@ class SharedLinear(nn.Module):
         rows = w.float() if per_channel else w.float().reshape(1, -1)
         nonzero = rows != 0
         cent, assign = kmeans_1d(rows, k, valid=nonzero, iters=iters)
-        idx = torch.where(nonzero, assign + 1, torch.zeros_like(assign)).reshape(w.shape)
+        if input_moment is None:
+            idx = torch.where(nonzero, assign + 1, torch.zeros_like(assign)).reshape(w.shape)
+        else:
+            idx = calibrated_assign(w, cent, input_moment.to(w.device), w != 0, damp=damp) + 1
         cb = torch.cat([torch.zeros_like(cent[:, :1]), cent], dim=1)
         with torch.no_grad():
             out.codebook.copy_(cb if per_channel else cb[0])

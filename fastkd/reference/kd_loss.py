@@ -272,11 +272,17 @@ def kd_loss_backward(
     Returned in the student's dtype, shape (N, V).
     """
     n_rows, n_cols = student.shape
-    grad = torch.empty_like(student)
     inv_t = 1.0 / temperature
     c_kl = temperature if target is None else alpha * temperature
     c_ce = 1.0 - alpha
     step = _row_chunk(n_rows, n_cols)
+    if divergence == "kl" and step >= n_rows and n_rows * n_cols <= _SMALL_ELEMENTS:
+        # one small chunk: its fp32 gradient is the answer, no (N, V) buffer to fill
+        valid, safe = _valid_rows(target, ignore_index, 0, n_rows)
+        g = _kl_backward_small(student, teacher, grad_rows.float(), valid, safe, temperature,
+                               c_kl, c_ce)
+        return g.to(student.dtype)
+    grad = torch.empty_like(student)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         st = stats[r0:r1]
@@ -287,11 +293,8 @@ def kd_loss_backward(
                                safe, inv_t, c_kl, c_ce)
             continue
         if divergence == "kl":
-            g = _kl_backward_small(student[r0:r1], teacher[r0:r1], scale, valid, safe,
-                                   temperature, c_kl, c_ce)
-            if step >= n_rows and grad.dtype == torch.float32:
-                return g
-            grad[r0:r1] = g
+            grad[r0:r1] = _kl_backward_small(student[r0:r1], teacher[r0:r1], scale, valid, safe,
+                                             temperature, c_kl, c_ce)
             continue
         s = student[r0:r1].float()
         t = teacher[r0:r1].float()
