@@ -202,15 +202,25 @@ def fused_linear_kd_loss(
 
     Returns:
         fp32 loss (scalar, or ``(...)`` with ``reduction="none"``), equal within rounding to the
-        unfused lm-head + ``kd_loss``. The logits are computed in the hidden states' dtype.
+        unfused lm-head + ``kd_loss``. The logits are computed in the hidden states' dtype; inside
+        ``torch.autocast`` hidden states, weights and biases are cast to the autocast dtype first,
+        as the lm-head ``F.linear`` would be (gradients reach fp32 weights in fp32).
     """
-    from .functional import KD_LOSS_BACKENDS, check_divergence
+    from .functional import KD_LOSS_BACKENDS, _autocast_dtype, check_divergence
 
     for x, name in ((student_hidden, "student_hidden"), (student_weight, "student_weight"),
                     (teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight")):
         check_tensor(x, name)
         check_float_dtype(x, name)
         check_same_device(student_hidden, x, "student_hidden", name)
+    low = _autocast_dtype(student_hidden)
+    if low is not None:
+        student_hidden, student_weight = student_hidden.to(low), student_weight.to(low)
+        teacher_hidden, teacher_weight = teacher_hidden.to(low), teacher_weight.to(low)
+        student_bias, teacher_bias = (
+            b.to(low) if isinstance(b, Tensor) and b.is_floating_point() else b
+            for b in (student_bias, teacher_bias)
+        )
     if student_hidden.dim() < 1 or teacher_hidden.dim() < 1:
         raise ValueError("hidden states need at least one dimension (the features)")
     if student_weight.dim() != 2 or teacher_weight.dim() != 2:
@@ -275,10 +285,12 @@ def fused_linear_kd_loss(
         scale = torch.ones(1, device=sh.device)
     precompute = reduction != "none"
     cfg = (temperature, alpha, ignore_index, impl, divergence, beta, chunk_rows, precompute)
-    rows = FusedLinearKDFunction.apply(
-        sh, student_weight, student_bias, th, teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), target, cfg,
-    )
+    # Inputs are in their compute dtype now (cast above under autocast): nothing inside is recast.
+    with torch.autocast(sh.device.type, enabled=False):
+        rows = FusedLinearKDFunction.apply(
+            sh, student_weight, student_bias, th, teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach(), target, cfg,
+        )
     if reduction == "none":
         return rows.reshape(lead)
     # The Function precomputed the gradients of sum(rows); every row gets the same weight here.

@@ -9,6 +9,7 @@ The ops exist whether or not ``fastkd._C`` was built: C++ only adds CUDA impleme
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -108,13 +109,44 @@ def register_autograd(qualname: str, backward, setup_context) -> None:
 _DIRECT: dict = {}
 
 
+_autocast_on = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _without_autocast(fn):
+    """``fn`` run with autocast off. A custom op's Python implementation sits below the
+    dispatcher's autocast layer, but the aten ops it calls would be cast again by an enclosing
+    ``torch.autocast``: the int8 reference's exact fp32 products would run in bf16, and outputs
+    would change dtype. Each op computes in the dtypes it is given; the public functions apply
+    autocast's casts to their inputs first, as ``F.linear`` does."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if _autocast_on():
+            with torch._C._DisableAutocast():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def _kernel(qualname: str):
+    """``torch.library.register_kernel(qualname, None)`` (every device), run without autocast."""
+
+    def decorate(fn):
+        wrapped = _without_autocast(fn)
+        torch.library.register_kernel(qualname, None, wrapped)
+        return wrapped
+
+    return decorate
+
+
 def _impl(name: str):
     """Register `fn` as fastkd::name's implementation on every device and keep it for `call`."""
 
     def decorate(fn):
-        torch.library.register_kernel(f"{NAMESPACE}::{name}", None, fn)
-        _DIRECT[name] = fn
-        return fn
+        wrapped = _kernel(f"{NAMESPACE}::{name}")(fn)
+        _DIRECT[name] = wrapped
+        return wrapped
 
     return decorate
 
@@ -187,7 +219,7 @@ def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@torch.library.register_kernel("fastkd::kd_loss_forward", None)
+@_kernel("fastkd::kd_loss_forward")
 def _kd_loss_forward(
     student, teacher, target, temperature, alpha, ignore_index, backend, *, divergence="kl", beta=0.5
 ):
@@ -204,7 +236,7 @@ def _kd_loss_forward(
     )
 
 
-@torch.library.register_kernel("fastkd::kd_loss_backward", None)
+@_kernel("fastkd::kd_loss_backward")
 def _kd_loss_backward(
     grad_rows,
     student,
@@ -340,7 +372,7 @@ torch.library.define(
 )
 
 
-@torch.library.register_kernel("fastkd::kd_loss_topk_forward", None)
+@_kernel("fastkd::kd_loss_topk_forward")
 def _kd_loss_topk_forward(student, ids, logprobs, target, temperature, alpha, ignore_index, backend):
     impl = _kernels("kd_topk") if backend == "triton" else reference
     return impl.kd_loss_topk_forward(
@@ -349,7 +381,7 @@ def _kd_loss_topk_forward(student, ids, logprobs, target, temperature, alpha, ig
     )
 
 
-@torch.library.register_kernel("fastkd::kd_loss_topk_backward", None)
+@_kernel("fastkd::kd_loss_topk_backward")
 def _kd_loss_topk_backward(
     grad_rows, student, ids, logprobs, target, row_stats, temperature, alpha, ignore_index, backend
 ):
@@ -498,7 +530,7 @@ def _quantize_per_token(x, backend):
     return _int8_impl(backend).quantize_per_token(x)
 
 
-@torch.library.register_kernel("fastkd::int8_mm_scaled", None)
+@_kernel("fastkd::int8_mm_scaled")
 def _int8_mm_scaled(x_q, x_scale, weight, weight_scale, bias, out_dtype, backend):
     return _int8_impl(backend).int8_mm_scaled(x_q, x_scale, weight, weight_scale, bias, out_dtype)
 
@@ -604,17 +636,17 @@ torch.library.define(
 )
 
 
-@torch.library.register_kernel("fastkd::masked_mm", None)
+@_kernel("fastkd::masked_mm")
 def _masked_mm_ref(x, weight, mask, bias, tile_map):
     return reference.masked_linear_forward(x, weight, mask, bias)
 
 
-@torch.library.register_kernel("fastkd::masked_mm_grad_input", None)
+@_kernel("fastkd::masked_mm_grad_input")
 def _masked_mm_grad_input_ref(grad_out, weight, mask, tile_map):
     return reference.masked_linear_grad_input(grad_out, weight, mask)
 
 
-@torch.library.register_kernel("fastkd::masked_mm_grad_weight", None)
+@_kernel("fastkd::masked_mm_grad_weight")
 def _masked_mm_grad_weight_ref(grad_out, x, mask, tile_map):
     return reference.masked_linear_grad_weight(grad_out, x, mask)
 
@@ -642,7 +674,7 @@ def _masked_linear_impl(x, weight, mask, bias, tile_map, backend):
     return reference.masked_linear_forward(x, weight, mask, bias)
 
 
-@torch.library.register_kernel("fastkd::masked_linear_grad_input", None)
+@_kernel("fastkd::masked_linear_grad_input")
 def _masked_linear_grad_input_impl(grad_out, weight, mask, tile_map, backend):
     if backend == "cuda":
         tile_map = _need_tile_map(tile_map, "masked_linear_grad_input", backend)
@@ -653,7 +685,7 @@ def _masked_linear_grad_input_impl(grad_out, weight, mask, tile_map, backend):
     return reference.masked_linear_grad_input(grad_out, weight, mask)
 
 
-@torch.library.register_kernel("fastkd::masked_linear_grad_weight", None)
+@_kernel("fastkd::masked_linear_grad_weight")
 def _masked_linear_grad_weight_impl(grad_out, x, mask, tile_map, backend):
     if backend == "cuda":
         tile_map = _need_tile_map(tile_map, "masked_linear_grad_weight", backend)

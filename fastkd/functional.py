@@ -161,6 +161,15 @@ from ._fused_linear_kd import fused_linear_kd_loss  # noqa: E402,F401
 SHARED_LINEAR_BACKENDS = register_triton_op("shared_linear")
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype ``F.linear`` would compute in for ``x`` here: autocast's, when it is on for x's
+    device (custom ops are not cast by autocast themselves), else None."""
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 def shared_linear(
     x: Tensor,
     indices: Tensor,
@@ -183,13 +192,17 @@ def shared_linear(
         bias: optional ``(N,)``.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
 
-    Returns ``(..., N)`` in x's dtype. Gradients reach x, the codebook (the sum of the weight
-    gradients of each cluster) and the bias; the indices are fixed.
+    Returns ``(..., N)`` in x's dtype (the autocast dtype inside ``torch.autocast``, as
+    ``F.linear``). Gradients reach x, the codebook (the sum of the weight gradients of each
+    cluster) and the bias; the indices are fixed.
     """
     check_tensor(x, "x")
     check_tensor(indices, "indices")
     check_tensor(codebook, "codebook")
     check_float_dtype(x, "x")
+    low = _autocast_dtype(x)
+    if low is not None:
+        x = x.to(low)
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 0:
@@ -301,7 +314,7 @@ def int8_linear(
             overrides), ``"torch"`` or ``"triton"``.
 
     Returns:
-        ``(..., N)`` in ``x.dtype``.
+        ``(..., N)`` in ``x.dtype`` (the autocast dtype inside ``torch.autocast``, as ``F.linear``).
 
     Gradients: ``x`` receives ``dY @ (weight * weight_scale[:, None])`` (for ``"w8a8"`` this is the
     straight-through estimator of the activation rounding) and ``bias`` the sum of ``dY``; the
@@ -309,6 +322,9 @@ def int8_linear(
     """
     check_tensor(x, "x")
     check_float_dtype(x, "x")
+    low = _autocast_dtype(x)
+    if low is not None:
+        x = x.to(low)
     if mode not in INT8_MODES:
         raise ValueError(f"mode must be one of {INT8_MODES}, got {mode!r}")
     _check_int8_weight(weight, weight_scale)
@@ -492,10 +508,9 @@ def masked_linear(
     check_float_dtype(x, "x")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
-    if torch.is_autocast_enabled(x.device.type) and weight.is_floating_point():
-        # Behave like F.linear under autocast: compute in the autocast dtype (custom ops are not
-        # cast by autocast themselves). The gradient flows back to the fp32 master weights.
-        low = torch.get_autocast_dtype(x.device.type)
+    low = _autocast_dtype(x)
+    if low is not None and weight.is_floating_point():
+        # Behave like F.linear under autocast; the gradient flows back to the fp32 master weights.
         x, weight = x.to(low), weight.to(low)
         bias = bias.to(low) if isinstance(bias, Tensor) and bias.is_floating_point() else bias
     if weight.dtype != x.dtype:
