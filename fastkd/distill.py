@@ -169,16 +169,18 @@ def _first_tensor(out) -> Tensor:
     raise TypeError(f"a hinted module returned {type(out).__name__}, not a tensor")
 
 
-def _autocast_dtype(device: torch.device, setting) -> Optional[torch.dtype]:
+def _autocast_dtype(device: torch.device, setting, name: str) -> Optional[torch.dtype]:
     if setting is None or setting is False:
         return None
     if isinstance(setting, torch.dtype):
+        if setting not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} must be bfloat16 or float16, got {setting}")
         return setting
     if setting is True:
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             return torch.float16
         return torch.bfloat16
-    raise TypeError(f"teacher_autocast must be None, a bool or a torch.dtype, got {setting!r}")
+    raise TypeError(f"{name} must be None, a bool or a torch.dtype, got {setting!r}")
 
 
 def _nonempty(loader, name: str) -> None:
@@ -240,8 +242,19 @@ class Distiller:
         hints: ``[(student_path, teacher_path), ...]`` module paths (as in ``named_modules()``)
             for FitNets feature distillation.
         hint_weight: weight of the hint term (>= 0).
-        teacher_autocast: ``None``/``False`` (off), ``True`` (bf16, or fp16 on a GPU without bf16)
-            or a dtype: run the teacher under ``torch.autocast``.
+        autocast: mixed precision for the student: ``None``/``False`` (off), ``True`` (bf16, or
+            fp16 on a GPU without bf16) or a dtype. The student's forward and the losses run under
+            ``torch.autocast`` (parameters and optimizer state stay in their own dtype); with fp16
+            the gradients go through a ``torch.amp.GradScaler``.
+        teacher_autocast: ``None`` (as ``autocast``), ``False`` (off, even when the student
+            uses autocast), ``True`` or a dtype: run the teacher under ``torch.autocast``.
+        max_grad_norm: clip the total gradient norm of the optimized parameters to this value
+            before each optimizer step (``None``: no clipping).
+        scheduler: ``None``, or a callable taking the optimizer and returning a learning-rate
+            scheduler (``lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, ...)``); it is
+            built with the optimizer and stepped after every optimizer step.
+        grad_accum_steps: optimizer steps come every this many batches (the loss of each batch
+            is divided by it), and after the last batch of an epoch.
         backend: the KD loss backend (``"auto"``, ``"torch"``, ``"triton"``).
         progress: show a tqdm progress bar with the running loss during ``fit``.
         adversarial_weight: weight (>= 0, finite) of the adversarial generator term; ``0`` (the
@@ -278,7 +291,11 @@ class Distiller:
         task: str = "classification",
         hints: Optional[Sequence[tuple[str, str]]] = None,
         hint_weight: float = 1.0,
+        autocast=None,
         teacher_autocast=None,
+        max_grad_norm: Optional[float] = None,
+        scheduler=None,
+        grad_accum_steps: int = 1,
         backend: str = "auto",
         progress: bool = True,
         adversarial_weight: float = 0.0,
@@ -340,7 +357,27 @@ class Distiller:
         self.device = torch.device(device)
         self.teacher = teacher.to(self.device)
         self.student = student.to(self.device)
-        self._autocast_dtype = _autocast_dtype(self.device, teacher_autocast)
+        self._student_autocast = _autocast_dtype(self.device, autocast, "autocast")
+        self._autocast_dtype = (
+            self._student_autocast if teacher_autocast is None
+            else _autocast_dtype(self.device, teacher_autocast, "teacher_autocast")
+        )
+        self.max_grad_norm = (
+            None if max_grad_norm is None
+            else check_number(max_grad_norm, "max_grad_norm", low=0.0, low_open=True)
+        )
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError("scheduler must be None or a callable taking the optimizer and "
+                            f"returning an LR scheduler, got {type(scheduler).__name__}")
+        self._scheduler_arg = scheduler
+        self.scheduler = None
+        if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) \
+                or grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
+        self.grad_accum_steps = grad_accum_steps
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self._student_autocast == torch.float16
+        )
 
         self.hints = [tuple(h) for h in (hints or [])]
         for h in self.hints:
@@ -366,14 +403,21 @@ class Distiller:
 
     # ------------------------------------------------------------------ pieces of a step
 
+    def _student_context(self):
+        """torch.autocast for the student's forward and the losses, when ``autocast`` is on."""
+        if self._student_autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._student_autocast)
+
     def _teacher_forward(self, call, raw: bool = False):
         """call(teacher) without gradients (under autocast with teacher_autocast): its output
         tensor, or with ``raw`` whatever call returns."""
-        ctx = (
-            torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
-            if self._autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
+        if self._autocast_dtype is not None:
+            ctx = torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+        elif self._student_autocast is not None:  # teacher_autocast=False inside the student's
+            ctx = torch.autocast(device_type=self.device.type, enabled=False)
+        else:
+            ctx = contextlib.nullcontext()
         with torch.no_grad(), ctx:
             out = call(self.teacher)
             return out if raw else _output_tensor(out, "teacher")
@@ -576,6 +620,7 @@ class Distiller:
                     raise TypeError("the optimizer callable must return a torch.optim.Optimizer")
             else:
                 self.optimizer = torch.optim.Adam(params, lr=self.lr)
+            self._ensure_scheduler()
             return
         have = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         missing = [p for p in proj_params if id(p) not in have]
@@ -583,6 +628,26 @@ class Distiller:
             self.optimizer.add_param_group({"params": missing, "lr": self.lr})
         if not have and not missing:
             raise ValueError("the given optimizer has no parameters")
+        self._ensure_scheduler()
+
+    def _ensure_scheduler(self) -> None:
+        if self._scheduler_arg is None or self.scheduler is not None:
+            return
+        self.scheduler = self._scheduler_arg(self.optimizer)
+        if not callable(getattr(self.scheduler, "step", None)):
+            raise TypeError("the scheduler callable must return an object with a step() method")
+
+    def _optimizer_step(self) -> None:
+        """Unscale (fp16), clip, step, update the scale, step the scheduler, clear gradients."""
+        if self.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _ensure_discriminator(self, s: Tensor) -> None:
         if s.dim() < 1 or s.shape[-1] < 1:
@@ -663,35 +728,42 @@ class Distiller:
                     leave=False,
                     dynamic_ncols=True,
                 )
+                pending = 0  # batches whose gradients wait for an optimizer step
                 for batch in bar:
                     batch = _to_device(batch, self.device)
                     call, target, attention_mask = _split_batch(batch)
-                    if self.fused_lm_head:
-                        loss = self._fused_step_loss(batch, target, attention_mask)
-                    else:
-                        s_out, t_out, target, keep = self._outputs(call, target, attention_mask)
-                        loss, _ = self._output_loss(s_out, t_out, target, rows_mask=keep)
-                    if s_cap is not None:
-                        s_feats, t_feats = s_cap.take(), t_cap.take()
-                        if self.hint_projections is None:
-                            self._build_projections(s_feats, t_feats)
-                        hint = self._hint_loss(s_feats, t_feats)
-                        hint_sum += hint.detach()
-                        loss = loss + self.hint_weight * hint
                     adversarial = self.adversarial_weight > 0
-                    if adversarial:
-                        self._ensure_discriminator(s_out)
-                        gen = self.discriminator.generator_loss(s_out)
-                        gen_sum += gen.detach()
-                        loss = loss + self.adversarial_weight * gen
+                    with self._student_context():
+                        if self.fused_lm_head:
+                            loss = self._fused_step_loss(batch, target, attention_mask)
+                        else:
+                            s_out, t_out, target, keep = self._outputs(call, target,
+                                                                       attention_mask)
+                            loss, _ = self._output_loss(s_out, t_out, target, rows_mask=keep)
+                        if s_cap is not None:
+                            s_feats, t_feats = s_cap.take(), t_cap.take()
+                            if self.hint_projections is None:
+                                self._build_projections(s_feats, t_feats)
+                            hint = self._hint_loss(s_feats, t_feats)
+                            hint_sum += hint.detach()
+                            loss = loss + self.hint_weight * hint
+                        if adversarial:
+                            self._ensure_discriminator(s_out)
+                            gen = self.discriminator.generator_loss(s_out)
+                            gen_sum += gen.detach()
+                            loss = loss + self.adversarial_weight * gen
                     if self.optimizer is None or steps == 0:
                         self._ensure_optimizer()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
+                        if pending == 0:
+                            self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss / self.grad_accum_steps).backward()
+                    pending += 1
+                    if pending == self.grad_accum_steps:
+                        self._optimizer_step()
+                        pending = 0
                     if adversarial:
                         disc_sum += self._discriminator_step(s_out, t_out)
-                    loss_sum += loss.detach()
+                    loss_sum += loss.detach().float()
                     steps += 1
                     # .item() syncs the device; do it only now and then, for the bar.
                     if self.progress and (steps % 10 == 1):
@@ -699,6 +771,8 @@ class Distiller:
                 bar.close()
                 if steps == 0:
                     raise ValueError("train_loader produced no batches")
+                if pending:  # the epoch's last, partial accumulation
+                    self._optimizer_step()
                 train_loss = (loss_sum / steps).item()
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(
@@ -754,29 +828,30 @@ class Distiller:
         batches = 0
         try:
             for batch in loader:
-                batch = _to_device(batch, self.device)
-                call, target, attention_mask = _split_batch(batch)
-                if self.fused_lm_head:
-                    pieces = self._fused_eval_chunks(batch, target, attention_mask)
-                else:
-                    pieces = [self._outputs(call, target, attention_mask)]
-                for s_out, t_out, target, keep in pieces:
-                    total, n = self._output_loss(s_out, t_out, target, reduction="sum",
-                                                 rows_mask=keep)
-                    loss_sum += total.double()
-                    count += n
-                    if self.task == "classification":
-                        pred = s_out.argmax(-1)
-                        same = pred == t_out.argmax(-1)
-                        agree += (same & keep).sum() if keep is not None else same.sum()
-                        rows += keep.sum() if keep is not None else pred.numel()
-                        if target is not None:
-                            valid = target != self.loss_fn.ignore_index
-                            correct += ((pred == target) & valid).sum()
-                            labelled += valid.sum()
+                with self._student_context():
+                    batch = _to_device(batch, self.device)
+                    call, target, attention_mask = _split_batch(batch)
+                    if self.fused_lm_head:
+                        pieces = self._fused_eval_chunks(batch, target, attention_mask)
+                    else:
+                        pieces = [self._outputs(call, target, attention_mask)]
+                    for s_out, t_out, target, keep in pieces:
+                        total, n = self._output_loss(s_out, t_out, target, reduction="sum",
+                                                     rows_mask=keep)
+                        loss_sum += total.double()
+                        count += n
+                        if self.task == "classification":
+                            pred = s_out.argmax(-1)
+                            same = pred == t_out.argmax(-1)
+                            agree += (same & keep).sum() if keep is not None else same.sum()
+                            rows += keep.sum() if keep is not None else pred.numel()
+                            if target is not None:
+                                valid = target != self.loss_fn.ignore_index
+                                correct += ((pred == target) & valid).sum()
+                                labelled += valid.sum()
+                    if s_cap is not None:
+                        hint_sum += self._hint_loss(s_cap.take(), t_cap.take()).double()
                 batches += 1
-                if s_cap is not None:
-                    hint_sum += self._hint_loss(s_cap.take(), t_cap.take()).double()
         finally:
             if s_cap is not None:
                 s_cap.remove()

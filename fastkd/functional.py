@@ -165,7 +165,7 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype ``F.linear`` would compute in for ``x`` here: autocast's, when it is on for x's
     device (custom ops are not cast by autocast themselves), else None."""
     dev = x.device.type
-    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+    if dev != "meta" and x.is_floating_point() and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return None
 

@@ -1,0 +1,178 @@
+"""Distiller's training-loop options: mixed precision (autocast, fp16 GradScaler), gradient
+accumulation, gradient clipping and learning-rate schedulers (CPU, small models)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastkd import Distiller
+
+
+def _mlp(d_in, hidden, d_out, seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+def _batches(n_batches=4, rows=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, 12, generator=g), torch.randint(0, 5, (rows,), generator=g))
+            for _ in range(n_batches)]
+
+
+def _sgd(lr):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def _dtype_probe(module):
+    seen = []
+    module.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("teacher_autocast, teacher_dtype", [(None, torch.bfloat16),
+                                                             (False, torch.float32)])
+def test_autocast_runs_the_student_in_bf16_and_keeps_fp32_parameters(teacher_autocast,
+                                                                     teacher_dtype):
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    s_seen, t_seen = _dtype_probe(student[0]), _dtype_probe(teacher[0])
+    d = Distiller(teacher, student, autocast=True, teacher_autocast=teacher_autocast,
+                  progress=False, lr=1e-2)
+    assert not d.scaler.is_enabled()  # bf16 needs no loss scaling
+    batches = _batches()
+    before = d.evaluate(batches)["loss"]
+    hist = d.fit(batches, epochs=6)
+    assert set(s_seen) == {torch.bfloat16}
+    assert set(t_seen) == {teacher_dtype}
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert d.evaluate(batches)["loss"] < before
+
+
+def test_autocast_training_tracks_fp32_training():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    batches = _batches()
+    losses = []
+    for autocast in (None, torch.bfloat16):
+        d = Distiller(teacher, copy.deepcopy(student), autocast=autocast, progress=False,
+                      optimizer=_sgd(0.1))
+        losses.append([h["train_loss"] for h in d.fit(batches, epochs=3)])
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=2e-2,
+                               atol=0)
+    assert losses[1] != losses[0]  # it did run in bf16
+
+
+def test_fp16_autocast_goes_through_a_grad_scaler():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            pass
+    except Exception:
+        pytest.skip("no fp16 autocast on this CPU build")
+    s_seen = _dtype_probe(student[0])
+    d = Distiller(teacher, student, autocast=torch.float16, progress=False, lr=1e-2)
+    assert d.scaler.is_enabled()
+    hist = d.fit(_batches(), epochs=4)
+    assert set(s_seen) == {torch.float16}
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert d.scaler.get_scale() > 0
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_gradient_accumulation_equals_one_step_on_the_joined_batch():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    batches = _batches(n_batches=4, rows=8, seed=3)
+    joined = [(torch.cat([batches[i][0], batches[i + 1][0]]),
+               torch.cat([batches[i][1], batches[i + 1][1]])) for i in (0, 2)]
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    Distiller(teacher, a, optimizer=_sgd(0.5), grad_accum_steps=2, progress=False).fit(batches)
+    Distiller(teacher, b, optimizer=_sgd(0.5), progress=False).fit(joined)
+    assert not torch.equal(a[0].weight, student[0].weight)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_a_partial_accumulation_steps_at_the_end_of_each_epoch():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    d = Distiller(teacher, student, grad_accum_steps=2, progress=False,
+                  optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    d.fit(_batches(n_batches=3), epochs=2)
+    state = d.optimizer.state[student[0].weight]
+    assert int(state["step"]) == 4  # 2 per epoch: after batches 2 and 3
+
+
+def test_max_grad_norm_bounds_each_step():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    before = [p.detach().clone() for p in student.parameters()]
+    Distiller(teacher, student, optimizer=_sgd(1.0), max_grad_norm=1e-3,
+              progress=False).fit(_batches(n_batches=1))
+    step = torch.cat([(p.detach() - q).flatten() for p, q in zip(student.parameters(), before)])
+    torch.testing.assert_close(step.norm(), torch.tensor(1e-3), rtol=1e-4, atol=0)
+
+
+def test_scheduler_is_built_with_the_optimizer_and_stepped_per_optimizer_step():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    d = Distiller(
+        teacher, student, optimizer=_sgd(0.1), grad_accum_steps=2, progress=False,
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5**i),
+    )
+    d.fit(_batches(n_batches=4), epochs=1)  # 2 optimizer steps
+    assert d.scheduler is not None
+    assert d.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)
+
+
+def test_scheduler_covers_hint_projections_added_to_a_given_optimizer():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    d = Distiller(teacher, student, optimizer=opt, hints=[("0", "0")], progress=False,
+                  scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.5**i))
+    d.fit(_batches(n_batches=2))
+    assert len(d.optimizer.param_groups) == 2  # the projection's group came first
+    assert [g["lr"] for g in d.optimizer.param_groups] == pytest.approx([0.025, 1e-3 * 0.25])
+
+
+def test_fused_lm_head_under_autocast_matches_the_unfused_path():
+    transformers = pytest.importorskip("transformers")
+
+    def gpt2(seed, n_layer):
+        torch.manual_seed(seed)
+        cfg = transformers.GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=61,
+                                      n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0)
+        return transformers.GPT2LMHeadModel(cfg)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 61, (8, 12), generator=g)
+    batches = [{"input_ids": ids[i:i + 4], "labels": ids[i:i + 4]} for i in (0, 4)]
+    teacher, student = gpt2(0, 2), gpt2(1, 1)
+    losses = []
+    for fused in (False, True):
+        d = Distiller(teacher, copy.deepcopy(student), autocast=True, fused_lm_head=fused,
+                      optimizer=_sgd(0.1), progress=False, backend="torch")
+        losses.append([h["train_loss"] for h in d.fit(batches, epochs=2)])
+        assert all(p.dtype == torch.float32 for p in d.student.parameters())
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-2,
+                               atol=0)
+
+
+def test_bad_training_options():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    for kwargs, err, match in [
+        ({"grad_accum_steps": 0}, ValueError, "grad_accum_steps"),
+        ({"grad_accum_steps": True}, ValueError, "grad_accum_steps"),
+        ({"grad_accum_steps": 1.5}, ValueError, "grad_accum_steps"),
+        ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm"),
+        ({"max_grad_norm": float("nan")}, ValueError, "max_grad_norm"),
+        ({"autocast": torch.float32}, ValueError, "autocast must be bfloat16 or float16"),
+        ({"autocast": "bf16"}, TypeError, "autocast must be None"),
+        ({"teacher_autocast": torch.int8}, ValueError, "teacher_autocast"),
+        ({"scheduler": 3}, TypeError, "scheduler"),
+    ]:
+        with pytest.raises(err, match=match):
+            Distiller(teacher, student, progress=False, **kwargs)
+    d = Distiller(teacher, student, progress=False, scheduler=lambda opt: object())
+    with pytest.raises(TypeError, match="step"):
+        d.fit(_batches(n_batches=1))
