@@ -126,7 +126,8 @@ def calibrated_assign(
     _check_damp(damp)
     h = moment.detach().double().clone()
     if not torch.isfinite(h).all():
-        raise ValueError("the calibration inputs' second moment is not finite (inf/NaN activations)")
+        raise ValueError("the calibration inputs' second moment is not finite "
+                         "(inf/NaN activations)")
     w = weight.detach().double().clone()
     keep = keep.to(w.device)
     diag = h.diagonal()
@@ -259,9 +260,9 @@ def share_weights_(
                                  "activations); their second moment cannot weigh the error")
         uncalibrated = [n for n, _ in targets if n not in moments]
         if uncalibrated:
-            warnings.warn(f"share_weights_: the calibration never ran {len(uncalibrated)} layer(s) "
-                          f"({', '.join(uncalibrated[:3])}{', ...' if len(uncalibrated) > 3 else ''}); "
-                          "they keep nearest-centroid rounding", stacklevel=2)
+            shown = ", ".join(uncalibrated[:3]) + (", ..." if len(uncalibrated) > 3 else "")
+            warnings.warn(f"share_weights_: the calibration never ran {len(uncalibrated)} "
+                          f"layer(s) ({shown}); they keep nearest-centroid rounding", stacklevel=2)
     layers = {}
     for name, lin in targets:
         shared = SharedLinear.from_linear(lin, bits=bits, per_channel=per_channel, iters=iters,
