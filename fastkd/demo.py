@@ -120,33 +120,6 @@ def _pattern_fits(pattern):
     return None
 
 
-def fold_masks_(model: nn.Module) -> nn.Module:
-    """Replace every ``fastkd.nn.MaskedLinear`` by a plain ``nn.Linear`` holding ``W * M`` (so the
-    pruned zeros survive quantization as exact int8 zeros), in place."""
-    import fastkd
-
-    masked_cls = getattr(fastkd.nn, "MaskedLinear", None)
-    if masked_cls is None:
-        return model
-    for name, child in list(model.named_children()):
-        if isinstance(child, masked_cls):
-            dense = nn.Linear(
-                child.in_features,
-                child.out_features,
-                bias=child.bias is not None,
-                device=child.weight.device,
-                dtype=child.weight.dtype,
-            )
-            with torch.no_grad():
-                dense.weight.copy_(child.weight * child.mask.to(child.weight.dtype))
-                if child.bias is not None:
-                    dense.bias.copy_(child.bias)
-            setattr(model, name, dense)
-        else:
-            fold_masks_(child)
-    return model
-
-
 # --------------------------------------------------------------------------- measurements
 
 
@@ -359,7 +332,7 @@ def _run(dev, epochs, seed, pattern, pattern_arg, sparsity_val, compress, progre
             f"epochs: accuracy {rows[-1]['accuracy']:.4f}"
         )
 
-        quantized = fastkd.quantize_(fold_masks_(copy.deepcopy(pruned)), mode="w8a8").to(dev)
+        quantized = fastkd.quantize_(copy.deepcopy(pruned), mode="w8a8").to(dev)
         rows.append(measure("int8", quantized.eval(), x_te_dev, y_te_dev, teacher_pred))
         log(f"int8         w8a8: accuracy {rows[-1]['accuracy']:.4f}")
 

@@ -21,7 +21,9 @@ def quantize_(
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` in ``model`` for which ``filter_fn(module, name)``
     is true (all of them without a filter) by ``Int8Linear.from_linear(module, mode)``. Hugging
-    Face ``Conv1D`` layers (GPT-2's attention and MLP projections) count as linears too.
+    Face ``Conv1D`` layers (GPT-2's attention and MLP projections) count as linears too, and so do
+    pruned ``fastkd.nn.MaskedLinear`` layers (their ``W o M`` is quantized; pruned weights are
+    int8 zeros).
 
     ``name`` is the module's qualified name in ``model`` (``"encoder.layer.0.attention.self.query"``).
     ``model`` itself may be an ``nn.Linear``; then it cannot be replaced in place and a
@@ -32,7 +34,7 @@ def quantize_(
     _check_mode(mode)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable as filter_fn(module, name) -> bool")
-    if type(model) is nn.Linear:
+    if is_replaceable_linear(model, pruned=True):
         raise ValueError(
             "quantize_ replaces submodules in place and cannot replace the model itself; "
             "use fastkd.nn.Int8Linear.from_linear(linear) for a bare nn.Linear"
@@ -44,7 +46,7 @@ def quantize_(
     targets = [
         (name, module)
         for name, module in model.named_modules(remove_duplicate=False)
-        if is_replaceable_linear(module) and name
+        if is_replaceable_linear(module, pruned=True) and name
         and (filter_fn is None or filter_fn(module, name))
     ]
     swapped: dict = {}  # a linear shared under several names becomes one shared Int8Linear

@@ -216,7 +216,9 @@ def share_weights_(
     """Replace every ``nn.Linear`` (or those ``filter_fn(module, name)`` accepts, as in
     ``quantize_`` and ``sparsify_``) by a
     ``fastkd.nn.SharedLinear`` with ``2**bits`` shared weights, in place. Hugging Face ``Conv1D``
-    layers (GPT-2's attention and MLP projections) count as linears too.
+    layers (GPT-2's attention and MLP projections) count as linears too, and so do pruned
+    ``fastkd.nn.MaskedLinear`` layers (Deep Compression's order: prune, then share): their
+    pruned weights become the fixed zero cluster.
 
     Returns ``{"bytes_before", "bytes_after", "layers": {name: (before, after)}}`` counting weight,
     bias, index and codebook bytes of the replaced layers.
@@ -241,8 +243,8 @@ def share_weights_(
     # Only exact nn.Linear (and Hugging Face Conv1D), whatever the filter: subclasses such as
     # nn.MultiheadAttention's out_proj are read by their parent as a float weight.
     targets = [(n, m) for n, m in model.named_modules()
-               if is_replaceable_linear(m) and (filter_fn is None or filter_fn(m, n))]
-    if is_replaceable_linear(model) and any(n == "" for n, _ in targets):
+               if is_replaceable_linear(m, pruned=True) and (filter_fn is None or filter_fn(m, n))]
+    if is_replaceable_linear(model, pruned=True) and any(n == "" for n, _ in targets):
         raise ValueError("share_weights_ replaces submodules; wrap a bare nn.Linear in a module")
     moments, uncalibrated = {}, []
     if calibration is not None:

@@ -7,12 +7,10 @@ import json
 import pytest
 import torch
 
-import fastkd
 from fastkd.__main__ import main as cli_main
 from fastkd.demo import (
     ROW_NAMES,
     count_parameters,
-    fold_masks_,
     make_mlp,
     parse_pattern,
     resolve_sparsity,
@@ -142,17 +140,6 @@ def test_demo_block_pattern_leaves_indivisible_layers_dense():
     assert any(f"on {DEVICE}." in n for n in report["notes"])  # the latency note names the device
     # the reference-paths note is there exactly when the compressed models ran on the CPU
     assert any(REFERENCE_PATHS_NOTE in n for n in report["notes"]) == (DEVICE == "cpu")
-
-
-def test_fold_masks_keeps_the_pruned_zeros():
-    torch.manual_seed(0)
-    model = fastkd.sparsify_(make_mlp([12, 8, 4]), sparsity=0.5)
-    x = torch.randn(5, 12)
-    expected = model(x)
-    folded = fold_masks_(model)
-    assert not any(isinstance(m, fastkd.nn.MaskedLinear) for m in folded.modules())
-    torch.testing.assert_close(folded(x), expected)
-    assert count_parameters(folded)[1] <= 8 * 12 // 2 + 8 + 4 * 8 // 2 + 4
 
 
 def test_measurements_on_a_known_model():

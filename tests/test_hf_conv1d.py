@@ -73,7 +73,7 @@ def test_masked_linear_picks_up_a_torch_prune_mask_of_a_conv1d():
 
 def test_from_linear_rejects_other_layers():
     for cls in (Int8Linear, MaskedLinear, SharedLinear):
-        with pytest.raises(TypeError, match="nn.Linear or a Hugging Face Conv1D"):
+        with pytest.raises(TypeError, match="nn.Linear, a Hugging Face Conv1D or a fastkd MaskedLinear"):
             cls.from_linear(nn.Conv1d(4, 4, 1))
 
 

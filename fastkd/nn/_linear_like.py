@@ -25,22 +25,47 @@ def is_hf_conv1d(module) -> bool:
     )
 
 
-def is_replaceable_linear(module) -> bool:
+def is_masked_linear(module) -> bool:
+    """True for ``fastkd.nn.MaskedLinear`` (a pruned linear: ``x (W o M)^T + b``)."""
+    from .masked_linear import MaskedLinear
+
+    return isinstance(module, MaskedLinear)
+
+
+def is_replaceable_linear(module, pruned: bool = False) -> bool:
     """Exactly ``nn.Linear`` (subclasses may read their weight elsewhere, as
-    ``nn.MultiheadAttention`` reads ``out_proj.weight``) or a Hugging Face ``Conv1D``."""
-    return type(module) is nn.Linear or is_hf_conv1d(module)
+    ``nn.MultiheadAttention`` reads ``out_proj.weight``) or a Hugging Face ``Conv1D``; with
+    ``pruned``, also a ``MaskedLinear`` (quantize_ and share_weights_ take pruned layers: pruning
+    comes first in the usual pipeline)."""
+    return (type(module) is nn.Linear or is_hf_conv1d(module)
+            or (pruned and is_masked_linear(module)))
 
 
 def as_linear(module, who: str) -> nn.Linear:
     """``module`` as an ``nn.Linear`` computing the same map: ``nn.Linear`` (or a subclass) as it
-    is; a Hugging Face ``Conv1D`` as a new ``nn.Linear`` holding a transposed copy of its weight
+    is; a ``MaskedLinear`` as a new ``nn.Linear`` with weight ``W o M``; a Hugging Face
+    ``Conv1D`` as a new ``nn.Linear`` holding a transposed copy of its weight
     (and its bias, and the transposed ``weight_orig``/``weight_mask`` of
     ``torch.nn.utils.prune``, if pruned that way). Anything else is a TypeError naming ``who``."""
     if isinstance(module, nn.Linear):
         return module
+    if is_masked_linear(module):
+        # the pruned weights are exact zeros of the new weight (0 in int8 codes, and the fixed
+        # cluster 0 of a codebook)
+        weight = module.weight
+        linear = nn.Linear(module.in_features, module.out_features,
+                           bias=module.bias is not None, device="meta")
+        masked = weight.detach().masked_fill(~module.mask.to(weight.device), 0)
+        linear.weight = nn.Parameter(masked, requires_grad=weight.requires_grad)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach(),
+                                       requires_grad=module.bias.requires_grad)
+        linear.train(module.training)
+        return linear
     if not is_hf_conv1d(module):
         raise TypeError(
-            f"{who} takes an nn.Linear or a Hugging Face Conv1D, got {type(module).__name__}"
+            f"{who} takes an nn.Linear, a Hugging Face Conv1D or a fastkd MaskedLinear, got "
+            f"{type(module).__name__}"
         )
     pruned = hasattr(module, "weight_orig") and hasattr(module, "weight_mask")
     orig = module.weight_orig if pruned else module.weight

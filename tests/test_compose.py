@@ -1,0 +1,116 @@
+"""The compression steps compose on the same layers: prune, then quantize or share weights.
+
+``quantize_`` and ``share_weights_`` used to skip ``MaskedLinear`` layers silently, so the usual
+pipeline (sparsify_ then quantize_, or Deep Compression's prune then share) left a pruned model
+unquantized with no word said. They now take pruned layers: ``W o M`` is what gets quantized or
+clustered, and pruned weights stay exact zeros (int8 code 0, codebook cluster 0).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastkd
+from fastkd.nn import Int8Linear, MaskedLinear, SharedLinear
+
+
+def _model(seed=0, dims=(45, 67, 31, 13)):
+    torch.manual_seed(seed)
+    a, b, c, d = dims
+    return nn.Sequential(nn.Linear(a, b), nn.GELU(), nn.Linear(b, c), nn.GELU(), nn.Linear(c, d))
+
+
+def _pruned(pattern="unstructured", sparsity=0.6, seed=0, dims=(45, 67, 31, 13)):
+    model = _model(seed, dims)
+    kwargs = {"pattern": pattern} if ":" in str(pattern) else {"sparsity": sparsity}
+    return fastkd.sparsify_(model, **kwargs)
+
+
+def _layers(model, cls):
+    return [m for m in model if isinstance(m, cls)]
+
+
+def _sqnr_db(y, ref):
+    return 10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum()).item()
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_quantize_takes_pruned_layers(mode):
+    pruned = _pruned()
+    masks = [m.mask.clone() for m in _layers(pruned, MaskedLinear)]
+    x = torch.randn(7, 45)
+    with torch.no_grad():
+        ref = pruned(x)
+    quantized = fastkd.quantize_(copy.deepcopy(pruned), mode=mode)
+    layers = _layers(quantized, Int8Linear)
+    assert len(layers) == 3 and not _layers(quantized, MaskedLinear)
+    for layer, mask in zip(layers, masks):
+        assert (layer.weight[~mask] == 0).all()  # pruned: int8 zeros
+        assert (layer.weight[mask] != 0).float().mean() > 0.95  # kept: mostly nonzero codes
+    with torch.no_grad():
+        assert _sqnr_db(quantized(x), ref) > 30
+
+
+def test_quantize_filter_sees_the_pruned_layer_and_a_bare_one_is_refused():
+    pruned = _pruned()
+    seen = []
+    fastkd.quantize_(pruned, filter_fn=lambda m, n: seen.append((type(m), n)) or n == "2")
+    assert seen == [(MaskedLinear, "0"), (MaskedLinear, "2"), (MaskedLinear, "4")]
+    assert [type(m) for m in pruned if not isinstance(m, nn.GELU)] == [
+        MaskedLinear, Int8Linear, MaskedLinear]
+    bare = MaskedLinear.from_linear(nn.Linear(8, 4), sparsity=0.5)
+    with pytest.raises(ValueError, match="from_linear"):
+        fastkd.quantize_(bare)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_share_weights_takes_pruned_layers_and_keeps_zeros_through_finetuning(per_channel):
+    pruned = _pruned(pattern="2:4", dims=(44, 68, 36, 13))  # N:M needs in_features % 4 == 0
+    masks = [m.mask.clone() for m in _layers(pruned, MaskedLinear)]
+    x = torch.randn(9, 44)
+    with torch.no_grad():
+        ref = pruned(x)
+    shared = fastkd.share_weights_(copy.deepcopy(pruned), bits=4, per_channel=per_channel)
+    model = copy.deepcopy(pruned)
+    report = fastkd.share_weights_(model, bits=4, per_channel=per_channel)
+    assert set(report["layers"]) == {"0", "2", "4"}
+    # per channel, these narrow layers carry a 16-entry fp32 codebook per row
+    assert shared["bytes_after"] < shared["bytes_before"] / (2 if per_channel else 3)
+    layers = _layers(model, SharedLinear)
+    assert len(layers) == 3
+    for layer, mask in zip(layers, masks):
+        w = layer.dequantized_weight()
+        assert (w[~mask] == 0).all() and (w[mask] != 0).all()
+    with torch.no_grad():
+        assert _sqnr_db(model(x), ref) > 15
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    for layer, mask in zip(layers, masks):
+        assert (layer.dequantized_weight()[~mask] == 0).all()
+
+
+def test_calibrated_sharing_of_a_pruned_model():
+    pruned = _pruned(sparsity=0.5, seed=1)
+    masks = [m.mask.clone() for m in _layers(pruned, MaskedLinear)]
+    batches = [torch.randn(64, 45) for _ in range(2)]
+    report = fastkd.share_weights_(pruned, bits=3, per_channel=True, calibration=batches)
+    assert report["uncalibrated"] == [] and set(report["layers"]) == {"0", "2", "4"}
+    for layer, mask in zip(_layers(pruned, SharedLinear), masks):
+        assert (layer.dequantized_weight()[~mask] == 0).all()
+
+
+def test_pruned_then_quantized_checkpoint_loads_into_a_plain_skeleton(tmp_path):
+    model = fastkd.quantize_(_pruned(seed=2), mode="w8a8")
+    x = torch.randn(4, 45)
+    with torch.no_grad():
+        want = model(x)
+    fastkd.save_compressed(model, tmp_path / "m.safetensors")
+    skeleton = fastkd.load_compressed(_model(seed=3), tmp_path / "m.safetensors")
+    assert len(_layers(skeleton, Int8Linear)) == 3
+    with torch.no_grad():
+        assert torch.equal(skeleton(x), want)
