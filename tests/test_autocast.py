@@ -15,6 +15,8 @@ from torch import nn
 import fastkd.functional as FK
 from fastkd.nn import Int8Linear, MaskedLinear, SharedLinear
 
+from _util import DEVICE, needs_triton
+
 try:
     import triton  # noqa: F401
 
@@ -99,16 +101,19 @@ def test_op_implementations_ignore_an_enclosing_autocast(op):
     assert torch.equal(got, want)
 
 
+@needs_triton
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.skipif(not _cpu_autocast_supports(torch.float16), reason="no fp16 CPU autocast")
+@pytest.mark.skipif(DEVICE == "cpu" and not _cpu_autocast_supports(torch.float16),
+                    reason="no fp16 CPU autocast")
 @pytest.mark.parametrize("name", ["int8_w8a8", "int8_w8a16", "shared_layer"])
 def test_triton_path_under_fp16_autocast(name):
-    layer = LAYERS[name](_linear(k=33, n=19, seed=4))
+    """On a GPU the compiled kernels, else the interpreter (which has no bf16: fp16 here)."""
+    layer = LAYERS[name](_linear(k=33, n=19, seed=4)).to(DEVICE)
     layer.backend = "triton"
-    x = torch.randn(5, 33)
+    x = torch.randn(5, 33, device=DEVICE)
     with torch.no_grad():
         want = layer(x.half())
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(DEVICE, dtype=torch.float16):
             got = layer(x)
     assert got.dtype == torch.float16
     assert torch.equal(got, want)
