@@ -688,6 +688,73 @@ class Distiller:
 
     # ------------------------------------------------------------------ public API
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs, for ``torch.save``: the student's state, the optimizer,
+        scheduler and grad-scaler states, the hint projections and the discriminator (with the
+        shapes they were built for, since they are built from the first batch) and its optimizer,
+        and the history. Restore with :meth:`load_state_dict` on a Distiller made with the same
+        arguments; training then continues as if it had not stopped."""
+        state: dict = {
+            "format": 1,
+            "student": self.student.state_dict(),
+            "history": [dict(h) for h in self.history],
+            "scaler": self.scaler.state_dict(),
+        }
+        if self.hint_projections is not None:
+            shapes = [("conv" if isinstance(p, nn.Conv2d) else "linear",
+                       p.in_channels if isinstance(p, nn.Conv2d) else p.in_features,
+                       p.out_channels if isinstance(p, nn.Conv2d) else p.out_features)
+                      for p in self.hint_projections]
+            state["hint_projections"] = {"shapes": shapes,
+                                         "state": self.hint_projections.state_dict()}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.discriminator is not None:
+            state["discriminator"] = {"dim": self.discriminator.dim,
+                                      "state": self.discriminator.state_dict()}
+            state["discriminator_optimizer"] = self.discriminator_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (see there)."""
+        if not isinstance(state, Mapping) or state.get("format") != 1:
+            raise ValueError("not a Distiller state (from Distiller.state_dict())")
+        self.student.load_state_dict(state["student"])
+        if "hint_projections" in state:
+            shapes = [tuple(s) for s in state["hint_projections"]["shapes"]]
+            if len(shapes) != len(self.hints):
+                raise ValueError(f"the state has {len(shapes)} hint projections; this Distiller "
+                                 f"has {len(self.hints)} hints")
+            projs = [nn.Conv2d(i, o, kernel_size=1) if kind == "conv" else nn.Linear(i, o)
+                     for kind, i, o in shapes]
+            self.hint_projections = nn.ModuleList(projs).to(self.device)
+            self.hint_projections.load_state_dict(state["hint_projections"]["state"])
+        if "discriminator" in state:
+            if self.adversarial_weight == 0:
+                raise ValueError("the state has a discriminator; this Distiller has "
+                                 "adversarial_weight=0")
+            self.discriminator = None
+            self._ensure_discriminator(
+                torch.empty(0, state["discriminator"]["dim"], device=self.device))
+            self.discriminator.load_state_dict(state["discriminator"]["state"])
+            self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
+        if "optimizer" in state:
+            self._ensure_optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])
+            if "scheduler" in state:
+                if self.scheduler is None:
+                    raise ValueError("the state has a scheduler; this Distiller has none")
+                self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] or self.scaler.is_enabled():  # a disabled scaler saves {}
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = [dict(h) for h in state["history"]]
+
+    # ------------------------------------------------------------------ training
+
     def fit(self, train_loader, epochs: int = 1, eval_loader=None) -> list[dict]:
         """Train the student for ``epochs`` passes over ``train_loader``.
 

@@ -176,3 +176,63 @@ def test_bad_training_options():
     d = Distiller(teacher, student, progress=False, scheduler=lambda opt: object())
     with pytest.raises(TypeError, match="step"):
         d.fit(_batches(n_batches=1))
+
+
+def _resume_setup(**kw):
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    make = lambda s: Distiller(  # noqa: E731
+        teacher, s, progress=False, hints=[("0", "0")],
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+        **kw)
+    return student, make
+
+
+@pytest.mark.parametrize("kw", [{}, {"adversarial_weight": 0.1}, {"grad_accum_steps": 2}],
+                         ids=["plain", "adversarial", "accumulation"])
+def test_a_resumed_run_continues_exactly(kw, tmp_path):
+    import io
+
+    student, make = _resume_setup(**kw)
+    batches = _batches(n_batches=5)
+    torch.manual_seed(5)  # projections and discriminator are initialised on the first batch
+    straight = make(copy.deepcopy(student))
+    straight.fit(batches, epochs=3)
+
+    torch.manual_seed(5)
+    first = make(copy.deepcopy(student))
+    first.fit(batches, epochs=1)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = make(copy.deepcopy(student))  # fresh, nothing built yet
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert [h["epoch"] for h in resumed.history] == [1]
+    resumed.fit(batches, epochs=2)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for a, b in zip(resumed.student.parameters(), straight.student.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(resumed.hint_projections.parameters(),
+                    straight.hint_projections.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx(
+        [h["train_loss"] for h in straight.history], rel=1e-6)
+    if kw.get("adversarial_weight"):
+        for a, b in zip(resumed.discriminator.parameters(), straight.discriminator.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_resuming_into_a_different_distiller_is_refused():
+    student, make = _resume_setup()
+    d = make(copy.deepcopy(student))
+    d.fit(_batches(n_batches=2))
+    state = d.state_dict()
+    teacher = d.teacher
+    with pytest.raises(ValueError, match="hint projections"):
+        Distiller(teacher, copy.deepcopy(student), progress=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="scheduler"):
+        Distiller(teacher, copy.deepcopy(student), progress=False,
+                  hints=[("0", "0")]).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a Distiller state"):
+        d.load_state_dict(d.student.state_dict())
