@@ -124,6 +124,21 @@ def _split_batch(batch):
     )
 
 
+def _data_parallel_inner(model: nn.Module) -> Optional[nn.Module]:
+    """The module inside a DataParallel / DistributedDataParallel / FSDP (v1) wrapper, or None."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    if isinstance(model, wrappers) or type(model).__name__ == "FullyShardedDataParallel":
+        return getattr(model, "module", None)
+    return None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    inner = _data_parallel_inner(model)
+    while inner is not None:
+        model, inner = inner, _data_parallel_inner(inner)
+    return model
+
+
 def _is_hf_causal_lm(model: nn.Module) -> bool:
     """A Hugging Face decoder-only generative model (its labels are the input tokens, shifted by
     the model's own loss); encoder-decoder models align labels with their decoder's logits."""
@@ -337,7 +352,9 @@ class Distiller:
         self.progress = bool(progress)
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise TypeError(f"shift_labels must be None or a bool, got {shift_labels!r}")
-        self.shift_labels = _is_hf_causal_lm(student) if shift_labels is None else shift_labels
+        # a data-parallel wrapper hides the model's config (and so its label convention)
+        self.shift_labels = (_is_hf_causal_lm(_unwrap(student)) if shift_labels is None
+                             else shift_labels)
         if not isinstance(fused_lm_head, bool):
             raise TypeError(f"fused_lm_head must be a bool, got {fused_lm_head!r}")
         self.fused_lm_head = fused_lm_head
@@ -347,6 +364,12 @@ class Distiller:
                 raise ValueError("fused_lm_head needs task='classification' and no adversarial "
                                  "term (the discriminator reads logits)")
             for model, who in ((student, "student"), (teacher, "teacher")):
+                if _data_parallel_inner(model) is not None:
+                    raise ValueError(
+                        f"fused_lm_head runs the {who}'s base_model directly, which would bypass "
+                        f"its {type(model).__name__} wrapper (and its gradient synchronisation); "
+                        "use the unfused loss, or a sharding that keeps the model's own forward "
+                        "(FSDP2 fully_shard)")
                 _lm_head_weight(model, who)  # raises if the model has no usable lm head
 
         if device is None:

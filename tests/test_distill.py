@@ -506,3 +506,14 @@ def test_fused_lm_head_evaluate_matches_the_unfused_metrics(monkeypatch, with_la
     for key in metrics[0]:
         torch.testing.assert_close(metrics[1][key], metrics[0][key], rtol=1e-5, atol=1e-7,
                                    msg=key)
+
+
+def test_a_data_parallel_wrapper_keeps_the_label_convention():
+    # DataParallel (and DDP) hide the wrapped model's config: the label shift of a causal LM was
+    # silently lost; with no GPU DataParallel just calls the module
+    teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
+    d = Distiller(teacher, nn.DataParallel(student), progress=False, backend="torch")
+    assert d.shift_labels is True
+    assert Distiller(teacher, nn.Sequential(nn.Linear(3, 3)), progress=False).shift_labels is False
+    with pytest.raises(ValueError, match="DataParallel wrapper"):
+        Distiller(teacher, nn.DataParallel(student), fused_lm_head=True, progress=False)
