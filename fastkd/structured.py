@@ -17,7 +17,12 @@ connected, so the result is a smaller dense model that computes the same functio
 A hidden neuron ``j`` between ``A`` (producing) and ``B`` (consuming) is dead, and may go, when
 ``B``'s column ``j`` is zero (nothing reaches the output whatever ``j`` computes), or when ``A``'s row
 ``j`` and bias are zero and the activation maps 0 to 0 (``j`` is always 0, so it contributes 0).
-Nothing else is removed, so the shrunk model's output equals the masked model's.
+In the MLP pairs (``nn.Sequential`` and BERT-style), a neuron whose row of ``A`` is zero but whose
+bias is not (row pruning with a mask, e.g. ``MaskedLinear`` with ``structured_mask(dim=0)``, leaves
+biases alone) always holds ``act(bias_j)``: its constant contribution is folded into ``B``'s bias
+and it goes too. Nothing else is removed, so the shrunk model's output equals the masked model's
+(to rounding). ``MaskedLinear`` layers count as linears: a sliced one keeps the rest of its mask,
+or becomes a plain ``nn.Linear`` when none of it is left.
 
 (This module holds what the issue calls ``fastkd.prune.structured_mask``; it lives here to stay
 clear of ``fastkd/prune.py`` being written on another branch, and is re-exported from there later.)
@@ -90,9 +95,16 @@ def _effective_weight(layer: nn.Module) -> Tensor:
     return w
 
 
+def _is_masked(layer) -> bool:
+    from .nn.masked_linear import MaskedLinear
+
+    return type(layer) is MaskedLinear
+
+
 def _plain_linear(layer) -> bool:
-    # Only exact nn.Linear can be sliced safely: a subclass may keep extra per-feature state.
-    return type(layer) is nn.Linear
+    # Only exact nn.Linear (and fastkd's MaskedLinear, whose per-weight mask is sliced with it)
+    # can be sliced safely: a subclass may keep extra per-feature state.
+    return type(layer) is nn.Linear or _is_masked(layer)
 
 
 def _zero_rows(layer: nn.Linear) -> Tensor:
@@ -137,13 +149,26 @@ def _elementwise(m: nn.Module) -> bool:
 
 
 def _slice_linear(layer: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
-    """A new nn.Linear keeping the rows (dim=0) or columns (dim=1) where `keep` is True."""
+    """A new nn.Linear keeping the rows (dim=0) or columns (dim=1) where `keep` is True. A
+    MaskedLinear gives a MaskedLinear with the mask sliced too, or an nn.Linear holding W o M
+    when no pruned weight is left (a purely structured mask)."""
     idx = keep.nonzero().squeeze(1).to(layer.weight.device)
-    w = layer.weight.detach().index_select(dim, idx)
+    w = _effective_weight(layer).index_select(dim, idx)
     b = None
     if layer.bias is not None:
         b = layer.bias.detach().index_select(0, idx) if dim == 0 else layer.bias.detach()
-    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    mask = layer.mask.index_select(dim, idx) if _is_masked(layer) else None
+    if mask is not None and not bool(mask.all()):
+        from .nn.masked_linear import MaskedLinear
+
+        new = MaskedLinear(w.shape[1], w.shape[0], bias=b is not None, device=w.device,
+                           dtype=w.dtype, backend=layer.backend)
+        new.pattern = layer.pattern
+        with torch.no_grad():
+            new.mask.copy_(mask)
+    else:
+        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device,
+                        dtype=w.dtype)
     with torch.no_grad():
         new.weight.copy_(w)
         if b is not None:
@@ -153,9 +178,40 @@ def _slice_linear(layer: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
     return new
 
 
-def _shrink_pair(producers: list, consumer: nn.Linear, dead: Tensor):
+def _dead_or_constant(a: nn.Module, b: nn.Module, chain, frozen: bool):
+    """Neurons between producer ``a`` and consumer ``b`` (``h = chain(a(x))``) that can go, and
+    ``b``'s new bias (or None: unchanged). A neuron goes when ``b``'s column for it is zero, or
+    when ``a``'s row for it is zero: then it always holds ``c = chain(a's bias)``; if ``c`` is 0
+    it contributes nothing, else (``frozen``: no dropout draws around it) its contribution
+    ``b.weight[:, j] * c`` is a constant, folded into ``b``'s bias when ``b`` has one."""
+    dead = _zero_cols(b)
+    rows = (_effective_weight(a) == 0).all(dim=1) & ~dead
+    if not bool(rows.any()):
+        return dead, None
+    bias_a = a.bias.detach() if a.bias is not None else a.weight.new_zeros(a.out_features)
+    try:
+        with torch.no_grad():
+            c = chain(bias_a[None, :].clone())[0]
+    except Exception:
+        return dead, None
+    if c.shape != bias_a.shape or not bool(torch.isfinite(c).all()):
+        return dead, None
+    dead = dead | (rows & (c == 0))
+    fold = rows & (c != 0)
+    if not bool(fold.any()) or b.bias is None or not frozen:
+        return dead, None
+    w_b = _effective_weight(b)
+    shift = w_b[:, fold].double() @ c[fold].double()
+    return dead | fold, (b.bias.detach().double() + shift).to(b.bias.dtype)
+
+
+def _shrink_pair(producers: list, consumer: nn.Linear, dead: Tensor, consumer_bias=None):
     keep = ~dead
-    return [_slice_linear(p, keep, 0) for p in producers], _slice_linear(consumer, keep, 1)
+    new_consumer = _slice_linear(consumer, keep, 1)
+    if consumer_bias is not None:
+        with torch.no_grad():
+            new_consumer.bias.copy_(consumer_bias)
+    return [_slice_linear(p, keep, 0) for p in producers], new_consumer
 
 
 def _check_keep(n_kept: int, where: str) -> bool:
@@ -190,18 +246,18 @@ def _shrink_sequential(seq: nn.Sequential, report: list, prefix: str) -> None:
         if a.out_features != b.in_features:
             i = j
             continue
-        dead = _zero_cols(b)
 
         def chain(x, _between=between):
             for m in _between:
                 x = m(x) if not isinstance(m, (nn.Dropout, nn.AlphaDropout)) else x
             return x
 
-        if _maps_zero_to_zero(chain):
-            dead |= _zero_rows(a)
+        frozen = not any(isinstance(m, (nn.Dropout, nn.AlphaDropout)) and m.training and m.p > 0
+                         for m in between)
+        dead, bias_b = _dead_or_constant(a, b, chain, frozen)
         n_dead = int(dead.sum())
         if n_dead and _check_keep(a.out_features - n_dead, prefix + name_a):
-            (new_a,), new_b = _shrink_pair([a], b, dead)
+            (new_a,), new_b = _shrink_pair([a], b, dead, bias_b)
             setattr(seq, name_a, new_a)
             setattr(seq, name_b, new_b)
             report.append((f"{prefix}{name_a}->{name_b}", a.out_features, new_a.out_features))
@@ -214,12 +270,13 @@ def _shrink_bert_mlp(layer: nn.Module, report: list, prefix: str) -> bool:
     if not (_plain_linear(a) and _plain_linear(b)) or a.out_features != b.in_features:
         return False
     act = getattr(inter, "intermediate_act_fn", None)
-    dead = _zero_cols(b)
-    if act is not None and _maps_zero_to_zero(act):
-        dead |= _zero_rows(a)
+    if act is None:
+        dead, bias_b = _zero_cols(b), None
+    else:
+        dead, bias_b = _dead_or_constant(a, b, act, frozen=True)
     n_dead = int(dead.sum())
     if n_dead and _check_keep(a.out_features - n_dead, prefix):
-        (new_a,), new_b = _shrink_pair([a], b, dead)
+        (new_a,), new_b = _shrink_pair([a], b, dead, bias_b)
         inter.dense, out.dense = new_a, new_b
         report.append((f"{prefix}intermediate/output", a.out_features, new_a.out_features))
     return True
@@ -331,7 +388,8 @@ def _shrink_bert_attention(attn: nn.Module, report: list, prefix: str) -> bool:
     dead_heads = (~keep).nonzero().squeeze(1).tolist()
     if not dead_heads or len(dead_heads) == n_heads:
         return True
-    if callable(getattr(attn, "prune_heads", None)):
+    if callable(getattr(attn, "prune_heads", None)) and not any(
+            _is_masked(x) for x in (q, k, v, o)):  # it would rebuild them as plain, unmasked
         attn.prune_heads(dead_heads)  # the model's own head pruning (transformers < 5)
     else:
         keep_feat = keep.repeat_interleave(hd)

@@ -81,13 +81,20 @@ def test_shrink_sequential_mlp(dim):
 
 def test_shrink_leaves_unprovable_pairs_alone():
     torch.manual_seed(0)
-    # Sigmoid(0) = 0.5: zero producer rows still feed the next layer, so nothing may go.
-    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 3))
+    # Sigmoid(0) = 0.5: zero producer rows still feed the next layer a constant; with no bias
+    # in the consumer to fold it into, nothing may go.
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 3, bias=False))
     _mask_(model[0], 0.5, 0)
     x = torch.randn(4, 8)
     ref = model(x)
     assert shrink_(model) == []
     assert model[0].out_features == 16
+    torch.testing.assert_close(model(x), ref)
+    # with a bias there, the constant 0.5 * column goes into it and the neurons go
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 3))
+    _mask_(model[0], 0.5, 0)
+    ref = model(x)
+    assert shrink_(model) == [("0->2", 16, 8)]
     torch.testing.assert_close(model(x), ref)
     # LayerNorm between the two linears mixes neurons: not connected elementwise
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3))
@@ -172,3 +179,87 @@ def test_shrink_llama_gated_mlp_and_kv_groups():
     with torch.no_grad():
         out = model(ids).last_hidden_state
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- masked layers (MaskedLinear) and neurons whose constant output is folded into the next bias
+
+
+def _masked(linear, sparsity=None, structured=None):
+    """MaskedLinear over `linear`: a structured (rows/cols) mask, optionally with unstructured
+    pruning on top. The bias is left alone, as a masked layer does."""
+    from fastkd.nn import MaskedLinear
+    from fastkd.prune import magnitude_mask
+
+    mask = torch.ones_like(linear.weight, dtype=torch.bool)
+    if structured is not None:
+        mask &= structured_mask(linear.weight, structured[0], dim=structured[1])
+    if sparsity is not None:
+        mask &= magnitude_mask(linear.weight, sparsity)
+    return MaskedLinear.from_linear(linear, mask=mask)
+
+
+def test_row_masked_neurons_with_live_biases_are_folded_and_removed():
+    from fastkd.nn import MaskedLinear
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(11, 37), nn.GELU(), nn.Dropout(0.2), nn.Linear(37, 23),
+                          nn.Tanh(), nn.Linear(23, 5)).eval()
+    model[0] = _masked(model[0], structured=(0.4, 0))  # rows gone, biases still there
+    model[3] = _masked(model[3], sparsity=0.3, structured=(0.5, 0))  # and unstructured pruning
+    assert (model[0].bias != 0).all()
+    x = torch.randn(7, 11)
+    with torch.no_grad():
+        ref = model(x)
+    report = shrink_(model)
+    assert report == [("0->3", 37, 37 - 15), ("3->5", 23, 23 - 12)]
+    # purely structured: a plain Linear; with unstructured pruning left: still masked
+    assert type(model[0]) is nn.Linear
+    assert type(model[3]) is MaskedLinear and model[3].mask.shape == (11, 22)
+    assert not model[3].mask.all()
+    assert type(model[5]) is nn.Linear and model[5].in_features == 11
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_constant_neurons_stay_where_folding_would_change_the_model():
+    torch.manual_seed(2)
+    x = torch.randn(5, 9)
+    # dropout in training mode draws a mask per call: a constant neuron is not constant
+    model = nn.Sequential(nn.Linear(9, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).train()
+    with torch.no_grad():
+        model[0].bias.fill_(0.5)  # relu(0.5) != 0: not zero, only constant
+    model[0] = _masked(model[0], structured=(0.5, 0))
+    assert shrink_(model) == []
+    # a consumer without a bias has nowhere to put the constant
+    model = nn.Sequential(nn.Linear(9, 16), nn.ReLU(), nn.Linear(16, 3, bias=False)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(0.5)
+    model[0] = _masked(model[0], structured=(0.5, 0))
+    with torch.no_grad():
+        ref = model(x)
+    assert shrink_(model) == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
+def test_bert_mlp_with_masked_layers_shrinks_and_the_checkpoint_round_trips(tmp_path):
+    import fastkd
+
+    model = _tiny_bert()
+    ids = torch.randint(0, 53, (2, 9))
+    for layer in model.encoder.layer:
+        layer.intermediate.dense = _masked(layer.intermediate.dense, structured=(0.5, 0))
+        layer.output.dense = _masked(layer.output.dense, sparsity=0.5)
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    shrink_(model)
+    for layer in model.encoder.layer:
+        assert type(layer.intermediate.dense) is nn.Linear
+        assert layer.intermediate.dense.out_features == 37 - 18
+        assert layer.output.dense.mask.shape == (24, 37 - 18)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+    fastkd.save_compressed(model, tmp_path / "bert")
+    skeleton = fastkd.load_compressed(_tiny_bert(), tmp_path / "bert")
+    with torch.no_grad():
+        assert torch.equal(skeleton(ids).last_hidden_state, model(ids).last_hidden_state)
