@@ -8,7 +8,8 @@ connected, so the result is a smaller dense model that computes the same functio
 * ``nn.Sequential`` MLPs: ``Linear -> elementwise activations/dropout -> Linear``;
 * Hugging Face BERT-style blocks: ``intermediate.dense`` (+ activation) -> ``output.dense``;
 * LLaMA-style gated MLPs: ``gate_proj``, ``up_proj`` -> ``down_proj`` (``act(gate) * up``);
-* GPT-2-style MLPs of Hugging Face ``Conv1D`` layers: ``c_fc`` (+ activation) -> ``c_proj``;
+* GPT-2-style MLPs of Hugging Face ``Conv1D`` layers: ``c_fc`` (+ activation) -> ``c_proj`` (or
+  the ``MaskedLinear`` layers ``sparsify_`` put there);
 * GPT-2-style attention heads (``c_attn`` packing q, k and v, then ``c_proj``);
 * attention heads: BERT-style self-attention (through the model's own ``prune_heads`` when the
   installed transformers has it, otherwise by slicing query/key/value/output the same way) and
@@ -320,6 +321,15 @@ def _slice_conv1d(layer: nn.Module, keep: Tensor, dim: int) -> nn.Module:
 
 def _shrink_conv1d_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
     a, b = getattr(mlp, "c_fc", None), getattr(mlp, "c_proj", None)
+    act = getattr(mlp, "act", None)
+    if _plain_linear(a) and _plain_linear(b) and a.out_features == b.in_features and act:
+        # GPT-2's MLP after sparsify_ (its Conv1D layers became MaskedLinear)
+        dead, bias_b = _dead_or_constant(a, b, act, frozen=True)
+        n_dead = int(dead.sum())
+        if n_dead and _check_keep(a.out_features - n_dead, prefix):
+            (mlp.c_fc,), mlp.c_proj = _shrink_pair([a], b, dead, bias_b)
+            report.append((f"{prefix}c_fc/c_proj", a.out_features, a.out_features - n_dead))
+        return True
     if not (is_hf_conv1d(a) and is_hf_conv1d(b)) or a.weight.shape[1] != b.weight.shape[0]:
         return False
     if a.bias is None or b.bias is None:
@@ -327,7 +337,6 @@ def _shrink_conv1d_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
     # c_proj(act(c_fc(x))): neuron j adds nothing when c_proj's input row j is zero, and is 0
     # when c_fc's output column j and bias are zero and act(0) = 0.
     dead = (b.weight.detach() == 0).all(dim=1)
-    act = getattr(mlp, "act", None)
     if act is not None and _maps_zero_to_zero(act):
         dead |= (a.weight.detach() == 0).all(dim=0) & (a.bias.detach() == 0)
     n = a.weight.shape[1]

@@ -263,3 +263,28 @@ def test_bert_mlp_with_masked_layers_shrinks_and_the_checkpoint_round_trips(tmp_
     skeleton = fastkd.load_compressed(_tiny_bert(), tmp_path / "bert")
     with torch.no_grad():
         assert torch.equal(skeleton(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_gpt2_mlp_after_sparsify_shrinks():
+    import fastkd
+    from fastkd.nn import MaskedLinear
+
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=24, vocab_size=53, n_positions=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(4)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    fastkd.sparsify_(model, sparsity=0.3, filter_fn=lambda m, n: ".mlp." in n)
+    for block in model.transformer.h:
+        fc = block.mlp.c_fc
+        assert isinstance(fc, MaskedLinear)
+        with torch.no_grad():  # prune 40 of its 96 neurons as whole rows (biases stay)
+            fc.mask &= structured_mask(fc.weight, 40 / 96, dim=0)
+    ids = torch.randint(0, 53, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = shrink_(model)
+    assert [r[1:] for r in report] == [(96, 56), (96, 56)]
+    for block in model.transformer.h:
+        assert block.mlp.c_fc.out_features == 56 and block.mlp.c_proj.in_features == 56
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
