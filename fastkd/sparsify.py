@@ -8,7 +8,7 @@ from torch import nn
 
 from .nn._linear_like import is_replaceable_linear
 from .nn.masked_linear import MaskedLinear
-from .prune import parse_pattern
+from .prune import magnitude_mask, parse_pattern
 
 
 def sparsify_(
@@ -23,6 +23,14 @@ def sparsify_(
     them without a filter) by a :class:`~fastkd.nn.MaskedLinear` holding its weights and a magnitude
     mask (:func:`fastkd.prune.magnitude_mask`, per layer); returns ``model``. Hugging Face
     ``Conv1D`` layers (GPT-2's attention and MLP projections) count as linears too.
+
+    A layer that is already a ``MaskedLinear`` is pruned further, in place (gradual pruning:
+    ``sparsify_(model, 0.3)``, fine-tune, ``sparsify_(model, 0.6)``, ...): its new mask keeps the
+    largest ``|W o M|`` of the pattern, within the old mask, so the sparsity reaches the new value
+    (or stays where it was if that was higher: pruned weights do not come back). The module and
+    its parameters stay the same objects, so an optimizer over them carries on. (Momentum the
+    optimizer built up for a newly pruned weight can still move its stored value; the mask keeps
+    it out of every output, and quantize_, share_weights_ and shrink_ read ``W o M``.)
 
     ``name`` is the module's qualified name (``"encoder.layer.0.attention.self.query"``). For N:M
     patterns pass ``sparsity=None`` or the implied value. Skipped, whatever the filter says: linears
@@ -43,7 +51,7 @@ def sparsify_(
         if isinstance(parent, nn.MultiheadAttention):
             continue
         for child_name, child in parent.named_children():
-            if not is_replaceable_linear(child):  # nn.Linear subclasses may override forward
+            if not is_replaceable_linear(child, pruned=True):  # subclasses may override forward
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if uses.get(id(child.weight), 0) > 1:
@@ -52,6 +60,12 @@ def sparsify_(
                 continue
             targets.append((parent, child_name, child))
     for parent, child_name, child in targets:
+        if isinstance(child, MaskedLinear):
+            # gradual pruning: prune further in place (the module, and the parameters an
+            # optimizer holds, stay); already pruned weights are zeros of W o M, pruned first
+            kept = child.weight.detach().masked_fill(~child.mask, 0)
+            child.set_mask_(child.mask & magnitude_mask(kept, sparsity, pattern))
+            continue
         masked = MaskedLinear.from_linear(child, sparsity=sparsity, pattern=pattern, backend=backend)
         setattr(parent, child_name, masked)
     return model
