@@ -246,6 +246,9 @@ class Distiller:
         teacher, student: ``nn.Module``s with outputs of the same shape (``(..., classes)`` for
             classification). Both are moved to ``device``.
         temperature: softening temperature ``T > 0`` (classification).
+        divergence, beta: the soft term's divergence, ``"kl"`` (forward KL, Hinton et al.),
+            ``"reverse_kl"`` or ``"jsd"`` (generalized Jensen-Shannon with weight ``beta``), as in
+            :func:`fastkd.functional.kd_loss`.
         alpha: weight of the teacher term in ``[0, 1]``; ``1 - alpha`` weighs the hard target.
             ``alpha=0`` trains on hard labels only (the teacher is still run for the metrics).
         optimizer: ``None`` (Adam with ``lr``), an optimizer over the student's parameters (the
@@ -318,6 +321,8 @@ class Distiller:
         adversarial_lr: Optional[float] = None,
         shift_labels: Optional[bool] = None,
         fused_lm_head: bool = False,
+        divergence: str = "kl",
+        beta: float = 0.5,
     ):
         if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
             raise TypeError("teacher and student must be torch.nn.Module instances")
@@ -411,7 +416,8 @@ class Distiller:
         # Built from the first batch's feature shapes (see _build_projections).
         self.hint_projections: Optional[nn.ModuleList] = None
 
-        self.loss_fn = KDLoss(temperature=self.temperature, alpha=self.alpha, backend=backend)
+        self.loss_fn = KDLoss(temperature=self.temperature, alpha=self.alpha, backend=backend,
+                              divergence=divergence, beta=beta)
         if optimizer is not None and not (
             isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)
         ):
@@ -531,6 +537,7 @@ class Distiller:
             temperature=self.temperature, alpha=self.alpha,
             ignore_index=self.loss_fn.ignore_index,
             reduction="mean" if keep is None else "none", backend=self.backend,
+            divergence=self.loss_fn.divergence, beta=self.loss_fn.beta,
         )
         if keep is not None:
             loss = torch.where(keep, loss, 0.0).sum() / keep.sum().clamp_min(1)
@@ -577,6 +584,8 @@ class Distiller:
                 alpha=self.alpha,
                 reduction="none",
                 backend=self.backend,
+                divergence=self.loss_fn.divergence,
+                beta=self.loss_fn.beta,
             )
             if rows_mask is not None:
                 total, count = torch.where(rows_mask, rows, 0.0).sum(), rows_mask.sum()

@@ -236,3 +236,28 @@ def test_resuming_into_a_different_distiller_is_refused():
                   hints=[("0", "0")]).load_state_dict(state)
     with pytest.raises(ValueError, match="not a Distiller state"):
         d.load_state_dict(d.student.state_dict())
+
+
+@pytest.mark.parametrize("divergence, beta", [("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_divergence_reaches_the_module_and_the_distiller(divergence, beta):
+    import fastkd.functional as FK
+    from fastkd.nn import KDLoss
+
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 9), torch.randn(6, 9), torch.randint(0, 9, (6,))
+    loss = KDLoss(temperature=2.0, divergence=divergence, beta=beta)
+    want = FK.kd_loss(s, t, y, temperature=2.0, divergence=divergence, beta=beta)
+    assert torch.equal(loss(s, t, y), want)
+    assert not torch.equal(want, FK.kd_loss(s, t, y, temperature=2.0))
+    assert divergence in repr(loss)
+    with pytest.raises(ValueError, match="divergence"):
+        KDLoss(divergence="hellinger")
+    # the Distiller's objective is that loss, in fit and evaluate
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    batches = _batches(n_batches=2)
+    d = Distiller(teacher, student, temperature=2.0, divergence=divergence, beta=beta,
+                  progress=False)
+    with torch.no_grad():
+        want = sum(FK.kd_loss(student(x), teacher(x), yy, temperature=2.0, alpha=0.5,
+                              divergence=divergence, beta=beta) for x, yy in batches) / 2
+    assert d.evaluate(batches)["loss"] == pytest.approx(want.item(), rel=1e-5)

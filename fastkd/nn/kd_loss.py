@@ -12,7 +12,8 @@ from .._validate import check_number, check_reduction
 class KDLoss(nn.Module):
     """Knowledge-distillation loss as a module; see :func:`fastkd.functional.kd_loss`.
 
-    ``loss = KDLoss(temperature=2.0, alpha=0.5)(student_logits, teacher_logits, target)``
+    ``loss = KDLoss(temperature=2.0, alpha=0.5)(student_logits, teacher_logits, target)``;
+    ``divergence="reverse_kl"`` or ``"jsd"`` (with ``beta``) as in ``kd_loss``.
     """
 
     def __init__(
@@ -22,6 +23,8 @@ class KDLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         backend: str = "auto",
+        divergence: str = "kl",
+        beta: float = 0.5,
     ):
         super().__init__()
         # Checked here too, so a bad setting fails when the loss is built, not mid-training.
@@ -31,6 +34,7 @@ class KDLoss(nn.Module):
         self.reduction = check_reduction(reduction)
         check_backend(backend)
         self.backend = backend
+        self.divergence, self.beta = F.check_divergence(divergence, beta)
 
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None
@@ -44,11 +48,13 @@ class KDLoss(nn.Module):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             backend=self.backend,
+            divergence=self.divergence,
+            beta=self.beta,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, alpha={self.alpha}, "
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, divergence={self.divergence!r}, beta={self.beta}"
         )
