@@ -387,6 +387,11 @@ def quantize_weight(weight: Tensor) -> tuple:
     check_float_dtype(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    if not weight.is_meta and not bool(torch.isfinite(weight).all()):
+        raise ValueError(
+            "weight contains inf or NaN: its channel's scale would be inf/NaN and every weight of "
+            "that output channel would be lost; clean the weight first"
+        )
     from .reference.int8_linear import quantize_weight as _quantize_weight
 
     return _quantize_weight(weight)

@@ -50,9 +50,10 @@ def quantize_(
         and (filter_fn is None or filter_fn(module, name))
     ]
     swapped: dict = {}  # a linear shared under several names becomes one shared Int8Linear
-    for name, module in targets:
+    for _, module in targets:  # every layer first: a bad one leaves the model untouched
         if id(module) not in swapped:
             swapped[id(module)] = Int8Linear.from_linear(module, mode=mode, backend=backend)
+    for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, swapped[id(module)])

@@ -40,7 +40,10 @@ def sparsify_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify_ takes an nn.Module, got {type(model).__name__}")
-    parse_pattern(pattern)  # fail before touching the model
+    kind, _ = parse_pattern(pattern)  # fail before touching the model
+    if sparsity is None and kind != "nm":
+        raise ValueError(f"pattern {pattern!r} needs a sparsity in [0, 1] (None is for N:M "
+                         "patterns, whose sparsity is implied)")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable (module, name) -> bool")
     uses: dict = {}

@@ -114,3 +114,16 @@ def test_pruned_then_quantized_checkpoint_loads_into_a_plain_skeleton(tmp_path):
     assert len(_layers(skeleton, Int8Linear)) == 3
     with torch.no_grad():
         assert torch.equal(skeleton(x), want)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_quantizing_a_non_finite_weight_is_a_clear_error(bad):
+    lin = nn.Linear(8, 4)
+    with torch.no_grad():
+        lin.weight[1, 2] = bad
+    with pytest.raises(ValueError, match="inf or NaN"):
+        Int8Linear.from_linear(lin)
+    model = nn.Sequential(nn.Linear(8, 8), lin)  # the bad layer comes second
+    with pytest.raises(ValueError, match="inf or NaN"):
+        fastkd.quantize_(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]  # nothing half-done

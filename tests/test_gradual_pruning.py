@@ -70,3 +70,14 @@ def test_filters_and_outputs_after_further_pruning():
         torch.relu(nn.functional.linear(x, model[0].weight * model[0].mask, model[0].bias)),
         model[2].weight * model[2].mask, model[2].bias)
     torch.testing.assert_close(model(x), ref)
+
+
+def test_sparsity_none_is_only_for_nm_patterns():
+    # it used to leave plain linears unpruned (an all-True mask) without a word
+    for pattern in ("unstructured", (2, 4)):
+        model = _model(4)
+        with pytest.raises(ValueError, match="needs a sparsity"):
+            fastkd.sparsify_(model, sparsity=None, pattern=pattern)
+        assert not any(isinstance(m, MaskedLinear) for m in model)
+    model = fastkd.sparsify_(_model(4), sparsity=None, pattern="2:4")
+    assert _density(model) == [0.5, 0.5]
