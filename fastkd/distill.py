@@ -102,6 +102,46 @@ def _to_device(obj, device: torch.device):
     return obj
 
 
+TOPK_KEYS = ("teacher_ids", "teacher_logprobs")
+
+
+class _TopK:
+    """An offline teacher's output for one batch: its top-k class ids and log-probabilities,
+    ``(..., k)`` each, position by position like the student's logits."""
+
+    def __init__(self, ids: Tensor, logprobs: Tensor):
+        self.ids, self.logprobs = ids, logprobs
+
+    def __getitem__(self, index) -> "_TopK":
+        return _TopK(self.ids[index], self.logprobs[index])
+
+    @property
+    def shape(self):
+        return self.ids.shape
+
+    def argmax(self, dim: int = -1) -> Tensor:
+        """The teacher's top-1 class per row."""
+        best = self.logprobs.argmax(dim=-1, keepdim=True)
+        return self.ids.gather(-1, best).squeeze(-1)
+
+
+def _take_topk(batch):
+    """(batch without the stored teacher, _TopK) for offline distillation: a mapping batch's
+    ``teacher_ids``/``teacher_logprobs`` entries, or a tuple's third and fourth elements."""
+    if isinstance(batch, Mapping):
+        missing = [k for k in TOPK_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"an offline (teacher=None) batch needs {TOPK_KEYS}; missing "
+                             f"{missing}")
+        rest = {k: v for k, v in batch.items() if k not in TOPK_KEYS}
+        return rest, _TopK(batch["teacher_ids"], batch["teacher_logprobs"])
+    if isinstance(batch, (tuple, list)) and len(batch) == 4:
+        return (batch[0], batch[1]), _TopK(batch[2], batch[3])
+    raise ValueError("an offline (teacher=None) batch is a mapping with 'teacher_ids' and "
+                     "'teacher_logprobs', or a tuple (inputs, target, teacher_ids, "
+                     "teacher_logprobs)")
+
+
 def _split_batch(batch):
     """-> (call, target, attention_mask): call(model) runs the model on the batch's inputs; the
     mask is a mapping batch's ``attention_mask`` (None otherwise)."""
@@ -244,7 +284,13 @@ class Distiller:
 
     Args:
         teacher, student: ``nn.Module``s with outputs of the same shape (``(..., classes)`` for
-            classification). Both are moved to ``device``.
+            classification). Both are moved to ``device``. ``teacher=None``: offline
+            distillation from a stored teacher: each batch carries the teacher's top-k class ids
+            and log-probabilities (``fastkd.teacher_topk(teacher_logits, k, temperature=T)``,
+            shapes ``(..., k)`` matching the student's logits), as ``teacher_ids`` and
+            ``teacher_logprobs`` entries of a mapping batch or as the third and fourth elements
+            of a tuple ``(inputs, target, ids, logprobs)``; the loss is
+            :func:`fastkd.functional.kd_loss_topk` and ``agreement`` counts the teacher's top-1.
         temperature: softening temperature ``T > 0`` (classification).
         divergence, beta: the soft term's divergence, ``"kl"`` (forward KL, Hinton et al.),
             ``"reverse_kl"`` or ``"jsd"`` (generalized Jensen-Shannon with weight ``beta``), as in
@@ -324,8 +370,11 @@ class Distiller:
         divergence: str = "kl",
         beta: float = 0.5,
     ):
-        if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
-            raise TypeError("teacher and student must be torch.nn.Module instances")
+        self.offline = teacher is None
+        if not (self.offline or isinstance(teacher, nn.Module)) or not isinstance(student,
+                                                                                   nn.Module):
+            raise TypeError("teacher and student must be torch.nn.Module instances (teacher "
+                            "None: offline distillation from stored top-k)")
         if teacher is student:
             raise ValueError("teacher and student must be different modules")
         if task not in TASKS:
@@ -364,6 +413,11 @@ class Distiller:
             raise TypeError(f"fused_lm_head must be a bool, got {fused_lm_head!r}")
         self.fused_lm_head = fused_lm_head
         self._fused_checked = False
+        if self.offline and (task != "classification" or self.adversarial_weight > 0 or hints
+                             or fused_lm_head or divergence != "kl"):
+            raise ValueError("offline distillation (teacher=None, stored top-k) is for "
+                             "classification with forward KL, without hints, adversarial term or "
+                             "fused_lm_head (they need the teacher model)")
         if fused_lm_head:
             if task != "classification" or self.adversarial_weight > 0:
                 raise ValueError("fused_lm_head needs task='classification' and no adversarial "
@@ -383,7 +437,7 @@ class Distiller:
                 first = next(iter(student.buffers()), None)
             device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device)
-        self.teacher = teacher.to(self.device)
+        self.teacher = None if self.offline else teacher.to(self.device)
         self.student = student.to(self.device)
         self._student_autocast = _autocast_dtype(self.device, autocast, "autocast")
         self._autocast_dtype = (
@@ -456,6 +510,7 @@ class Distiller:
         [1, L) (the second-to-last output dimension is the sequence)."""
         if not self.shift_labels or target is None:
             return s, t, target
+        # (t may be a stored top-k teacher: sliced the same way)
         if s.dim() < 3 or target.shape != s.shape[:-1]:
             raise ValueError(
                 f"shift_labels pairs (batch, sequence, classes) outputs with (batch, sequence) "
@@ -498,10 +553,11 @@ class Distiller:
                     )
         self._fused_checked = True
 
-    def _outputs(self, call, target, attention_mask):
+    def _outputs(self, call, target, attention_mask, topk=None):
         """Both models' outputs for one batch, paired with the targets (shift_labels) and the
-        rows that count: (student output, teacher output, target, rows mask or None)."""
-        t_out = self._teacher_forward(call)
+        rows that count: (student output, teacher output, target, rows mask or None). Offline,
+        ``topk`` is the stored teacher (a _TopK) and stands for the teacher's output."""
+        t_out = self._teacher_forward(call) if topk is None else topk
         s_out = _output_tensor(call(self.student), "student")
         self._check_outputs(s_out, t_out)
         s_out, t_out, target = self._align(s_out, t_out, target)
@@ -562,6 +618,13 @@ class Distiller:
                    None if keep is None else keep[r0:r1])
 
     def _check_outputs(self, s: Tensor, t: Tensor) -> None:
+        if isinstance(t, _TopK):
+            if t.ids.shape != t.logprobs.shape or t.shape[:-1] != s.shape[:-1]:
+                raise ValueError(
+                    f"stored teacher_ids {tuple(t.ids.shape)} and teacher_logprobs "
+                    f"{tuple(t.logprobs.shape)} must share the student output's leading shape "
+                    f"{tuple(s.shape[:-1])} (then k)")
+            return
         if s.shape != t.shape:
             raise ValueError(
                 f"student output shape {tuple(s.shape)} does not match teacher output shape "
@@ -573,6 +636,11 @@ class Distiller:
                      rows_mask: Optional[Tensor] = None):
         """Returns (loss, count): the mean (or the sum with reduction="sum") and its row count.
         ``rows_mask`` (classification without a target): only the rows it keeps count."""
+        if self.task == "classification" and isinstance(t, _TopK):
+            rows = fkd_functional.kd_loss_topk(
+                s, t.ids, t.logprobs, target, temperature=self.temperature, alpha=self.alpha,
+                ignore_index=self.loss_fn.ignore_index, reduction="none", backend=self.backend)
+            return self._reduce_rows(rows, target, reduction, rows_mask)
         if self.task == "classification":
             if reduction == "mean" and rows_mask is None:
                 return self.loss_fn(s, t, target), None
@@ -587,15 +655,7 @@ class Distiller:
                 divergence=self.loss_fn.divergence,
                 beta=self.loss_fn.beta,
             )
-            if rows_mask is not None:
-                total, count = torch.where(rows_mask, rows, 0.0).sum(), rows_mask.sum()
-                if reduction == "mean":
-                    return total / count.clamp_min(1), None
-                return total, count
-            if target is None:
-                return rows.sum(), rows.numel()
-            valid = target != self.loss_fn.ignore_index
-            return rows.sum(), valid.sum()
+            return self._reduce_rows(rows, target, reduction, rows_mask)
         t = t.to(s.dtype)
         teacher_term = F.mse_loss(s, t, reduction=reduction)
         if target is None or self.alpha == 1.0:
@@ -611,6 +671,18 @@ class Distiller:
                 s, target, reduction=reduction
             )
         return loss, (s.numel() if reduction == "sum" else None)
+
+    def _reduce_rows(self, rows: Tensor, target, reduction: str, rows_mask):
+        """(loss, count) from per-row KD losses (ignored rows are 0): see _output_loss."""
+        if rows_mask is not None:
+            total, count = torch.where(rows_mask, rows, 0.0).sum(), rows_mask.sum()
+        elif target is None:
+            total, count = rows.sum(), torch.tensor(rows.numel(), device=rows.device)
+        else:
+            total, count = rows.sum(), (target != self.loss_fn.ignore_index).sum()
+        if reduction == "mean":
+            return total / count.clamp_min(1), None
+        return total, count
 
     def _build_projections(self, s_feats: list[Tensor], t_feats: list[Tensor]) -> None:
         projs = []
@@ -804,7 +876,8 @@ class Distiller:
             _nonempty(eval_loader, "eval_loader")
         from tqdm.auto import tqdm
 
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         s_cap, t_cap = self._hooks()
         out: list[dict] = []
         try:
@@ -830,6 +903,7 @@ class Distiller:
                 pending = 0  # batches whose gradients wait for an optimizer step
                 for batch in bar:
                     batch = _to_device(batch, self.device)
+                    batch, topk = _take_topk(batch) if self.offline else (batch, None)
                     call, target, attention_mask = _split_batch(batch)
                     adversarial = self.adversarial_weight > 0
                     with self._student_context():
@@ -837,7 +911,7 @@ class Distiller:
                             loss = self._fused_step_loss(batch, target, attention_mask)
                         else:
                             s_out, t_out, target, keep = self._outputs(call, target,
-                                                                       attention_mask)
+                                                                       attention_mask, topk)
                             loss, _ = self._output_loss(s_out, t_out, target, rows_mask=keep)
                         if s_cap is not None:
                             s_feats, t_feats = s_cap.take(), t_cap.take()
@@ -915,7 +989,8 @@ class Distiller:
         _nonempty(loader, "loader")
         was_training = self.student.training
         self.student.eval()
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         s_cap, t_cap = self._hooks() if self.hint_projections is not None else (None, None)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -929,11 +1004,12 @@ class Distiller:
             for batch in loader:
                 with self._student_context():
                     batch = _to_device(batch, self.device)
+                    batch, topk = _take_topk(batch) if self.offline else (batch, None)
                     call, target, attention_mask = _split_batch(batch)
                     if self.fused_lm_head:
                         pieces = self._fused_eval_chunks(batch, target, attention_mask)
                     else:
-                        pieces = [self._outputs(call, target, attention_mask)]
+                        pieces = [self._outputs(call, target, attention_mask, topk)]
                     for s_out, t_out, target, keep in pieces:
                         total, n = self._output_loss(s_out, t_out, target, reduction="sum",
                                                      rows_mask=keep)

@@ -261,3 +261,98 @@ def test_divergence_reaches_the_module_and_the_distiller(divergence, beta):
         want = sum(FK.kd_loss(student(x), teacher(x), yy, temperature=2.0, alpha=0.5,
                               divergence=divergence, beta=beta) for x, yy in batches) / 2
     assert d.evaluate(batches)["loss"] == pytest.approx(want.item(), rel=1e-5)
+
+
+# ---- offline distillation: the teacher stored as its top-k (teacher=None)
+
+
+def _topk_batches(teacher, batches, k, temperature):
+    import fastkd
+
+    out = []
+    with torch.no_grad():
+        for x, y in batches:
+            ids, lps = fastkd.teacher_topk(teacher(x), k, temperature=temperature)
+            out.append((x, y, ids, lps))
+    return out
+
+
+def test_offline_with_the_whole_vocabulary_trains_like_the_online_teacher():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    batches = _batches(n_batches=3)
+    stored = _topk_batches(teacher, batches, k=5, temperature=2.0)
+    runs = []
+    for t, data in ((teacher, batches), (None, stored)):
+        d = Distiller(t, copy.deepcopy(student), temperature=2.0, optimizer=_sgd(0.2),
+                      progress=False)
+        hist = d.fit(data, epochs=2, eval_loader=data)
+        runs.append((hist, d.student))
+    (h_on, s_on), (h_off, s_off) = runs
+    for key in ("train_loss", "eval_loss", "eval_agreement", "eval_accuracy"):
+        assert [h[key] for h in h_off] == pytest.approx([h[key] for h in h_on], rel=1e-5), key
+    for a, b in zip(s_off.parameters(), s_on.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_offline_top2_trains_and_agreement_is_against_the_teachers_top1():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    batches = _batches(n_batches=4)
+    stored = _topk_batches(teacher, batches, k=2, temperature=1.0)
+    d = Distiller(None, student, temperature=1.0, alpha=1.0, progress=False, lr=1e-2)
+    before = d.evaluate(stored)
+    hist = d.fit(stored, epochs=8)
+    after = d.evaluate(stored)
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert after["agreement"] > before["agreement"]
+    with torch.no_grad():
+        top1 = torch.cat([teacher(x).argmax(-1) for x, _ in batches])
+        pred = torch.cat([student(x).argmax(-1) for x, _ in batches])
+    assert after["agreement"] == pytest.approx((pred == top1).float().mean().item())
+
+
+def test_offline_causal_lm_shifts_like_the_online_path():
+    transformers = pytest.importorskip("transformers")
+    import fastkd
+
+    def gpt2(seed, n_layer):
+        torch.manual_seed(seed)
+        cfg = transformers.GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=61,
+                                      n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+
+    teacher, student = gpt2(0, 2), gpt2(1, 1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 61, (6, 10), generator=g)
+    labels = ids.clone()
+    labels[0, 7:] = -100
+    batches = [{"input_ids": ids[i:i + 3], "labels": labels[i:i + 3]} for i in (0, 3)]
+    stored = []
+    for b in batches:
+        with torch.no_grad():
+            t_ids, t_lps = fastkd.teacher_topk(teacher(input_ids=b["input_ids"]).logits, 61,
+                                               temperature=2.0)
+        stored.append({**b, "teacher_ids": t_ids, "teacher_logprobs": t_lps})
+    losses = []
+    for t, data in ((teacher, batches), (None, stored)):
+        d = Distiller(t, copy.deepcopy(student), temperature=2.0, optimizer=_sgd(0.1),
+                      progress=False, backend="torch")
+        assert d.shift_labels
+        losses.append([h["train_loss"] for h in d.fit(data, epochs=2)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_offline_errors():
+    student = _mlp(12, 16, 5, seed=1)
+    for kwargs in ({"hints": [("0", "0")]}, {"adversarial_weight": 0.1},
+                   {"task": "regression"}, {"divergence": "jsd"}):
+        with pytest.raises(ValueError, match="offline"):
+            Distiller(None, student, progress=False, **kwargs)
+    d = Distiller(None, student, progress=False)
+    x, y = _batches(n_batches=1)[0]
+    with pytest.raises(ValueError, match="offline"):
+        d.fit([(x, y)])
+    with pytest.raises(ValueError, match="missing"):
+        d.fit([{"input": x, "teacher_ids": torch.zeros(16, 2, dtype=torch.long)}])
+    with pytest.raises(ValueError, match="leading shape"):
+        d.fit([(x, y, torch.zeros(8, 2, dtype=torch.long), torch.zeros(8, 2))])
