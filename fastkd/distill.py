@@ -507,10 +507,10 @@ class Distiller:
 
     def _align(self, s: Tensor, t: Tensor, target: Optional[Tensor]):
         """With shift_labels and a target: outputs at positions [0, L-1) against targets at
-        [1, L) (the second-to-last output dimension is the sequence)."""
+        [1, L) (the second-to-last output dimension is the sequence). ``t`` may be a stored
+        top-k teacher (_TopK), sliced the same way."""
         if not self.shift_labels or target is None:
             return s, t, target
-        # (t may be a stored top-k teacher: sliced the same way)
         if s.dim() < 3 or target.shape != s.shape[:-1]:
             raise ValueError(
                 f"shift_labels pairs (batch, sequence, classes) outputs with (batch, sequence) "
@@ -790,9 +790,7 @@ class Distiller:
         t_mods = [_get_submodule(self.teacher, t, "teacher") for _, t in self.hints]
         return _HintCapture(s_mods), _HintCapture(t_mods)
 
-    # ------------------------------------------------------------------ public API
-
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ public API: checkpoints
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs, for ``torch.save``: the student's state, the optimizer,
@@ -857,7 +855,7 @@ class Distiller:
             self.scaler.load_state_dict(state["scaler"])
         self.history = [dict(h) for h in state["history"]]
 
-    # ------------------------------------------------------------------ training
+    # ------------------------------------------------------------------ public API: training
 
     def fit(self, train_loader, epochs: int = 1, eval_loader=None) -> list[dict]:
         """Train the student for ``epochs`` passes over ``train_loader``.
