@@ -66,8 +66,7 @@ def sparsify_(
         if isinstance(child, MaskedLinear):
             # gradual pruning: prune further in place (the module, and the parameters an
             # optimizer holds, stay); already pruned weights are zeros of W o M, pruned first
-            kept = child.weight.detach().masked_fill(~child.mask, 0)
-            child.set_mask_(child.mask & magnitude_mask(kept, sparsity, pattern))
+            child.set_mask_(child.mask & magnitude_mask(child.masked_weight(), sparsity, pattern))
             continue
         masked = MaskedLinear.from_linear(child, sparsity=sparsity, pattern=pattern, backend=backend)
         setattr(parent, child_name, masked)

@@ -88,12 +88,8 @@ def structured_mask(weight: Tensor, sparsity: float, dim: int = 0) -> Tensor:
 
 
 def _effective_weight(layer: nn.Module) -> Tensor:
-    """The weight a linear-like layer multiplies by (masked layers: weight * mask)."""
-    w = layer.weight.detach()
-    mask = getattr(layer, "mask", None)
-    if isinstance(mask, Tensor) and mask.shape == w.shape:
-        w = w * mask.to(w.dtype)
-    return w
+    """The weight a linear-like layer multiplies by (a MaskedLinear: W o M)."""
+    return layer.masked_weight() if _is_masked(layer) else layer.weight.detach()
 
 
 def _is_masked(layer) -> bool:

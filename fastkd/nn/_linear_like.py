@@ -52,11 +52,10 @@ def as_linear(module, who: str) -> nn.Linear:
     if is_masked_linear(module):
         # the pruned weights are exact zeros of the new weight (0 in int8 codes, and the fixed
         # cluster 0 of a codebook)
-        weight = module.weight
         linear = nn.Linear(module.in_features, module.out_features,
                            bias=module.bias is not None, device="meta")
-        masked = weight.detach().masked_fill(~module.mask.to(weight.device), 0)
-        linear.weight = nn.Parameter(masked, requires_grad=weight.requires_grad)
+        linear.weight = nn.Parameter(module.masked_weight(),
+                                     requires_grad=module.weight.requires_grad)
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.detach(),
                                        requires_grad=module.bias.requires_grad)

@@ -141,6 +141,13 @@ class MaskedLinear(nn.Module):
         self._tiles_key = None
         return self
 
+    def masked_weight(self) -> Tensor:
+        """``W o M`` (detached): the weight this layer multiplies by, pruned entries exact zeros
+        whatever the stored weight holds there."""
+        from ..reference.masked_linear import zero_pruned
+
+        return zero_pruned(self.weight.detach(), self.mask.to(self.weight.device))
+
     @property
     def density(self) -> float:
         """Fraction of weights kept (reads the mask: one device sync)."""
