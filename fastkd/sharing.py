@@ -24,6 +24,7 @@ diagonal; ``damp`` -> infinity gives back plain nearest-centroid rounding.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
@@ -168,7 +169,7 @@ def calibrated_assign(
 def _input_moments(model: nn.Module, targets, calibration) -> dict:
     """E[x x^T] (float64, on each layer's device) of the inputs each target layer receives while
     ``calibration`` runs: a callable given the model, or an iterable of batches (a tensor is
-    passed as ``model(batch)``, a tuple/list as ``model(*batch)``, a dict as ``model(**batch)``).
+    passed as ``model(batch)``, a tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``).
     The model runs in eval mode under ``torch.no_grad()``; its train/eval flags are restored."""
     sums: dict = {}
 
@@ -190,7 +191,7 @@ def _input_moments(model: nn.Module, targets, calibration) -> dict:
                 calibration(model)
             else:
                 for batch in calibration:
-                    if isinstance(batch, dict):
+                    if isinstance(batch, Mapping):  # dict, or a tokenizer's BatchEncoding
                         model(**batch)
                     elif isinstance(batch, (tuple, list)):
                         model(*batch)

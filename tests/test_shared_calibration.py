@@ -7,6 +7,7 @@ train/eval flags, layers the calibration never reaches, GPT-2's Conv1D, bad inpu
 """
 
 import warnings
+from collections import UserDict
 
 import pytest
 import torch
@@ -110,7 +111,7 @@ def _batches():
     return [_correlated_inputs(21, 40, seed=s) for s in range(3)]
 
 
-@pytest.mark.parametrize("form", ["callable", "tensors", "tuples", "dicts"])
+@pytest.mark.parametrize("form", ["callable", "tensors", "tuples", "dicts", "mappings"])
 def test_every_calibration_form_gives_the_same_model(form):
     torch.manual_seed(0)
     ref_net = _Net().train()
@@ -120,6 +121,8 @@ def test_every_calibration_form_gives_the_same_model(form):
         "tensors": batches,
         "tuples": [(b, 1.0) for b in batches],
         "dicts": [{"x": b, "scale": 1.0} for b in batches],
+        # a tokenizer's BatchEncoding is a UserDict, not a dict
+        "mappings": [UserDict({"x": b, "scale": 1.0}) for b in batches],
     }
     net = _Net()
     net.load_state_dict(ref_net.state_dict())
