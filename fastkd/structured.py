@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .nn._linear_like import is_hf_conv1d
+from .nn._linear_like import is_hf_conv1d, is_masked_linear
 
 __all__ = ["structured_mask", "shrink_"]
 
@@ -89,19 +89,13 @@ def structured_mask(weight: Tensor, sparsity: float, dim: int = 0) -> Tensor:
 
 def _effective_weight(layer: nn.Module) -> Tensor:
     """The weight a linear-like layer multiplies by (a MaskedLinear: W o M)."""
-    return layer.masked_weight() if _is_masked(layer) else layer.weight.detach()
-
-
-def _is_masked(layer) -> bool:
-    from .nn.masked_linear import MaskedLinear
-
-    return type(layer) is MaskedLinear
+    return layer.masked_weight() if is_masked_linear(layer) else layer.weight.detach()
 
 
 def _plain_linear(layer) -> bool:
     # Only exact nn.Linear (and fastkd's MaskedLinear, whose per-weight mask is sliced with it)
     # can be sliced safely: a subclass may keep extra per-feature state.
-    return type(layer) is nn.Linear or _is_masked(layer)
+    return type(layer) is nn.Linear or is_masked_linear(layer)
 
 
 def _zero_rows(layer: nn.Linear) -> Tensor:
@@ -154,7 +148,7 @@ def _slice_linear(layer: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
     b = None
     if layer.bias is not None:
         b = layer.bias.detach().index_select(0, idx) if dim == 0 else layer.bias.detach()
-    mask = layer.mask.index_select(dim, idx) if _is_masked(layer) else None
+    mask = layer.mask.index_select(dim, idx) if is_masked_linear(layer) else None
     if mask is not None and not bool(mask.all()):
         from .nn.masked_linear import MaskedLinear
 
@@ -394,7 +388,7 @@ def _shrink_bert_attention(attn: nn.Module, report: list, prefix: str) -> bool:
     if not dead_heads or len(dead_heads) == n_heads:
         return True
     if callable(getattr(attn, "prune_heads", None)) and not any(
-            _is_masked(x) for x in (q, k, v, o)):  # it would rebuild them as plain, unmasked
+            is_masked_linear(x) for x in (q, k, v, o)):  # it would rebuild them as plain, unmasked
         attn.prune_heads(dead_heads)  # the model's own head pruning (transformers < 5)
     else:
         keep_feat = keep.repeat_interleave(hd)

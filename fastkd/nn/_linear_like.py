@@ -26,10 +26,11 @@ def is_hf_conv1d(module) -> bool:
 
 
 def is_masked_linear(module) -> bool:
-    """True for ``fastkd.nn.MaskedLinear`` (a pruned linear: ``x (W o M)^T + b``)."""
+    """True for exactly ``fastkd.nn.MaskedLinear`` (a pruned linear: ``x (W o M)^T + b``); a
+    subclass may compute something else, like nn.Linear's."""
     from .masked_linear import MaskedLinear
 
-    return isinstance(module, MaskedLinear)
+    return type(module) is MaskedLinear
 
 
 def is_replaceable_linear(module, pruned: bool = False) -> bool:
