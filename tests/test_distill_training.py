@@ -134,20 +134,20 @@ def test_scheduler_covers_hint_projections_added_to_a_given_optimizer():
     assert [g["lr"] for g in d.optimizer.param_groups] == pytest.approx([0.025, 1e-3 * 0.25])
 
 
-def test_fused_lm_head_under_autocast_matches_the_unfused_path():
+def _gpt2(seed, n_layer):
+    """A tiny GPT-2 without dropout (vocabulary 61), in eval mode."""
     transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=61,
+                                  n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
 
-    def gpt2(seed, n_layer):
-        torch.manual_seed(seed)
-        cfg = transformers.GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=61,
-                                      n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attn_pdrop=0.0)
-        return transformers.GPT2LMHeadModel(cfg)
 
+def test_fused_lm_head_under_autocast_matches_the_unfused_path():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 61, (8, 12), generator=g)
     batches = [{"input_ids": ids[i:i + 4], "labels": ids[i:i + 4]} for i in (0, 4)]
-    teacher, student = gpt2(0, 2), gpt2(1, 1)
+    teacher, student = _gpt2(0, 2), _gpt2(1, 1)
     losses = []
     for fused in (False, True):
         d = Distiller(teacher, copy.deepcopy(student), autocast=True, fused_lm_head=fused,
@@ -311,17 +311,9 @@ def test_offline_top2_trains_and_agreement_is_against_the_teachers_top1():
 
 
 def test_offline_causal_lm_shifts_like_the_online_path():
-    transformers = pytest.importorskip("transformers")
     import fastkd
 
-    def gpt2(seed, n_layer):
-        torch.manual_seed(seed)
-        cfg = transformers.GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=61,
-                                      n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attn_pdrop=0.0)
-        return transformers.GPT2LMHeadModel(cfg).eval()
-
-    teacher, student = gpt2(0, 2), gpt2(1, 1)
+    teacher, student = _gpt2(0, 2), _gpt2(1, 1)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 61, (6, 10), generator=g)
     labels = ids.clone()
