@@ -24,7 +24,6 @@ diagonal; ``damp`` -> infinity gives back plain nearest-centroid rounding.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
@@ -168,8 +167,10 @@ def calibrated_assign(
 
 def _input_moments(model: nn.Module, targets, calibration) -> dict:
     """E[x x^T] (float64, on each layer's device) of the inputs each target layer receives while
-    ``calibration`` runs: a callable given the model, or an iterable of batches (a tensor is
-    passed as ``model(batch)``, a tuple/list as ``model(*batch)``, a mapping as ``model(**batch)``).
+    ``calibration`` runs: a callable given the model, or an iterable of batches read as the
+    Distiller reads them (a tensor: ``model(batch)``; a tuple ``(inputs, target, ...)``:
+    ``model(inputs)``, or ``model(*inputs)`` when inputs is a tuple; a mapping (a tokenizer's
+    BatchEncoding too): ``model(**batch)`` without ``labels``).
     The model runs in eval mode under ``torch.no_grad()``; its train/eval flags are restored."""
     sums: dict = {}
 
@@ -190,13 +191,10 @@ def _input_moments(model: nn.Module, targets, calibration) -> dict:
             if callable(calibration):
                 calibration(model)
             else:
+                from .distill import _split_batch  # the Distiller's batch convention
+
                 for batch in calibration:
-                    if isinstance(batch, Mapping):  # dict, or a tokenizer's BatchEncoding
-                        model(**batch)
-                    elif isinstance(batch, (tuple, list)):
-                        model(*batch)
-                    else:
-                        model(batch)
+                    _split_batch(batch)[0](model)
     finally:
         for hd in handles:
             hd.remove()
@@ -225,16 +223,18 @@ def share_weights_(
     bias, index and codebook bytes of the replaced layers.
 
     ``calibration`` (optional): representative inputs, as a callable that runs the model (e.g.
-    ``lambda m: m.encode(sentences)``) or an iterable of batches (tensor -> ``model(b)``, tuple ->
-    ``model(*b)``, dict -> ``model(**b)``). The codebooks are still k-means over the weights; the
-    indices are then chosen to minimise each layer's output error on those inputs (GPTQ-style, see
-    the module docstring), with ``damp`` (> 0, relative to the mean of E[x_i^2]) regularising
-    towards plain rounding: 1.0 was best on held-out sentences with 16 to 256 calibration sentences
-    (bench/notes_shared_linear.md); use less with much more data. All layers' statistics come
-    from one pass of the float model and take in_features^2 x 8 bytes per layer; to bound that
-    memory, or to calibrate later layers on the already-shared earlier ones, call share_weights_
-    several times with filters. A layer the calibration never runs keeps plain rounding and is
-    listed under ``"uncalibrated"`` (with a warning).
+    ``lambda m: m.encode(sentences)``) or an iterable of batches in the Distiller's convention, so
+    a training DataLoader serves as it is (tensor -> ``model(b)``; ``(inputs, target, ...)`` ->
+    ``model(inputs)``; mapping -> ``model(**b)`` without ``labels``). The codebooks are still
+    k-means over the weights; the indices are then chosen to minimise each layer's output error
+    on those inputs (GPTQ-style, see the module docstring), with ``damp`` (> 0, relative to the
+    mean of E[x_i^2]) regularising towards plain rounding: 1.0 was best on held-out sentences
+    with 16 to 256 calibration sentences (bench/notes_shared_linear.md); use less with much more
+    data. All layers' statistics come from one pass of the float model and take
+    in_features^2 x 8 bytes per layer; to bound that memory, or to calibrate later layers on the
+    already-shared earlier ones, call share_weights_ several times with filters. A layer the
+    calibration never runs keeps plain rounding and is listed under ``"uncalibrated"`` (with a
+    warning).
     """
     from .nn._linear_like import is_replaceable_linear
     from .nn.shared_linear import SharedLinear

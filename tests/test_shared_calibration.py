@@ -111,7 +111,7 @@ def _batches():
     return [_correlated_inputs(21, 40, seed=s) for s in range(3)]
 
 
-@pytest.mark.parametrize("form", ["callable", "tensors", "tuples", "dicts", "mappings"])
+@pytest.mark.parametrize("form", ["callable", "tensors", "tuples", "nested", "dicts", "mappings"])
 def test_every_calibration_form_gives_the_same_model(form):
     torch.manual_seed(0)
     ref_net = _Net().train()
@@ -119,8 +119,10 @@ def test_every_calibration_form_gives_the_same_model(form):
     forms = {
         "callable": lambda m: [m(b) for b in batches],
         "tensors": batches,
-        "tuples": [(b, 1.0) for b in batches],
-        "dicts": [{"x": b, "scale": 1.0} for b in batches],
+        # a training loader's (inputs, target) batches: the target is not passed to the model
+        "tuples": [(b, torch.zeros(len(b))) for b in batches],
+        "nested": [((b, 1.0), torch.zeros(len(b))) for b in batches],
+        "dicts": [{"x": b, "scale": 1.0, "labels": torch.zeros(len(b))} for b in batches],
         # a tokenizer's BatchEncoding is a UserDict, not a dict
         "mappings": [UserDict({"x": b, "scale": 1.0}) for b in batches],
     }
