@@ -170,7 +170,7 @@ def _input_moments(model: nn.Module, targets, calibration) -> dict:
     ``calibration`` runs: a callable given the model, or an iterable of batches read as the
     Distiller reads them (a tensor: ``model(batch)``; a tuple ``(inputs, target, ...)``:
     ``model(inputs)``, or ``model(*inputs)`` when inputs is a tuple; a mapping (a tokenizer's
-    BatchEncoding too): ``model(**batch)`` without ``labels``).
+    BatchEncoding too): ``model(**batch)`` without ``labels``), moved to the model's device.
     The model runs in eval mode under ``torch.no_grad()``; its train/eval flags are restored."""
     sums: dict = {}
 
@@ -191,9 +191,12 @@ def _input_moments(model: nn.Module, targets, calibration) -> dict:
             if callable(calibration):
                 calibration(model)
             else:
-                from .distill import _split_batch  # the Distiller's batch convention
+                from .distill import _split_batch, _to_device  # the Distiller's convention
 
+                first = next(iter(model.parameters()), None)
                 for batch in calibration:
+                    if first is not None:  # a CPU loader for a GPU model, as the Distiller
+                        batch = _to_device(batch, first.device)
                     _split_batch(batch)[0](model)
     finally:
         for hd in handles:

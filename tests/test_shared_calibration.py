@@ -220,3 +220,17 @@ def test_a_bad_later_layer_leaves_the_model_untouched():
     with pytest.raises(ValueError, match="'b'.*not finite"):
         fastkd.share_weights_(net, calibration=_batches())
     assert all(type(getattr(net, n)) is nn.Linear for n in ("a", "b", "unused"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_batches_calibrate_a_gpu_model():
+    torch.manual_seed(8)
+    net = _Net().cuda()
+    ref = _Net()
+    ref.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
+    batches = _batches()
+    with pytest.warns(UserWarning, match="never ran"):
+        fastkd.share_weights_(net, bits=3, per_channel=True, calibration=batches)
+    with pytest.warns(UserWarning, match="never ran"):
+        fastkd.share_weights_(ref, bits=3, per_channel=True, calibration=batches)
+    assert torch.equal(net.a.indices.cpu(), ref.a.indices)
