@@ -21,7 +21,9 @@ accumulated in place in the weight's dtype (``addmm_``, fp32 inside each matmul)
 
 torch.compile: this is a ``torch.autograd.Function`` whose forward calls only traceable torch ops and
 the fastkd custom ops, so ``torch.compile(fullgraph=True)`` traces it without a graph break (the
-chunk loop is unrolled at trace time; tests/test_fused_linear_kd.py checks it).
+chunk loop is unrolled at trace time; tests/test_fused_linear_kd.py checks it). Unrolling needs the
+row count: a compiled step specializes on N and compiles once per distinct N (packed batches of one
+length compile once; batches of varying length recompile until torch.compile's recompile limit).
 """
 
 from __future__ import annotations

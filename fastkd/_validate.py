@@ -32,7 +32,10 @@ def check_number(value, name: str, low=None, high=None, low_open=False) -> float
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # x - x == 0 exactly for finite x, and is nan for inf and nan. Unlike math.isfinite it also
+    # takes a symbolic float (torch.compile with dynamic=True, or a value that changes between
+    # calls) without a graph break.
+    if not value - value == 0:
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")

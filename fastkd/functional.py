@@ -350,7 +350,9 @@ def int8_linear(
         )
     impl = INT8_LINEAR_BACKENDS.select(backend, x.device, _int8_triton_dtype_reasons(x.dtype))
     lead = x.shape[:-1]
-    x2 = x.reshape(lead.numel(), k)  # not -1: K may be 0
+    # -1, not lead.numel(): numel() of a symbolic shape specializes it (torch.compile/export with
+    # dynamic batch or sequence sizes would recompile per size); K = 0 cannot be inferred from -1
+    x2 = x.reshape(-1, k) if k else x.reshape(lead.numel(), 0)
     if mode == "w8a8":
         y = _ops.call("int8_linear_w8a8", x2, weight, weight_scale, bias, impl)
     else:
@@ -372,7 +374,8 @@ def quantize_per_token(x: Tensor, *, backend: str = "auto") -> tuple:
         backend, x.device, _int8_triton_dtype_reasons(x.dtype)
     )
     k = x.shape[-1]
-    q, s = _ops.call("quantize_per_token", x.detach().reshape(x.shape[:-1].numel(), k), impl)
+    x2 = x.detach().reshape(-1, k) if k else x.detach().reshape(x.shape[:-1].numel(), 0)
+    q, s = _ops.call("quantize_per_token", x2, impl)
     return q.reshape(x.shape), s.reshape(x.shape[:-1])
 
 
