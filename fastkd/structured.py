@@ -7,7 +7,13 @@ connected, so the result is a smaller dense model that computes the same functio
 
 * ``nn.Sequential`` MLPs: ``Linear -> elementwise activations/dropout -> Linear``;
 * Hugging Face BERT-style blocks: ``intermediate.dense`` (+ activation) -> ``output.dense``;
-* LLaMA-style gated MLPs: ``gate_proj``, ``up_proj`` -> ``down_proj`` (``act(gate) * up``);
+* LLaMA-style gated MLPs: ``gate_proj``, ``up_proj`` -> ``down_proj`` (``act(gate) * up``), and
+  the same under T5 v1.1's names (``wi_0``, ``wi_1`` -> ``wo``) and Phi-3's packed ``gate_up_proj``;
+* two-layer MLPs under other common names: ``fc1 -> fc2`` (ViT, CLIP, SigLIP; OPT, BART and
+  Whisper layers), ``lin1 -> lin2`` (DistilBERT), ``dense_h_to_4h -> dense_4h_to_h`` (GPT-NeoX),
+  ``fc_in -> fc_out`` (GPT-J), ``wi -> wo`` (T5). Names are a convention, not a proof, so each of
+  these is checked by running the module on a random input before and after: a module whose
+  output changes is put back as it was, with a warning;
 * GPT-2-style MLPs of Hugging Face ``Conv1D`` layers: ``c_fc`` (+ activation) -> ``c_proj`` (or
   the ``MaskedLinear`` layers ``sparsify_`` put there);
 * GPT-2-style attention heads (``c_attn`` packing q, k and v, then ``c_proj``);
@@ -274,23 +280,172 @@ def _shrink_bert_mlp(layer: nn.Module, report: list, prefix: str) -> bool:
 
 
 def _shrink_gated_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
-    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-    if not all(_plain_linear(x) for x in (gate, up, down)):
+    for names in _GATED_NAMES:
+        gate, up, down = (getattr(mlp, n, None) for n in names)
+        if all(_plain_linear(x) for x in (gate, up, down)):
+            break
+    else:
         return False
     if not (gate.out_features == up.out_features == down.in_features):
         return False
     # down(act(gate(x)) * up(x)): neuron j is 0 when up's row is 0, or gate's row is 0 and act(0)=0
     dead = _zero_cols(down) | _zero_rows(up)
-    act = getattr(mlp, "act_fn", None)
+    act = _activation(mlp)
     if act is not None and _maps_zero_to_zero(act):
         dead |= _zero_rows(gate)
     n_dead = int(dead.sum())
     if n_dead and _check_keep(gate.out_features - n_dead, prefix):
         (new_gate, new_up), new_down = _shrink_pair([gate, up], down, dead)
-        mlp.gate_proj, mlp.up_proj, mlp.down_proj = new_gate, new_up, new_down
+        change = lambda: _set(mlp, **dict(zip(names, (new_gate, new_up, new_down))))  # noqa: E731
+        if names[0] == "gate_proj":  # LLaMA's names: the pattern this module was written for
+            change()
+        elif not _keep_if_same(mlp, gate, change, f"{prefix}{'/'.join(names)}"):
+            return True
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = new_gate.out_features
-        report.append((f"{prefix}gate/up/down", gate.out_features, new_gate.out_features))
+        label = "gate/up/down" if names[0] == "gate_proj" else "/".join(names)
+        report.append((f"{prefix}{label}", gate.out_features, new_gate.out_features))
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# MLPs named by other conventions, each shrink checked by running the module
+# ------------------------------------------------------------------------------------------------
+
+# (producer, consumer) attribute names of two-layer MLPs whose forward is
+# consumer(act(producer(x))), with at most dropout in between: ViT/CLIP/SigLIP ``fc1``/``fc2``
+# (and OPT/BART decoder layers, which hold them directly), DistilBERT ``lin1``/``lin2``,
+# GPT-NeoX/Falcon ``dense_h_to_4h``/``dense_4h_to_h``, GPT-J ``fc_in``/``fc_out``, T5 ``wi``/``wo``.
+_MLP_PAIRS = (
+    ("fc1", "fc2"), ("lin1", "lin2"), ("dense_h_to_4h", "dense_4h_to_h"), ("fc_in", "fc_out"),
+    ("wi", "wo"),
+)
+# where those modules keep their activation
+_ACT_NAMES = ("activation_fn", "activation", "act", "act_fn")
+# (gate, up, down) of gated MLPs down(act(gate(x)) * up(x)) besides LLaMA's names: T5 v1.1's.
+_GATED_NAMES = (("gate_proj", "up_proj", "down_proj"), ("wi_0", "wi_1", "wo"))
+
+
+def _activation(module: nn.Module):
+    for name in _ACT_NAMES:
+        act = getattr(module, name, None)
+        if callable(act):
+            return act
+    return None
+
+
+def _outputs_on(module: nn.Module, x: Tensor):
+    """The tensors ``module`` returns for hidden states ``x`` in eval mode, or None when it cannot
+    be called with hidden states alone (other required arguments get None)."""
+    import inspect
+
+    kwargs = {}
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        params = []
+    for p in params:
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                               p.KEYWORD_ONLY):
+            kwargs[p.name] = None
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(x, **kwargs)
+    except Exception:
+        return None
+    finally:
+        for m, flag in flags:
+            m.train(flag)
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return [t.detach().clone() for t in out if isinstance(t, Tensor)]
+
+
+# max |after - before| allowed, relative to max |before|: rounding (fewer terms in a sum, a folded
+# bias) stays far below it; a neuron wrongly taken for dead or a mis-paired one gives O(1).
+_CHECK_RTOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _keep_if_same(module: nn.Module, like: nn.Module, change, where: str) -> bool:
+    """Apply ``change()`` (which returns a function undoing it) to ``module`` and keep it only if
+    the module's output on a random input is unchanged. Attribute names are a convention, not a
+    proof that two layers are connected the way a pattern assumes; running the module is."""
+    import warnings
+
+    w = like.weight
+    g = torch.Generator(device=w.device).manual_seed(0)
+    x = torch.randn(2, 3, like.in_features, generator=g, device=w.device).to(w.dtype)
+    before = _outputs_on(module, x)
+    if not before:
+        return False
+    undo = change()
+    after = _outputs_on(module, x)
+    ok = after is not None and len(after) == len(before)
+    if ok:
+        tol = _CHECK_RTOL.get(w.dtype, 1e-4)
+        for b, a in zip(before, after):
+            scale = float(b.abs().max()) if b.numel() else 0.0
+            if a.shape != b.shape or not bool(((a - b).abs() <= tol * scale + 1e-6).all()):
+                ok = False
+    if not ok:
+        undo()
+        warnings.warn(f"shrink_: {where} look like an MLP's layers but removing their dead "
+                      "neurons changed the module's output; left as they were", stacklevel=4)
+    return ok
+
+
+def _set(module: nn.Module, **layers):
+    """Set attributes of ``module``; return a function putting the old ones back."""
+    old = {name: getattr(module, name) for name in layers}
+    for name, layer in layers.items():
+        setattr(module, name, layer)
+    return lambda: [setattr(module, name, layer) for name, layer in old.items()]
+
+
+def _shrink_named_mlp(mod: nn.Module, report: list, prefix: str) -> bool:
+    for name_a, name_b in _MLP_PAIRS:
+        a, b = getattr(mod, name_a, None), getattr(mod, name_b, None)
+        if _plain_linear(a) and _plain_linear(b) and a.out_features == b.in_features:
+            break
+    else:
+        return False
+    act = _activation(mod)
+    if act is None:
+        dead, bias_b = _zero_cols(b), None
+    else:
+        dead, bias_b = _dead_or_constant(a, b, act, frozen=True)
+    n_dead = int(dead.sum())
+    if n_dead and _check_keep(a.out_features - n_dead, prefix):
+        (new_a,), new_b = _shrink_pair([a], b, dead, bias_b)
+        where = f"{prefix}{name_a}/{name_b}"
+        if _keep_if_same(mod, a, lambda: _set(mod, **{name_a: new_a, name_b: new_b}), where):
+            report.append((where, a.out_features, new_a.out_features))
+    return True
+
+
+def _shrink_packed_gated_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
+    """Phi-3's MLP: ``gate, up = gate_up_proj(x).chunk(2)``; ``down_proj(up * act(gate))``."""
+    gate_up, down = getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)
+    if not (_plain_linear(gate_up) and _plain_linear(down)):
+        return False
+    n = down.in_features
+    if gate_up.out_features != 2 * n:
+        return False
+    rows_zero = _zero_rows(gate_up)
+    dead = _zero_cols(down) | rows_zero[n:]
+    act = _activation(mlp)
+    if act is not None and _maps_zero_to_zero(act):
+        dead |= rows_zero[:n]
+    n_dead = int(dead.sum())
+    if n_dead and _check_keep(n - n_dead, prefix):
+        keep = ~dead
+        new_gate_up = _slice_linear(gate_up, torch.cat([keep, keep]), 0)
+        new_down = _slice_linear(down, keep, 1)
+        where = f"{prefix}gate_up/down"
+        if _keep_if_same(mlp, gate_up,
+                         lambda: _set(mlp, gate_up_proj=new_gate_up, down_proj=new_down), where):
+            report.append((where, n, n - n_dead))
     return True
 
 
@@ -442,6 +597,8 @@ _PATTERNS: list = [
     _shrink_bert_mlp,
     _shrink_conv1d_mlp,
     _shrink_conv1d_attention,
+    _shrink_packed_gated_mlp,
+    _shrink_named_mlp,
 ]
 
 
@@ -467,7 +624,24 @@ def shrink_(model: nn.Module, *, verbose: bool = False) -> list:
         for pattern in _PATTERNS:
             if pattern(mod, report, prefix):
                 break
+    if not report:
+        _warn_if_dead_left(model)
     if verbose:
         for where, before, after in report:
             print(f"shrink_: {where}: {before} -> {after}")
     return report
+
+
+def _warn_if_dead_left(model: nn.Module) -> None:
+    """shrink_ removed nothing: say so when some layer does have dead neurons, rather than leave
+    the user to find out from the parameter count."""
+    import warnings
+
+    dead = [name for name, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or is_masked_linear(m)) and (bool(_zero_rows(m).any()) or bool(_zero_cols(m).any()))]
+    if dead:
+        shown = ", ".join(dead[:3]) + (", ..." if len(dead) > 3 else "")
+        warnings.warn(
+            f"shrink_ removed nothing: {len(dead)} linear layer(s) have all-zero rows or columns "
+            f"({shown}), but shrink_ could not prove any of them removable (fastkd.structured "
+            "lists the patterns it knows; nn.Linear subclasses are never sliced)", stacklevel=3)

@@ -87,7 +87,8 @@ def test_shrink_leaves_unprovable_pairs_alone():
     _mask_(model[0], 0.5, 0)
     x = torch.randn(4, 8)
     ref = model(x)
-    assert shrink_(model) == []
+    with pytest.warns(UserWarning, match="could not prove any of them removable"):
+        assert shrink_(model) == []
     assert model[0].out_features == 16
     torch.testing.assert_close(model(x), ref)
     # with a bias there, the constant 0.5 * column goes into it and the neurons go
@@ -100,7 +101,9 @@ def test_shrink_leaves_unprovable_pairs_alone():
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3))
     _mask_(model[2], 0.5, 1)
     ref = model(x)
-    assert shrink_(model) == [] and model[2].in_features == 16
+    with pytest.warns(UserWarning, match="removed nothing"):
+        assert shrink_(model) == []
+    assert model[2].in_features == 16
     torch.testing.assert_close(model(x), ref)
     with pytest.raises(TypeError):
         shrink_("not a model")
@@ -288,3 +291,144 @@ def test_gpt2_mlp_after_sparsify_shrinks():
         assert block.mlp.c_fc.out_features == 56 and block.mlp.c_proj.in_features == 56
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+# Tiny versions of architectures whose MLPs use other names; hidden 24, MLP width 37 (odd).
+# (builder, input kwargs, where the MLP producers live)
+def _hf_cases():
+    T = transformers
+    ids = torch.randint(3, 53, (2, 9), generator=torch.Generator().manual_seed(1))
+    pix = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    s2s = {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    d = dict(hidden_size=24, num_attention_heads=4, intermediate_size=37, num_hidden_layers=2)
+    bart = dict(vocab_size=53, d_model=24, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=37, decoder_ffn_dim=37, encoder_layers=1, decoder_layers=1,
+                pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                max_position_embeddings=16)
+    t5 = dict(vocab_size=53, d_model=24, d_kv=6, d_ff=37, num_layers=1, num_heads=4,
+              decoder_start_token_id=0)
+    return {
+        "vit": (lambda: T.ViTModel(T.ViTConfig(image_size=16, patch_size=8, **d)),
+                {"pixel_values": pix}, 3),
+        "distilbert": (lambda: T.DistilBertModel(T.DistilBertConfig(
+            vocab_size=53, dim=24, n_heads=4, hidden_dim=37, n_layers=2)), {"input_ids": ids}, 3),
+        "gpt_neox": (lambda: T.GPTNeoXModel(T.GPTNeoXConfig(vocab_size=53, **d)),
+                     {"input_ids": ids}, 3),
+        "opt": (lambda: T.OPTModel(T.OPTConfig(
+            vocab_size=53, hidden_size=24, num_attention_heads=4, ffn_dim=37, num_hidden_layers=2,
+            word_embed_proj_dim=24, max_position_embeddings=16)), {"input_ids": ids}, 3),
+        "gptj": (lambda: T.GPTJModel(T.GPTJConfig(vocab_size=53, n_embd=24, n_head=4, n_layer=2,
+                                                  rotary_dim=4, n_inner=37)),
+                 {"input_ids": ids}, 3),
+        "bart": (lambda: T.BartModel(T.BartConfig(**bart)), s2s, 3),
+        "t5": (lambda: T.T5Model(T.T5Config(**t5)), s2s, 3),
+        "t5_gated": (lambda: T.T5Model(T.T5Config(**t5, feed_forward_proj="gated-gelu")), s2s, 3),
+        "phi3": (lambda: T.Phi3Model(T.Phi3Config(vocab_size=53, num_key_value_heads=2,
+                                                  pad_token_id=0, **d)),
+                 {"input_ids": ids}, 3),
+    }
+
+
+def _prune_mlp_producers(model, fraction=0.4):
+    """Zero whole rows of every MLP producer (biases left alone: row-masked neurons with live
+    biases are constants that shrink_ must fold, not drop)."""
+    names = ("fc1", "lin1", "dense_h_to_4h", "fc_in", "wi", "wi_0", "wi_1", "gate_up_proj")
+    n = 0
+    with torch.no_grad():
+        for name, lin in model.named_modules():
+            if type(lin) is nn.Linear and name.rsplit(".", 1)[-1] in names:
+                lin.weight.mul_(structured_mask(lin.weight, fraction, dim=0))
+                n += 1
+    return n
+
+
+@pytest.mark.parametrize("arch", sorted(_hf_cases()))
+def test_shrink_mlps_of_other_architectures(arch, tmp_path):
+    import warnings
+
+    import fastkd
+
+    build, inputs, _ = _hf_cases()[arch]
+    torch.manual_seed(0)
+    model = build().eval()
+    assert _prune_mlp_producers(model) > 0
+    out = (lambda m: m(**inputs).last_hidden_state)
+    with torch.no_grad():
+        ref = out(model)
+    before = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no pattern may fall back to "left as it was" here
+        report = shrink_(model)
+    assert report, f"{arch}: nothing shrunk"
+    assert all(after < before_w for _, before_w, after in report)
+    assert sum(p.numel() for p in model.parameters()) < before
+    with torch.no_grad():
+        torch.testing.assert_close(out(model), ref, rtol=1e-5, atol=1e-5)
+    # the shrunk widths travel in the checkpoint: a full-size skeleton takes them
+    fastkd.save_compressed(model, tmp_path / arch)
+    torch.manual_seed(1)
+    skeleton = fastkd.load_compressed(build().eval(), tmp_path / arch)
+    with torch.no_grad():
+        assert torch.equal(out(skeleton), out(model))
+
+
+class _GluNamedLikeAnMlp(nn.Module):
+    """fc1/fc2 names, but fc1's output is split GLU-style: neuron j of fc2 reads fc1's j and
+    j + 8, so fc1's zero rows are not dead neurons of fc2 one to one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(8, 6)
+        self.activation_fn = nn.GELU()
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(self.activation_fn(a) * b)
+
+
+def test_named_pattern_that_does_not_hold_is_put_back_with_a_warning():
+    torch.manual_seed(0)
+    mlp = _GluNamedLikeAnMlp().eval()
+    with torch.no_grad():  # zero fc2's input columns 0..3: the pattern would drop fc1's rows 0..3
+        mlp.fc2.weight[:, :4] = 0
+    x = torch.randn(5, 6)
+    ref = mlp(x)
+    # fc1 (16 out) and fc2 (8 in) do not even pair by width: not matched; only the note that
+    # dead neurons were left
+    with pytest.warns(UserWarning, match="removed nothing"):
+        assert shrink_(mlp) == []
+    assert mlp.fc1.out_features == 16
+    # widths that pair, with a forward that is not fc2(act(fc1(x))): matched, checked, undone
+    mlp.fc2 = nn.Linear(16, 6)
+    mlp.forward = lambda x: mlp.fc2(mlp.fc1(x).flip(-1))
+    with torch.no_grad():
+        mlp.fc2.weight[:, :5] = 0
+    ref = mlp(x)
+    with pytest.warns(UserWarning, match="changed the module's output"):
+        with pytest.warns(UserWarning, match="removed nothing"):
+            assert shrink_(mlp) == []
+    assert mlp.fc1.out_features == 16 and mlp.fc2.in_features == 16
+    torch.testing.assert_close(mlp(x), ref)
+
+
+def test_shrink_says_when_it_finds_dead_neurons_it_cannot_remove():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):  # no known names: nothing can be proven connected
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(6, 12), nn.Linear(12, 6)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    block = Block()
+    _mask_(block.up, 0.5, 0)
+    with pytest.warns(UserWarning, match="removed nothing: 1 linear"):
+        assert shrink_(block) == []
+    # a model without any dead neuron is not warned about
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert shrink_(Block()) == []
