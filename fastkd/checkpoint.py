@@ -127,9 +127,10 @@ def _compressed_layers(model: nn.Module) -> dict:
     return out
 
 
-# Widths that fastkd.shrink_ changes on attention modules (BERT-style, grouped-query, GPT-2).
+# Widths that fastkd.shrink_ changes on attention modules (BERT-style, grouped-query, GPT-2,
+# DistilBERT) and gated MLPs.
 _SHRUNK_ATTRIBUTES = ("num_attention_heads", "all_head_size", "num_heads", "num_key_value_heads",
-                      "split_size")
+                      "split_size", "n_heads", "intermediate_size")
 
 
 def _shapes(model: nn.Module) -> dict:

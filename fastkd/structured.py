@@ -18,8 +18,11 @@ connected, so the result is a smaller dense model that computes the same functio
   the ``MaskedLinear`` layers ``sparsify_`` put there);
 * GPT-2-style attention heads (``c_attn`` packing q, k and v, then ``c_proj``);
 * attention heads: BERT-style self-attention (through the model's own ``prune_heads`` when the
-  installed transformers has it, otherwise by slicing query/key/value/output the same way) and
-  LLaMA-style grouped-query attention (whole key/value groups with their query heads).
+  installed transformers has it, otherwise by slicing query/key/value/output the same way),
+  LLaMA-style grouped-query attention (whole key/value groups with their query heads), and
+  multi-head attention found by its projections' names (``q_proj``/``k_proj``/``v_proj`` with
+  ``o_proj`` or ``out_proj``: ViT, CLIP, SigLIP, OPT, BART; ``q_lin``...``out_lin``: DistilBERT),
+  checked by running the module like the name-matched MLPs.
 
 A hidden neuron ``j`` between ``A`` (producing) and ``B`` (consuming) is dead, and may go, when
 ``B``'s column ``j`` is zero (nothing reaches the output whatever ``j`` computes), or when ``A``'s row
@@ -367,10 +370,13 @@ def _outputs_on(module: nn.Module, x: Tensor):
 _CHECK_RTOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def _keep_if_same(module: nn.Module, like: nn.Module, change, where: str) -> bool:
+def _keep_if_same(module: nn.Module, like: nn.Module, change, where: str,
+                  what: str = "an MLP's layers", first_only: bool = False) -> bool:
     """Apply ``change()`` (which returns a function undoing it) to ``module`` and keep it only if
-    the module's output on a random input is unchanged. Attribute names are a convention, not a
-    proof that two layers are connected the way a pattern assumes; running the module is."""
+    the module's output on a random input is unchanged (only its first output with
+    ``first_only``: an attention module's weights lose the removed heads). Attribute names are a
+    convention, not a proof that layers are connected the way a pattern assumes; running the
+    module is."""
     import warnings
 
     w = like.weight
@@ -378,9 +384,14 @@ def _keep_if_same(module: nn.Module, like: nn.Module, change, where: str) -> boo
     x = torch.randn(2, 3, like.in_features, generator=g, device=w.device).to(w.dtype)
     before = _outputs_on(module, x)
     if not before:
+        warnings.warn(f"shrink_: {where} look like {what} with something dead in them, but the "
+                      "module cannot be run on hidden states alone to check a shrink; left as "
+                      "they were", stacklevel=4)
         return False
     undo = change()
     after = _outputs_on(module, x)
+    if first_only and after:
+        before, after = before[:1], after[:1]
     ok = after is not None and len(after) == len(before)
     if ok:
         tol = _CHECK_RTOL.get(w.dtype, 1e-4)
@@ -390,8 +401,8 @@ def _keep_if_same(module: nn.Module, like: nn.Module, change, where: str) -> boo
                 ok = False
     if not ok:
         undo()
-        warnings.warn(f"shrink_: {where} look like an MLP's layers but removing their dead "
-                      "neurons changed the module's output; left as they were", stacklevel=4)
+        warnings.warn(f"shrink_: {where} look like {what} but removing what is dead in them "
+                      "changed the module's output; left as they were", stacklevel=4)
     return ok
 
 
@@ -557,6 +568,54 @@ def _shrink_bert_attention(attn: nn.Module, report: list, prefix: str) -> bool:
     return True
 
 
+# (query, key, value, output) projection names of multi-head attention modules that hold a head
+# size but no key/value grouping: ViT, CLIP/SigLIP, OPT, BART/Whisper, DistilBERT.
+_MHA_NAMES = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "out_proj"),
+              ("q_lin", "k_lin", "v_lin", "out_lin"))
+_HEAD_DIM_NAMES = ("head_dim", "attention_head_size", "head_size")
+_HEAD_COUNT_NAMES = ("num_heads", "num_attention_heads", "n_heads")
+
+
+def _shrink_mha_heads(attn: nn.Module, report: list, prefix: str) -> bool:
+    """Dead heads of a multi-head attention module found by its projections' names; the result is
+    checked by running the module (a module that reshapes by a width it keeps elsewhere, say,
+    would change its output) and undone if it differs."""
+    for names in _MHA_NAMES:
+        q, k, v, o = (getattr(attn, n, None) for n in names)
+        if all(_plain_linear(x) for x in (q, k, v, o)):
+            break
+    else:
+        return False
+    if getattr(attn, "num_key_value_groups", 1) != 1:
+        return False
+    hd = next((getattr(attn, n) for n in _HEAD_DIM_NAMES
+               if isinstance(getattr(attn, n, None), int)), None)
+    if not hd or hd <= 0 or v.out_features % hd:
+        return False
+    n_heads = v.out_features // hd
+    if q.out_features != v.out_features or k.out_features != v.out_features:
+        return False
+    if o.in_features != v.out_features:
+        return False
+    keep = _head_keep(n_heads, hd, _zero_rows(v), _zero_cols(o))
+    n_keep = int(keep.sum())
+    if n_keep in (0, n_heads):
+        return True
+    feat = keep.repeat_interleave(hd)
+    layers = dict(zip(names, (_slice_linear(q, feat, 0), _slice_linear(k, feat, 0),
+                              _slice_linear(v, feat, 0), _slice_linear(o, feat, 1))))
+    counts = {n: n_keep for n in _HEAD_COUNT_NAMES if getattr(attn, n, None) == n_heads}
+
+    def change():
+        undo_layers, undo_counts = _set(attn, **layers), _set(attn, **counts)
+        return lambda: (undo_layers(), undo_counts())
+
+    where = f"{prefix}{'/'.join(names)}"
+    if _keep_if_same(attn, q, change, where, "attention projections", first_only=True):
+        report.append((f"{prefix}heads", n_heads, n_keep))
+    return True
+
+
 def _shrink_gqa_attention(attn: nn.Module, report: list, prefix: str) -> bool:
     q, k, v, o = (getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     if not all(_plain_linear(x) for x in (q, k, v, o)):
@@ -599,6 +658,7 @@ _PATTERNS: list = [
     _shrink_conv1d_attention,
     _shrink_packed_gated_mlp,
     _shrink_named_mlp,
+    _shrink_mha_heads,
 ]
 
 

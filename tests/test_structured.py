@@ -432,3 +432,33 @@ def test_shrink_says_when_it_finds_dead_neurons_it_cannot_remove():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert shrink_(Block()) == []
+
+
+@pytest.mark.parametrize("arch", ["vit", "distilbert", "opt", "bart"])
+def test_shrink_dead_heads_of_other_architectures(arch, tmp_path):
+    import fastkd
+
+    build, inputs, _ = _hf_cases()[arch]
+    torch.manual_seed(0)
+    model = build().eval()
+    n_attn = 0
+    with torch.no_grad():  # head 1 of every attention module: value rows (and bias) zero
+        for name, lin in model.named_modules():
+            if name.rsplit(".", 1)[-1] in ("v_proj", "v_lin"):
+                lin.weight[6:12] = 0
+                lin.bias[6:12] = 0
+                n_attn += 1
+    assert n_attn > 0
+    out = (lambda m: m(**inputs).last_hidden_state)
+    with torch.no_grad():
+        ref = out(model)
+    report = shrink_(model)
+    heads = [r for r in report if r[0].endswith("heads")]
+    assert len(heads) == n_attn and all(r[1:] == (4, 3) for r in heads)
+    with torch.no_grad():
+        torch.testing.assert_close(out(model), ref, rtol=1e-5, atol=1e-5)
+    fastkd.save_compressed(model, tmp_path / arch)
+    torch.manual_seed(1)
+    skeleton = fastkd.load_compressed(build().eval(), tmp_path / arch)
+    with torch.no_grad():
+        assert torch.equal(out(skeleton), out(model))
