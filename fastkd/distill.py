@@ -279,6 +279,22 @@ class _HintCapture:
         self._handles = []
 
 
+# Hugging Face config entries by which a causal LM's forward changes its logits after the head
+# (name, the value that means "no change"): Gemma 2/3's tanh softcap, Cohere's and Granite's scales.
+_LOGIT_POSTPROCESSING = (("final_logit_softcapping", None), ("logit_scale", 1.0),
+                         ("logits_scaling", 1.0))
+
+
+def _logit_postprocessing(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    found = []
+    for name, neutral in _LOGIT_POSTPROCESSING:
+        value = getattr(config, name, neutral)
+        if value is not None and value != neutral:
+            found.append(f"{name}={value}")
+    return ", ".join(found)
+
+
 class Distiller:
     """Train ``student`` to match ``teacher``; see the module docstring for the objective.
 
@@ -430,6 +446,13 @@ class Distiller:
                         "use the unfused loss, or a sharding that keeps the model's own forward "
                         "(FSDP2 fully_shard)")
                 _lm_head_weight(model, who)  # raises if the model has no usable lm head
+                post = _logit_postprocessing(model)
+                if post:
+                    # The first batch's numeric check cannot see a softcap on small logits (a
+                    # freshly initialised student's, which grow in training): the config can.
+                    raise ValueError(
+                        f"fused_lm_head: the {who}'s config post-processes its logits ({post}), "
+                        "which fused_linear_kd_loss does not do; use fused_lm_head=False")
 
         if device is None:
             first = next(iter(student.parameters()), None)

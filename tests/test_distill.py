@@ -483,6 +483,19 @@ def test_fused_lm_head_refuses_what_it_cannot_fuse():
     d = Distiller(teacher, capped, fused_lm_head=True, progress=False, backend="torch")
     with pytest.raises(ValueError, match="post-processes"):
         d.fit(_lm_batches(), epochs=1)
+    # a softcap the config declares is refused up front: on a new student's small logits
+    # (tanh(x / 30) * 30 ~ x) the numeric check passes, and the fused loss would train without it
+    T = pytest.importorskip("transformers")
+
+    def gemma2(softcap):
+        return T.Gemma2ForCausalLM(T.Gemma2Config(
+            vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+            final_logit_softcapping=softcap))
+
+    with pytest.raises(ValueError, match="student's config .*final_logit_softcapping=30.0"):
+        Distiller(gemma2(None), gemma2(30.0), fused_lm_head=True, progress=False)
+    Distiller(gemma2(None), gemma2(None), fused_lm_head=True, progress=False)
 
 
 @pytest.mark.parametrize("with_labels", [True, False])
