@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._validate import check_class_targets
-from .reference.kd_loss import _divergence_terms, _row_chunk
+from .reference.kd_loss import _divergence_terms, _row_chunk, mix_rows
 
 _NEG_INF = float("-inf")
 
@@ -94,7 +94,7 @@ class VocabParallelKDFunction(torch.autograd.Function):
             rows = soft
         else:
             valid = target != ignore_index
-            rows = torch.where(valid, alpha * soft + (1 - alpha) * (lse_1 - sums[:, 4]),
+            rows = torch.where(valid, mix_rows(soft, lse_1 - sums[:, 4], alpha),
                                torch.zeros_like(soft))
         stats = torch.stack([lse_s, lse_t, lse_1] + ([dot] if dot is not None else []), 1)
         ctx.save_for_backward(s, t, target, stats)
@@ -117,7 +117,9 @@ class VocabParallelKDFunction(torch.autograd.Function):
             log_q = s32 * inv_t - st[:, 0:1]
             log_p = t[r0:r1].float() * inv_t - st[:, 1:2]
             q = log_q.exp()
-            if divergence == "kl":
+            if c_kl == 0.0:  # alpha = 0: no teacher term (not 0 * inf where it is infinite)
+                g = torch.zeros_like(q)
+            elif divergence == "kl":
                 g = c_kl * (q - log_p.exp())
             else:
                 _, qg = _divergence_terms(log_p, log_q, divergence, beta)

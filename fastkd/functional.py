@@ -86,6 +86,9 @@ def kd_loss(
             constant (no gradient). ``-inf`` entries (a padded vocabulary) have zero probability.
             A row with no distribution (a nan or ``+inf`` logit, or every logit ``-inf``, in the
             student or the teacher) gives nan, in its loss and its gradient, unless ignored.
+            A term of weight 0 is left out, not multiplied by 0: at ``alpha = 0`` the teacher
+            (even an infinite divergence or an undefined row), at ``alpha = 1`` the CE (even an
+            infinite one, a student logit of ``-inf`` at the target).
         target: optional ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
         temperature: ``T > 0``. alpha: in ``[0, 1]``; unused without a target.
         ignore_index: rows whose target equals it contribute 0 and leave the mean's denominator.

@@ -258,7 +258,9 @@ def _kd_loss_fwd_kernel(
             lse_1 = lse_s
         safe_tgt = tl.where(valid, tgt, 0).to(tl.int64)
         s_y = tl.load(s_row + safe_tgt).to(tl.float32)
-        row_loss = alpha * temp_sq * kl + (1.0 - alpha) * (lse_1 - s_y)
+        # a term of weight 0 adds exactly 0 (never 0 * inf = nan; see reference.mix_rows)
+        row_loss = tl.where(alpha == 0.0, 0.0, alpha * temp_sq * kl) + tl.where(
+            alpha == 1.0, 0.0, (1.0 - alpha) * (lse_1 - s_y))
         row_loss = tl.where(valid, row_loss, 0.0)
         # Ignored rows keep finite (zero) statistics so the backward's exponentials stay 0.
         lse_s = tl.where(valid, lse_s, 0.0)
@@ -335,6 +337,7 @@ def _kd_loss_bwd_kernel(
                 t * scale2 - lse_t2, s * scale2 - lse_s2, beta, lb2, l1b2, DIVERGENCE
             )
             grad = c_kl * (qg - p_s * dot)
+        grad = tl.where(c_kl == 0.0, 0.0, grad)  # alpha = 0: no teacher term, not 0 * inf
         if HAS_TARGET:
             if SEPARATE_CE:
                 p_1 = tl.exp2(s * 1.4426950408889634 - lse_12)

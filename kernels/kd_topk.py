@@ -116,7 +116,10 @@ def _kd_topk_fwd_kernel(
             lse_1 = lse_s
         safe_tgt = tl.where(valid, tgt, 0).to(tl.int64)
         s_y = tl.load(s_row + safe_tgt).to(tl.float32)
-        row_loss = tl.where(valid, alpha * temp_sq * d + (1.0 - alpha) * (lse_1 - s_y), 0.0)
+        # a term of weight 0 adds exactly 0 (never 0 * inf = nan; see reference.mix_rows)
+        row_loss = tl.where(alpha == 0.0, 0.0, alpha * temp_sq * d) + tl.where(
+            alpha == 1.0, 0.0, (1.0 - alpha) * (lse_1 - s_y))
+        row_loss = tl.where(valid, row_loss, 0.0)
         lse_s = tl.where(valid, lse_s, 0.0)
         lse_1 = tl.where(valid, lse_1, 0.0)
         p_sum = tl.where(valid, p_sum, 0.0)

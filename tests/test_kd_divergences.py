@@ -236,3 +236,46 @@ def test_forward_reduction_variants(monkeypatch, reduce, divergence, beta, T, wi
         cols[64:96] = False  # a whole 32-wide block of -inf
     _check("triton", torch.float32, (5, 203), divergence, beta, T, 0.4, "none", with_target,
            mask=cols)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 1.0)])
+def test_a_term_of_weight_zero_adds_exactly_zero(backend, divergence, beta):
+    """alpha = 1 drops the CE and alpha = 0 the teacher term entirely: an infinite or undefined
+    term there must not come back as 0 * inf = nan."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(5, 37, generator=g) * 3
+    t = torch.randn(5, 37, generator=g) * 3
+    y = torch.randint(0, 37, (5,), generator=g)
+    y[3] = -100
+    s_ce_inf, t_masked = s.clone(), t.clone()
+    # class y[0] masked in both models (a finite soft term), so the CE of row 0 is +inf
+    s_ce_inf[0, y[0]] = t_masked[0, y[0]] = float("-inf")
+    # alpha = 1: the loss is the soft term alone (the target only marks ignored rows)
+    x = s_ce_inf.clone().to(dev).requires_grad_()
+    loss = kd_loss(x, t_masked.to(dev), y.to(dev), alpha=1.0, temperature=2.0,
+                   divergence=divergence, beta=beta, reduction="none", backend=backend)
+    loss.sum().backward()
+    keep = y != -100
+    x2 = s_ce_inf[keep].clone().to(dev).requires_grad_()
+    soft = kd_loss(x2, t_masked[keep].to(dev), temperature=2.0, divergence=divergence, beta=beta,
+                   reduction="none", backend=backend)
+    soft.sum().backward()
+    torch.testing.assert_close(loss[keep.to(dev)], soft, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad[keep.to(dev)], x2.grad, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+    # alpha = 0: the loss is the CE alone, whatever the teacher: entries at -inf that the student
+    # keeps (an infinite reverse KL) and a row with a nan logit (no distribution)
+    t_bad = t.clone()
+    t_bad[:, 5] = float("-inf")
+    t_bad[1, 7] = float("nan")
+    x = s.clone().to(dev).requires_grad_()
+    loss = kd_loss(x, t_bad.to(dev), y.to(dev), alpha=0.0, temperature=2.0,
+                   divergence=divergence, beta=beta, reduction="none", backend=backend)
+    loss.sum().backward()
+    x2 = s.clone().requires_grad_()
+    ce = tF.cross_entropy(x2, y, reduction="none")
+    ce.sum().backward()
+    torch.testing.assert_close(loss.cpu(), ce, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.cpu(), x2.grad, rtol=1e-4, atol=1e-6)

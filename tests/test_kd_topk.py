@@ -251,3 +251,39 @@ def test_undefined_row_is_nan(backend, where, T):
     assert torch.isfinite(out[[0, 3]]).all() and torch.isfinite(grad[[0, 3]]).all()
     assert torch.equal(grad[2], torch.zeros_like(grad[2]))
     assert torch.isnan(grad[1]).any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_term_of_weight_zero_adds_exactly_zero(backend):
+    # alpha = 0: the CE alone, even where the top-k divergence is infinite (the student puts no
+    # mass on a teacher id); alpha = 1: the divergence alone, even where the CE is infinite
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(4, 29, generator=g) * 2
+    ids, lps = fastkd.teacher_topk(torch.randn(4, 29, generator=g) * 2, 3)
+    y = torch.randint(0, 29, (4,), generator=g)
+    s_inf = s.clone()
+    s_inf[0, ids[0, 0]] = float("-inf")  # infinite divergence in row 0
+    x = s_inf.clone().to(dev).requires_grad_()
+    loss = kd_loss_topk(x, ids.to(dev), lps.to(dev), y.to(dev), alpha=0.0, reduction="none",
+                        backend=backend)
+    loss.sum().backward()
+    x2 = s_inf.clone().requires_grad_()
+    ce = tF.cross_entropy(x2, y, reduction="none")
+    ce.sum().backward()
+    torch.testing.assert_close(loss.cpu(), ce, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.cpu(), x2.grad, rtol=1e-4, atol=1e-6)
+    y1 = y.clone()
+    y1[1] = int(torch.isin(torch.arange(29), ids[1], invert=True).nonzero()[0])
+    s_ce = s.clone()
+    s_ce[1, y1[1]] = float("-inf")  # infinite CE in row 1 (a class outside the teacher's top-k)
+    x = s_ce.clone().to(dev).requires_grad_()
+    loss = kd_loss_topk(x, ids.to(dev), lps.to(dev), y1.to(dev), alpha=1.0, reduction="none",
+                        backend=backend)
+    loss.sum().backward()
+    x2 = s_ce.clone().to(dev).requires_grad_()
+    soft = kd_loss_topk(x2, ids.to(dev), lps.to(dev), reduction="none", backend=backend)
+    soft.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss, soft, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-6)

@@ -205,8 +205,37 @@ def _forward_chunk(s, t, target, r0, r1, temperature, alpha, ignore_index, diver
     if valid is None:
         return soft, stats
     ce = lse_1 - s.gather(1, safe[:, None]).squeeze(1)  # fp32, as lse_1 is
-    row = torch.add(soft.mul_(alpha), ce, alpha=1.0 - alpha)
-    return torch.where(valid, row, 0.0), torch.where(valid[:, None], stats, 0.0)
+    return torch.where(valid, mix_rows(soft, ce, alpha), 0.0), torch.where(valid[:, None], stats,
+                                                                            0.0)
+
+
+def mix_rows(soft: Tensor, ce: Tensor, alpha: float) -> Tensor:
+    """``alpha * soft + (1 - alpha) * ce``, where a term of weight 0 adds exactly 0: an infinite
+    CE (a student logit of -inf at the target) at ``alpha = 1``, or an infinite divergence (a
+    reverse KL against a masked teacher entry) or an undefined teacher row at ``alpha = 0``,
+    would otherwise make 0 * inf = nan."""
+    if alpha == 1.0:
+        return soft
+    if alpha == 0.0:
+        return ce
+    return torch.add(soft * alpha, ce, alpha=1.0 - alpha)
+
+
+def _ce_only_backward(grad_rows: Tensor, student: Tensor, target: Tensor,
+                      ignore_index: int) -> Tensor:
+    """d(sum_i grad_rows[i] CE_i)/ds: the whole gradient at ``alpha = 0``, where the teacher's
+    term has weight 0 and must not bring its infinities or nans in as 0 * inf."""
+    n_rows, n_cols = student.shape
+    grad = torch.empty_like(student)
+    step = _row_chunk(n_rows, n_cols)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        valid, safe = _valid_rows(target, ignore_index, r0, r1)
+        g = torch.softmax(student[r0:r1].float(), dim=-1)
+        g.scatter_add_(1, safe[:, None], torch.full_like(g[:, :1], -1.0))
+        g.mul_(torch.where(valid, grad_rows[r0:r1].float(), 0.0)[:, None])
+        grad[r0:r1] = g.masked_fill_(~valid[:, None], 0.0)
+    return grad
 
 
 def _kl_backward_chunk(out, s, t, st, scale, valid, safe, inv_t, c_kl, c_ce) -> None:
@@ -275,6 +304,8 @@ def kd_loss_backward(
     inv_t = 1.0 / temperature
     c_kl = temperature if target is None else alpha * temperature
     c_ce = 1.0 - alpha
+    if c_kl == 0.0:
+        return _ce_only_backward(grad_rows, student, target, ignore_index)
     step = _row_chunk(n_rows, n_cols)
     if divergence == "kl" and step >= n_rows and n_rows * n_cols <= _SMALL_ELEMENTS:
         # one small chunk: its fp32 gradient is the answer, no (N, V) buffer to fill

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kd_loss import _exp_sum, _row_chunk, _valid_rows
+from .kd_loss import _exp_sum, _row_chunk, _valid_rows, mix_rows
 
 
 def _lse_and_exp(z: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -87,7 +87,7 @@ def kd_loss_topk_forward(
             row = soft
         else:
             ce = lse_1 - s.gather(1, safe[:, None]).squeeze(1).float()
-            row = torch.where(valid, alpha * soft + (1.0 - alpha) * ce, torch.zeros_like(soft))
+            row = torch.where(valid, mix_rows(soft, ce, alpha), torch.zeros_like(soft))
             cols = [torch.where(valid, x, torch.zeros_like(x)) for x in cols]
         loss[r0:r1] = row
         stats[r0:r1] = torch.stack(cols, dim=1)
