@@ -352,7 +352,10 @@ def test_shrink_mlps_of_other_architectures(arch, tmp_path):
     torch.manual_seed(0)
     model = build().eval()
     assert _prune_mlp_producers(model) > 0
-    out = (lambda m: m(**inputs).last_hidden_state)
+
+    def out(m):
+        return m(**inputs).last_hidden_state
+
     with torch.no_grad():
         ref = out(model)
     before = sum(p.numel() for p in model.parameters())
@@ -449,7 +452,10 @@ def test_shrink_dead_heads_of_other_architectures(arch, tmp_path):
                 lin.bias[6:12] = 0
                 n_attn += 1
     assert n_attn > 0
-    out = (lambda m: m(**inputs).last_hidden_state)
+
+    def out(m):
+        return m(**inputs).last_hidden_state
+
     with torch.no_grad():
         ref = out(model)
     report = shrink_(model)
