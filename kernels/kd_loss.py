@@ -239,8 +239,13 @@ def _kd_loss_fwd_kernel(
             in_row = cols < n_cols
             s = tl.load(s_row + cols, mask=in_row, other=neg_inf).to(tl.float32)
             t = tl.load(t_row + cols, mask=in_row, other=neg_inf).to(tl.float32)
+            # (z - m) - log2 d, not z - (m + log2 d): the probable entries have z - m ~ 0 exactly
+            # and log2 d is small, where lse2 ~ m is large and its rounding would move every
+            # log-probability by ulp(m), an error D ~ log(q/p) multiplies (10x the reference's on
+            # confident rows)
             terms, qg = _divergence_terms(
-                t * scale2 - lse_t2, s * scale2 - lse_s2, beta, lb2, l1b2, DIVERGENCE
+                (t * scale2 - m_t) - log2_d_t, (s * scale2 - m_s) - log2_d_s, beta, lb2, l1b2,
+                DIVERGENCE
             )
             div_acc += terms
             dot_acc += qg
