@@ -144,9 +144,9 @@ def cases():
     # the top-k teacher kernels (k = 64), forward with and without a tail bucket, both backwards
     from fastkd.kernels import kd_topk
 
-    topk_types = dict(kd_types, ids_ptr="*i64", lp_ptr="*fp32", stride_ids="i32",
-                      stride_lp="i32", k="i32")
-    topk_values = dict(kd_values, stride_ids=64, stride_lp=64, k=64)
+    topk_types = dict(kd_types, ids_ptr="*i64", sorted_ids_ptr="*i64", lp_ptr="*fp32",
+                      stride_ids="i32", stride_sorted="i32", stride_lp="i32", k="i32")
+    topk_values = dict(kd_values, stride_ids=64, stride_sorted=64, stride_lp=64, k=64)
     block, warps = kd_topk._launch_config(v)
     for has_tail in (True, False):
         consts = {"HAS_TARGET": True, "SEPARATE_CE": True, "HAS_TAIL": has_tail,

@@ -4,9 +4,11 @@ Shapes: student (N, V) fp32/fp16/bf16 with unit column stride; ids (N, k) int64 
 logprobs (N, k) fp32 teacher log-probabilities; target (N,) int64 or none.
 
 Forward, one program per row: one streaming pass over the V student logits keeps the online
-(max, sum) of 2^(s * log2(e) / T) (and of s at T = 1 for the cross-entropy when T != 1); then the k
-ids are gathered, giving Q_i = q[id_i] and the tail Q_tail = 1 - sum_i Q_i. It writes the row loss
-and (lse(s/T), lse(s), P_sum, log r), r = P_tail / Q_tail (log r = -inf without a tail mass).
+(max, sum) of 2^(s * log2(e) / T) (and of s at T = 1 for the cross-entropy when T != 1), and the
+same sum without the k ids' classes (the tail): the ids, sorted, are walked alongside the column
+blocks, so each block masks only the ids that fall in it. Then the k ids are gathered, giving
+Q_i = q[id_i], and Q_tail = tail sum / sum. It writes the row loss and
+(lse(s/T), lse(s), P_sum, log r), r = P_tail / Q_tail (log r = -inf without a tail mass).
 
 Backward: one streaming pass writes, for every class, the tail-class gradient
     g_row * (c_kl * (q_j * P_sum - 2^(s_j * log2(e) / T - lse2 + log2 r)) + (1 - alpha) * (...))
@@ -14,8 +16,10 @@ Backward: one streaming pass writes, for every class, the tail-class gradient
 and a second small launch overwrites the k id columns with q_j * P_sum - P_i in place of the tail
 term (same-stream launches are ordered, so no barrier is needed).
 
-Precision: Q_tail comes from 1 - sum_i Q_i in fp32, so its absolute error is about 1e-7; below a
-tail mass of about 1e-5 its relative error grows (the reference sums the tail classes exactly).
+Precision: Q_tail is summed from the tail classes themselves, as the reference does, so it keeps
+its relative precision however small it is. (It used to be 1 - sum_i Q_i, whose absolute error is
+~1e-7: for a student confident on the teacher's ids, Q_tail < ~1e-6, it came out 0 or noise, and
+r = P_tail / Q_tail, which the tail classes' gradients carry, was off by orders of magnitude.)
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from .kd_loss import LOG2E, _launch_config
 def _kd_topk_fwd_kernel(
     student_ptr,
     ids_ptr,
+    sorted_ids_ptr,  # the row's ids in increasing order (read only with HAS_TAIL)
     lp_ptr,
     target_ptr,
     loss_ptr,
     stats_ptr,
     stride_s,
     stride_ids,
+    stride_sorted,
     stride_lp,
     n_cols,
     k,
@@ -63,15 +69,35 @@ def _kd_topk_fwd_kernel(
     neg_inf = float("-inf")
     m_s = neg_inf
     d_s = 0.0
+    d_tail = 0.0
     m_1 = neg_inf
     d_1 = 0.0
+    k_read = k
+    if HAS_TARGET:
+        k_read = tl.where(valid, k, 0)  # ignored rows read nothing
+    # the next id (sorted) not yet masked; past the last, a value no column reaches
+    sorted_row = sorted_ids_ptr + row * stride_sorted
+    ptr = 0
+    if HAS_TAIL:
+        nid = tl.load(sorted_row, mask=k_read > 0, other=1 << 62)
     for start in range(0, n_loop, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         s = tl.load(s_row + cols, mask=cols < n_cols, other=neg_inf).to(tl.float32)
         s2 = s * scale2
         new_m = tl.maximum(m_s, tl.max(s2, 0))
         sh = tl.where(new_m == neg_inf, 0.0, new_m)
-        d_s = d_s * tl.exp2(m_s - sh) + tl.sum(tl.exp2(s2 - sh), 0)
+        e_s = tl.exp2(s2 - sh)
+        rescale = tl.exp2(m_s - sh)
+        d_s = d_s * rescale + tl.sum(e_s, 0)
+        if HAS_TAIL:
+            # the tail's sum, same shifts: the classes of this block that are not ids (each id
+            # is compared against the one block it falls in)
+            is_id = cols < 0
+            while nid < start + BLOCK_V:
+                is_id = is_id | (cols == nid)
+                ptr += 1
+                nid = tl.load(sorted_row + ptr, mask=ptr < k_read, other=1 << 62)
+            d_tail = d_tail * rescale + tl.sum(tl.where(is_id, 0.0, e_s), 0)
         m_s = sh
         if SEPARATE_CE:
             s1 = s * 1.4426950408889634
@@ -85,9 +111,6 @@ def _kd_topk_fwd_kernel(
     lse_s2 = m_s + tl.log2(d_s)
 
     kk = tl.arange(0, BLOCK_K)
-    k_read = k
-    if HAS_TARGET:
-        k_read = tl.where(valid, k, 0)  # ignored rows read nothing
     k_mask = kk < k_read
     ids = tl.load(ids_ptr + row * stride_ids + kk, mask=k_mask, other=0)
     lp = tl.load(lp_ptr + row * stride_lp + kk, mask=k_mask, other=neg_inf).to(tl.float32)
@@ -101,9 +124,10 @@ def _kd_topk_fwd_kernel(
     log_ratio_out = float("-inf")
     if HAS_TAIL:
         p_tail = tl.maximum(1.0 - p_sum, 0.0)
-        q_tail = tl.maximum(1.0 - tl.sum(q, 0), 1e-30)
+        # log Q_tail = log(tail sum / sum): -inf when the student gives the tail no mass (the
+        # divergence is then infinite, as the reference's)
         pos = p_tail > 0
-        log_ratio = tl.log(tl.where(pos, p_tail, 1.0)) - tl.log(q_tail)
+        log_ratio = tl.log(tl.where(pos, p_tail, 1.0)) - ln2 * (tl.log2(d_tail) - tl.log2(d_s))
         d += tl.where(pos, p_tail * log_ratio, 0.0)
         log_ratio_out = tl.where(pos, log_ratio, float("-inf"))
         p_sum += p_tail
@@ -181,6 +205,7 @@ def _kd_topk_bwd_kernel(
         s2 = s * scale2
         q = tl.exp2(s2 - lse_s2)
         grad = c_kl * (q * p_sum - tl.exp2(s2 - (lse_s2 - log2_ratio)))
+        grad = tl.where(c_kl == 0.0, 0.0, grad)  # alpha = 0: no teacher term, not 0 * inf
         if HAS_TARGET:
             if SEPARATE_CE:
                 q1 = tl.exp2(s * 1.4426950408889634 - lse_12)
@@ -225,6 +250,7 @@ def _kd_topk_bwd_ids_kernel(
     s = tl.load(student_ptr + row * stride_s + ids, mask=read, other=float("-inf")).to(tl.float32)
     q = tl.exp2(s * scale2 - lse_s2)
     grad = c_kl * (q * p_sum - tl.where(read, tl.exp(lp), 0.0))
+    grad = tl.where(c_kl == 0.0, 0.0, grad)
     if HAS_TARGET:
         if SEPARATE_CE:
             q1 = tl.exp2(s * 1.4426950408889634 - lse_12)
@@ -257,13 +283,15 @@ def kd_loss_topk_forward(
         return loss, stats
     block, num_warps = _launch_config(n_cols)
     has_target = target is not None
+    has_tail = k < n_cols
+    sorted_ids = ids.sort(dim=1).values if has_tail else ids
     _kd_topk_fwd_kernel[(n_rows,)](
-        student, ids, logprobs, target if has_target else loss, loss, stats,
-        student.stride(0), ids.stride(0), logprobs.stride(0),
+        student, ids, sorted_ids, logprobs, target if has_target else loss, loss, stats,
+        student.stride(0), ids.stride(0), sorted_ids.stride(0), logprobs.stride(0),
         n_cols, k, LOG2E / temperature, temperature * temperature, alpha, ignore_index,
         HAS_TARGET=has_target,
         SEPARATE_CE=has_target and temperature != 1.0,
-        HAS_TAIL=k < n_cols,
+        HAS_TAIL=has_tail,
         BLOCK_V=block,
         BLOCK_K=_block_k(k),
         num_warps=num_warps,

@@ -287,3 +287,50 @@ def test_a_term_of_weight_zero_adds_exactly_zero(backend):
     assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
     torch.testing.assert_close(loss, soft, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_tail_of_a_confident_student(dtype):
+    """The student puts all but ~1e-9 of its mass on the teacher's ids while the teacher leaves
+    ~3 % in the tail: Q_tail must come from the tail classes. As 1 - sum_i Q_i (fp32, error
+    ~1e-7) it was 0 or noise, the tail ratio P_tail / Q_tail off by orders of magnitude, and the
+    tail classes' gradients with it (inf in fp16)."""
+    g = torch.Generator().manual_seed(2)
+    n, v, k = 6, 97, 5
+    t = torch.randn(n, v, generator=g)
+    ids, lps = fastkd.teacher_topk(t * 3, k)
+    s = torch.randn(n, v, generator=g)
+    s.scatter_(1, ids, 25.0 + torch.randn(n, k, generator=g))  # tail mass ~ e^-20
+    s = s.to(dtype)
+    out = {}
+    for backend in ("torch", "triton"):
+        x = s.clone().to(device_for(backend)).requires_grad_()
+        loss = kd_loss_topk(x, ids.to(x.device), lps.to(x.device), reduction="none",
+                            backend=backend)
+        loss.sum().backward()
+        out[backend] = (loss.detach().cpu().float(), x.grad.cpu().float())
+    assert torch.isfinite(out["triton"][1]).all()
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-4, atol=1e-4)
+    atol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(out["triton"][1], out["torch"][1], rtol=1e-3, atol=atol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_alpha_zero_with_a_student_that_gives_the_tail_no_mass(backend):
+    # Q_tail = 0 against a teacher tail of mass > 0: the tail ratio is infinite; at alpha = 0
+    # the loss and gradient are the CE's, with no 0 * inf from the teacher's term
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(8)
+    ids, lps = fastkd.teacher_topk(torch.randn(3, 11, generator=g), 4)
+    s = torch.full((3, 11), float("-inf"))
+    s.scatter_(1, ids, torch.randn(3, 4, generator=g))
+    y = ids[:, 1].clone()
+    x = s.clone().to(dev).requires_grad_()
+    loss = kd_loss_topk(x, ids.to(dev), lps.to(dev), y.to(dev), alpha=0.0, reduction="none",
+                        backend=backend)
+    loss.sum().backward()
+    x2 = s.clone().requires_grad_()
+    ce = tF.cross_entropy(x2, y, reduction="none")
+    ce.sum().backward()
+    torch.testing.assert_close(loss.cpu(), ce)
+    torch.testing.assert_close(x.grad.cpu(), x2.grad)

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kd_loss import _exp_sum, _row_chunk, _valid_rows, mix_rows
+from .kd_loss import _ce_only_backward, _exp_sum, _row_chunk, _valid_rows, mix_rows
 
 
 def _lse_and_exp(z: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -112,9 +112,11 @@ def kd_loss_topk_backward(
     Ignored rows read lse = +inf (probabilities exactly 0) and are zeroed row-wise at the end.
     """
     n_rows, n_cols = student.shape
-    grad = torch.empty_like(student)
     c_kl = temperature if target is None else alpha * temperature
     c_ce = 1.0 - alpha
+    if c_kl == 0.0:  # alpha = 0: the CE alone, not 0 * an infinite tail ratio
+        return _ce_only_backward(grad_rows, student, target, ignore_index)
+    grad = torch.empty_like(student)
     inv_t = 1.0 / temperature
     step = _row_chunk(n_rows, n_cols)
     for r0 in range(0, n_rows, step):
