@@ -61,6 +61,14 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
+def _row_scale(amax):
+    # nan for a row holding an inf (as for a nan): int8 cannot hold it, and inf / inf would give
+    # the code whatever the clamp makes of a nan (-127 on the GPU): an output inf of either sign
+    scale = tl.math.div_rn(_max_keep_nan(amax, 1e-30), 127.0)
+    return tl.where(amax == float("inf"), float("nan"), scale)
+
+
+@triton.jit
 def _quantize_per_token_kernel(
     x_ptr,
     q_ptr,
@@ -80,7 +88,7 @@ def _quantize_per_token_kernel(
         mask = cols < K
         v = tl.load(x_row + cols * stride_xk, mask=mask, other=0.0).to(tl.float32)
         amax = tl.reduce(tl.abs(v), 0, _max_keep_nan)
-        scale = tl.math.div_rn(_max_keep_nan(amax, 1e-30), 127.0)
+        scale = _row_scale(amax)
         q = _round_half_even(tl.math.div_rn(v, scale))
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(q_row + cols, q.to(tl.int8), mask=mask)
@@ -91,7 +99,7 @@ def _quantize_per_token_kernel(
             v = tl.load(x_row + (k0 + cols) * stride_xk, mask=mask, other=0.0).to(tl.float32)
             run = _max_keep_nan(run, tl.abs(v))
         amax = tl.reduce(run, 0, _max_keep_nan)
-        scale = tl.math.div_rn(_max_keep_nan(amax, 1e-30), 127.0)
+        scale = _row_scale(amax)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + cols < K
             v = tl.load(x_row + (k0 + cols) * stride_xk, mask=mask, other=0.0).to(tl.float32)

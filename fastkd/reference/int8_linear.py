@@ -49,7 +49,10 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     # depend on the device. Tensor / tensor is IEEE round-to-nearest on every device, like the
     # kernel's tl.math.div_rn.
     scale = amax.clamp_min(AMAX_FLOOR) / torch.full_like(amax, QMAX)
-    q = torch.round(xf / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    # int8 codes cannot hold an inf: a row holding one gets a nan scale (as a nan does), so its
+    # output row is nan, never an inf of whatever sign the code of inf / inf happened to take
+    scale = torch.where(amax == float("inf"), float("nan"), scale)
+    q = torch.round(xf / scale[:, None]).clamp_(-QMAX, QMAX).nan_to_num_(0.0).to(torch.int8)
     return q, scale
 
 
