@@ -1004,8 +1004,9 @@ class Distiller:
     def evaluate(self, loader) -> dict:
         """Metrics of the student on ``loader``: ``loss`` (the output objective, without hints),
         and for classification ``agreement`` (fraction of rows whose arg-max matches the
-        teacher's) and ``accuracy`` (when batches carry targets; ``ignore_index`` rows are left
-        out). With hints and built projections, ``hint_loss`` too. The student's train/eval mode
+        teacher's) and ``accuracy`` (when batches carry targets); rows marked ``ignore_index``
+        (or left out by an ``attention_mask``) count in neither, and a metric no row counts in
+        is absent. With hints and built projections, ``hint_loss`` too. The student's train/eval mode
         is restored afterwards."""
         _nonempty(loader, "loader")
         was_training = self.student.training
@@ -1039,12 +1040,15 @@ class Distiller:
                         if self.task == "classification":
                             pred = s_out.argmax(-1)
                             same = pred == t_out.argmax(-1)
-                            agree += (same & keep).sum() if keep is not None else same.sum()
-                            rows += keep.sum() if keep is not None else pred.numel()
                             if target is not None:
+                                # ignore_index rows (padding) count for nothing: not in the
+                                # loss, not in the accuracy, not in the agreement
                                 valid = target != self.loss_fn.ignore_index
                                 correct += ((pred == target) & valid).sum()
                                 labelled += valid.sum()
+                                keep = valid if keep is None else keep & valid
+                            agree += (same & keep).sum() if keep is not None else same.sum()
+                            rows += keep.sum() if keep is not None else pred.numel()
                     if s_cap is not None:
                         hint_sum += self._hint_loss(s_cap.take(), t_cap.take()).double()
                 batches += 1
@@ -1059,7 +1063,8 @@ class Distiller:
         if self.task == "classification":
             if labelled.item() > 0:
                 metrics["accuracy"] = (correct / labelled).item()
-            metrics["agreement"] = (agree / rows.clamp_min(1)).item()
+            if rows.item() > 0:  # as accuracy: absent, rather than 0, when no row counted
+                metrics["agreement"] = (agree / rows).item()
         if s_cap is not None:
             metrics["hint_loss"] = (hint_sum / batches).item()
         return metrics

@@ -373,6 +373,27 @@ def test_shift_labels_is_off_for_other_models_and_checked(problem):
         d.evaluate(train)
 
 
+def test_ignored_rows_count_in_no_metric():
+    # labels of -100 (a collator's padding) leave the loss, the accuracy and the agreement; the
+    # agreement used to count them, so what the models predicted at padding moved it
+    torch.manual_seed(0)
+    teacher, student = _mlp(8, 16, 5, 0), _mlp(8, 4, 5, 1)
+    x = torch.randn(12, 8)
+    y = torch.randint(0, 5, (12,))
+    y[::3] = -100
+    d = Distiller(teacher, student, progress=False)
+    got = d.evaluate([(x, y)])
+    with torch.no_grad():
+        s, t = student.eval()(x), teacher.eval()(x)
+    keep = y != -100
+    agreement = (s.argmax(-1) == t.argmax(-1))[keep].float().mean().item()
+    accuracy = (s.argmax(-1) == y)[keep].float().mean().item()
+    assert got["agreement"] == pytest.approx(agreement)
+    assert got["accuracy"] == pytest.approx(accuracy)
+    # no counted row at all: the metrics are absent, not 0
+    assert set(d.evaluate([(x, torch.full((12,), -100))])) == {"loss"}
+
+
 def test_padding_without_labels_does_not_count():
     # Pure distillation of a padded LM batch (no labels): the positions the attention_mask drops
     # must not count, so what sits there cannot change the loss or the metrics.
