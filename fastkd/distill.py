@@ -528,10 +528,16 @@ class Distiller:
             out = call(self.teacher)
             return out if raw else _output_tensor(out, "teacher")
 
-    def _align(self, s: Tensor, t: Tensor, target: Optional[Tensor]):
-        """With shift_labels and a target: outputs at positions [0, L-1) against targets at
-        [1, L) (the second-to-last output dimension is the sequence). ``t`` may be a stored
-        top-k teacher (_TopK), sliced the same way."""
+    def _align(self, s: Tensor, t: Tensor, target: Optional[Tensor], slice_outputs=False):
+        """With shift_labels and a target: the output at position i against the target at i + 1
+        (the second-to-last output dimension is the sequence); the last position has none.
+
+        For classification the targets move and the last position gets ``ignore_index``: the
+        same rows count as when the outputs are sliced to [0, L-1), but the logits stay as they
+        are. A (B, L-1, V) slice of them is not a view the loss can take as rows: it would copy
+        each model's logits (N x V) and scatter the gradient back through another. With
+        ``slice_outputs`` (hidden states, small) or for regression the outputs are sliced. ``t``
+        may be a stored top-k teacher (_TopK)."""
         if not self.shift_labels or target is None:
             return s, t, target
         if s.dim() < 3 or target.shape != s.shape[:-1]:
@@ -539,6 +545,10 @@ class Distiller:
                 f"shift_labels pairs (batch, sequence, classes) outputs with (batch, sequence) "
                 f"targets; got outputs {tuple(s.shape)} and targets {tuple(target.shape)}"
             )
+        if self.task == "classification" and not slice_outputs:
+            shifted = torch.full_like(target, self.loss_fn.ignore_index)
+            shifted[..., :-1] = target[..., 1:]
+            return s, t, shifted
         return s[..., :-1, :], t[..., :-1, :], target[..., 1:]
 
     def _soft_rows(self, s: Tensor, target: Optional[Tensor], attention_mask) -> Optional[Tensor]:
@@ -602,7 +612,7 @@ class Distiller:
             w_t = w_t.to(h_t.dtype)
             b_t = None if b_t is None else b_t.to(h_t.dtype)
         # hidden states pair with targets and masks position by position, as logits do
-        h_s, h_t, target = self._align(h_s, h_t, target)
+        h_s, h_t, target = self._align(h_s, h_t, target, slice_outputs=True)
         keep = self._soft_rows(h_s, target, attention_mask)
         b_t = None if b_t is None else b_t.detach()
         return h_s, w_s, b_s, h_t.detach(), w_t.detach(), b_t, target, keep

@@ -361,6 +361,24 @@ def test_causal_lm_labels_are_shifted_as_the_model_itself_does():
     assert math.isfinite(history[0]["train_loss"])
 
 
+def test_shifted_labels_do_not_copy_the_logits(monkeypatch):
+    # The loss takes the models' logits as they are (the labels move instead): a (B, L-1, V)
+    # slice would be copied into rows, N x V per model, with its gradient scattered back.
+    teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
+    seen = []
+    real = fastkd.functional.kd_loss
+
+    def spy(s, t, *args, **kwargs):
+        seen.append((s.is_contiguous(), t.is_contiguous()))
+        return real(s, t, *args, **kwargs)
+
+    monkeypatch.setattr(fastkd.functional, "kd_loss", spy)
+    d = Distiller(teacher, student, temperature=2.0, progress=False, backend="torch")
+    d.fit(_lm_batches(), epochs=1)
+    d.evaluate(_lm_batches())
+    assert seen and all(a and b for a, b in seen)
+
+
 def test_shift_labels_is_off_for_other_models_and_checked(problem):
     teacher, student = _mlp(20, 32, 5, 0), _mlp(20, 8, 5, 1)
     assert not Distiller(teacher, student, progress=False).shift_labels
