@@ -160,6 +160,7 @@ _dispatch_modes = _probe("_len_torch_dispatch_stack")
 _function_modes = _probe("_len_torch_function_stack")
 _functorch_active = _probe("_are_functorch_transforms_active")
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_jit_tracing = getattr(torch._C, "_get_tracing_state", lambda: None)
 
 
 def _nothing_intercepts(args) -> bool:
@@ -167,6 +168,8 @@ def _nothing_intercepts(args) -> bool:
     tracing or compiling, no torch function or dispatch mode, no functorch transform, only
     plain tensors (no subclasses: fake, functional, DTensor...), and no gradient to record."""
     if torch.compiler.is_compiling() or _dispatch_modes() or _function_modes():
+        return False
+    if _jit_tracing():  # torch.jit.trace records dispatcher calls: a Triton launch it would miss
         return False
     if _functorch_active():
         return False

@@ -141,3 +141,24 @@ def test_compiled_kd_loss_takes_a_temperature_that_changes():
         F.kd_loss(s, t, y, temperature=-1.0)
     with pytest.raises(ValueError, match="finite"):
         F.kd_loss(s, t, y, temperature=float("inf"))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # our argument checks, traced
+@pytest.mark.parametrize("kind", KINDS)
+def test_jit_trace_records_the_fastkd_ops(kind, tmp_path):
+    # torch.jit.trace (and what is built on it) records dispatcher calls. An inference call that
+    # skipped the dispatcher left the trace with the reference's aten ops at best and, on a GPU,
+    # an empty output buffer without the Triton launch that fills it.
+    model = _compressed(kind)
+    example = torch.randn(3, 5, K)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)
+    kinds = {n.kind() for n in traced.inlined_graph.nodes()}
+    assert any(k.startswith("fastkd::") for k in kinds), kinds
+    torch.jit.save(traced, tmp_path / "m.pt")
+    loaded = torch.jit.load(tmp_path / "m.pt")
+    x = torch.randn(4, 7, K)  # another batch and sequence length than the example's
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(traced(x), expected)
+        assert torch.equal(loaded(x), expected)
