@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .nn._linear_like import is_replaceable_linear
+from .nn._linear_like import is_replaceable_linear, tied_elsewhere, warn_untied
 from .nn.int8_linear import Int8Linear, _check_mode
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -24,6 +24,10 @@ def quantize_(
     Face ``Conv1D`` layers (GPT-2's attention and MLP projections) count as linears too, and so do
     pruned ``fastkd.nn.MaskedLinear`` layers (their ``W o M`` is quantized; pruned weights are
     int8 zeros).
+
+    A linear whose weight another module holds too (an lm_head tied to the input embedding) is
+    quantized as well, which unties it: the embedding keeps its float weight, so the model holds
+    both (a warning says which); ``filter_fn`` can leave it out to keep the tie.
 
     ``name`` is the module's qualified name in ``model`` (``"encoder.layer.0.attention.self.query"``).
     ``model`` itself may be an ``nn.Linear``; then it cannot be replaced in place and a
@@ -49,6 +53,7 @@ def quantize_(
         if is_replaceable_linear(module, pruned=True) and name
         and (filter_fn is None or filter_fn(module, name))
     ]
+    warn_untied("quantize_", tied_elsewhere(model, targets))
     swapped: dict = {}  # a linear shared under several names becomes one shared Int8Linear
     for _, module in targets:  # every layer first: a bad one leaves the model untouched
         if id(module) not in swapped:

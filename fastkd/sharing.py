@@ -223,7 +223,9 @@ def share_weights_(
     pruned weights become the fixed zero cluster.
 
     Returns ``{"bytes_before", "bytes_after", "layers": {name: (before, after)}}`` counting weight,
-    bias, index and codebook bytes of the replaced layers.
+    bias, index and codebook bytes of the replaced layers. A weight tied to another module (an
+    lm_head tied to the embedding) counts 0 before: replacing its layer unties it and frees
+    nothing, as a warning says (leave it out with ``filter_fn`` to keep the tie).
 
     ``calibration`` (optional): representative inputs, as a callable that runs the model (e.g.
     ``lambda m: m.encode(sentences)``) or an iterable of batches in the Distiller's convention, so
@@ -239,7 +241,7 @@ def share_weights_(
     calibration never runs keeps plain rounding and is listed under ``"uncalibrated"`` (with a
     warning).
     """
-    from .nn._linear_like import is_replaceable_linear
+    from .nn._linear_like import is_replaceable_linear, tied_elsewhere, warn_untied
     from .nn.shared_linear import SharedLinear
 
     if not isinstance(model, nn.Module):
@@ -269,13 +271,17 @@ def share_weights_(
             shown = ", ".join(uncalibrated[:3]) + (", ..." if len(uncalibrated) > 3 else "")
             warnings.warn(f"share_weights_: the calibration never ran {len(uncalibrated)} "
                           f"layer(s) ({shown}); they keep nearest-centroid rounding", stacklevel=2)
+    tied = set(tied_elsewhere(model, targets))
+    warn_untied("share_weights_", sorted(tied))
     layers = {}
     for name, lin in targets:
         shared = SharedLinear.from_linear(lin, bits=bits, per_channel=per_channel, iters=iters,
                                           input_moment=moments.get(name), damp=damp)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, shared)
-        before = sum(p.numel() * p.element_size() for p in lin.parameters())
+        # a tied weight stays in the model (its other module keeps it): nothing freed there
+        before = sum(p.numel() * p.element_size() for pn, p in lin.named_parameters()
+                     if not (name in tied and pn == "weight"))
         layers[name] = (before, shared.nbytes())
     return {
         "bytes_before": sum(b for b, _ in layers.values()),

@@ -127,3 +127,41 @@ def test_quantizing_a_non_finite_weight_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="inf or NaN"):
         fastkd.quantize_(model)
     assert [type(m) for m in model] == [nn.Linear, nn.Linear]  # nothing half-done
+
+
+def test_replacing_a_tied_head_says_so_and_counts_nothing_freed():
+    # an lm_head tied to the input embedding: quantize_ and share_weights_ replace it (a faster
+    # head), which unties it; the embedding keeps the float weight, so nothing is freed there
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(53, 24)
+            self.body = nn.Linear(24, 24)
+            self.head = nn.Linear(24, 53, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.body(self.emb(ids))))
+
+    torch.manual_seed(0)
+    lm = TiedLM()
+    ids = torch.randint(0, 53, (2, 7))
+    ref = lm(ids)
+    q = copy.deepcopy(lm)
+    with pytest.warns(UserWarning, match="head share.*tied"):
+        fastkd.quantize_(q)
+    assert isinstance(q.head, Int8Linear) and q.emb.weight.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(q(ids).flatten(), ref.flatten(), dim=0) > 0.99
+    s = copy.deepcopy(lm)
+    with pytest.warns(UserWarning, match="head share.*tied"):
+        report = fastkd.share_weights_(s, bits=6)
+    assert report["layers"]["head"][0] == 0  # nothing freed
+    assert report["layers"]["body"][0] == 24 * 24 * 4 + 24 * 4
+    # leaving the head out keeps the tie, without a warning
+    import warnings
+
+    kept = copy.deepcopy(lm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastkd.quantize_(kept, filter_fn=lambda m, n: n != "head")
+    assert kept.head.weight is kept.emb.weight

@@ -77,6 +77,7 @@ def test_from_linear_rejects_other_layers():
             cls.from_linear(nn.Conv1d(4, 4, 1))
 
 
+@pytest.mark.filterwarnings("ignore:.*tied embeddings")  # the tied lm_head (test_compose.py)
 @pytest.mark.parametrize("swap, kind", [
     (lambda m: fastkd.quantize_(m, mode="w8a16"), Int8Linear),
     (lambda m: fastkd.sparsify_(m, sparsity=0.0), MaskedLinear),

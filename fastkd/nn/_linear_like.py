@@ -88,3 +88,26 @@ def require_values(weight: torch.Tensor, who: str) -> None:
             f"{who} needs the weight's values, but it is on the meta device: load the weights "
             "first (e.g. load_state_dict or to_empty + initialisation)"
         )
+
+
+def tied_elsewhere(model: nn.Module, targets) -> list:
+    """The names, among ``targets`` ((name, linear) pairs), of linears whose weight another module
+    of ``model`` holds too (an lm_head tied to the input embedding). Replacing such a linear
+    unties it: the other module keeps the float weight, and the model then holds both."""
+    owners: dict = {}
+    for mod_name, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(mod_name)
+    return [name for name, lin in targets
+            if len(owners.get(id(getattr(lin, "weight", None)), ())) > 1]
+
+
+def warn_untied(who: str, names: list) -> None:
+    if names:
+        import warnings
+
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        warnings.warn(
+            f"{who}: {shown} share(s) its weight with another module (tied embeddings); "
+            "replacing it unties them, and that module keeps the float weight, so the model now "
+            "holds both. To keep the tie, leave it out with filter_fn.", stacklevel=3)
