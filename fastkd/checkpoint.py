@@ -237,6 +237,16 @@ def load_compressed(skeleton: nn.Module, path: Union[str, os.PathLike]) -> nn.Mo
 
     if not isinstance(skeleton, nn.Module):
         raise TypeError(f"skeleton must be an nn.Module, got {type(skeleton).__name__}")
+    meta = [n for n, t in (*skeleton.named_parameters(), *skeleton.named_buffers())
+            if t.is_meta]
+    if meta:
+        # loading copies into the skeleton's tensors: into meta ones it is a no-op, and the
+        # model would come back without values (non-persistent buffers, such as rotary
+        # frequencies, are in no checkpoint to assign from either)
+        raise ValueError(
+            f"load_compressed needs a skeleton with real tensors; {len(meta)} are on the meta "
+            f"device ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}). Build it on a "
+            "device (its float values are overwritten), e.g. on the CPU and move it after.")
     _ensure_builtin()
     header = read_compressed_header(path)
     _apply_shapes(skeleton, header.get("shapes", {}))  # absent in files written before it

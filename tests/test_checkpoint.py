@@ -68,6 +68,11 @@ def test_load_errors(tmp_path):
         fastkd.load_compressed(nn.Sequential(nn.Linear(13, 21)), ckpt)
     with pytest.raises(TypeError):
         fastkd.save_compressed("model", ckpt)
+    # a meta-device skeleton: copying into it would be a no-op, leaving a model without values
+    with torch.device("meta"):
+        on_meta = _model()
+    with pytest.raises(ValueError, match="real tensors.*meta device"):
+        fastkd.load_compressed(on_meta, ckpt)
 
 
 def test_size_report_counts_bytes_per_type():
