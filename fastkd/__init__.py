@@ -11,7 +11,7 @@ from .checkpoint import load_compressed, save_compressed, size_report  # noqa: E
 from .info import info  # noqa: E402
 from .quantize import quantize_  # noqa: E402
 from .sharing import share_weights_  # noqa: E402
-from .sparsify import sparsify_  # noqa: E402
+from .sparsify import fold_masks_, sparsify_  # noqa: E402
 from .structured import shrink_, structured_mask  # noqa: E402
 from .student import student_from_teacher  # noqa: E402
 
@@ -24,6 +24,7 @@ __all__ = [
     # pruning
     "prune",
     "sparsify_",
+    "fold_masks_",
     # int8
     "quantize_",
     # LLM-scale distillation

@@ -165,3 +165,41 @@ def test_replacing_a_tied_head_says_so_and_counts_nothing_freed():
         warnings.simplefilter("error")
         fastkd.quantize_(kept, filter_fn=lambda m, n: n != "head")
     assert kept.head.weight is kept.emb.weight
+
+
+def test_fold_masks_gives_plain_linears_with_the_same_outputs(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37, vocab_size=53)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    fastkd.sparsify_(model, 0.6)
+    ids = torch.randint(0, 53, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    masked = {n: m for n, m in model.named_modules() if isinstance(m, MaskedLinear)}
+    keep = next(n for n in masked if n.endswith("query"))
+    out = fastkd.fold_masks_(model, filter_fn=lambda m, n: n != keep)
+    assert out is model
+    assert [n for n, m in model.named_modules() if isinstance(m, MaskedLinear)] == [keep]
+    for name, old in masked.items():
+        if name == keep:
+            continue
+        new = model.get_submodule(name)
+        assert type(new) is nn.Linear
+        assert torch.equal(new.weight, old.masked_weight())  # pruned weights exact zeros
+    with torch.no_grad():
+        assert torch.equal(model(ids).last_hidden_state, ref)
+    # the folded model's state_dict has no masks: a plain model of the architecture loads it
+    fastkd.fold_masks_(model)
+    plain = transformers.BertModel(cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(plain(ids).last_hidden_state, ref)
+    layer = MaskedLinear.from_linear(nn.Linear(7, 5), sparsity=0.4)
+    x = torch.randn(3, 7)
+    assert torch.equal(layer.to_linear()(x), layer(x))
+    with pytest.raises(ValueError, match="to_linear"):
+        fastkd.fold_masks_(layer)
+    with pytest.raises(TypeError):
+        fastkd.fold_masks_("model")

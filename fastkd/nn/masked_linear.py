@@ -141,6 +141,13 @@ class MaskedLinear(nn.Module):
         self._tiles_key = None
         return self
 
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same map, its weight ``W o M`` (a copy; see
+        :func:`fastkd.fold_masks_` for a whole model)."""
+        from ._linear_like import as_linear
+
+        return as_linear(self, "MaskedLinear.to_linear")
+
     def masked_weight(self) -> Tensor:
         """``W o M`` (detached): the weight this layer multiplies by, pruned entries exact zeros
         whatever the stored weight holds there."""
