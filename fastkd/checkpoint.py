@@ -229,24 +229,29 @@ def read_compressed_header(path: Union[str, os.PathLike]) -> dict:
     return header
 
 
-def load_compressed(skeleton: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+def load_compressed(skeleton: nn.Module, path: Union[str, os.PathLike], *,
+                    device: Union[str, torch.device, None] = None) -> nn.Module:
     """Rebuild the compressed layers recorded in ``path`` into ``skeleton`` (an uncompressed model
     of the same architecture, at its original widths even if the saved model was shrunk), load
-    every tensor exactly, and return the skeleton."""
+    every tensor exactly, and return the skeleton.
+
+    The skeleton may hold its parameters on the meta device (built under
+    ``accelerate.init_empty_weights()``, say): nothing is then allocated for the float weights
+    the compressed layers replace, and the loaded tensors are placed on ``device`` (default
+    CPU). Weights tied under several names stay tied. Its non-persistent buffers (rotary
+    frequencies, position ids), which no checkpoint holds, must be real tensors already.
+    """
     from safetensors.torch import load_model
 
     if not isinstance(skeleton, nn.Module):
         raise TypeError(f"skeleton must be an nn.Module, got {type(skeleton).__name__}")
-    meta = [n for n, t in (*skeleton.named_parameters(), *skeleton.named_buffers())
-            if t.is_meta]
-    if meta:
-        # loading copies into the skeleton's tensors: into meta ones it is a no-op, and the
-        # model would come back without values (non-persistent buffers, such as rotary
-        # frequencies, are in no checkpoint to assign from either)
+    unsaved = _meta_nonpersistent_buffers(skeleton)
+    if unsaved:
         raise ValueError(
-            f"load_compressed needs a skeleton with real tensors; {len(meta)} are on the meta "
-            f"device ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}). Build it on a "
-            "device (its float values are overwritten), e.g. on the CPU and move it after.")
+            f"load_compressed: {len(unsaved)} non-persistent buffer(s) of the skeleton are on the "
+            f"meta device ({', '.join(unsaved[:3])}{', ...' if len(unsaved) > 3 else ''}), and "
+            "no checkpoint holds them: build the skeleton with real buffers (meta parameters are "
+            "fine, e.g. accelerate.init_empty_weights(include_buffers=False))")
     _ensure_builtin()
     header = read_compressed_header(path)
     _apply_shapes(skeleton, header.get("shapes", {}))  # absent in files written before it
@@ -260,8 +265,64 @@ def load_compressed(skeleton: nn.Module, path: Union[str, os.PathLike]) -> nn.Mo
         if not name:
             raise ValueError("the root module itself is compressed; load it directly instead")
         _replace(skeleton, name, spec.build(entry["settings"], _submodule(skeleton, name)))
-    load_model(skeleton, os.fspath(path), strict=True)
+    if any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
+        _load_assigning(skeleton, path, torch.device(device or "cpu"))
+    else:
+        load_model(skeleton, os.fspath(path), strict=True)
+        if device is not None:
+            skeleton.to(device)
     return skeleton
+
+
+def _meta_nonpersistent_buffers(model: nn.Module) -> list:
+    out = []
+    for mod_name, mod in model.named_modules():
+        for name in getattr(mod, "_non_persistent_buffers_set", ()):
+            buf = mod._buffers.get(name)
+            if buf is not None and buf.is_meta:
+                out.append(f"{mod_name}.{name}" if mod_name else name)
+    return out
+
+
+def _load_assigning(skeleton: nn.Module, path, device: torch.device) -> None:
+    """Load ``path`` into a skeleton with meta tensors by assigning the file's tensors (on
+    ``device``) instead of copying into the skeleton's. A tensor tied under several names is
+    stored under one (safetensors keeps one name per shared tensor): every name gets it, and
+    the names stay one Parameter."""
+    from safetensors.torch import load_file
+
+    state = load_file(os.fspath(path), device=str(device))
+    expected = skeleton.state_dict(keep_vars=True)
+    tied: dict = {}
+    for key, value in expected.items():
+        tied.setdefault(id(value), []).append(key)
+    for names in tied.values():
+        saved = [n for n in names if n in state]
+        for n in names:
+            if saved and n not in state:
+                state[n] = state[saved[0]]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint and skeleton do not match: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    for names in tied.values():  # assign made one Parameter per name: tie them again
+        first_mod, _, first_attr = _split_key(skeleton, names[0])
+        for n in names[1:]:
+            mod, _, attr = _split_key(skeleton, n)
+            if attr in mod._parameters:
+                mod._parameters[attr] = first_mod._parameters[first_attr]
+            else:
+                mod._buffers[attr] = first_mod._buffers[first_attr]
+    left = [n for n, t in (*skeleton.named_parameters(), *skeleton.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"load_compressed: {left[:3]} stayed on the meta device")
+
+
+def _split_key(model: nn.Module, key: str):
+    mod_name, _, attr = key.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), mod_name, attr
 
 
 def size_report(model: nn.Module) -> dict:

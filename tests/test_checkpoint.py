@@ -68,11 +68,6 @@ def test_load_errors(tmp_path):
         fastkd.load_compressed(nn.Sequential(nn.Linear(13, 21)), ckpt)
     with pytest.raises(TypeError):
         fastkd.save_compressed("model", ckpt)
-    # a meta-device skeleton: copying into it would be a no-op, leaving a model without values
-    with torch.device("meta"):
-        on_meta = _model()
-    with pytest.raises(ValueError, match="real tensors.*meta device"):
-        fastkd.load_compressed(on_meta, ckpt)
 
 
 def test_size_report_counts_bytes_per_type():
@@ -160,3 +155,61 @@ def test_shrunk_model_loads_into_a_full_size_skeleton(tmp_path, arch):
 
     with pytest.raises(RuntimeError):
         load_model(eval(_TINY[arch]), str(ckpt), strict=True)
+
+
+def _meta_parameters(model: nn.Module) -> nn.Module:
+    """``model`` with its parameters on the meta device and its buffers real, as
+    accelerate.init_empty_weights() builds a model (tied parameters stay one object)."""
+    moved = {}
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                if id(p) not in moved:
+                    moved[id(p)] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+                mod._parameters[name] = moved[id(p)]
+    return model
+
+
+def test_meta_skeleton_of_a_tied_lm_loads_without_its_float_weights(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=24, vocab_size=53, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    fastkd.sparsify_(model, 0.5, filter_fn=lambda m, n: ".mlp." in n)
+    fastkd.quantize_(model, filter_fn=lambda m, n: ".attn." in n)
+    ids = torch.randint(0, 53, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    fastkd.save_compressed(model, tmp_path / "m")
+    with torch.device("meta"):
+        all_meta = transformers.GPT2LMHeadModel(cfg).eval()  # no non-persistent buffers
+    for skeleton in (_meta_parameters(transformers.GPT2LMHeadModel(cfg).eval()), all_meta):
+        out = fastkd.load_compressed(skeleton, tmp_path / "m")
+        assert not any(t.is_meta for t in (*out.parameters(), *out.buffers()))
+        assert out.lm_head.weight is out.transformer.wte.weight  # still tied
+        with torch.no_grad():
+            assert torch.equal(out(ids).logits, ref)
+
+
+def test_meta_skeleton_needs_its_non_persistent_buffers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=53, hidden_size=24, intermediate_size=37,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=6)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    fastkd.quantize_(model, mode="w8a16")
+    ids = torch.randint(0, 53, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    fastkd.save_compressed(model, tmp_path / "m")
+    # everything on meta: the rotary frequencies (non-persistent) are in no checkpoint
+    with torch.device("meta"):
+        bare = transformers.LlamaForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="non-persistent buffer.*inv_freq"):
+        fastkd.load_compressed(bare, tmp_path / "m")
+    # meta parameters, real buffers: loads, and nothing was allocated for the float weights
+    out = fastkd.load_compressed(_meta_parameters(transformers.LlamaForCausalLM(cfg).eval()),
+                                 tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(out(ids).logits, ref)
