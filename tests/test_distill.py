@@ -504,7 +504,8 @@ def test_fused_lm_head_refuses_what_it_cannot_fuse():
     with pytest.raises(ValueError, match="Hugging Face language model"):
         Distiller(_mlp(20, 32, 5, 0), _mlp(20, 8, 5, 1), fused_lm_head=True, progress=False)
     quantized = copy.deepcopy(student)
-    fastkd.quantize_(quantized, filter_fn=lambda m, n: n == "lm_head")
+    with pytest.warns(UserWarning, match="tied"):  # GPT-2's lm_head is the embedding's weight
+        fastkd.quantize_(quantized, filter_fn=lambda m, n: n == "lm_head")
     with pytest.raises(ValueError, match="cannot be fused"):
         Distiller(teacher, quantized, fused_lm_head=True, progress=False)
     with pytest.raises(ValueError, match="adversarial"):

@@ -144,6 +144,7 @@ def test_compiled_kd_loss_takes_a_temperature_that_changes():
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # our argument checks, traced
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")  # torch >= 2.15
 @pytest.mark.parametrize("kind", KINDS)
 def test_jit_trace_records_the_fastkd_ops(kind, tmp_path):
     # torch.jit.trace (and what is built on it) records dispatcher calls. An inference call that
