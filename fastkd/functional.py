@@ -114,9 +114,14 @@ def kd_loss(
     if student_logits.dim() < 1:
         raise ValueError("student_logits must have at least one dimension (the classes)")
     if student_logits.shape != teacher_logits.shape:
+        hint = ""
+        if student_logits.shape[:-1] == teacher_logits.shape[:-1]:
+            hint = (" (vocabularies padded to different sizes? pad the smaller one's logits with "
+                    "-inf, which gives those classes zero probability, or slice both to the "
+                    "classes they share)")
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape"
+            f"{tuple(teacher_logits.shape)} must have the same shape{hint}"
         )
     check_same_device(student_logits, teacher_logits, "student_logits", "teacher_logits")
     temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
