@@ -116,9 +116,8 @@ def kd_loss(
     if student_logits.shape != teacher_logits.shape:
         hint = ""
         if student_logits.shape[:-1] == teacher_logits.shape[:-1]:
-            hint = (" (vocabularies padded to different sizes? pad the smaller one's logits with "
-                    "-inf, which gives those classes zero probability, or slice both to the "
-                    "classes they share)")
+            hint = (" (vocabularies padded to different sizes? slice both to the classes they "
+                    "share, e.g. [..., :V] with V the real vocabulary size)")
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits "
             f"{tuple(teacher_logits.shape)} must have the same shape{hint}"
