@@ -425,7 +425,9 @@ def _shrink_named_mlp(mod: nn.Module, report: list, prefix: str) -> bool:
     if act is None:
         dead, bias_b = _zero_cols(b), None
     else:
-        dead, bias_b = _dead_or_constant(a, b, act, frozen=True)
+        # constants are folded only in eval mode: a dropout between the layers may be a function
+        # call no module list shows (BART's activation_dropout), and would drop them in training
+        dead, bias_b = _dead_or_constant(a, b, act, frozen=not mod.training)
     n_dead = int(dead.sum())
     if n_dead and _check_keep(a.out_features - n_dead, prefix):
         (new_a,), new_b = _shrink_pair([a], b, dead, bias_b)

@@ -468,3 +468,22 @@ def test_shrink_dead_heads_of_other_architectures(arch, tmp_path):
     skeleton = fastkd.load_compressed(build().eval(), tmp_path / arch)
     with torch.no_grad():
         assert torch.equal(out(skeleton), out(model))
+
+
+def test_named_mlp_folds_constant_neurons_only_in_eval_mode():
+    # a row-pruned neuron with a live bias holds the constant act(bias): folding it into the next
+    # bias is exact in eval mode, but a dropout between the layers that no module shows (BART's
+    # functional activation_dropout) would have dropped it in training
+    build, inputs, _ = _hf_cases()["vit"]
+    torch.manual_seed(0)
+    model = build()
+    _prune_mlp_producers(model)
+    model.train()
+    with pytest.warns(UserWarning, match="removed nothing"):
+        assert shrink_(model) == []  # every dead row has a live bias here
+    model.eval()
+    with torch.no_grad():
+        ref = model(**inputs).last_hidden_state
+    assert shrink_(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
