@@ -699,11 +699,15 @@ def _warn_if_dead_left(model: nn.Module) -> None:
     the user to find out from the parameter count."""
     import warnings
 
+    def pruned(m) -> bool:  # whole weight rows (biases aside) or columns at zero
+        w = _effective_weight(m) == 0
+        return bool(w.all(dim=1).any()) or bool(w.all(dim=0).any())
+
     dead = [name for name, m in model.named_modules()
-            if (isinstance(m, nn.Linear) or is_masked_linear(m)) and (bool(_zero_rows(m).any()) or bool(_zero_cols(m).any()))]
+            if (isinstance(m, nn.Linear) or is_masked_linear(m)) and pruned(m)]
     if dead:
         shown = ", ".join(dead[:3]) + (", ..." if len(dead) > 3 else "")
         warnings.warn(
-            f"shrink_ removed nothing: {len(dead)} linear layer(s) have all-zero rows or columns "
-            f"({shown}), but shrink_ could not prove any of them removable (fastkd.structured "
+            f"shrink_ removed nothing: {len(dead)} linear layer(s) have all-zero weight rows or "
+            f"columns ({shown}), but shrink_ could not prove any of them removable (fastkd.structured "
             "lists the patterns it knows; nn.Linear subclasses are never sliced)", stacklevel=3)
