@@ -98,7 +98,6 @@ def run(device: str = "cuda", quick: bool = False, *, V: int | None = None, k: i
         for r in row:
             if r.get("ms") and ours:
                 r["speedup_of_fastkd"] = r["ms"] / ours
-        del s, ids, lps, y
     return records
 
 

@@ -1016,8 +1016,8 @@ class Distiller:
         and for classification ``agreement`` (fraction of rows whose arg-max matches the
         teacher's) and ``accuracy`` (when batches carry targets); rows marked ``ignore_index``
         (or left out by an ``attention_mask``) count in neither, and a metric no row counts in
-        is absent. With hints and built projections, ``hint_loss`` too. The student's train/eval mode
-        is restored afterwards."""
+        is absent. With hints and built projections, ``hint_loss`` too. The student's
+        train/eval mode is restored afterwards."""
         _nonempty(loader, "loader")
         was_training = self.student.training
         self.student.eval()

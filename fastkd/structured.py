@@ -709,5 +709,6 @@ def _warn_if_dead_left(model: nn.Module) -> None:
         shown = ", ".join(dead[:3]) + (", ..." if len(dead) > 3 else "")
         warnings.warn(
             f"shrink_ removed nothing: {len(dead)} linear layer(s) have all-zero weight rows or "
-            f"columns ({shown}), but shrink_ could not prove any of them removable (fastkd.structured "
-            "lists the patterns it knows; nn.Linear subclasses are never sliced)", stacklevel=3)
+            f"columns ({shown}), but shrink_ could not prove any of them removable "
+            "(fastkd.structured lists the patterns it knows; nn.Linear subclasses are never "
+            "sliced)", stacklevel=3)
