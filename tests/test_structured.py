@@ -348,7 +348,6 @@ def _prune_mlp_producers(model, fraction=0.4):
 def test_shrink_mlps_of_other_architectures(arch, tmp_path):
     import warnings
 
-    import fastkd
 
     build, inputs, _ = _hf_cases()[arch]
     torch.manual_seed(0)
@@ -369,10 +368,16 @@ def test_shrink_mlps_of_other_architectures(arch, tmp_path):
     assert sum(p.numel() for p in model.parameters()) < before
     with torch.no_grad():
         torch.testing.assert_close(out(model), ref, rtol=1e-5, atol=1e-5)
-    # the shrunk widths travel in the checkpoint: a full-size skeleton takes them
-    fastkd.save_compressed(model, tmp_path / arch)
+    _assert_loads_into_a_full_size_skeleton(model, build, out, tmp_path / arch)
+
+
+def _assert_loads_into_a_full_size_skeleton(model, build, out, path):
+    """The shrunk widths travel in the checkpoint: a freshly built full-size model takes them."""
+    import fastkd
+
+    fastkd.save_compressed(model, path)
     torch.manual_seed(1)
-    skeleton = fastkd.load_compressed(build().eval(), tmp_path / arch)
+    skeleton = fastkd.load_compressed(build().eval(), path)
     with torch.no_grad():
         assert torch.equal(out(skeleton), out(model))
 
@@ -441,7 +446,6 @@ def test_shrink_says_when_it_finds_dead_neurons_it_cannot_remove():
 
 @pytest.mark.parametrize("arch", ["vit", "distilbert", "opt", "bart"])
 def test_shrink_dead_heads_of_other_architectures(arch, tmp_path):
-    import fastkd
 
     build, inputs, _ = _hf_cases()[arch]
     torch.manual_seed(0)
@@ -465,11 +469,7 @@ def test_shrink_dead_heads_of_other_architectures(arch, tmp_path):
     assert len(heads) == n_attn and all(r[1:] == (4, 3) for r in heads)
     with torch.no_grad():
         torch.testing.assert_close(out(model), ref, rtol=1e-5, atol=1e-5)
-    fastkd.save_compressed(model, tmp_path / arch)
-    torch.manual_seed(1)
-    skeleton = fastkd.load_compressed(build().eval(), tmp_path / arch)
-    with torch.no_grad():
-        assert torch.equal(out(skeleton), out(model))
+    _assert_loads_into_a_full_size_skeleton(model, build, out, tmp_path / arch)
 
 
 def test_named_mlp_folds_constant_neurons_only_in_eval_mode():
