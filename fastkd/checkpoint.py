@@ -194,8 +194,7 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent, attr = _owner(model, name)
     setattr(parent, attr, new)
 
 
@@ -308,9 +307,9 @@ def _load_assigning(skeleton: nn.Module, path, device: torch.device) -> None:
                          f"unexpected {unexpected[:5]}")
     skeleton.load_state_dict(state, strict=True, assign=True)
     for names in tied.values():  # assign made one Parameter per name: tie them again
-        first_mod, _, first_attr = _split_key(skeleton, names[0])
+        first_mod, first_attr = _owner(skeleton, names[0])
         for n in names[1:]:
-            mod, _, attr = _split_key(skeleton, n)
+            mod, attr = _owner(skeleton, n)
             if attr in mod._parameters:
                 mod._parameters[attr] = first_mod._parameters[first_attr]
             else:
@@ -320,9 +319,10 @@ def _load_assigning(skeleton: nn.Module, path, device: torch.device) -> None:
         raise ValueError(f"load_compressed: {left[:3]} stayed on the meta device")
 
 
-def _split_key(model: nn.Module, key: str):
-    mod_name, _, attr = key.rpartition(".")
-    return (model.get_submodule(mod_name) if mod_name else model), mod_name, attr
+def _owner(model: nn.Module, name: str):
+    """(the module holding ``name``, the attribute name there), for a dotted path."""
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
 def size_report(model: nn.Module) -> dict:
