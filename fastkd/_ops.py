@@ -160,7 +160,7 @@ _dispatch_modes = _probe("_len_torch_dispatch_stack")
 _function_modes = _probe("_len_torch_function_stack")
 _functorch_active = _probe("_are_functorch_transforms_active")
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-_jit_tracing = getattr(torch._C, "_get_tracing_state", lambda: None)
+_jit_tracing = _probe("_get_tracing_state")
 
 
 def _nothing_intercepts(args) -> bool:
