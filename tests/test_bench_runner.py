@@ -120,3 +120,26 @@ def test_format_rows_uses_every_key_as_a_column():
     header, rule, r1, r2 = text.splitlines()
     assert header.split() == ["a", "b", "c"]
     assert r1.split() == ["1", "0.1235"] and r2.split() == ["22", "x"]
+
+
+def test_gpu_check_script_names_only_benchmarks_that_exist():
+    # A lease is 15 minutes: a benchmark name or flag the script gets wrong would cost a whole
+    # GPU session, and nothing else runs this script off a GPU.
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    names = re.search(r"for name in ([\w ]+); do", text).group(1).split()
+    assert "kd_topk" in names
+    for name in names:
+        bench = root / "bench" / f"bench_{name}.py"
+        assert bench.exists(), bench
+        source = bench.read_text()
+        # the script calls each with --quick and --out
+        assert '"--quick"' in source and '"--out"' in source, bench
+    for other in re.findall(r"bench/(\w+\.py)", text):
+        assert (root / "bench" / other).exists(), other
