@@ -286,7 +286,9 @@ def test_triton_is_as_accurate_as_the_reference_on_confident_rows(divergence, be
     """Large logit spreads (std 30 at T = 1: q and p nearly one-hot, D ~ 100 nats). The forward
     used to form log q as z - lse, whose rounding (ulp of lse ~ 1e-5) the reverse KL multiplies
     by log(q/p) ~ 100: its D, and so every gradient, was 10x less accurate than the
-    reference's. A low-precision kernel may err about twice as much as the reference."""
+    reference's. Allowed here: 4x the reference's error (about twice, as for a low-precision
+    kernel, and twice again for the GPU's approximate exp2/log2, which the interpreter's numpy
+    does not have); the old forward was 13x on the gradient and 29x on the JSD loss."""
     g = torch.Generator().manual_seed(11)
     s = torch.randn(16, 301, generator=g) * 30
     t = torch.randn(16, 301, generator=g) * 30
@@ -302,4 +304,4 @@ def test_triton_is_as_accurate_as_the_reference_on_confident_rows(divergence, be
         errs[backend] = ((loss.detach().cpu().double() - oracle.detach()).abs().max().item(),
                          (x.grad.cpu().double() - x64.grad).abs().max().item())
     for i, what in enumerate(("loss", "gradient")):
-        assert errs["triton"][i] <= 2.5 * errs["torch"][i] + 1e-6, (what, errs)
+        assert errs["triton"][i] <= 4.0 * errs["torch"][i] + 1e-6, (what, errs)
