@@ -198,11 +198,12 @@ def call(name: str, *args):
 # --------------------------------------------------------------------------------------------
 # KD loss
 #   kd_loss_forward(student (N,V), teacher (N,V), target (N,)?, T, alpha, ignore_index, backend)
+#   (student and teacher may also be (B,L,V), rows N = B*L: a sliced batch as a view, not a copy)
 #                   *, divergence="kl", beta=0.5)
 #     -> (row_loss (N,) fp32, row_stats (N,3) fp32; (N,4) for divergences other than "kl")
 #   kd_loss_backward(grad_rows (N,), student, teacher, target?, row_stats, T, alpha,
 #                    ignore_index, backend, *, divergence="kl", beta=0.5)
-#     -> grad_student (N,V) in the student dtype
+#     -> grad_student, the student's shape, contiguous, in the student dtype
 # --------------------------------------------------------------------------------------------
 
 torch.library.define(
@@ -222,11 +223,27 @@ def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _flat_rows(x: Tensor) -> Tensor:
+    """(N, V) rows of (N, V) or (B, L, V) logits, for the reference (which may copy)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _n_rows(x: Tensor):
+    n = 1
+    for d in x.shape[:-1]:
+        n = n * d
+    return n
+
+
 @_kernel("fastkd::kd_loss_forward")
 def _kd_loss_forward(
     student, teacher, target, temperature, alpha, ignore_index, backend, *, divergence="kl", beta=0.5
 ):
-    impl = _kernels("kd_loss") if backend == "triton" else reference
+    if backend == "triton":
+        impl = _kernels("kd_loss")
+    else:
+        impl = reference
+        student, teacher = _flat_rows(student), _flat_rows(teacher)
     return impl.kd_loss_forward(
         _unit_stride(student),
         _unit_stride(teacher),
@@ -254,26 +271,23 @@ def _kd_loss_backward(
     divergence="kl",
     beta=0.5,
 ):
-    impl = _kernels("kd_loss") if backend == "triton" else reference
-    return impl.kd_loss_backward(
-        grad_rows,
-        _unit_stride(student),
-        _unit_stride(teacher),
-        target,
-        row_stats,
-        temperature,
-        alpha,
-        ignore_index,
-        divergence=divergence,
-        beta=beta,
+    if backend == "triton":
+        return _kernels("kd_loss").kd_loss_backward(
+            grad_rows, _unit_stride(student), _unit_stride(teacher), target, row_stats,
+            temperature, alpha, ignore_index, divergence=divergence, beta=beta,
+        )
+    grad = reference.kd_loss_backward(
+        grad_rows, _flat_rows(student), _flat_rows(teacher), target, row_stats, temperature,
+        alpha, ignore_index, divergence=divergence, beta=beta,
     )
+    return grad.view(student.shape)
 
 
 @torch.library.register_fake("fastkd::kd_loss_forward")
 def _kd_loss_forward_fake(
     student, teacher, target, temperature, alpha, ignore_index, backend, *, divergence="kl", beta=0.5
 ):
-    n = student.shape[0]
+    n = _n_rows(student)
     return (
         student.new_empty((n,), dtype=torch.float32),
         student.new_empty((n, reference.kd_loss_n_stats(divergence)), dtype=torch.float32),

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers the ops)
+from ._rows import as_row_pair
 from .reference import int8_linear as _int8_reference
 from ._backend import (
     ENV_VAR,
@@ -139,15 +140,17 @@ def kd_loss(
                                     ignore_index, check_range=group is None)
 
     impl = KD_LOSS_BACKENDS.select(backend, student_logits.device)
-    student = student_logits.reshape(-1, n_classes)
-    teacher = teacher_logits.detach().reshape(-1, n_classes)
     if group is not None:  # vocabulary-parallel (fastkd/_vocab_parallel.py)
         from ._vocab_parallel import vocab_parallel_kd_rows
 
+        student = student_logits.reshape(-1, n_classes)
+        teacher = teacher_logits.detach().reshape(-1, n_classes)
         rows = vocab_parallel_kd_rows(
             student, teacher, target, temperature, alpha, ignore_index, divergence, beta, group
         )
     else:
+        # (N, V) rows, or (B, L, V) for a sliced batch such as logits[:, :-1]: views, not copies
+        student, teacher = as_row_pair(student_logits, teacher_logits.detach())
         rows = _ops.kd_loss_rows(
             student, teacher, target, temperature, alpha, ignore_index, impl, divergence, beta
         )

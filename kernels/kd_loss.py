@@ -39,6 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rows import n_rows as rows_of
+from ._rows import row_strides
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -99,8 +102,11 @@ def _kd_loss_fwd_kernel(
     target_ptr,
     loss_ptr,
     stats_ptr,
-    stride_s,
-    stride_t,
+    rows_inner,
+    stride_s0,
+    stride_s1,
+    stride_t0,
+    stride_t1,
     n_cols,
     scale2,  # log2(e) / T
     temp_sq,
@@ -117,8 +123,10 @@ def _kd_loss_fwd_kernel(
     REDUCE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = student_ptr + row * stride_s
-    t_row = teacher_ptr + row * stride_t
+    outer = row // rows_inner
+    inner = row - outer * rows_inner
+    s_row = student_ptr + outer * stride_s0 + inner * stride_s1
+    t_row = teacher_ptr + outer * stride_t0 + inner * stride_t1
     n_loop = n_cols
     if HAS_TARGET:
         tgt = tl.load(target_ptr + row)
@@ -292,8 +300,11 @@ def _kd_loss_bwd_kernel(
     target_ptr,
     stats_ptr,
     grad_ptr,
-    stride_s,
-    stride_t,
+    rows_inner,
+    stride_s0,
+    stride_s1,
+    stride_t0,
+    stride_t1,
     stride_out,
     n_cols,
     scale2,  # log2(e) / T
@@ -310,8 +321,10 @@ def _kd_loss_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = student_ptr + row * stride_s
-    t_row = teacher_ptr + row * stride_t
+    outer = row // rows_inner
+    inner = row - outer * rows_inner
+    s_row = student_ptr + outer * stride_s0 + inner * stride_s1
+    t_row = teacher_ptr + outer * stride_t0 + inner * stride_t1
     out_row = grad_ptr + row * stride_out
     g = tl.load(grad_rows_ptr + row * stride_g).to(tl.float32)
     lse_s2 = tl.load(stats_ptr + row * N_STATS + 0) * 1.4426950408889634
@@ -389,8 +402,9 @@ def kd_loss_forward(
     divergence: str = "kl",
     beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row losses (N,) and row statistics (N, 3 or 4), fp32, for (N, V) logits with unit column stride."""
-    n_rows, n_cols = student.shape
+    """Row losses (N,) and row statistics (N, 3 or 4), fp32, for (N, V) or (B, L, V) logits with
+    unit column stride (kernels/_rows.py)."""
+    n_rows, n_cols = rows_of(student), student.shape[-1]
     div, n_stats, beta, lb2, l1b2 = _divergence_args(divergence, beta)
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     stats = torch.empty(n_rows, n_stats, dtype=torch.float32, device=student.device)
@@ -404,8 +418,7 @@ def kd_loss_forward(
         target if has_target else loss,
         loss,
         stats,
-        student.stride(0),
-        teacher.stride(0),
+        *row_strides(student, teacher),
         n_cols,
         LOG2E / temperature,
         temperature * temperature,
@@ -437,8 +450,9 @@ def kd_loss_backward(
     divergence: str = "kl",
     beta: float = 0.5,
 ) -> torch.Tensor:
-    """Student gradient (N, V) in the student's dtype; grad_rows may be a stride-0 broadcast."""
-    n_rows, n_cols = student.shape
+    """Student gradient, contiguous, of the student's shape and dtype; grad_rows may be a stride-0
+    broadcast."""
+    n_rows, n_cols = rows_of(student), student.shape[-1]
     div, n_stats, beta, lb2, l1b2 = _divergence_args(divergence, beta)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     if n_rows == 0:
@@ -454,9 +468,8 @@ def kd_loss_backward(
         target if has_target else stats,
         stats,
         grad,
-        student.stride(0),
-        teacher.stride(0),
-        grad.stride(0),
+        *row_strides(student, teacher),
+        n_cols,  # the gradient's rows are contiguous
         n_cols,
         LOG2E / temperature,
         alpha * temperature if has_target else temperature,

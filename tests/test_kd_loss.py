@@ -8,7 +8,7 @@ import torch
 import fastkd
 from fastkd import functional as F
 
-from _util import DEVICE, HAS_CUDA, needs_triton
+from _util import DEVICE, HAS_CUDA, device_for, needs_triton
 
 SHAPES = [(4, 37), (2, 3, 1271), (3, 50257)]
 
@@ -268,6 +268,101 @@ def test_noncontiguous_inputs(backend):
                          FP32_TOL["loss"], FP32_TOL["grad"])
 
 
+# A next-token slice of a (B, L, V) batch, logits[:, :-1], is not one strided run of rows:
+# flattening it would copy it (4 GB for 16k rows of a 128k vocabulary in bf16). The kernels read it
+# in place as (B, L, V); the teacher may be sliced differently or not at all.
+SLICES = {
+    "both_sliced": (lambda s: s[:, :-1], lambda t: t[:, 1:]),
+    "teacher_contiguous": (lambda s: s[:, 1:], lambda t: t[:, 1:].contiguous()),
+    "strided_batch": (lambda s: s[::2, :-2], lambda t: t[::2, :-2]),
+    "transposed": (lambda s: s.transpose(0, 1)[:, :-1], lambda t: t.transpose(0, 1)[:, :-1]),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("layout", sorted(SLICES))
+@pytest.mark.parametrize("with_target", [False, True])
+def test_sliced_batch_matches_oracle_and_is_not_copied(backend, layout, with_target,
+                                                       monkeypatch):
+    cut_s, cut_t = SLICES[layout]
+    s_full, t_full, _ = make_inputs((5, 9, 37), seed=31, with_target=False,
+                                    device=device_for(backend))
+    s_full.requires_grad_()
+    s, t = cut_s(s_full), cut_t(t_full)
+    y = None
+    if with_target:
+        y = torch.randint(0, 37, s.shape[:-1], device=s.device)
+        y[0, 1] = -100
+    seen = []
+    if backend == "triton":
+        import fastkd.kernels.kd_loss as kernels
+        for name in ("kd_loss_forward", "kd_loss_backward"):
+            real = getattr(kernels, name)
+
+            def spy(*args, _real=real, **kw):
+                seen.append(args[1 if args[0].dim() == 1 else 0])  # the student logits
+                return _real(*args, **kw)
+
+            monkeypatch.setattr(kernels, name, spy)
+    gs = torch.linspace(0.5, 1.5, s.shape[0] * s.shape[1], device=s.device).reshape(s.shape[:-1])
+    out = F.kd_loss(s, t, y, temperature=2.0, reduction="none", backend=backend)
+    (out * gs).sum().backward()
+    s64 = s.detach().double().requires_grad_()
+    ref = oracle(s64, t, y, 2.0, 0.5, reduction="none")
+    (ref * gs.double()).sum().backward()
+    torch.testing.assert_close(out.double(), ref.detach(), **FP32_TOL["loss"])
+    full_grad = torch.zeros_like(s_full, dtype=torch.float64)
+    cut_s(full_grad).copy_(s64.grad)  # the gradient lands in the slice, zeros elsewhere
+    torch.testing.assert_close(s_full.grad.double(), full_grad, **FP32_TOL["grad"])
+    if backend == "triton":
+        assert len(seen) == 2
+        for student in seen:  # the kernels got views of the leaf's storage, not copies
+            assert student.untyped_storage().data_ptr() == s_full.untyped_storage().data_ptr()
+
+
+def test_as_rows_views_every_layout_it_can():
+    from fastkd._rows import as_row_pair, as_rows
+
+    x = torch.randn(4, 6, 3, 11)
+    cases = {  # layout -> shape of the rows
+        "contiguous": (x, (72, 11)),
+        "vocab_slice": (x[..., :5], (72, 5)),
+        "last_rows": (x[:, :, 1:], (24, 2, 11)),
+        "size_one_dims": (x[:1, :, 1:], (6, 2, 11)),
+        "batch_stride": (x[::2], (2, 18, 11)),
+    }
+    for name, (v, shape) in cases.items():
+        r = as_rows(v)
+        assert tuple(r.shape) == shape, name
+        assert r.data_ptr() == v.data_ptr() and r._base is not None, name  # a view
+        torch.testing.assert_close(r.reshape(-1, 11 if shape[-1] == 11 else 5),
+                                   v.reshape(-1, v.shape[-1]))
+    three_runs = x[::2, :, 1:]  # leading dims that are three strided runs: copied
+    assert as_rows(three_runs).shape == (24, 11)
+    # a pair takes one shape: a contiguous partner is viewed in the sliced one's layout
+    a, b = as_row_pair(x[:, :, 1:], torch.randn(4, 6, 2, 11))
+    assert a.shape == b.shape == (24, 2, 11) and a.data_ptr() == x[:, :, 1:].data_ptr()
+    # two layouts that share no split fall back to rows (copies), in the same order
+    other = torch.randn(8, 6, 2, 11)[::2]  # rows (4, 12) where x[:, :, 1:] has (24, 2)
+    a, b = as_row_pair(x[:, :, 1:], other)
+    assert a.shape == b.shape == (48, 11)
+    torch.testing.assert_close(a, x[:, :, 1:].reshape(-1, 11))
+    torch.testing.assert_close(b, other.reshape(-1, 11))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_opcheck_sliced_batch(backend):
+    s, t, y = make_inputs((3, 6, 37), seed=32, device=device_for(backend))
+    s3, t3 = s[:, :-1].requires_grad_(), t[:, 1:]
+    y = y[:, 1:].reshape(-1)
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_forward.default,
+                          (s3, t3, y, 2.0, 0.5, -100, backend))
+    _, stats = torch.ops.fastkd.kd_loss_forward(s3.detach(), t3, y, 2.0, 0.5, -100, backend)
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_backward.default,
+                          (torch.rand(15, device=s.device), s3.detach(), t3, y, stats, 2.0, 0.5,
+                           -100, backend))
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_teacher_gets_no_gradient(backend):
     s, t, y = make_inputs((3, 37))
@@ -316,10 +411,13 @@ def test_opcheck_backward(backend):
 # "auto" too: backend selection itself runs inside the compiled region (on torch 2.11 it once
 # called importlib.util.find_spec there, which Dynamo refuses to trace).
 @pytest.mark.parametrize("backend", ["torch", "auto", pytest.param("triton", marks=needs_triton)])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_torch_compile_fullgraph(backend, sliced):
     s, t, y = make_inputs((2, 5, 37), seed=9)
 
     def step(s, t, y):
+        if sliced:  # next-token rows, read in place (B, L, V) by the op
+            s, t, y = s[:, :-1], t[:, :-1], y[:, 1:]
         return F.kd_loss(s, t, y, temperature=2.0, alpha=0.5, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
