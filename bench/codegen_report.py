@@ -121,13 +121,15 @@ def cases():
     from fastkd.kernels import int8_linear, kd_loss
 
     kd_types = {"student_ptr": "*bf16", "teacher_ptr": "*bf16", "target_ptr": "*i64",
-                "loss_ptr": "*fp32", "stats_ptr": "*fp32", "stride_s": "i32", "stride_t": "i32",
+                "loss_ptr": "*fp32", "stats_ptr": "*fp32", "rows_inner": "i32",
+                "stride_s0": "i32", "stride_s1": "i32", "stride_t0": "i32", "stride_t1": "i32",
                 "n_cols": "i32", "scale2": "fp32", "temp_sq": "fp32", "alpha": "fp32",
                 "ignore_index": "i32", "beta": "fp32", "lb2": "fp32", "l1b2": "fp32",
                 "grad_rows_ptr": "*fp32", "stride_g": "i32", "grad_ptr": "*bf16",
                 "stride_out": "i32", "c_kl": "fp32", "c_ce": "fp32"}
-    v = 128256  # a Llama-3 vocabulary; rows contiguous
-    kd_values = {"stride_s": v, "stride_t": v, "n_cols": v, "stride_out": v, "stride_g": 0}
+    v = 128256  # a Llama-3 vocabulary; rows contiguous (one run of 16384 rows)
+    kd_values = {"rows_inner": 16384, "stride_s0": 0, "stride_s1": v, "stride_t0": 0,
+                 "stride_t1": v, "n_cols": v, "stride_out": v, "stride_g": 0}
     out = []
     for block, warps, reduce in [(8192, 16, 0), (8192, 16, 1), (8192, 16, 2), (4096, 8, 0)]:
         consts = {"HAS_TARGET": True, "SEPARATE_CE": True, "DIVERGENCE": 0, "N_STATS": 3,

@@ -373,8 +373,9 @@ def kd_loss_rows(
 # KD loss against a top-k teacher
 #   kd_loss_topk_forward(student (N,V), ids (N,k) int64, logprobs (N,k) fp32, target (N,)?, T,
 #                        alpha, ignore_index, backend) -> (row_loss (N,) fp32, row_stats (N,4) fp32)
+#   (student may also be (B,L,V), rows N = B*L, as for kd_loss_forward)
 #   kd_loss_topk_backward(grad_rows (N,), student, ids, logprobs, target?, row_stats, T, alpha,
-#                         ignore_index, backend) -> grad_student (N,V) in the student dtype
+#                         ignore_index, backend) -> grad_student, the student's shape, contiguous
 # --------------------------------------------------------------------------------------------
 
 torch.library.define(
@@ -391,7 +392,10 @@ torch.library.define(
 
 @_kernel("fastkd::kd_loss_topk_forward")
 def _kd_loss_topk_forward(student, ids, logprobs, target, temperature, alpha, ignore_index, backend):
-    impl = _kernels("kd_topk") if backend == "triton" else reference
+    if backend == "triton":
+        impl = _kernels("kd_topk")
+    else:
+        impl, student = reference, _flat_rows(student)
     return impl.kd_loss_topk_forward(
         _unit_stride(student), _unit_stride(ids), _unit_stride(logprobs), target, temperature,
         alpha, ignore_index,
@@ -403,17 +407,19 @@ def _kd_loss_topk_backward(
     grad_rows, student, ids, logprobs, target, row_stats, temperature, alpha, ignore_index, backend
 ):
     impl = _kernels("kd_topk") if backend == "triton" else reference
-    return impl.kd_loss_topk_backward(
-        grad_rows, _unit_stride(student), _unit_stride(ids), _unit_stride(logprobs), target,
-        row_stats, temperature, alpha, ignore_index,
+    grad = impl.kd_loss_topk_backward(
+        grad_rows, _unit_stride(student if backend == "triton" else _flat_rows(student)),
+        _unit_stride(ids), _unit_stride(logprobs), target, row_stats, temperature, alpha,
+        ignore_index,
     )
+    return grad.view(student.shape)
 
 
 @torch.library.register_fake("fastkd::kd_loss_topk_forward")
 def _kd_loss_topk_forward_fake(
     student, ids, logprobs, target, temperature, alpha, ignore_index, backend
 ):
-    n = student.shape[0]
+    n = _n_rows(student)
     return (
         student.new_empty((n,), dtype=torch.float32),
         student.new_empty((n, 4), dtype=torch.float32),

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._backend import register_triton_op
+from ._rows import as_rows
 from ._validate import (
     check_class_target,
     check_float_dtype,
@@ -139,7 +140,7 @@ def kd_loss_topk(
                                     ignore_index)
 
     impl = KD_LOSS_TOPK_BACKENDS.select(backend, student_logits.device)
-    student = student_logits.reshape(-1, n_classes)
+    student = as_rows(student_logits)  # a sliced (B, L, V) batch stays a view (fastkd/_rows.py)
     rows, _ = torch.ops.fastkd.kd_loss_topk_forward(
         student, ids, lps, target, temperature, alpha, ignore_index, impl
     )

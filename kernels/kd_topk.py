@@ -1,6 +1,7 @@
 """Fused KD loss against a top-k teacher (Triton); the math is in fastkd.reference.kd_topk.
 
-Shapes: student (N, V) fp32/fp16/bf16 with unit column stride; ids (N, k) int64 distinct class ids;
+Shapes: student (N, V) or (B, L, V) (a sliced batch read in place: kernels/_rows.py)
+fp32/fp16/bf16 with unit column stride; ids (N, k) int64 distinct class ids;
 logprobs (N, k) fp32 teacher log-probabilities; target (N,) int64 or none.
 
 Forward, one program per row: one streaming pass over the V student logits keeps the online
@@ -30,7 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rows import n_rows as rows_of
+from ._rows import row_strides
 from .kd_loss import LOG2E, _launch_config
+
+
+@triton.jit
+def _student_row(student_ptr, row, rows_inner, stride_s0, stride_s1):
+    outer = row // rows_inner
+    return student_ptr + outer * stride_s0 + (row - outer * rows_inner) * stride_s1
 
 
 @triton.jit
@@ -42,7 +51,9 @@ def _kd_topk_fwd_kernel(
     target_ptr,
     loss_ptr,
     stats_ptr,
-    stride_s,
+    rows_inner,
+    stride_s0,
+    stride_s1,
     stride_ids,
     stride_sorted,
     stride_lp,
@@ -60,7 +71,7 @@ def _kd_topk_fwd_kernel(
 ):
     ln2 = 0.6931471805599453
     row = tl.program_id(0).to(tl.int64)
-    s_row = student_ptr + row * stride_s
+    s_row = _student_row(student_ptr, row, rows_inner, stride_s0, stride_s1)
     n_loop = n_cols
     if HAS_TARGET:
         tgt = tl.load(target_ptr + row)
@@ -116,7 +127,6 @@ def _kd_topk_fwd_kernel(
     lp = tl.load(lp_ptr + row * stride_lp + kk, mask=k_mask, other=neg_inf).to(tl.float32)
     s_top = tl.load(s_row + ids, mask=k_mask, other=neg_inf).to(tl.float32)
     log2q = s_top * scale2 - lse_s2
-    q = tl.exp2(log2q)
     p = tl.exp(lp)
     d = tl.sum(tl.where(p > 0, p * (lp - log2q * ln2), 0.0), 0)
     d = tl.where(tl.sum(tl.where(lp != lp, 1, 0), 0) > 0, float("nan"), d)  # a nan teacher entry
@@ -181,7 +191,9 @@ def _kd_topk_bwd_kernel(
     target_ptr,
     stats_ptr,
     grad_ptr,
-    stride_s,
+    rows_inner,
+    stride_s0,
+    stride_s1,
     stride_out,
     n_cols,
     scale2,
@@ -193,7 +205,7 @@ def _kd_topk_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = student_ptr + row * stride_s
+    s_row = _student_row(student_ptr, row, rows_inner, stride_s0, stride_s1)
     out_row = grad_ptr + row * stride_out
     g, tgt, lse_s2, lse_12, p_sum, log2_ratio = _row_setup(
         grad_rows_ptr, stride_g, target_ptr, stats_ptr, row, ignore_index, HAS_TARGET
@@ -225,7 +237,9 @@ def _kd_topk_bwd_ids_kernel(
     target_ptr,
     stats_ptr,
     grad_ptr,
-    stride_s,
+    rows_inner,
+    stride_s0,
+    stride_s1,
     stride_ids,
     stride_lp,
     stride_out,
@@ -247,7 +261,8 @@ def _kd_topk_bwd_ids_kernel(
     ids = tl.load(ids_ptr + row * stride_ids + kk, mask=k_mask, other=0)
     lp = tl.load(lp_ptr + row * stride_lp + kk, mask=k_mask, other=float("-inf")).to(tl.float32)
     read = kk < tl.where(g != 0.0, k, 0)  # ignored (zero-weight) rows read nothing
-    s = tl.load(student_ptr + row * stride_s + ids, mask=read, other=float("-inf")).to(tl.float32)
+    s_row = _student_row(student_ptr, row, rows_inner, stride_s0, stride_s1)
+    s = tl.load(s_row + ids, mask=read, other=float("-inf")).to(tl.float32)
     q = tl.exp2(s * scale2 - lse_s2)
     grad = c_kl * (q * p_sum - tl.where(read, tl.exp(lp), 0.0))
     grad = tl.where(c_kl == 0.0, 0.0, grad)
@@ -274,8 +289,9 @@ def kd_loss_topk_forward(
     alpha: float,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row losses (N,) and statistics (N, 4), fp32."""
-    n_rows, n_cols = student.shape
+    """Row losses (N,) and statistics (N, 4), fp32; student (N, V) or (B, L, V) (kernels/_rows.py),
+    ids and logprobs (N, k)."""
+    n_rows, n_cols = rows_of(student), student.shape[-1]
     k = ids.shape[1]
     loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     stats = torch.empty(n_rows, 4, dtype=torch.float32, device=student.device)
@@ -287,7 +303,7 @@ def kd_loss_topk_forward(
     sorted_ids = ids.sort(dim=1).values if has_tail else ids
     _kd_topk_fwd_kernel[(n_rows,)](
         student, ids, sorted_ids, logprobs, target if has_target else loss, loss, stats,
-        student.stride(0), ids.stride(0), sorted_ids.stride(0), logprobs.stride(0),
+        *row_strides(student), ids.stride(0), sorted_ids.stride(0), logprobs.stride(0),
         n_cols, k, LOG2E / temperature, temperature * temperature, alpha, ignore_index,
         HAS_TARGET=has_target,
         SEPARATE_CE=has_target and temperature != 1.0,
@@ -310,8 +326,9 @@ def kd_loss_topk_backward(
     alpha: float,
     ignore_index: int,
 ) -> torch.Tensor:
-    """Student gradient (N, V) in the student's dtype; grad_rows may be a stride-0 broadcast."""
-    n_rows, n_cols = student.shape
+    """Student gradient, contiguous, of the student's shape and dtype; grad_rows may be a stride-0
+    broadcast."""
+    n_rows, n_cols = rows_of(student), student.shape[-1]
     k = ids.shape[1]
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     if n_rows == 0:
@@ -323,12 +340,12 @@ def kd_loss_topk_backward(
     common = dict(HAS_TARGET=has_target, SEPARATE_CE=has_target and temperature != 1.0)
     _kd_topk_bwd_kernel[(n_rows,)](
         grad_rows, grad_rows.stride(0), student, target if has_target else stats, stats, grad,
-        student.stride(0), grad.stride(0), n_cols, LOG2E / temperature, c_kl, 1.0 - alpha,
+        *row_strides(student), n_cols, n_cols, LOG2E / temperature, c_kl, 1.0 - alpha,
         ignore_index, BLOCK_V=block, num_warps=num_warps, **common,
     )
     _kd_topk_bwd_ids_kernel[(n_rows,)](
         grad_rows, grad_rows.stride(0), student, ids, logprobs, target if has_target else stats,
-        stats, grad, student.stride(0), ids.stride(0), logprobs.stride(0), grad.stride(0), k,
+        stats, grad, *row_strides(student), ids.stride(0), logprobs.stride(0), n_cols, k,
         LOG2E / temperature, c_kl, 1.0 - alpha, ignore_index, BLOCK_K=_block_k(k), num_warps=4,
         **common,
     )
