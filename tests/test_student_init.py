@@ -86,7 +86,7 @@ def test_llama_decoder_renumbers_cache_layers():
     teacher = transformers.LlamaForCausalLM(cfg).eval()
     student = student_from_teacher(teacher, [1, 3]).eval()
     assert student.config.num_hidden_layers == 2
-    assert [l.self_attn.layer_idx for l in student.model.layers] == [0, 1]
+    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
     layer_types = getattr(student.config, "layer_types", None)
     if layer_types is not None:
         assert len(layer_types) == 2
