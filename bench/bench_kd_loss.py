@@ -164,6 +164,51 @@ def run(device: str = "cuda", quick: bool = False) -> list:
     return records
 
 
+def next_token_cases(device: str, quick: bool) -> list:
+    """Next-token KD on (B, L, V) logits, three ways to line positions up: the [:, :-1] slice read
+    in place (two row strides), the same slice copied to rows first (what flattening it costs,
+    and what fastkd did before it took two strides), and the labels shifted instead of the logits.
+    Peak extra memory includes the gradient autograd builds for the full (B, L, V) student."""
+    b, l_, v = (8, 2048, 128256) if device == "cuda" and not quick else (
+        (2, 2048, 32000) if device == "cuda" else (2, 17, 4096))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kd = fastkd.functional.kd_loss
+    cases = {
+        "slice in place": lambda s, t, y: kd(s[:, :-1], t[:, :-1], y[:, 1:]),
+        "slice copied": lambda s, t, y: kd(s[:, :-1].reshape(-1, v), t[:, :-1].reshape(-1, v),
+                                           y[:, 1:].reshape(-1)),
+        "labels shifted": lambda s, t, y: kd(
+            s, t, torch.nn.functional.pad(y[:, 1:], (0, 1), value=-100)),
+    }
+    records = []
+    for name, fn in cases.items():
+        rec = {"op": "kd_loss_next_token", "impl": name, "b": b, "l": l_, "v": v,
+               "dtype": str(dtype)[6:], "device": device}
+        try:
+            s, t, y = _inputs(b * l_, v, device, dtype)
+            s = s.detach().view(b, l_, v).requires_grad_()
+            t, y = t.view(b, l_, v), y.view(b, l_)
+            step = _fwd_bwd(fn, s, t, y)
+            step()  # the gradient buffer exists before the peak is taken, as in training
+            rec["peak_extra_mb"] = (
+                None if (m := common.peak_extra_bytes(step, device)) is None else m / 2**20)
+            rec["ms"] = common.time_ms(step, device)
+        except Exception as exc:
+            if not common.is_oom(exc):
+                raise
+            rec["error"] = "out of memory"
+        finally:
+            s = t = y = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        records.append(rec)
+    base = records[0].get("ms")
+    for rec in records:
+        if base and rec.get("ms"):
+            rec["ms_over_in_place"] = rec["ms"] / base
+    return records
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +218,10 @@ def main(argv=None):
     records = run(args.device, args.quick)
     common.print_table(records, ["impl", "n", "v", "dtype", "ms", "fwd_ms", "speedup_of_fastkd",
                                  "gbps_5pass", "peak_extra_mb", "grad_buffer_mb", "error"])
+    shifted = next_token_cases(args.device, args.quick)
+    common.print_table(shifted, ["impl", "b", "l", "v", "dtype", "ms", "ms_over_in_place",
+                                 "peak_extra_mb", "error"])
+    records += shifted
     if args.out:
         print("wrote", common.write_json(records, args.out, {"benchmark": "kd_loss"}))
 
