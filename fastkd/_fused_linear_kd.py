@@ -19,11 +19,11 @@ The weight gradient is accumulated in fp32 for fp32 weights; for fp16/bf16 weigh
 accumulated in place in the weight's dtype (``addmm_``, fp32 inside each matmul) so that no fp32
 ``V x H`` buffer is added to the peak.
 
-torch.compile: this is a ``torch.autograd.Function`` whose forward calls only traceable torch ops and
-the fastkd custom ops, so ``torch.compile(fullgraph=True)`` traces it without a graph break (the
-chunk loop is unrolled at trace time; tests/test_fused_linear_kd.py checks it). Unrolling needs the
-row count: a compiled step specializes on N and compiles once per distinct N (packed batches of one
-length compile once; batches of varying length recompile until torch.compile's recompile limit).
+torch.compile: the chunk loops are the bodies of two custom ops, ``fastkd::fused_linear_kd_forward``
+and ``fastkd::fused_linear_kd_backward`` (fastkd/_ops.py), under a ``torch.autograd.Function``, so
+``torch.compile(fullgraph=True)`` traces one opaque call without a graph break, and a step with a
+dynamic row count compiles once for every N. (The loop used to be unrolled at trace time, which
+specialised the compiled step on N: one compilation per distinct batch length.)
 """
 
 from __future__ import annotations
@@ -58,67 +58,111 @@ def _logits(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     return h @ w.t() if b is None else torch.addmm(b, h, w.t())
 
 
+def forward_chunks(sh, sw, sb, th, tw, tb, target, temperature, alpha, ignore_index, backend,
+                   divergence, beta, chunk, need_h, need_w, need_b):
+    """Row losses (N,) and, for the flags set, the gradients of their sum: d/d student_hidden
+    (N, H), d/d student_weight (V, H; fp32 for fp32 weights, else the weight's dtype) and
+    d/d student_bias (V,) fp32; an unset flag's gradient is an empty tensor. The body of
+    ``fastkd::fused_linear_kd_forward`` (registered in fastkd/_ops.py)."""
+    n_rows = sh.shape[0]
+    chunk = chunk or default_chunk_rows(n_rows, sw.shape[0])
+    kw = {"divergence": divergence, "beta": beta}
+    grad_sh = torch.empty_like(sh) if need_h else sh.new_empty(0)
+    w_acc_dtype = torch.float32 if sw.dtype == torch.float32 else sw.dtype
+    grad_sw = torch.zeros(sw.shape if need_w else 0, dtype=w_acc_dtype, device=sw.device)
+    grad_sb = torch.zeros(sw.shape[0] if need_b else 0, dtype=torch.float32, device=sw.device)
+    rows_out = torch.empty(n_rows, dtype=torch.float32, device=sh.device)
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(n_rows, r0 + chunk)
+        h = sh[r0:r1]
+        s_log = _logits(h, sw, sb)
+        t_log = _logits(th[r0:r1], tw, tb)
+        tgt = None if target is None else target[r0:r1]
+        rows, stats = torch.ops.fastkd.kd_loss_forward(
+            s_log, t_log, tgt, temperature, alpha, ignore_index, backend, **kw
+        )
+        rows_out[r0:r1] = rows
+        if need_h or need_w or need_b:
+            # gradients of sum(rows); the backward multiplies by the (common) row weight
+            g_rows = torch.ones(1, dtype=torch.float32, device=sh.device).expand(r1 - r0)
+            dlog = torch.ops.fastkd.kd_loss_backward(
+                g_rows, s_log, t_log, tgt, stats, temperature, alpha, ignore_index, backend, **kw,
+            )
+            del s_log, t_log
+            if need_h:
+                grad_sh[r0:r1] = dlog @ sw
+            if need_w:
+                if grad_sw.dtype == dlog.dtype:
+                    grad_sw.addmm_(dlog.t(), h)
+                else:
+                    grad_sw.add_(dlog.t().float() @ h.float())
+            if need_b:
+                grad_sb.add_(dlog.float().sum(0))
+    return rows_out, grad_sh, grad_sw, grad_sb
+
+
+def backward_chunks(grad_rows, sh, sw, sb, th, tw, tb, target, temperature, alpha, ignore_index,
+                    backend, divergence, beta, chunk, need_h, need_w, need_b):
+    """Gradients of ``sum(grad_rows * rows)`` for per-row weights (``reduction="none"``): the
+    chunk logits are computed again. (N, H), (V, H) in the weight's dtype, (V,) fp32; empty where
+    a flag is unset. The body of ``fastkd::fused_linear_kd_backward``."""
+    n_rows = sh.shape[0]
+    chunk = chunk or default_chunk_rows(n_rows, sw.shape[0])
+    kw = {"divergence": divergence, "beta": beta}
+    out_h = torch.empty_like(sh) if need_h else sh.new_empty(0)
+    acc_w = torch.zeros(sw.shape if need_w else 0, dtype=torch.float32, device=sw.device)
+    out_b = torch.zeros(sw.shape[0] if need_b else 0, dtype=torch.float32, device=sw.device)
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(n_rows, r0 + chunk)
+        h = sh[r0:r1]
+        s_log = _logits(h, sw, sb)
+        t_log = _logits(th[r0:r1], tw, tb)
+        tgt = None if target is None else target[r0:r1]
+        _, stats = torch.ops.fastkd.kd_loss_forward(
+            s_log, t_log, tgt, temperature, alpha, ignore_index, backend, **kw
+        )
+        dlog = torch.ops.fastkd.kd_loss_backward(
+            grad_rows[r0:r1], s_log, t_log, tgt, stats, temperature, alpha, ignore_index,
+            backend, **kw,
+        )
+        if need_h:
+            out_h[r0:r1] = dlog @ sw
+        if need_w:
+            acc_w.add_(dlog.t().float() @ h.float())
+        if need_b:
+            out_b.add_(dlog.float().sum(0))
+    return out_h, acc_w.to(sw.dtype), out_b
+
+
 class FusedLinearKDFunction(torch.autograd.Function):
+    """Autograd around the two chunked ops. The chunk loops run inside the ops, so a compiled
+    step sees one opaque call whatever N is (no unrolled loop to specialise on it)."""
+
     @staticmethod
     def forward(ctx, sh, sw, sb, th, tw, tb, target, cfg):
         # cfg: (temperature, alpha, ignore_index, backend, divergence, beta, chunk, precompute)
-        temperature, alpha, ignore_index, backend, divergence, beta, chunk, precompute = cfg
-        n_rows = sh.shape[0]
-        kw = {"divergence": divergence, "beta": beta}
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
-            sb is not None and ctx.needs_input_grad[2]
+        precompute = cfg[-1]
+        op_args = (*cfg[:-1],)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                sb is not None and ctx.needs_input_grad[2])
+        grads = need if precompute else (False, False, False)
+        rows, grad_sh, grad_sw, grad_sb = torch.ops.fastkd.fused_linear_kd_forward(
+            sh, sw, sb, th, tw, tb, target, *op_args, *grads
         )
-        grad_sh = torch.empty_like(sh) if (precompute and need_h) else None
-        w_acc_dtype = torch.float32 if sw.dtype == torch.float32 else sw.dtype
-        grad_sw = torch.zeros(sw.shape, dtype=w_acc_dtype, device=sw.device) if (
-            precompute and need_w
-        ) else None
-        grad_sb = torch.zeros(sw.shape[0], dtype=torch.float32, device=sw.device) if (
-            precompute and need_b
-        ) else None
-        rows_out = torch.empty(n_rows, dtype=torch.float32, device=sh.device)
-        for r0 in range(0, n_rows, chunk):
-            r1 = min(n_rows, r0 + chunk)
-            h = sh[r0:r1]
-            s_log = _logits(h, sw, sb)
-            t_log = _logits(th[r0:r1], tw, tb)
-            tgt = None if target is None else target[r0:r1]
-            rows, stats = torch.ops.fastkd.kd_loss_forward(
-                s_log, t_log, tgt, temperature, alpha, ignore_index, backend, **kw
-            )
-            rows_out[r0:r1] = rows
-            if precompute and (need_h or need_w or need_b):
-                # gradients of sum(rows); the backward multiplies by the (common) row weight
-                g_rows = torch.ones(1, dtype=torch.float32, device=sh.device).expand(r1 - r0)
-                dlog = torch.ops.fastkd.kd_loss_backward(
-                    g_rows, s_log, t_log, tgt, stats, temperature, alpha, ignore_index, backend,
-                    **kw,
-                )
-                del s_log, t_log
-                if need_h:
-                    grad_sh[r0:r1] = dlog @ sw
-                if need_w:
-                    if grad_sw.dtype == dlog.dtype:
-                        grad_sw.addmm_(dlog.t(), h)
-                    else:
-                        grad_sw.add_(dlog.t().float() @ h.float())
-                if need_b:
-                    grad_sb.add_(dlog.float().sum(0))
         ctx.cfg = cfg
-        ctx.has_sb = sb is not None
+        ctx.need = need
         ctx.w_dtype = sw.dtype
         ctx.b_dtype = None if sb is None else sb.dtype
         if precompute:
             ctx.save_for_backward(grad_sh, grad_sw, grad_sb)
         else:
             ctx.save_for_backward(sh, sw, sb, th, tw, tb, target)
-        return rows_out
+        return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        temperature, alpha, ignore_index, backend, divergence, beta, chunk, precompute = ctx.cfg
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = ctx.has_sb and ctx.needs_input_grad[2]
+        precompute = ctx.cfg[-1]
+        need_h, need_w, need_b = ctx.need
         if precompute:
             # The caller's loss is scale * sum_i rows_i: every row's incoming gradient is equal.
             # They are scaled in place and handed over: a scaled copy of the V x H weight gradient
@@ -139,31 +183,12 @@ class FusedLinearKDFunction(torch.autograd.Function):
             out_b = grad_sb.mul_(g) if need_b else None
         else:
             sh, sw, sb, th, tw, tb, target = ctx.saved_tensors
-            kw = {"divergence": divergence, "beta": beta}
-            out_h = torch.empty_like(sh) if need_h else None
-            acc_w = torch.zeros(sw.shape, dtype=torch.float32, device=sw.device) if need_w else None
-            acc_b = torch.zeros(sw.shape[0], dtype=torch.float32, device=sw.device) if need_b else None
-            for r0 in range(0, sh.shape[0], chunk):
-                r1 = min(sh.shape[0], r0 + chunk)
-                h = sh[r0:r1]
-                s_log = _logits(h, sw, sb)
-                t_log = _logits(th[r0:r1], tw, tb)
-                tgt = None if target is None else target[r0:r1]
-                _, stats = torch.ops.fastkd.kd_loss_forward(
-                    s_log, t_log, tgt, temperature, alpha, ignore_index, backend, **kw
-                )
-                dlog = torch.ops.fastkd.kd_loss_backward(
-                    grad_rows[r0:r1], s_log, t_log, tgt, stats, temperature, alpha, ignore_index,
-                    backend, **kw,
-                )
-                if need_h:
-                    out_h[r0:r1] = dlog @ sw
-                if need_w:
-                    acc_w.add_(dlog.t().float() @ h.float())
-                if need_b:
-                    acc_b.add_(dlog.float().sum(0))
-            out_w = acc_w.to(sw.dtype) if need_w else None
-            out_b = acc_b if need_b else None
+            out_h, out_w, out_b = torch.ops.fastkd.fused_linear_kd_backward(
+                grad_rows, sh, sw, sb, th, tw, tb, target, *ctx.cfg[:-1], *ctx.need
+            )
+            out_h = out_h if need_h else None
+            out_w = out_w if need_w else None
+            out_b = out_b if need_b else None
         if out_b is not None:
             out_b = out_b.to(ctx.b_dtype)
         return out_h, out_w, out_b, None, None, None, None, None
@@ -270,7 +295,7 @@ def fused_linear_kd_loss(
     th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     n_rows = sh.shape[0]
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(n_rows, n_classes)
+        chunk_rows = 0  # the ops pick default_chunk_rows(N, V) from the concrete N
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     if target is not None:

@@ -457,6 +457,72 @@ register_autograd(
 
 
 # --------------------------------------------------------------------------------------------
+# Fused linear KD: the chunk loops (bodies in fastkd/_fused_linear_kd.py; autograd there, in
+# FusedLinearKDFunction, which calls these ops with requires-grad off)
+#   fused_linear_kd_forward(sh (N,Hs), sw (V,Hs), sb (V,)?, th (N,Ht), tw (V,Ht), tb (V,)?,
+#       target (N,)?, T, alpha, ignore_index, backend, divergence, beta, chunk_rows (0: default),
+#       grad_h, grad_w, grad_b)
+#     -> (rows (N,) fp32, d sum(rows)/d sh (N,Hs), d/d sw (V,Hs) fp32 for fp32 weights else
+#         sw's dtype, d/d sb (V,) fp32); a gradient not asked for is an empty (0,) tensor
+#   fused_linear_kd_backward(grad_rows (N,), sh, sw, sb?, th, tw, tb?, target?, <the same
+#       settings>) -> d sum(grad_rows * rows) / d (sh, sw in sw's dtype, sb fp32), empty if unasked
+# One call whatever N, so a compiled step with a dynamic row count is not specialised on it.
+# --------------------------------------------------------------------------------------------
+
+_FLKD_SETTINGS = (
+    "float temperature, float alpha, int ignore_index, str backend, str divergence, float beta, "
+    "int chunk_rows, bool grad_h, bool grad_w, bool grad_b"
+)
+_FLKD_TENSORS = "Tensor sh, Tensor sw, Tensor? sb, Tensor th, Tensor tw, Tensor? tb, Tensor? target"
+torch.library.define(
+    "fastkd::fused_linear_kd_forward",
+    f"({_FLKD_TENSORS}, {_FLKD_SETTINGS}) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+torch.library.define(
+    "fastkd::fused_linear_kd_backward",
+    f"(Tensor grad_rows, {_FLKD_TENSORS}, {_FLKD_SETTINGS}) -> (Tensor, Tensor, Tensor)",
+)
+
+
+@_kernel("fastkd::fused_linear_kd_forward")
+def _fused_linear_kd_forward(*args):
+    from ._fused_linear_kd import forward_chunks
+
+    return forward_chunks(*args)
+
+
+@_kernel("fastkd::fused_linear_kd_backward")
+def _fused_linear_kd_backward(*args):
+    from ._fused_linear_kd import backward_chunks
+
+    return backward_chunks(*args)
+
+
+def _flkd_grad_fakes(sh, sw, grad_h, grad_w, grad_b, w_dtype):
+    return (
+        sh.new_empty(sh.shape if grad_h else 0),
+        sw.new_empty(sw.shape if grad_w else 0, dtype=w_dtype),
+        sw.new_empty(sw.shape[0] if grad_b else 0, dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("fastkd::fused_linear_kd_forward")
+def _fused_linear_kd_forward_fake(sh, sw, sb, th, tw, tb, target, temperature, alpha,
+                                  ignore_index, backend, divergence, beta, chunk_rows, grad_h,
+                                  grad_w, grad_b):
+    w_dtype = torch.float32 if sw.dtype == torch.float32 else sw.dtype
+    return (sh.new_empty(sh.shape[0], dtype=torch.float32),
+            *_flkd_grad_fakes(sh, sw, grad_h, grad_w, grad_b, w_dtype))
+
+
+@torch.library.register_fake("fastkd::fused_linear_kd_backward")
+def _fused_linear_kd_backward_fake(grad_rows, sh, sw, sb, th, tw, tb, target, temperature, alpha,
+                                   ignore_index, backend, divergence, beta, chunk_rows, grad_h,
+                                   grad_w, grad_b):
+    return _flkd_grad_fakes(sh, sw, grad_h, grad_w, grad_b, sw.dtype)
+
+
+# --------------------------------------------------------------------------------------------
 # Weight-shared linear (issue 6)
 #   shared_linear(x (M,K), indices uint8 (N,ceil(K/2)) | (N,K), codebook fp32 (C,) | (N,C),
 #                 bias (N,)?, in_features, bits, backend) -> y (M,N) in x's dtype

@@ -95,6 +95,15 @@ DYNAMIC_CASES = {
         # k = 4 differs from every row count, so duck sizing does not tie k to r
         lambda r: (_v(r), *fastkd.teacher_topk(torch.randn(r, 37), 4), _t(r)),
     ),
+    # the chunk loop is inside the op, so nothing is unrolled per row count
+    "fused_linear_kd": (
+        lambda h, th, y: F.fused_linear_kd_loss(h, _W, th, _W, y, temperature=2.0, chunk_rows=4),
+        lambda r: (torch.randn(r, K, requires_grad=True), torch.randn(r, K), _t(r, OUT)),
+    ),
+    "fused_linear_kd none": (
+        lambda h, th: F.fused_linear_kd_loss(h, _W, th, _W, reduction="none", student_bias=_B),
+        lambda r: (torch.randn(r, K, requires_grad=True), torch.randn(r, K)),
+    ),
     "int8 w8a8": (lambda x: F.int8_linear(x, _WQ, _WS, _B, mode="w8a8"),
                   lambda r: (torch.randn(2, r, K),)),
     "int8 w8a16": (lambda x: F.int8_linear(x, _WQ, _WS, _B, mode="w8a16"),
