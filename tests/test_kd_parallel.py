@@ -2,7 +2,6 @@
 loss and gradients (2 and 3 ranks, uneven splits, every divergence, targets, ignore_index)."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -24,16 +23,12 @@ CASES = [  # (divergence, beta, temperature, alpha, with_target, reduction)
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, splits, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, splits, out_dir):
+    # Rendezvous through a file, not a TCP port picked in advance: a port found free and then
+    # released can be taken by another process before the ranks bind it (a flaky failure once
+    # in a full run).
+    store = os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         V = sum(splits)
         lo = sum(splits[:rank])
@@ -94,7 +89,7 @@ def _worker(rank, world, port, splits, out_dir):
 @pytest.mark.parametrize("splits", [(17, 24), (5, 30, 12)])
 def test_vocab_parallel_matches_unsharded(tmp_path, splits):
     world = len(splits)
-    mp.spawn(_worker, args=(world, _free_port(), splits, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, splits, str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
         (*cases, n_gathers), undefined = torch.load(tmp_path / f"rank{rank}.pt")
         assert n_gathers == 1
