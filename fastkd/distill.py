@@ -270,7 +270,13 @@ class _HintCapture:
         self.values = [None] * len(vals)
         for i, v in enumerate(vals):
             if v is None:
-                raise RuntimeError(f"hinted module {i} did not run in the forward pass")
+                raise RuntimeError(
+                    f"hinted module {i} did not run in the forward pass, or its forward hook was "
+                    "not called: a torch.compile'd model that ran before the Distiller installed "
+                    "its hint hooks keeps its compiled code, which skips hooks added later "
+                    "(torch._dynamo.config.skip_nnmodule_hook_guards); compile the model after "
+                    "creating the Distiller, or call torch._dynamo.reset() before fit/evaluate"
+                )
         return vals
 
     def remove(self) -> None:

@@ -182,6 +182,27 @@ def test_hints_train_the_projection_and_hint_loss_falls(problem):
     assert not student[0]._forward_hooks and not teacher[0]._forward_hooks
 
 
+def test_hints_on_a_model_compiled_before_the_distiller_say_why_and_work_after_reset():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 5))
+    student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+    x, y = torch.randn(32, 8), torch.randint(0, 5, (32,))
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in (0, 16)]
+    torch._dynamo.reset()
+    try:
+        s_c, t_c = torch.compile(student, backend="eager"), torch.compile(teacher, backend="eager")
+        # a first run compiles both models without hooks; that code skips hooks added later
+        fastkd.Distiller(t_c, s_c, progress=False).fit(loader)
+        d = fastkd.Distiller(t_c, s_c, hints=[("1", "1")], progress=False)
+        with pytest.raises(RuntimeError, match="torch._dynamo.reset"):
+            d.fit(loader, epochs=1)
+        torch._dynamo.reset()
+        record = fastkd.Distiller(t_c, s_c, hints=[("1", "1")], progress=False).fit(loader)[0]
+        assert math.isfinite(record["train_hint_loss"]) and record["train_hint_loss"] > 0
+    finally:
+        torch._dynamo.reset()
+
+
 def test_hints_with_a_given_optimizer_and_conv_features():
     class Net(nn.Module):
         def __init__(self, c, seed):
