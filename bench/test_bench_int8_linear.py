@@ -10,7 +10,7 @@ import torch.nn.functional as TF
 
 import fastkd.functional as F
 
-CPU_SHAPES = [(1, 512, 512), (16, 512, 512), (128, 512, 2048)]
+CPU_SHAPES = [(1, 512, 512), (16, 512, 512), (128, 512, 2048), (1024, 1024, 1024)]
 
 
 def _cpu_case(m, k, n, dtype=torch.float32):

@@ -86,13 +86,17 @@ def test_reference_quantize_rows_properties(dtype):
 
 @pytest.mark.parametrize(
     "m,k,n",
-    [(17, 64, 24), (3, 64, 16), (40, 100, 24), (2, 7, 5), (0, 8, 8), (4, 0, 3), (5, 2500, 7)],
-    ids=["k64", "small_m", "odd_k", "tiny", "empty_m", "empty_k", "k_over_slices"],
+    [(17, 64, 24), (3, 64, 16), (40, 100, 24), (2, 7, 5), (0, 8, 8), (4, 0, 3), (5, 2500, 7),
+     (3, 1, 4)],
+    ids=["k64", "small_m", "odd_k", "tiny", "empty_m", "empty_k", "k_over_slices", "k1"],
 )
 @pytest.mark.parametrize("precision", ["highest", "medium"])
-def test_reference_int8_mm_is_exact(m, k, n, precision):
-    # "highest": fp32 BLAS over K-slices on the CPU; "medium" lets the CPU matmul use bf16, so
-    # the reference must not trust fp32 then (it takes float64)
+@pytest.mark.parametrize("cpu_int_mm", [True, False], ids=["cpu_int_mm", "blas_routes"])
+def test_reference_int8_mm_is_exact(m, k, n, precision, cpu_int_mm, monkeypatch):
+    # CPU routes: torch._int_mm where it was timed faster (K >= 8 only), else "highest": fp32
+    # BLAS over K-slices; "medium" lets the CPU matmul use bf16, so the reference must not trust
+    # fp32 then (it takes float64)
+    monkeypatch.setattr(ref, "_cpu_int_mm_fast", cpu_int_mm)
     g = _gen(2)
     # include -128, which per-channel codes never produce but external int8 weights might
     a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
@@ -110,8 +114,31 @@ def test_reference_int8_mm_is_exact(m, k, n, precision):
     assert torch.equal(out.long(), _exact_int_mm(a, b))
 
 
+def test_cpu_int_mm_route_is_timed_once_and_exact(monkeypatch):
+    """The CPU picks torch._int_mm only if one timed product says it beats the fp32 route and
+    agrees with it exactly; the decision is kept for the process."""
+    monkeypatch.setattr(ref, "_cpu_int_mm_fast", None)
+    calls = []
+    real = torch._int_mm
+
+    def counting(a, b):
+        calls.append(a.shape)
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", counting)
+    first = ref._cpu_int_mm_is_fast()
+    assert isinstance(first, bool) and len(calls) == 3  # three timed runs of one product
+    assert ref._cpu_int_mm_is_fast() is first and len(calls) == 3
+    # a build whose _int_mm is slow, or wrong, is not used
+    monkeypatch.setattr(ref, "_cpu_int_mm_fast", None)
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: real(a, b) + 1)
+    assert ref._cpu_int_mm_is_fast() is False
+
+
 @pytest.mark.parametrize("precision", ["highest", "medium"])
-def test_reference_int8_mm_exact_at_large_magnitudes(precision):
+@pytest.mark.parametrize("cpu_int_mm", [True, False], ids=["cpu_int_mm", "blas_routes"])
+def test_reference_int8_mm_exact_at_large_magnitudes(precision, cpu_int_mm, monkeypatch):
+    monkeypatch.setattr(ref, "_cpu_int_mm_fast", cpu_int_mm)
     # worst case |acc| = K * 128**2 close to 2**31: one fp32 sum would round; fp32 slices of
     # 1024 products (each slice sum at most 2**24) and float64 must not
     k = 131_000

@@ -68,10 +68,48 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 def _int_mm_allowed(a: Tensor, b: Tensor) -> bool:
     """torch._int_mm on CUDA (cuBLASLt) with its shape rules: K and N multiples of 8, K > 0.
-    M > 16 is met by padding rows, which is cheap because it only happens for small M. (On the
-    CPU torch._int_mm is a plain loop, 60x slower than the fp32 route below at 256 x 1024 x 4096.)"""
+    M > 16 is met by padding rows, which is cheap because it only happens for small M. (The CPU
+    has its own rule: _cpu_int_mm_is_fast.)"""
     k, n = a.shape[1], b.shape[0]
     return a.device.type == "cuda" and k > 0 and k % 8 == 0 and n % 8 == 0
+
+
+# torch._int_mm on the CPU is oneDNN's int8 GEMM on some builds and machines and a plain loop on
+# others. Measured on the 2-core CI machine (AMD EPYC, AVX512-VNNI), torch 2.11 and 2.15: 3.7-4.4x
+# faster than the fp32 route below for M >= 17 (256 x 1024 x 4096: 2.8 ms against 12 ms), and
+# 10x at M = 1; an earlier session measured the loop there, 2.2 s for that product. So it is timed
+# once per process on one small product against the fp32 route and used only if it is faster (both
+# are exact; the choice changes the speed, never a bit of the result). Never for K < 8: torch
+# 2.11's CPU _int_mm returned wrong sums for K = 1.
+_CPU_INT_MM_MIN_K = 8
+_cpu_int_mm_fast: Optional[bool] = None
+
+
+def _cpu_int_mm_is_fast() -> bool:
+    global _cpu_int_mm_fast
+    if _cpu_int_mm_fast is None:
+        import time
+
+        g = torch.Generator().manual_seed(0)
+        a = torch.randint(-128, 128, (64, 1024), dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, (256, 1024), dtype=torch.int8, generator=g)
+
+        def best(fn):
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                out = fn()
+                times.append(time.perf_counter() - t0)
+            return min(times), out
+
+        try:
+            t_int, out_int = best(lambda: torch._int_mm(a, b.t()))
+        except RuntimeError:  # a build without a CPU kernel
+            _cpu_int_mm_fast = False
+            return False
+        t_fp32, out_fp32 = best(lambda: _int8_mm_fp32_slices(a, b))
+        _cpu_int_mm_fast = bool(t_int < t_fp32 and torch.equal(out_int, out_fp32))
+    return _cpu_int_mm_fast
 
 
 # Any sum of up to 1024 products of int8 codes (|code| <= 128) is an integer of magnitude
@@ -111,8 +149,9 @@ def int8_mm(a: Tensor, b: Tensor) -> Tensor:
     """Exact ``a @ b.T`` for int8 ``a`` (M, K) and int8 ``b`` (N, K) with an int32 result (M, N).
 
     On CUDA, ``torch._int_mm`` where its shape rules allow (M is zero-padded to 17 rows when
-    smaller; zero rows add nothing). On the CPU, fp32 BLAS over K-slices short enough to be exact
-    (see _EXACT_FP32_K). Otherwise a float64 matmul: every product and partial sum is an integer
+    smaller; zero rows add nothing). On the CPU, ``torch._int_mm`` where it is fast (see
+    _cpu_int_mm_is_fast), else fp32 BLAS over K-slices short enough to be exact (see
+    _EXACT_FP32_K). Otherwise a float64 matmul: every product and partial sum is an integer
     of magnitude < K * 2**14 < 2**53, so float64 represents each exactly and the result is exact
     in any summation order (and unaffected by TF32 or reduced-precision matmul settings).
     """
@@ -121,8 +160,11 @@ def int8_mm(a: Tensor, b: Tensor) -> Tensor:
         return torch.zeros(m, n, dtype=torch.int32, device=a.device)
     if a.shape[1] == 0:
         return torch.zeros(m, n, dtype=torch.int32, device=a.device)
-    if a.device.type == "cpu" and _fp32_matmul_is_ieee():
-        return _int8_mm_fp32_slices(a, b)
+    if a.device.type == "cpu":
+        if a.shape[1] >= _CPU_INT_MM_MIN_K and _cpu_int_mm_is_fast():
+            return torch._int_mm(a.contiguous(), b.contiguous().t())
+        if _fp32_matmul_is_ieee():
+            return _int8_mm_fp32_slices(a, b)
     if _int_mm_allowed(a, b):
         a_c = a.contiguous()
         if m <= 16:
