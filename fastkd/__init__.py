@@ -7,7 +7,7 @@ from . import _ops  # noqa: E402,F401  (defines the torch.library ops)
 from . import functional, nn, prune  # noqa: E402
 from ._topk import teacher_topk  # noqa: E402
 from .distill import Distiller  # noqa: E402
-from .checkpoint import load_compressed, save_compressed, size_report  # noqa: E402
+from .checkpoint import decompress_, load_compressed, save_compressed, size_report  # noqa: E402
 from .info import info  # noqa: E402
 from .quantize import quantize_  # noqa: E402
 from .sharing import share_weights_  # noqa: E402
@@ -25,6 +25,7 @@ __all__ = [
     "prune",
     "sparsify_",
     "fold_masks_",
+    "decompress_",
     # int8
     "quantize_",
     # LLM-scale distillation

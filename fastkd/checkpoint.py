@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from .nn._linear_like import is_hf_conv1d
 
-__all__ = ["register_compressed_layer", "save_compressed", "load_compressed", "size_report"]
+__all__ = ["register_compressed_layer", "save_compressed", "load_compressed", "size_report",
+           "decompress_"]
 
 FORMAT = "fastkd.compressed/1"
 _META_KEY = "fastkd"
@@ -323,6 +324,46 @@ def _owner(model: nn.Module, name: str):
     """(the module holding ``name``, the attribute name there), for a dotted path."""
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+                *, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replace every fastkd layer of ``model`` (``MaskedLinear``, ``Int8Linear``,
+    ``SharedLinear``, for which ``filter_fn(module, name)`` is true) by a plain ``nn.Linear``
+    holding the weight it computes with, in place; returns ``model``.
+
+    For running a model that was shipped compressed (``save_compressed`` / ``load_compressed``)
+    where fastkd is not installed or its layers are slower than dense ones (a ``SharedLinear``
+    looks its weight up on every call). The result has a plain model's state_dict keys and its
+    dense size. ``MaskedLinear`` layers fold to ``W o M`` in their weight's dtype (as
+    :func:`fastkd.fold_masks_`, same outputs bit for bit); ``Int8Linear`` and ``SharedLinear`` get
+    their dequantized weight in ``dtype`` (default: each layer's bias dtype, else fp32; pass the
+    model's dtype for a bf16/fp16 model without biases). A ``w8a8`` layer's float replacement
+    no longer quantizes activations, so outputs move by that quantization error.
+    """
+    from .nn._linear_like import is_masked_linear
+    from .nn.int8_linear import Int8Linear
+    from .nn.shared_linear import SharedLinear
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"decompress_ takes an nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("filter_fn must be callable (module, name) -> bool")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+    def kind(m):
+        return is_masked_linear(m) or isinstance(m, (Int8Linear, SharedLinear))
+
+    if kind(model):
+        raise ValueError("decompress_ replaces submodules in place and cannot replace the model "
+                         "itself; use the layer's to_linear()")
+    targets = [(name, m) for name, m in model.named_modules()
+               if name and kind(m) and (filter_fn is None or filter_fn(m, name))]
+    for name, layer in targets:
+        _replace(model, name, layer.to_linear() if is_masked_linear(layer)
+                 else layer.to_linear(dtype))
+    return model
 
 
 def size_report(model: nn.Module) -> dict:

@@ -213,3 +213,64 @@ def test_meta_skeleton_needs_its_non_persistent_buffers(tmp_path):
                                  tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(out(ids).logits, ref)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_decompress_gives_a_plain_model_of_the_architecture(tmp_path, arch):
+    """A model shipped compressed (every fastkd layer type in it) loads into a skeleton, and
+    decompress_ turns it back into plain nn.Linear layers: a fresh model of the architecture
+    loads its state_dict strictly and gives the compressed model's outputs (to the rounding of
+    the float replacement; bit for bit for folded masks)."""
+    transformers = pytest.importorskip("transformers")  # noqa: F841 (used by eval below)
+    torch.manual_seed(0)
+    model = eval(_TINY[arch])
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    masked, int8, shared = names[0::3], names[1::3], names[2::3]
+    fastkd.sparsify_(model, 0.5, filter_fn=lambda m, n: n in masked)
+    fastkd.quantize_(model, mode="w8a16", filter_fn=lambda m, n: n in int8)
+    fastkd.share_weights_(model, bits=4, filter_fn=lambda m, n: n in shared)
+    ids = torch.randint(0, 53, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    fastkd.save_compressed(model, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    loaded = fastkd.load_compressed(eval(_TINY[arch]), tmp_path / "m.safetensors")
+    assert fastkd.decompress_(loaded) is loaded
+    kinds = {type(m).__name__ for m in loaded.modules()}
+    assert not kinds & {"MaskedLinear", "Int8Linear", "SharedLinear"}, kinds
+    for n in masked:  # folded masks: the pruned weights are exact zeros of the plain weight
+        w = loaded.get_submodule(n).weight
+        assert type(loaded.get_submodule(n)) is nn.Linear and (w == 0).float().mean() >= 0.45
+    plain = eval(_TINY[arch])
+    plain.load_state_dict(loaded.state_dict())  # strict: the keys of the architecture
+    with torch.no_grad():
+        out = plain(ids).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_decompress_dtype_filter_and_bad_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12, bias=False), nn.ReLU(), nn.Linear(12, 5))
+    fastkd.quantize_(model, mode="w8a16")
+    x = torch.randn(3, 16)
+    bf16 = fastkd.decompress_(model.to(torch.bfloat16), dtype=torch.bfloat16)
+    assert [m.weight.dtype for m in bf16 if isinstance(m, nn.Linear)] == [torch.bfloat16] * 2
+    assert bf16(x.bfloat16()).dtype == torch.bfloat16
+    # per layer, by filter; a layer's own to_linear keeps its outputs
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5))
+    fastkd.share_weights_(model, bits=4)
+    with torch.no_grad():
+        ref = model(x)
+    fastkd.decompress_(model, filter_fn=lambda m, n: n == "2")
+    assert isinstance(model[0], SharedLinear) and type(model[2]) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+        torch.testing.assert_close(model[0].to_linear()(x), model[0](x))
+    with pytest.raises(ValueError, match="to_linear"):
+        fastkd.decompress_(model[0])
+    with pytest.raises(TypeError):
+        fastkd.decompress_("model")
+    with pytest.raises(TypeError, match="dtype"):
+        fastkd.decompress_(model, dtype=torch.int8)
+    with pytest.raises(TypeError, match="filter_fn"):
+        fastkd.decompress_(model, filter_fn=3)

@@ -110,6 +110,21 @@ class Int8Linear(nn.Module):
         w = self.weight.float() * self.weight_scale[:, None]
         return w if dtype is None else w.to(dtype)
 
+    def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the dequantized weight ``weight * weight_scale`` (a copy;
+        see :func:`fastkd.decompress_` for a whole model), in ``dtype`` (default: the bias's
+        dtype, else fp32: pass the model's dtype for a bf16/fp16 model without biases). It
+        computes what ``w8a16`` computes, to rounding; ``w8a8`` also quantizes the activations,
+        which the float layer does not."""
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta")
+        linear.weight = nn.Parameter(self.dequantized_weight(dtype))
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(dtype, copy=True))
+        linear.train(self.training)
+        return linear
+
     def _apply(self, fn, *args, **kwargs):
         # module.half() / .to(bfloat16) would round the fp32 scales: keep them fp32, move device.
         scale = self.weight_scale

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -103,6 +105,20 @@ class SharedLinear(nn.Module):
     def dequantized_weight(self) -> Tensor:
         """The fp32 (out_features, in_features) weight this layer multiplies by."""
         return shared_dequantize(self.indices, self.codebook, self.in_features, self.bits)
+
+    def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the weight looked up in the codebook (a copy; see
+        :func:`fastkd.decompress_` for a whole model), in ``dtype`` (default: the bias's dtype,
+        else fp32). Same outputs, to the rounding of ``dtype``, at dense speed and with dense
+        size: for running a model shipped compressed."""
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta")
+        linear.weight = nn.Parameter(self.dequantized_weight().to(dtype))
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(dtype, copy=True))
+        linear.train(self.training)
+        return linear
 
     def nbytes(self) -> int:
         tensors = [self.indices, self.codebook] + ([self.bias] if self.bias is not None else [])
