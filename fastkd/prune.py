@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -137,6 +137,64 @@ def magnitude_mask(weight: Tensor, sparsity: Optional[float], pattern: Pattern =
     norms = mag.pow(2).reshape(rows // bh, bh, cols // bw, bw).sum(dim=(1, 3)).sqrt()
     keep_blocks = _prune_smallest(norms, round(norms.numel() * s))
     return keep_blocks.repeat_interleave(bh, dim=0).repeat_interleave(bw, dim=1)
+
+
+@torch.no_grad()
+def global_magnitude_masks(weights: Sequence[Tensor], sparsity: float,
+                           masks: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
+    """Keep-masks for several weights pruned together: exactly ``round(total * sparsity)`` of all
+    their entries go, the smallest ``|w|`` across every tensor (one threshold for the whole
+    model, as in global magnitude pruning), ties broken by tensor order, then position.
+
+    ``masks`` (bool, one per weight) are masks already in force (gradual pruning): their pruned
+    entries stay pruned and count toward the total; if they prune more already, nothing else goes.
+    The threshold is found by bisection over the float32 magnitudes' bit patterns (32 counting
+    passes over the weights), so no concatenated copy of them is made whatever the model's size.
+    """
+    ws = list(weights)
+    if not ws:
+        raise ValueError("global_magnitude_masks needs at least one weight")
+    for w in ws:
+        if not isinstance(w, Tensor) or not w.is_floating_point():
+            raise TypeError("weights must be floating-point tensors")
+        if w.numel() and not bool(torch.isfinite(w).all()):
+            raise ValueError("weight has NaN or infinite entries; magnitudes cannot rank them")
+    s = _check_sparsity(sparsity)
+    if masks is None:
+        keeps = [torch.ones_like(w, dtype=torch.bool) for w in ws]
+    else:
+        masks = list(masks)
+        if len(masks) != len(ws) or any(tuple(m.shape) != tuple(w.shape)
+                                         for m, w in zip(masks, ws)):
+            raise ValueError("masks must match the weights one for one, shape for shape")
+        keeps = [(m.to(w.device) != 0).clone() for m, w in zip(masks, ws)]
+    total = sum(w.numel() for w in ws)
+    extra = round(total * s) - sum(int((~k).sum()) for k in keeps)
+    if extra <= 0:
+        return keeps
+
+    def bits(w: Tensor) -> Tensor:  # |w| as int32 bit patterns: ordered as the magnitudes
+        return w.detach().abs().float().view(torch.int32)
+
+    def kept_at_most(t: int) -> int:
+        return sum(int(((bits(w) <= t) & k).sum()) for w, k in zip(ws, keeps))
+
+    lo, hi = -1, 0x7F800000  # kept_at_most(hi) counts every kept (finite) entry
+    while hi - lo > 1:  # smallest t with kept_at_most(t) >= extra
+        mid = (lo + hi) // 2
+        if kept_at_most(mid) >= extra:
+            hi = mid
+        else:
+            lo = mid
+    ties = extra - kept_at_most(hi - 1)  # entries at the threshold that go too, in order
+    for w, k in zip(ws, keeps):
+        b = bits(w)
+        k &= b >= hi
+        if ties > 0:
+            at = ((b == hi) & k).reshape(-1).nonzero().squeeze(1)[:ties]
+            k.view(-1)[at] = False
+            ties -= at.numel()
+    return keeps
 
 
 def pattern_name(pattern: Pattern) -> str:

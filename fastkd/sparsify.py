@@ -9,7 +9,7 @@ from torch import nn
 
 from .nn._linear_like import as_linear, is_masked_linear, is_replaceable_linear
 from .nn.masked_linear import MaskedLinear
-from .prune import magnitude_mask, parse_pattern
+from .prune import global_magnitude_masks, magnitude_mask, parse_pattern
 
 
 def sparsify_(
@@ -19,11 +19,17 @@ def sparsify_(
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     *,
     backend: str = "auto",
+    scope: str = "layer",
 ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` for which ``filter_fn(module, name)`` is true (all of
     them without a filter) by a :class:`~fastkd.nn.MaskedLinear` holding its weights and a magnitude
     mask (:func:`fastkd.prune.magnitude_mask`, per layer); returns ``model``. Hugging Face
     ``Conv1D`` layers (GPT-2's attention and MLP projections) count as linears too.
+
+    ``scope="global"`` (``"unstructured"`` only) ranks the weights of all those layers together
+    instead (:func:`fastkd.prune.global_magnitude_masks`): ``sparsity`` of their entries go in
+    all, the smallest magnitudes anywhere, so layers of small weights lose more than others (a
+    layer can lose every weight: keep such layers out with ``filter_fn``).
 
     A layer that is already a ``MaskedLinear`` is pruned further, in place (gradual pruning:
     ``sparsify_(model, 0.3)``, fine-tune, ``sparsify_(model, 0.6)``, ...): its new mask keeps the
@@ -47,6 +53,11 @@ def sparsify_(
                          "patterns, whose sparsity is implied)")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable (module, name) -> bool")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if scope == "global" and kind != "unstructured":
+        raise ValueError(f"scope='global' ranks single weights across layers: it takes the "
+                         f"'unstructured' pattern, not {pattern!r}")
     uses: dict = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
@@ -63,6 +74,19 @@ def sparsify_(
             if filter_fn is not None and not filter_fn(child, name):
                 continue
             targets.append((parent, child_name, child))
+    if scope == "global":
+        layers = []
+        for parent, child_name, child in targets:
+            if not isinstance(child, MaskedLinear):  # all kept, or a torch.nn.utils.prune mask
+                child = MaskedLinear.from_linear(child, backend=backend)
+                setattr(parent, child_name, child)
+            layers.append(child)
+        if layers:
+            keeps = global_magnitude_masks([m.masked_weight() for m in layers], sparsity,
+                                           masks=[m.mask for m in layers])
+            for layer, keep in zip(layers, keeps):
+                layer.set_mask_(keep)
+        return model
     for parent, child_name, child in targets:
         if isinstance(child, MaskedLinear):
             # gradual pruning: prune further in place (the module, and the parameters an

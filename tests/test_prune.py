@@ -108,3 +108,73 @@ def test_pattern_names():
     assert pattern_name(" 2 : 4 ") == "2:4"
     assert pattern_name((64, 64)) == "block64x64"
     assert parse_pattern([8, 16]) == ("block", (8, 16))
+
+
+# ----------------------------------------------------------------------------- global pruning
+
+
+def _global_oracle(weights, sparsity, masks=None):
+    """Stable sort of all magnitudes (already pruned entries first), the first n pruned."""
+    mags = torch.cat([w.detach().abs().float().reshape(-1) for w in weights])
+    kept = (torch.cat([m.reshape(-1) for m in masks]) if masks is not None
+            else torch.ones_like(mags, dtype=torch.bool))
+    n = round(mags.numel() * sparsity)
+    key = torch.where(kept, mags, torch.full_like(mags, -1.0))  # pruned ones rank first
+    keep = torch.ones_like(kept)
+    keep[torch.argsort(key, stable=True)[:max(n, int((~kept).sum()))]] = False
+    out, i = [], 0
+    for w in weights:
+        out.append(keep[i:i + w.numel()].reshape(w.shape))
+        i += w.numel()
+    return out
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_global_magnitude_masks_match_a_sorted_oracle(sparsity, dtype, with_masks):
+    from fastkd.prune import global_magnitude_masks
+
+    g = torch.Generator().manual_seed(3)
+    # rounded values: many exact ties across and within tensors
+    ws = [(torch.randn(shape, generator=g) * scale).round(decimals=1).to(dtype)
+          for shape, scale in (((5, 7), 1.0), ((3, 11), 3.0), ((13,), 0.2), ((2, 9), 1.0))]
+    masks = [torch.rand(w.shape, generator=g) > 0.3 for w in ws] if with_masks else None
+    if masks is not None:
+        ws = [w.masked_fill(~m, 0) for w, m in zip(ws, masks)]
+    got = global_magnitude_masks(ws, sparsity, masks=masks)
+    want = _global_oracle(ws, sparsity, masks)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bool and torch.equal(a, b)
+    if masks is not None:  # pruned entries never come back
+        assert all(not (k & ~m).any() for k, m in zip(got, masks))
+
+
+def test_sparsify_global_scope_prunes_small_layers_more_and_exactly_the_total():
+    import fastkd
+    from fastkd.nn import MaskedLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 10),
+                                torch.nn.ReLU(), torch.nn.Linear(10, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(0.2)  # a layer of small weights
+    ref = [m.weight.detach().clone() for m in model if isinstance(m, torch.nn.Linear)]
+    fastkd.sparsify_(model, 0.5, scope="global", filter_fn=lambda m, n: n != "4")
+    layers = [model[0], model[2]]
+    assert all(isinstance(m, MaskedLinear) for m in layers) and type(model[4]) is torch.nn.Linear
+    want = _global_oracle(ref[:2], 0.5)
+    for layer, keep in zip(layers, want):
+        assert torch.equal(layer.mask, keep)
+    pruned = sum(int((~m.mask).sum()) for m in layers)
+    assert pruned == round(0.5 * (600 + 300))
+    assert layers[1].density < 0.5 < layers[0].density
+    # gradual: further, within the masks in force
+    old = [m.mask.clone() for m in layers]
+    fastkd.sparsify_(model, 0.8, scope="global", filter_fn=lambda m, n: n != "4")
+    assert sum(int((~m.mask).sum()) for m in layers) == round(0.8 * 900)
+    assert all(not (m.mask & ~o).any() for m, o in zip(layers, old))
+    with pytest.raises(ValueError, match="unstructured"):
+        fastkd.sparsify_(model, None, pattern="2:4", scope="global")
+    with pytest.raises(ValueError, match="scope"):
+        fastkd.sparsify_(model, 0.5, scope="model")
