@@ -48,15 +48,20 @@ def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tens
         raise ValueError(f"k must lie in [1, {n_classes}], got {k}")
     temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
     lead = logits.shape[:-1]
-    flat = logits.reshape(-1, n_classes)
-    ids = torch.empty(flat.shape[0], k, dtype=torch.long, device=logits.device)
-    lps = torch.empty(flat.shape[0], k, dtype=torch.float32, device=logits.device)
+    rows = as_rows(logits)  # a sliced (B, L, V) batch stays a view: its (L, V) blocks are read
+    n_rows = rows.numel() // n_classes
+    ids = torch.empty(n_rows, k, dtype=torch.long, device=logits.device)
+    lps = torch.empty(n_rows, k, dtype=torch.float32, device=logits.device)
     step = max(1, _TOPK_CHUNK_ELEMENTS // n_classes)
-    for r0 in range(0, flat.shape[0], step):
-        z = flat[r0 : r0 + step].float() / temperature
-        top, idx = torch.topk(z, k, dim=-1)
-        lps[r0 : r0 + step] = top - torch.logsumexp(z, dim=-1, keepdim=True)
-        ids[r0 : r0 + step] = idx
+    out = 0
+    for block in (rows,) if rows.dim() == 2 else rows.unbind(0):
+        for r0 in range(0, block.shape[0], step):
+            z = block[r0 : r0 + step].float() / temperature
+            top, idx = torch.topk(z, k, dim=-1)
+            r1 = out + z.shape[0]
+            lps[out:r1] = top - torch.logsumexp(z, dim=-1, keepdim=True)
+            ids[out:r1] = idx
+            out = r1
     return ids.reshape(*lead, k), lps.reshape(*lead, k)
 
 

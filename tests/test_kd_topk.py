@@ -152,6 +152,21 @@ def test_teacher_topk():
     torch.testing.assert_close(full.topk(6, -1).values, lp)
 
 
+def test_teacher_topk_of_a_sliced_batch(monkeypatch):
+    """teacher_topk(t[:, :-1]) reads the (B, L, V) view block by block (a flat copy would be
+    N x V) and gives what the contiguous copy gives, in the same row order."""
+    import fastkd._topk
+
+    monkeypatch.setattr(fastkd._topk, "_TOPK_CHUNK_ELEMENTS", 41 * 3)  # chunks of 3 rows
+    g = torch.Generator().manual_seed(7)
+    t = torch.randn(3, 9, 41, generator=g) * 3
+    for view in (t[:, :-1], t[::2, 1:], t.transpose(0, 1)[:, 1:]):
+        ids, lp = fastkd.teacher_topk(view, 5, temperature=2.0)
+        ids_c, lp_c = fastkd.teacher_topk(view.contiguous(), 5, temperature=2.0)
+        assert ids.shape == view.shape[:-1] + (5,)
+        assert torch.equal(ids, ids_c) and torch.equal(lp, lp_c)
+
+
 def test_validation():
     s = torch.randn(3, 10)
     ids, lp = fastkd.teacher_topk(torch.randn(3, 10), 4)
