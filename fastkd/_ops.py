@@ -223,9 +223,53 @@ def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _flat_rows(x: Tensor) -> Tensor:
-    """(N, V) rows of (N, V) or (B, L, V) logits, for the reference (which may copy)."""
-    return x.reshape(-1, x.shape[-1])
+def _row_blocks(*tensors: Tensor):
+    """(first row, the (rows, V) block of each tensor) over same-shaped (N, V) or (B, L, V)
+    logits: one block, or one (L, V) view per batch entry. The reference takes a sliced batch
+    this way instead of copying it to rows."""
+    x = tensors[0]
+    if x.dim() == 2:
+        yield 0, tensors
+        return
+    for b in range(x.shape[0]):
+        yield b * x.shape[1], tuple(t[b] for t in tensors)
+
+
+def _slice(t: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
+    return None if t is None else t[r0:r1]
+
+
+def _reference_forward(fn, logits: tuple, per_row: tuple, *settings, **kw):
+    """``fn`` (a reference forward over (N, V) rows returning (row losses, row stats)) on the
+    blocks of (N, V) or (B, L, V) ``logits``; ``per_row`` tensors (or None) hold one entry per
+    row."""
+    blocks = list(_row_blocks(*logits))
+    if len(blocks) == 1:
+        return fn(*(_unit_stride(x) for x in blocks[0][1]), *per_row, *settings, **kw)
+    if not blocks:  # B = 0: no rows
+        flat = tuple(x.reshape(-1, x.shape[-1]) for x in logits)
+        return fn(*flat, *per_row, *settings, **kw)
+    outs = [fn(*(_unit_stride(x) for x in blk), *(_slice(t, r0, r0 + blk[0].shape[0])
+                                                   for t in per_row), *settings, **kw)
+            for r0, blk in blocks]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def _reference_backward(fn, grad_rows, logits: tuple, per_row: tuple, *settings, **kw):
+    """``fn`` (a reference backward over (N, V) rows) on the blocks of the logits: the student
+    gradient, contiguous, of the student's shape."""
+    student = logits[0]
+    blocks = list(_row_blocks(*logits))
+    if len(blocks) == 1:
+        return fn(grad_rows, *(_unit_stride(x) for x in blocks[0][1]), *per_row, *settings,
+                  **kw)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    for b, (r0, blk) in enumerate(blocks):
+        r1 = r0 + blk[0].shape[0]
+        grad[b] = fn(
+            grad_rows[r0:r1], *(_unit_stride(x) for x in blk),
+            *(_slice(t, r0, r1) for t in per_row), *settings, **kw)
+    return grad
 
 
 def _n_rows(x: Tensor):
@@ -239,12 +283,11 @@ def _n_rows(x: Tensor):
 def _kd_loss_forward(
     student, teacher, target, temperature, alpha, ignore_index, backend, *, divergence="kl", beta=0.5
 ):
-    if backend == "triton":
-        impl = _kernels("kd_loss")
-    else:
-        impl = reference
-        student, teacher = _flat_rows(student), _flat_rows(teacher)
-    return impl.kd_loss_forward(
+    if backend != "triton":
+        return _reference_forward(reference.kd_loss_forward, (student, teacher), (target,),
+                                  temperature, alpha, ignore_index, divergence=divergence,
+                                  beta=beta)
+    return _kernels("kd_loss").kd_loss_forward(
         _unit_stride(student),
         _unit_stride(teacher),
         target,
@@ -276,11 +319,11 @@ def _kd_loss_backward(
             grad_rows, _unit_stride(student), _unit_stride(teacher), target, row_stats,
             temperature, alpha, ignore_index, divergence=divergence, beta=beta,
         )
-    grad = reference.kd_loss_backward(
-        grad_rows, _flat_rows(student), _flat_rows(teacher), target, row_stats, temperature,
-        alpha, ignore_index, divergence=divergence, beta=beta,
+    # the stats are per row too: they travel with the target
+    return _reference_backward(
+        reference.kd_loss_backward, grad_rows, (student, teacher), (target, row_stats), temperature, alpha, ignore_index,
+        divergence=divergence, beta=beta,
     )
-    return grad.view(student.shape)
 
 
 @torch.library.register_fake("fastkd::kd_loss_forward")
@@ -392,11 +435,11 @@ torch.library.define(
 
 @_kernel("fastkd::kd_loss_topk_forward")
 def _kd_loss_topk_forward(student, ids, logprobs, target, temperature, alpha, ignore_index, backend):
-    if backend == "triton":
-        impl = _kernels("kd_topk")
-    else:
-        impl, student = reference, _flat_rows(student)
-    return impl.kd_loss_topk_forward(
+    if backend != "triton":
+        return _reference_forward(reference.kd_loss_topk_forward, (student,),
+                                  (_unit_stride(ids), _unit_stride(logprobs), target),
+                                  temperature, alpha, ignore_index)
+    return _kernels("kd_topk").kd_loss_topk_forward(
         _unit_stride(student), _unit_stride(ids), _unit_stride(logprobs), target, temperature,
         alpha, ignore_index,
     )
@@ -406,13 +449,16 @@ def _kd_loss_topk_forward(student, ids, logprobs, target, temperature, alpha, ig
 def _kd_loss_topk_backward(
     grad_rows, student, ids, logprobs, target, row_stats, temperature, alpha, ignore_index, backend
 ):
-    impl = _kernels("kd_topk") if backend == "triton" else reference
-    grad = impl.kd_loss_topk_backward(
-        grad_rows, _unit_stride(student if backend == "triton" else _flat_rows(student)),
-        _unit_stride(ids), _unit_stride(logprobs), target, row_stats, temperature, alpha,
-        ignore_index,
+    if backend != "triton":
+        return _reference_backward(
+            reference.kd_loss_topk_backward, grad_rows, (student,),
+            (_unit_stride(ids), _unit_stride(logprobs), target, row_stats), temperature, alpha,
+            ignore_index,
+        )
+    return _kernels("kd_topk").kd_loss_topk_backward(
+        grad_rows, _unit_stride(student), _unit_stride(ids), _unit_stride(logprobs), target,
+        row_stats, temperature, alpha, ignore_index,
     )
-    return grad.view(student.shape)
 
 
 @torch.library.register_fake("fastkd::kd_loss_topk_forward")

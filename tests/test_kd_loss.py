@@ -296,14 +296,16 @@ def test_sliced_batch_matches_oracle_and_is_not_copied(backend, layout, with_tar
     seen = []
     if backend == "triton":
         import fastkd.kernels.kd_loss as kernels
-        for name in ("kd_loss_forward", "kd_loss_backward"):
-            real = getattr(kernels, name)
+    else:  # the reference takes a (B, L, V) batch one (L, V) view at a time
+        import fastkd.reference as kernels
+    for name in ("kd_loss_forward", "kd_loss_backward"):
+        real = getattr(kernels, name)
 
-            def spy(*args, _real=real, **kw):
-                seen.append(args[1 if args[0].dim() == 1 else 0])  # the student logits
-                return _real(*args, **kw)
+        def spy(*args, _real=real, **kw):
+            seen.append(args[1 if args[0].dim() == 1 else 0])  # the student logits
+            return _real(*args, **kw)
 
-            monkeypatch.setattr(kernels, name, spy)
+        monkeypatch.setattr(kernels, name, spy)
     gs = torch.linspace(0.5, 1.5, s.shape[0] * s.shape[1], device=s.device).reshape(s.shape[:-1])
     out = F.kd_loss(s, t, y, temperature=2.0, reduction="none", backend=backend)
     (out * gs).sum().backward()
@@ -314,10 +316,9 @@ def test_sliced_batch_matches_oracle_and_is_not_copied(backend, layout, with_tar
     full_grad = torch.zeros_like(s_full, dtype=torch.float64)
     cut_s(full_grad).copy_(s64.grad)  # the gradient lands in the slice, zeros elsewhere
     torch.testing.assert_close(s_full.grad.double(), full_grad, **FP32_TOL["grad"])
-    if backend == "triton":
-        assert len(seen) == 2
-        for student in seen:  # the kernels got views of the leaf's storage, not copies
-            assert student.untyped_storage().data_ptr() == s_full.untyped_storage().data_ptr()
+    assert len(seen) >= 2
+    for student in seen:  # the kernels got views of the leaf's storage, not copies
+        assert student.untyped_storage().data_ptr() == s_full.untyped_storage().data_ptr()
 
 
 def test_as_rows_views_every_layout_it_can():
