@@ -228,8 +228,10 @@ def test_sliced_batch_is_read_in_place(backend, monkeypatch):
     seen = []
     if backend == "triton":
         import fastkd.kernels.kd_topk as kernels
-    else:  # the reference takes a (B, L, V) batch one (L, V) view at a time
+    else:  # the reference takes a (B, L, V) batch one (L, V) view at a time (large blocks)
         import fastkd.reference as kernels
+
+        monkeypatch.setattr(fastkd._ops, "_MIN_REFERENCE_BLOCK", 1)
     for name in ("kd_loss_topk_forward", "kd_loss_topk_backward"):
         real = getattr(kernels, name)
 
