@@ -198,9 +198,9 @@ def call(name: str, *args):
 # --------------------------------------------------------------------------------------------
 # KD loss
 #   kd_loss_forward(student (N,V), teacher (N,V), target (N,)?, T, alpha, ignore_index, backend)
-#   (student and teacher may also be (B,L,V), rows N = B*L: a sliced batch as a view, not a copy)
 #                   *, divergence="kl", beta=0.5)
 #     -> (row_loss (N,) fp32, row_stats (N,3) fp32; (N,4) for divergences other than "kl")
+#   (student and teacher may also be (B,L,V), rows N = B*L: a sliced batch as a view, not a copy)
 #   kd_loss_backward(grad_rows (N,), student, teacher, target?, row_stats, T, alpha,
 #                    ignore_index, backend, *, divergence="kl", beta=0.5)
 #     -> grad_student, the student's shape, contiguous, in the student dtype
@@ -330,8 +330,8 @@ def _kd_loss_backward(
         )
     # the stats are per row too: they travel with the target
     return _reference_backward(
-        reference.kd_loss_backward, grad_rows, (student, teacher), (target, row_stats), temperature, alpha, ignore_index,
-        divergence=divergence, beta=beta,
+        reference.kd_loss_backward, grad_rows, (student, teacher), (target, row_stats),
+        temperature, alpha, ignore_index, divergence=divergence, beta=beta,
     )
 
 
