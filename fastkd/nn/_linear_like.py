@@ -81,6 +81,21 @@ def as_linear(module, who: str) -> nn.Linear:
     return linear
 
 
+def float_linear(module, weight: torch.Tensor, dtype) -> nn.Linear:
+    """A new ``nn.Linear`` with ``module``'s features, training mode and bias (copied), holding
+    ``weight``, both in ``dtype`` (default: the bias's dtype, else fp32): the float layer an
+    ``Int8Linear`` or ``SharedLinear`` computes like."""
+    bias = module.bias
+    dtype = dtype or (bias.dtype if bias is not None else torch.float32)
+    linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None,
+                       device="meta")
+    linear.weight = nn.Parameter(weight.to(dtype))
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(dtype, copy=True))
+    linear.train(module.training)
+    return linear
+
+
 def require_values(weight: torch.Tensor, who: str) -> None:
     """A clear error where a weight's values are needed and it has none (the meta device)."""
     if weight.is_meta:

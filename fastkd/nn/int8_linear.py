@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from ._linear_like import as_linear
+from ._linear_like import as_linear, float_linear
 
 
 def _check_mode(mode) -> str:
@@ -116,14 +116,7 @@ class Int8Linear(nn.Module):
         dtype, else fp32: pass the model's dtype for a bf16/fp16 model without biases). It
         computes what ``w8a16`` computes, to rounding; ``w8a8`` also quantizes the activations,
         which the float layer does not."""
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta")
-        linear.weight = nn.Parameter(self.dequantized_weight(dtype))
-        if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.detach().to(dtype, copy=True))
-        linear.train(self.training)
-        return linear
+        return float_linear(self, self.dequantized_weight(), dtype)
 
     def _apply(self, fn, *args, **kwargs):
         # module.half() / .to(bfloat16) would round the fp32 scales: keep them fp32, move device.

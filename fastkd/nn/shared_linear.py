@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..reference.shared_linear import pack_indices, shared_dequantize
-from ._linear_like import as_linear, require_values
+from ._linear_like import as_linear, float_linear, require_values
 
 
 class SharedLinear(nn.Module):
@@ -111,14 +111,7 @@ class SharedLinear(nn.Module):
         :func:`fastkd.decompress_` for a whole model), in ``dtype`` (default: the bias's dtype,
         else fp32). Same outputs, to the rounding of ``dtype``, at dense speed and with dense
         size: for running a model shipped compressed."""
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta")
-        linear.weight = nn.Parameter(self.dequantized_weight().to(dtype))
-        if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.detach().to(dtype, copy=True))
-        linear.train(self.training)
-        return linear
+        return float_linear(self, self.dequantized_weight(), dtype)
 
     def nbytes(self) -> int:
         tensors = [self.indices, self.codebook] + ([self.bias] if self.bias is not None else [])
