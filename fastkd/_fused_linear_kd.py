@@ -104,13 +104,14 @@ def forward_chunks(sh, sw, sb, th, tw, tb, target, temperature, alpha, ignore_in
 def backward_chunks(grad_rows, sh, sw, sb, th, tw, tb, target, temperature, alpha, ignore_index,
                     backend, divergence, beta, chunk, need_h, need_w, need_b):
     """Gradients of ``sum(grad_rows * rows)`` for per-row weights (``reduction="none"``): the
-    chunk logits are computed again. (N, H), (V, H) in the weight's dtype, (V,) fp32; empty where
-    a flag is unset. The body of ``fastkd::fused_linear_kd_backward``."""
+    chunk logits are computed again. (N, H), (V, H) in the weight's dtype (accumulated in it, as
+    the forward does, so no fp32 V x H buffer), (V,) fp32; empty where a flag is unset. The body
+    of ``fastkd::fused_linear_kd_backward``."""
     n_rows = sh.shape[0]
     chunk = chunk or default_chunk_rows(n_rows, sw.shape[0])
     kw = {"divergence": divergence, "beta": beta}
     out_h = torch.empty_like(sh) if need_h else sh.new_empty(0)
-    acc_w = torch.zeros(sw.shape if need_w else 0, dtype=torch.float32, device=sw.device)
+    acc_w = torch.zeros(sw.shape if need_w else 0, dtype=sw.dtype, device=sw.device)
     out_b = torch.zeros(sw.shape[0] if need_b else 0, dtype=torch.float32, device=sw.device)
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)
@@ -128,10 +129,10 @@ def backward_chunks(grad_rows, sh, sw, sb, th, tw, tb, target, temperature, alph
         if need_h:
             out_h[r0:r1] = dlog @ sw
         if need_w:
-            acc_w.add_(dlog.t().float() @ h.float())
+            acc_w.addmm_(dlog.t(), h)
         if need_b:
             out_b.add_(dlog.float().sum(0))
-    return out_h, acc_w.to(sw.dtype), out_b
+    return out_h, acc_w, out_b
 
 
 class FusedLinearKDFunction(torch.autograd.Function):

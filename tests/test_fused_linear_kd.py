@@ -80,8 +80,9 @@ def test_chunk_sizes(chunk_rows):
 
 @pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "torch"), (torch.float16, "torch"),
                                            (torch.float16, "triton")])
-def test_low_precision(dtype, backend):
-    _compare(dtype, backend, "mean", T=1.0)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision(dtype, backend, reduction):
+    _compare(dtype, backend, reduction, T=1.0)
 
 
 def test_leading_dims_and_module():
