@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .nn._linear_like import is_hf_conv1d
+from .nn._linear_like import in_original_layout, is_hf_conv1d, remember_layout
 
 __all__ = ["register_compressed_layer", "save_compressed", "load_compressed", "size_report",
            "decompress_"]
@@ -264,7 +264,8 @@ def load_compressed(skeleton: nn.Module, path: Union[str, os.PathLike], *,
             )
         if not name:
             raise ValueError("the root module itself is compressed; load it directly instead")
-        _replace(skeleton, name, spec.build(entry["settings"], _submodule(skeleton, name)))
+        old = _submodule(skeleton, name)
+        _replace(skeleton, name, remember_layout(spec.build(entry["settings"], old), old))
     if any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
         _load_assigning(skeleton, path, torch.device(device or "cpu"))
     else:
@@ -330,7 +331,9 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
                 *, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Replace every fastkd layer of ``model`` (``MaskedLinear``, ``Int8Linear``,
     ``SharedLinear``, for which ``filter_fn(module, name)`` is true) by a plain ``nn.Linear``
-    holding the weight it computes with, in place; returns ``model``.
+    holding the weight it computes with (a Hugging Face ``Conv1D`` where the layer was made from
+    one, or loaded into a skeleton that had one: GPT-2's state_dict layout), in place; returns
+    ``model``.
 
     For running a model that was shipped compressed (``save_compressed`` / ``load_compressed``)
     where fastkd is not installed or its layers are slower than dense ones (a ``SharedLinear``
@@ -361,8 +364,8 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
     targets = [(name, m) for name, m in model.named_modules()
                if name and kind(m) and (filter_fn is None or filter_fn(m, name))]
     for name, layer in targets:
-        _replace(model, name, layer.to_linear() if is_masked_linear(layer)
-                 else layer.to_linear(dtype))
+        linear = layer.to_linear() if is_masked_linear(layer) else layer.to_linear(dtype)
+        _replace(model, name, in_original_layout(layer, linear))  # GPT-2's Conv1D stays one
     return model
 
 

@@ -7,7 +7,12 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .nn._linear_like import as_linear, is_masked_linear, is_replaceable_linear
+from .nn._linear_like import (
+    as_linear,
+    in_original_layout,
+    is_masked_linear,
+    is_replaceable_linear,
+)
 from .nn.masked_linear import MaskedLinear
 from .prune import global_magnitude_masks, magnitude_mask, parse_pattern
 
@@ -103,7 +108,8 @@ def fold_masks_(
 ) -> nn.Module:
     """Replace every :class:`~fastkd.nn.MaskedLinear` of ``model`` (for which
     ``filter_fn(module, name)`` is true) by a plain ``nn.Linear`` holding ``W o M`` (pruned
-    weights exact zeros), in place; returns ``model``.
+    weights exact zeros; a Hugging Face ``Conv1D`` where the layer was made from one, so GPT-2's
+    state_dict layout stays), in place; returns ``model``.
 
     For shipping a pruned model when its training is over: the result needs nothing of fastkd,
     and runs at dense ``F.linear`` speed, where a ``MaskedLinear`` applies its mask on every call
@@ -124,5 +130,5 @@ def fold_masks_(
     for name, masked in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, as_linear(masked, "fold_masks_"))
+        setattr(parent, attr, in_original_layout(masked, as_linear(masked, "fold_masks_")))
     return model

@@ -1,5 +1,6 @@
 """save_compressed / load_compressed (bit-exact in a fresh process) and size_report."""
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -274,3 +275,49 @@ def test_decompress_dtype_filter_and_bad_input():
         fastkd.decompress_(model, dtype=torch.int8)
     with pytest.raises(TypeError, match="filter_fn"):
         fastkd.decompress_(model, filter_fn=3)
+
+
+def test_gpt2_layers_come_back_as_conv1d(tmp_path):
+    """GPT-2 keeps its projections as Conv1D (weight stored transposed): folding or decompressing
+    a fastkd layer made from one must give a Conv1D again, or a plain GPT-2 would load the
+    state_dict transposed (silently, for its square attention output projection)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    def tiny():
+        cfg = transformers.GPT2Config(n_embd=24, n_layer=2, n_head=4, vocab_size=53,
+                                      n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0)
+        return transformers.GPT2Model(cfg).eval()
+
+    torch.manual_seed(0)
+    model = tiny()
+    names = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    fastkd.sparsify_(model, 0.5, filter_fn=lambda m, n: n in names[0::3])
+    fastkd.quantize_(model, mode="w8a16", filter_fn=lambda m, n: n in names[1::3])
+    fastkd.share_weights_(model, bits=6, filter_fn=lambda m, n: n in names[2::3])
+    ids = torch.randint(0, 53, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    # in place, and through a checkpoint loaded in a fresh skeleton
+    folded = fastkd.decompress_(copy.deepcopy(model))
+    path = tmp_path / "gpt2.safetensors"
+    fastkd.save_compressed(model, path)
+    loaded = fastkd.decompress_(fastkd.load_compressed(tiny(), path))
+    for out in (folded, loaded):
+        assert all(type(out.get_submodule(n)) is Conv1D for n in names)
+        plain = tiny()
+        plain.load_state_dict(out.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(plain(ids).last_hidden_state, ref, rtol=1e-4, atol=1e-4)
+    # fold_masks_ alone, on the masked layers only
+    masked_only = tiny()
+    fastkd.sparsify_(masked_only, 0.5)
+    with torch.no_grad():
+        ref = masked_only(ids).last_hidden_state
+    fastkd.fold_masks_(masked_only)
+    assert all(type(masked_only.get_submodule(n)) is Conv1D for n in names)
+    plain = tiny()
+    plain.load_state_dict(masked_only.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).last_hidden_state, ref, rtol=1e-5, atol=1e-5)

@@ -96,6 +96,35 @@ def float_linear(module, weight: torch.Tensor, dtype) -> nn.Linear:
     return linear
 
 
+def remember_layout(layer: nn.Module, original: nn.Module) -> nn.Module:
+    """Record on a fastkd ``layer`` made from ``original`` whether that was a Hugging Face
+    ``Conv1D`` (its class; or a fastkd layer made from one), so that turning it back into a plain layer (``fold_masks_``,
+    ``decompress_``) gives the architecture's own layer type and state_dict layout; returns
+    ``layer``."""
+    layer._hf_conv1d_type = (type(original) if is_hf_conv1d(original)
+                             else getattr(original, "_hf_conv1d_type", None))  # passed along
+    return layer
+
+
+def in_original_layout(layer: nn.Module, linear: nn.Linear) -> nn.Module:
+    """``linear`` (what ``layer`` computes) as the layer type ``layer`` was made from: a new
+    Hugging Face ``Conv1D`` holding the transposed weight when it came from one (a GPT-2 model's
+    state_dict keeps its shapes: a square projection loaded from an nn.Linear layout would be
+    silently transposed), else ``linear`` itself."""
+    cls = getattr(layer, "_hf_conv1d_type", None)
+    if cls is None:
+        return linear
+    with torch.device("meta"):
+        conv = cls(linear.out_features, linear.in_features)  # Conv1D(nf, nx)
+    w = linear.weight
+    conv.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+    bias = linear.bias if linear.bias is not None else torch.zeros(
+        linear.out_features, dtype=w.dtype, device=w.device)
+    conv.bias = nn.Parameter(bias.detach(), requires_grad=w.requires_grad)
+    conv.train(linear.training)
+    return conv
+
+
 def require_values(weight: torch.Tensor, who: str) -> None:
     """A clear error where a weight's values are needed and it has none (the meta device)."""
     if weight.is_meta:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from ._linear_like import as_linear, float_linear
+from ._linear_like import as_linear, float_linear, remember_layout
 
 
 def _check_mode(mode) -> str:
@@ -70,7 +70,7 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", backend: str = "auto"):
         """Quantize ``linear``'s weight per output channel; the bias keeps its values and dtype.
         ``linear`` is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's layers)."""
-        linear = as_linear(linear, "Int8Linear.from_linear")
+        original, linear = linear, as_linear(linear, "Int8Linear.from_linear")
         _check_mode(mode)
         w = linear.weight
         if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -91,7 +91,7 @@ class Int8Linear(nn.Module):
             layer.bias = nn.Parameter(
                 linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad
             )
-        return layer
+        return remember_layout(layer, original)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):

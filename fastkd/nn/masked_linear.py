@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from ._linear_like import as_linear, require_values
+from ._linear_like import as_linear, remember_layout, require_values
 from ..prune import magnitude_mask, pattern_name
 from ..reference.masked_linear import MaskTiles, build_tile_map
 
@@ -84,7 +84,7 @@ class MaskedLinear(nn.Module):
         ``torch.nn.utils.prune`` (its ``weight_orig`` is used); else all True. Pruned weights are
         set to zero. ``linear`` is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's layers;
         a ``mask`` for it is given in the ``(out_features, in_features)`` layout)."""
-        linear = as_linear(linear, "MaskedLinear.from_linear")
+        original, linear = linear, as_linear(linear, "MaskedLinear.from_linear")
         if mask is not None and sparsity is not None:
             raise ValueError("pass either mask or sparsity, not both")
         torch_pruned = hasattr(linear, "weight_orig") and hasattr(linear, "weight_mask")
@@ -127,7 +127,7 @@ class MaskedLinear(nn.Module):
             if linear.bias is not None:
                 module.bias.copy_(linear.bias.detach())
         module.pattern = made_by
-        return module
+        return remember_layout(module, original)
 
     @torch.no_grad()
     def set_mask_(self, mask: Tensor) -> "MaskedLinear":
@@ -144,8 +144,6 @@ class MaskedLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same map, its weight ``W o M`` (a copy; see
         :func:`fastkd.fold_masks_` for a whole model)."""
-        from ._linear_like import as_linear
-
         return as_linear(self, "MaskedLinear.to_linear")
 
     def masked_weight(self) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..reference.shared_linear import pack_indices, shared_dequantize
-from ._linear_like import as_linear, float_linear, require_values
+from ._linear_like import as_linear, float_linear, remember_layout, require_values
 
 
 class SharedLinear(nn.Module):
@@ -64,7 +64,7 @@ class SharedLinear(nn.Module):
         weight error (``fastkd.sharing.calibrated_assign``, damped by ``damp``)."""
         from ..sharing import calibrated_assign, kmeans_1d
 
-        linear = as_linear(linear, "SharedLinear.from_linear")
+        original, linear = linear, as_linear(linear, "SharedLinear.from_linear")
         w = linear.weight.detach()
         require_values(w, "SharedLinear.from_linear (k-means over the weights)")
         if not torch.isfinite(w).all():
@@ -88,7 +88,7 @@ class SharedLinear(nn.Module):
             if linear.bias is not None:
                 out.bias = nn.Parameter(linear.bias.detach().clone())
         out.train(linear.training)
-        return out
+        return remember_layout(out, original)
 
     def _apply(self, fn, *args, **kwargs):
         # module.half() / .to(bfloat16) would round the fp32 codebook, which the op requires:
