@@ -44,7 +44,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .nn._linear_like import is_hf_conv1d, is_masked_linear
+from .nn._linear_like import (
+    in_original_layout,
+    is_hf_conv1d,
+    is_masked_linear,
+    remember_layout,
+)
 
 __all__ = ["structured_mask", "shrink_"]
 
@@ -175,7 +180,10 @@ def _slice_linear(layer: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
             new.bias.copy_(b)
     new.weight.requires_grad_(layer.weight.requires_grad)
     new.train(layer.training)
-    return new
+    # a layer made from GPT-2's Conv1D keeps that origin: a Conv1D again once nothing is masked
+    if is_masked_linear(new):
+        return remember_layout(new, layer)
+    return in_original_layout(layer, new)
 
 
 def _dead_or_constant(a: nn.Module, b: nn.Module, chain, frozen: bool):

@@ -321,3 +321,17 @@ def test_gpt2_layers_come_back_as_conv1d(tmp_path):
     plain.load_state_dict(masked_only.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+    # shrink_ slices such a layer: the sliced one keeps the Conv1D origin too
+    shrunk = tiny()
+    fastkd.sparsify_(shrunk, 0.5)
+    mlp = shrunk.h[0].mlp
+    with torch.no_grad():
+        keep = mlp.c_fc.mask.clone()
+        keep[:10] = False  # ten dead neurons
+        mlp.c_fc.set_mask_(keep)
+        ref = shrunk(ids).last_hidden_state
+    fastkd.shrink_(shrunk)
+    fastkd.fold_masks_(shrunk)
+    assert type(shrunk.h[0].mlp.c_fc) is Conv1D and shrunk.h[0].mlp.c_fc.nf == 86
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(ids).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
