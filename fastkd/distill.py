@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -766,12 +767,36 @@ class Distiller:
             self._ensure_scheduler()
             return
         have = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        if self._student_layers_replaced(have, proj_params):
+            if isinstance(self._optimizer_arg, torch.optim.Optimizer):
+                raise ValueError(
+                    "the student's layers were replaced since its optimizer was made (sparsify_, "
+                    "quantize_, share_weights_ or shrink_ build new parameters): the given "
+                    "optimizer holds the old ones, so training would not change the model. Pass "
+                    "a new optimizer over student.parameters(), or a callable that makes one")
+            warnings.warn(
+                "the student's layers were replaced since its optimizer was made (sparsify_, "
+                "quantize_, share_weights_ or shrink_ build new parameters): a new optimizer "
+                "(and scheduler) is built over them; their state starts over", stacklevel=3)
+            self.optimizer = self.scheduler = None
+            self._ensure_optimizer()
+            return
         missing = [p for p in proj_params if id(p) not in have]
         if missing:
             self.optimizer.add_param_group({"params": missing, "lr": self.lr})
         if not have and not missing:
             raise ValueError("the given optimizer has no parameters")
         self._ensure_scheduler()
+
+    def _student_layers_replaced(self, have: set, proj_params: list) -> bool:
+        """True when the optimizer holds parameters that are neither the student's nor the hint
+        projections' any more, and misses trainable ones the student has now: its layers were
+        swapped for new modules (a frozen subset, or extra groups, are not that)."""
+        current = [p for p in self.student.parameters() if p.requires_grad]
+        known = {id(p) for p in current} | {id(p) for p in proj_params}
+        absent = any(id(p) not in have for p in current)
+        stale = any(id(p) not in known for g in self.optimizer.param_groups for p in g["params"])
+        return absent and stale
 
     def _ensure_scheduler(self) -> None:
         if self._scheduler_arg is None or self.scheduler is not None:

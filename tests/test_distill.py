@@ -591,3 +591,44 @@ def test_a_data_parallel_wrapper_keeps_the_label_convention():
     assert Distiller(teacher, nn.Sequential(nn.Linear(3, 3)), progress=False).shift_labels is False
     with pytest.raises(ValueError, match="DataParallel wrapper"):
         Distiller(teacher, nn.DataParallel(student), fused_lm_head=True, progress=False)
+
+
+def test_layers_replaced_between_fits_get_a_new_optimizer_or_a_clear_error():
+    """distill, sparsify_, distill again with the same Distiller: sparsify_ builds new parameters,
+    which the first optimizer does not hold; training them silently did nothing."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 5))
+    x, y = torch.randn(64, 8), torch.randint(0, 5, (64,))
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+
+    def student():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+
+    s = student()
+    d = fastkd.Distiller(teacher, s, progress=False,
+                         scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1))
+    d.fit(loader)
+    fastkd.sparsify_(s, 0.5)
+    before = s[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match="replaced"):
+        d.fit(loader)
+    held = {id(p) for g in d.optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in s.parameters()} <= held
+    assert d.scheduler.optimizer is d.optimizer
+    assert not torch.equal(s[0].weight, before)  # trained
+    assert (s[0].weight[~s[0].mask] == 0).all()  # pruned weights stay zero
+    # a given optimizer instance cannot be rebuilt: a clear error instead
+    s = student()
+    d = fastkd.Distiller(teacher, s, optimizer=torch.optim.SGD(s.parameters(), lr=0.1),
+                         progress=False)
+    d.fit(loader)
+    fastkd.quantize_(s, mode="w8a16")
+    with pytest.raises(ValueError, match="new optimizer"):
+        d.fit(loader)
+    # an optimizer over a subset of the student (the rest left alone on purpose) is not that
+    s = student()
+    d = fastkd.Distiller(teacher, s, optimizer=torch.optim.SGD(s[2].parameters(), lr=0.1),
+                         progress=False)
+    d.fit(loader)
+    d.fit(loader)
