@@ -6,7 +6,12 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .nn._linear_like import is_replaceable_linear, tied_elsewhere, warn_untied
+from .nn._linear_like import (
+    is_replaceable_linear,
+    tied_elsewhere,
+    warn_compressed_left,
+    warn_untied,
+)
 from .nn.int8_linear import Int8Linear, _check_mode
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -54,6 +59,9 @@ def quantize_(
         and (filter_fn is None or filter_fn(module, name))
     ]
     warn_untied("quantize_", tied_elsewhere(model, targets))
+    warn_compressed_left("quantize_", model, filter_fn, ("SharedLinear",),
+                         "a weight-shared layer is not quantized again (its codebook is already "
+                         "the compressed form)")
     swapped: dict = {}  # a linear shared under several names becomes one shared Int8Linear
     for _, module in targets:  # every layer first: a bad one leaves the model untouched
         if id(module) not in swapped:

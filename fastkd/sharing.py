@@ -241,7 +241,12 @@ def share_weights_(
     calibration never runs keeps plain rounding and is listed under ``"uncalibrated"`` (with a
     warning).
     """
-    from .nn._linear_like import is_replaceable_linear, tied_elsewhere, warn_untied
+    from .nn._linear_like import (
+        is_replaceable_linear,
+        tied_elsewhere,
+        warn_compressed_left,
+        warn_untied,
+    )
     from .nn.shared_linear import SharedLinear
 
     if not isinstance(model, nn.Module):
@@ -250,6 +255,8 @@ def share_weights_(
     # nn.MultiheadAttention's out_proj are read by their parent as a float weight.
     targets = [(n, m) for n, m in model.named_modules()
                if is_replaceable_linear(m, pruned=True) and (filter_fn is None or filter_fn(m, n))]
+    warn_compressed_left("share_weights_", model, filter_fn, ("Int8Linear",),
+                         "cluster the float (or masked) weights before quantize_, not int8 codes")
     if is_replaceable_linear(model, pruned=True) and any(n == "" for n, _ in targets):
         raise ValueError("share_weights_ replaces submodules; wrap a bare nn.Linear in a module")
     moments, uncalibrated = {}, []

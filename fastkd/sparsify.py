@@ -12,6 +12,7 @@ from .nn._linear_like import (
     in_original_layout,
     is_masked_linear,
     is_replaceable_linear,
+    warn_compressed_left,
 )
 from .nn.masked_linear import MaskedLinear
 from .prune import global_magnitude_masks, magnitude_mask, parse_pattern
@@ -63,6 +64,9 @@ def sparsify_(
     if scope == "global" and kind != "unstructured":
         raise ValueError(f"scope='global' ranks single weights across layers: it takes the "
                          f"'unstructured' pattern, not {pattern!r}")
+    warn_compressed_left("sparsify_", model, filter_fn, ("Int8Linear", "SharedLinear"),
+                         "prune before quantize_ / share_weights_, which take MaskedLinear "
+                         "layers and keep their pruned weights at zero")
     uses: dict = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1

@@ -203,3 +203,29 @@ def test_fold_masks_gives_plain_linears_with_the_same_outputs(tmp_path):
         fastkd.fold_masks_(layer)
     with pytest.raises(TypeError):
         fastkd.fold_masks_("model")
+
+
+def test_a_step_that_leaves_compressed_layers_as_they_are_says_so():
+    """quantize_ then sparsify_ (or another order no step can undo) changed nothing, silently."""
+    import warnings
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+
+    m = fastkd.quantize_(model())
+    with pytest.warns(UserWarning, match="prune before quantize_"):
+        fastkd.sparsify_(m, 0.5)
+    assert [type(x).__name__ for x in m] == ["Int8Linear", "ReLU", "Int8Linear"]
+    with pytest.warns(UserWarning, match="share_weights_ leaves 2 Int8Linear"):
+        fastkd.share_weights_(m, bits=4)
+    m = model()
+    fastkd.share_weights_(m, bits=4)  # returns its size report
+    with pytest.warns(UserWarning, match="quantize_ leaves 2 SharedLinear"):
+        fastkd.quantize_(m)
+    # layers the filter leaves out are not the step's business; the right order is quiet
+    m = fastkd.quantize_(model(), filter_fn=lambda mod, name: name == "2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastkd.sparsify_(m, 0.5, filter_fn=lambda mod, name: name == "0")
+        fastkd.quantize_(fastkd.sparsify_(model(), 0.5))

@@ -155,3 +155,19 @@ def warn_untied(who: str, names: list) -> None:
             f"{who}: {shown} share(s) its weight with another module (tied embeddings); "
             "replacing it unties them, and that module keeps the float weight, so the model now "
             "holds both. To keep the tie, leave it out with filter_fn.", stacklevel=3)
+
+
+def warn_compressed_left(who: str, model: nn.Module, filter_fn, kinds: tuple,
+                         advice: str) -> None:
+    """Warn when ``model`` holds fastkd layers of ``kinds`` (class names) that ``who`` leaves as
+    they are (for example ``sparsify_`` after ``quantize_``): the step silently did nothing to
+    them otherwise."""
+    left = [name for name, m in model.named_modules()
+            if type(m).__name__ in kinds and type(m).__module__.startswith("fastkd.")
+            and (filter_fn is None or filter_fn(m, name))]
+    if left:
+        import warnings
+
+        shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
+        warnings.warn(f"{who} leaves {len(left)} {'/'.join(kinds)} layer(s) as they are ({shown}): "
+                      f"{advice}", stacklevel=3)
