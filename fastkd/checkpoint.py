@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .nn._linear_like import in_original_layout, is_hf_conv1d, remember_layout
+from .nn._linear_like import is_hf_conv1d, remember_layout, unpack_layers_
 
 __all__ = ["register_compressed_layer", "save_compressed", "load_compressed", "size_report",
            "decompress_"]
@@ -361,12 +361,9 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
     if kind(model):
         raise ValueError("decompress_ replaces submodules in place and cannot replace the model "
                          "itself; use the layer's to_linear()")
-    targets = [(name, m) for name, m in model.named_modules()
-               if name and kind(m) and (filter_fn is None or filter_fn(m, name))]
-    for name, layer in targets:
-        linear = layer.to_linear() if is_masked_linear(layer) else layer.to_linear(dtype)
-        _replace(model, name, in_original_layout(layer, linear))  # GPT-2's Conv1D stays one
-    return model
+    return unpack_layers_(  # GPT-2's Conv1D layers come back as Conv1D
+        model, lambda m, name: kind(m) and (filter_fn is None or filter_fn(m, name)),
+        lambda layer: layer.to_linear() if is_masked_linear(layer) else layer.to_linear(dtype))
 
 
 def size_report(model: nn.Module) -> dict:

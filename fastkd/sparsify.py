@@ -9,9 +9,9 @@ from torch import nn
 
 from .nn._linear_like import (
     as_linear,
-    in_original_layout,
     is_masked_linear,
     is_replaceable_linear,
+    unpack_layers_,
     warn_compressed_left,
 )
 from .nn.masked_linear import MaskedLinear
@@ -129,10 +129,6 @@ def fold_masks_(
     if is_masked_linear(model):
         raise ValueError("fold_masks_ replaces submodules in place and cannot replace the model "
                          "itself; use MaskedLinear.to_linear()")
-    targets = [(name, m) for name, m in model.named_modules()
-               if name and is_masked_linear(m) and (filter_fn is None or filter_fn(m, name))]
-    for name, masked in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, in_original_layout(masked, as_linear(masked, "fold_masks_")))
-    return model
+    return unpack_layers_(
+        model, lambda m, name: is_masked_linear(m) and (filter_fn is None or filter_fn(m, name)),
+        lambda masked: as_linear(masked, "fold_masks_"))

@@ -125,6 +125,18 @@ def in_original_layout(layer: nn.Module, linear: nn.Linear) -> nn.Module:
     return conv
 
 
+def unpack_layers_(model: nn.Module, select, convert) -> nn.Module:
+    """Replace, in place, every submodule of ``model`` (not the model itself) for which
+    ``select(module, name)`` is true by ``in_original_layout(module, convert(module))``: the
+    common loop of ``fold_masks_`` and ``decompress_``; returns ``model``."""
+    targets = [(name, m) for name, m in model.named_modules() if name and select(m, name)]
+    for name, layer in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, in_original_layout(layer, convert(layer)))
+    return model
+
+
 def require_values(weight: torch.Tensor, who: str) -> None:
     """A clear error where a weight's values are needed and it has none (the meta device)."""
     if weight.is_meta:
