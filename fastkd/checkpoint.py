@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .nn._linear_like import is_hf_conv1d, remember_layout, unpack_layers_
+from .nn._linear_like import is_hf_conv1d, linear_of_class, remember_layout, unpack_layers_
 
 __all__ = ["register_compressed_layer", "save_compressed", "load_compressed", "size_report",
            "decompress_"]
@@ -142,7 +142,7 @@ def _shapes(model: nn.Module) -> dict:
     loads into a full-size skeleton."""
     linear, conv1d, attributes = {}, {}, {}
     for name, mod in model.named_modules():
-        if type(mod) is nn.Linear:
+        if isinstance(mod, nn.Linear):  # subclasses too: shrink_ slices Falcon's
             linear[name] = [mod.in_features, mod.out_features, mod.bias is not None]
         elif is_hf_conv1d(mod):
             conv1d[name] = list(mod.weight.shape)  # (in, out)
@@ -164,7 +164,7 @@ def _apply_shapes(skeleton: nn.Module, shapes: dict) -> None:
     differ: a layer left as it is keeps its identity, and so any weight tying)."""
     for name, (fan_in, fan_out, has_bias) in shapes.get("linear", {}).items():
         old = _submodule(skeleton, name)
-        if type(old) is not nn.Linear:
+        if not isinstance(old, nn.Linear):
             continue  # a compressed layer replaces it anyway, with its own recorded shape
         if (old.in_features, old.out_features, old.bias is not None) == (fan_in, fan_out,
                                                                           has_bias):
@@ -172,8 +172,8 @@ def _apply_shapes(skeleton: nn.Module, shapes: dict) -> None:
         if not name:
             raise ValueError("the skeleton itself is a Linear of another shape; build it at "
                              f"({fan_in}, {fan_out}) instead")
-        new = nn.Linear(fan_in, fan_out, bias=has_bias, device=old.weight.device,
-                        dtype=old.weight.dtype)
+        new = linear_of_class(old, fan_in, fan_out, has_bias, device=old.weight.device,
+                              dtype=old.weight.dtype)
         _replace(skeleton, name, new)
     for name, (fan_in, fan_out) in shapes.get("conv1d", {}).items():
         old = _submodule(skeleton, name)

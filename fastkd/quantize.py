@@ -50,8 +50,8 @@ def quantize_(
         )
     # Collect first, then swap: replacing while iterating named_modules() would mutate the tree
     # under the iterator.
-    # Only exact nn.Linear (and Hugging Face Conv1D): subclasses (e.g. nn.MultiheadAttention's
-    # out_proj, whose weight is read directly by its parent) may depend on holding a float weight.
+    # nn.Linear, Hugging Face Conv1D and subclasses computing the same product (is_replaceable_
+    # linear): nn.MultiheadAttention's out_proj, whose weight its parent reads, is not one.
     targets = [
         (name, module)
         for name, module in model.named_modules(remove_duplicate=False)

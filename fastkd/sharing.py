@@ -251,8 +251,8 @@ def share_weights_(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    # Only exact nn.Linear (and Hugging Face Conv1D), whatever the filter: subclasses such as
-    # nn.MultiheadAttention's out_proj are read by their parent as a float weight.
+    # nn.Linear, Hugging Face Conv1D and subclasses computing the same product, whatever the
+    # filter: nn.MultiheadAttention's out_proj is read by its parent as a float weight.
     targets = [(n, m) for n, m in model.named_modules()
                if is_replaceable_linear(m, pruned=True) and (filter_fn is None or filter_fn(m, n))]
     warn_compressed_left("share_weights_", model, filter_fn, ("Int8Linear",),

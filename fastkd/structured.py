@@ -45,9 +45,11 @@ import torch
 from torch import Tensor, nn
 
 from .nn._linear_like import (
+    computes_linear,
     in_original_layout,
     is_hf_conv1d,
     is_masked_linear,
+    linear_of_class,
     remember_layout,
 )
 
@@ -107,9 +109,9 @@ def _effective_weight(layer: nn.Module) -> Tensor:
 
 
 def _plain_linear(layer) -> bool:
-    # Only exact nn.Linear (and fastkd's MaskedLinear, whose per-weight mask is sliced with it)
-    # can be sliced safely: a subclass may keep extra per-feature state.
-    return type(layer) is nn.Linear or is_masked_linear(layer)
+    # nn.Linear, a subclass computing the same product (Falcon's) and fastkd's MaskedLinear, whose
+    # per-weight mask is sliced with it; other subclasses may keep per-feature state of their own
+    return type(layer) is nn.Linear or is_masked_linear(layer) or computes_linear(layer)
 
 
 def _zero_rows(layer: nn.Linear) -> Tensor:
@@ -171,9 +173,9 @@ def _slice_linear(layer: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
         new.pattern = layer.pattern
         with torch.no_grad():
             new.mask.copy_(mask)
-    else:
-        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device,
-                        dtype=w.dtype)
+    else:  # nn.Linear, or the subclass it was
+        new = linear_of_class(layer, w.shape[1], w.shape[0], b is not None, device=w.device,
+                              dtype=w.dtype, cls=nn.Linear if is_masked_linear(layer) else None)
     with torch.no_grad():
         new.weight.copy_(w)
         if b is not None:
@@ -718,5 +720,5 @@ def _warn_if_dead_left(model: nn.Module) -> None:
         warnings.warn(
             f"shrink_ removed nothing: {len(dead)} linear layer(s) have all-zero weight rows or "
             f"columns ({shown}), but shrink_ could not prove any of them removable "
-            "(fastkd.structured lists the patterns it knows; nn.Linear subclasses are never "
-            "sliced)", stacklevel=3)
+            "(fastkd.structured lists the patterns it knows; nn.Linear subclasses are sliced only "
+            "where they compute x W^T + b and hold nothing else)", stacklevel=3)

@@ -325,6 +325,10 @@ def _hf_cases():
         "bart": (lambda: T.BartModel(T.BartConfig(**bart)), s2s, 3),
         "t5": (lambda: T.T5Model(T.T5Config(**t5)), s2s, 3),
         "t5_gated": (lambda: T.T5Model(T.T5Config(**t5, feed_forward_proj="gated-gelu")), s2s, 3),
+        # FalconLinear: an nn.Linear subclass (sliced where the result is checked by running)
+        "falcon": (lambda: T.FalconModel(T.FalconConfig(
+            vocab_size=53, hidden_size=24, num_attention_heads=4, ffn_hidden_size=37,
+            num_hidden_layers=2, bias=True)), {"input_ids": ids}, 3),
         "phi3": (lambda: T.Phi3Model(T.Phi3Config(vocab_size=53, num_key_value_heads=2,
                                                   pad_token_id=0, **d)),
                  {"input_ids": ids}, 3),
@@ -338,7 +342,7 @@ def _prune_mlp_producers(model, fraction=0.4):
     n = 0
     with torch.no_grad():
         for name, lin in model.named_modules():
-            if type(lin) is nn.Linear and name.rsplit(".", 1)[-1] in names:
+            if isinstance(lin, nn.Linear) and name.rsplit(".", 1)[-1] in names:
                 lin.weight.mul_(structured_mask(lin.weight, fraction, dim=0))
                 n += 1
     return n

@@ -34,12 +34,81 @@ def is_masked_linear(module) -> bool:
 
 
 def is_replaceable_linear(module, pruned: bool = False) -> bool:
-    """Exactly ``nn.Linear`` (subclasses may read their weight elsewhere, as
-    ``nn.MultiheadAttention`` reads ``out_proj.weight``) or a Hugging Face ``Conv1D``; with
-    ``pruned``, also a ``MaskedLinear`` (quantize_ and share_weights_ take pruned layers: pruning
-    comes first in the usual pipeline)."""
-    return (type(module) is nn.Linear or is_hf_conv1d(module)
+    """``nn.Linear``, an nn.Linear subclass that computes the same map (``computes_linear``:
+    Falcon's ``FalconLinear``) or a Hugging Face ``Conv1D``; with ``pruned``, also a
+    ``MaskedLinear`` (quantize_ and share_weights_ take pruned layers: pruning comes first in the
+    usual pipeline)."""
+    return (type(module) is nn.Linear or is_hf_conv1d(module) or computes_linear(module)
             or (pruned and is_masked_linear(module)))
+
+
+# Module state every nn.Module has: not copied onto a rebuilt linear subclass.
+_MODULE_STATE = frozenset(vars(nn.Module()))
+# max |forward(x) - F.linear(x)| / max |F.linear(x)| of a subclass computing the same product
+# another way (Falcon: x @ W.T + b, against F.linear's fused addmm)
+_SAME_PRODUCT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3,
+                      torch.bfloat16: 2e-2}
+
+
+def computes_linear(module) -> bool:
+    """True for an ``nn.Linear`` subclass that holds nothing but ``weight`` and ``bias`` and
+    computes ``x W^T + b``: its own forward, if it has one, is run on a random input and compared
+    with ``F.linear`` (Falcon's ``FalconLinear`` passes; a router returning top-k choices, or a
+    layer whose parent reads its weight directly, ``nn.MultiheadAttention``'s ``out_proj``,
+    does not). Such a layer can be replaced by a compressed one, which remembers its class
+    (``remember_layout``) so that it can come back."""
+    if not isinstance(module, nn.Linear) or type(module) is nn.Linear:
+        return False
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return False  # nn.MultiheadAttention reads out_proj.weight itself
+    if set(module._parameters) - {"weight", "bias"} or module._buffers or module._modules:
+        return False  # per-feature state of its own that a compressed layer would drop
+    if type(module).forward is nn.Linear.forward:
+        return True
+    w = module.weight
+    if not isinstance(w, torch.Tensor) or w.is_meta or w.dim() != 2 or not w.is_floating_point():
+        return False  # nothing to run it on: not replaced
+    g = torch.Generator(device=w.device).manual_seed(0)
+    x = torch.randn(3, module.in_features, generator=g, device=w.device).to(w.dtype)
+    try:
+        with torch.no_grad():
+            out = module(x)
+            ref = nn.functional.linear(x, w, module.bias)
+    except Exception:
+        return False
+    if not isinstance(out, torch.Tensor) or out.shape != ref.shape or out.dtype != ref.dtype:
+        return False
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    tol = _SAME_PRODUCT_RTOL.get(w.dtype, 1e-5) * scale + 1e-6
+    return bool(((out - ref).abs() <= tol).all())
+
+
+def linear_of_class(like: nn.Module, in_features: int, out_features: int, bias: bool,
+                    device=None, dtype=None, cls=None, attributes=None) -> nn.Linear:
+    """A linear layer of ``like``'s class (or ``cls``) with the given widths and empty
+    parameters, carrying ``like``'s plain attributes (or ``attributes``) but none of its
+    parameters, hooks or submodules. An nn.Linear subclass's own ``__init__`` is not called (its
+    arguments are unknown): ``computes_linear`` layers hold nothing it could have set up but the
+    weight, the bias and plain attributes."""
+    cls = cls or type(like)
+    if cls is nn.Linear:
+        return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    extra = linear_attributes(like) if attributes is None else attributes
+    new.__dict__.update(extra)
+    new.in_features, new.out_features = in_features, out_features
+    new.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+    new.register_parameter("bias", nn.Parameter(torch.empty(out_features, device=device,
+                                                            dtype=dtype)) if bias else None)
+    return new
+
+
+def linear_attributes(layer: nn.Module) -> dict:
+    """The plain attributes of a linear layer beyond what every module and nn.Linear hold."""
+    return {k: v for k, v in vars(layer).items()
+            if k not in _MODULE_STATE and k not in ("in_features", "out_features")
+            and not k.startswith("_")}
 
 
 def as_linear(module, who: str) -> nn.Linear:
@@ -98,11 +167,15 @@ def float_linear(module, weight: torch.Tensor, dtype) -> nn.Linear:
 
 def remember_layout(layer: nn.Module, original: nn.Module) -> nn.Module:
     """Record on a fastkd ``layer`` made from ``original`` whether that was a Hugging Face
-    ``Conv1D`` (its class; or a fastkd layer made from one), so that turning it back into a plain layer (``fold_masks_``,
-    ``decompress_``) gives the architecture's own layer type and state_dict layout; returns
-    ``layer``."""
+    ``Conv1D`` or an nn.Linear subclass (its class; or a fastkd layer made from one), so that
+    turning it back into a plain layer (``fold_masks_``, ``decompress_``) gives the
+    architecture's own layer type and state_dict layout; returns ``layer``."""
     layer._hf_conv1d_type = (type(original) if is_hf_conv1d(original)
                              else getattr(original, "_hf_conv1d_type", None))  # passed along
+    if isinstance(original, nn.Linear) and type(original) is not nn.Linear:
+        layer._linear_type = (type(original), linear_attributes(original))
+    else:
+        layer._linear_type = getattr(original, "_linear_type", None)
     return layer
 
 
@@ -110,8 +183,20 @@ def in_original_layout(layer: nn.Module, linear: nn.Linear) -> nn.Module:
     """``linear`` (what ``layer`` computes) as the layer type ``layer`` was made from: a new
     Hugging Face ``Conv1D`` holding the transposed weight when it came from one (a GPT-2 model's
     state_dict keeps its shapes: a square projection loaded from an nn.Linear layout would be
-    silently transposed), else ``linear`` itself."""
+    silently transposed), a layer of the nn.Linear subclass it came from (Falcon's
+    ``FalconLinear``), else ``linear`` itself."""
     cls = getattr(layer, "_hf_conv1d_type", None)
+    subclass = getattr(layer, "_linear_type", None)
+    if cls is None and subclass is not None:
+        w = linear.weight
+        new = linear_of_class(linear, linear.in_features, linear.out_features,
+                              linear.bias is not None, device="meta", cls=subclass[0],
+                              attributes=subclass[1])
+        new.weight = nn.Parameter(w.detach(), requires_grad=w.requires_grad)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
+        new.train(linear.training)
+        return new
     if cls is None:
         return linear
     with torch.device("meta"):
