@@ -10,6 +10,7 @@ from .nn._linear_like import (
     is_replaceable_linear,
     tied_elsewhere,
     warn_compressed_left,
+    warn_stacked_weights_left,
     warn_untied,
 )
 from .nn.int8_linear import Int8Linear, _check_mode
@@ -59,6 +60,7 @@ def quantize_(
         and (filter_fn is None or filter_fn(module, name))
     ]
     warn_untied("quantize_", tied_elsewhere(model, targets))
+    warn_stacked_weights_left("quantize_", model, filter_fn)
     warn_compressed_left("quantize_", model, filter_fn, ("SharedLinear",),
                          "a weight-shared layer is not quantized again (its codebook is already "
                          "the compressed form)")

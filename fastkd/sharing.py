@@ -245,6 +245,7 @@ def share_weights_(
         is_replaceable_linear,
         tied_elsewhere,
         warn_compressed_left,
+        warn_stacked_weights_left,
         warn_untied,
     )
     from .nn.shared_linear import SharedLinear
@@ -255,6 +256,7 @@ def share_weights_(
     # filter: nn.MultiheadAttention's out_proj is read by its parent as a float weight.
     targets = [(n, m) for n, m in model.named_modules()
                if is_replaceable_linear(m, pruned=True) and (filter_fn is None or filter_fn(m, n))]
+    warn_stacked_weights_left("share_weights_", model, filter_fn)
     warn_compressed_left("share_weights_", model, filter_fn, ("Int8Linear",),
                          "cluster the float (or masked) weights before quantize_, not int8 codes")
     if is_replaceable_linear(model, pruned=True) and any(n == "" for n, _ in targets):

@@ -13,6 +13,7 @@ from .nn._linear_like import (
     is_replaceable_linear,
     unpack_layers_,
     warn_compressed_left,
+    warn_stacked_weights_left,
 )
 from .nn.masked_linear import MaskedLinear
 from .prune import global_magnitude_masks, magnitude_mask, parse_pattern
@@ -64,6 +65,7 @@ def sparsify_(
     if scope == "global" and kind != "unstructured":
         raise ValueError(f"scope='global' ranks single weights across layers: it takes the "
                          f"'unstructured' pattern, not {pattern!r}")
+    warn_stacked_weights_left("sparsify_", model, filter_fn)
     warn_compressed_left("sparsify_", model, filter_fn, ("Int8Linear", "SharedLinear"),
                          "prune before quantize_ / share_weights_, which take MaskedLinear "
                          "layers and keep their pruned weights at zero")

@@ -268,3 +268,42 @@ def warn_compressed_left(who: str, model: nn.Module, filter_fn, kinds: tuple,
         shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
         warnings.warn(f"{who} leaves {len(left)} {'/'.join(kinds)} layer(s) as they are ({shown}): "
                       f"{advice}", stacklevel=3)
+
+
+def _selected(filter_fn, module: nn.Module, name: str) -> bool:
+    """``filter_fn(module, name)`` for a module that is not a linear: a filter written for
+    linears may read attributes it lacks, and then it has not left the module out."""
+    if filter_fn is None:
+        return True
+    try:
+        return bool(filter_fn(module, name))
+    except Exception:
+        return True
+
+
+def warn_stacked_weights_left(who: str, model: nn.Module, filter_fn) -> None:
+    """Warn when ``model`` keeps weight matrices stacked in 3-D (or higher) parameters outside
+    convolutions: the experts of a Mixture-of-Experts model as transformers 5 holds them
+    (Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss: ``experts.gate_up_proj`` ``(E, 2I, H)``). fastkd's
+    layers replace 2-D linears only, so ``who`` leaves them float, and they are most of such a
+    model's weights: without a word, the user would believe the whole model was compressed."""
+    left, numel, total = [], 0, 0
+    for name, m in model.named_modules():
+        own = [(pn, p) for pn, p in m.named_parameters(recurse=False)]
+        total += sum(p.numel() for _, p in own)
+        if isinstance(m, nn.modules.conv._ConvNd):
+            continue
+        stacked = [(pn, p) for pn, p in own if p.dim() >= 3 and p.is_floating_point()]
+        if stacked and _selected(filter_fn, m, name):
+            left.append(f"{name or type(m).__name__} ({', '.join(pn for pn, _ in stacked)})")
+            numel += sum(p.numel() for _, p in stacked)
+    if left:
+        import warnings
+
+        shown = ", ".join(left[:2]) + (", ..." if len(left) > 2 else "")
+        warnings.warn(
+            f"{who} leaves {len(left)} module(s) with weights stacked in 3-D parameters as they "
+            f"are, in floating point: {shown}; {numel / max(total, 1):.0%} of the model's "
+            "parameters (a Mixture-of-Experts model's experts, as transformers stores them: "
+            "fastkd's layers replace 2-D linear layers, and it has no kernel for stacked expert "
+            "weights). Leave them out with filter_fn to silence this.", stacklevel=3)
