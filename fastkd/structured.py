@@ -8,12 +8,15 @@ connected, so the result is a smaller dense model that computes the same functio
 * ``nn.Sequential`` MLPs: ``Linear -> elementwise activations/dropout -> Linear``;
 * Hugging Face BERT-style blocks: ``intermediate.dense`` (+ activation) -> ``output.dense``;
 * LLaMA-style gated MLPs: ``gate_proj``, ``up_proj`` -> ``down_proj`` (``act(gate) * up``), and
-  the same under T5 v1.1's names (``wi_0``, ``wi_1`` -> ``wo``) and Phi-3's packed ``gate_up_proj``;
+  the same under T5 v1.1's names (``wi_0``, ``wi_1`` -> ``wo``), Phi-3's and GLM's packed
+  ``gate_up_proj`` and ModernBERT's packed ``Wi -> Wo``;
 * two-layer MLPs under other common names: ``fc1 -> fc2`` (ViT, CLIP, SigLIP; OPT, BART and
-  Whisper layers), ``lin1 -> lin2`` (DistilBERT), ``dense_h_to_4h -> dense_4h_to_h`` (GPT-NeoX),
-  ``fc_in -> fc_out`` (GPT-J), ``wi -> wo`` (T5). Names are a convention, not a proof, so each of
-  these is checked by running the module on a random input before and after: a module whose
-  output changes is put back as it was, with a warning;
+  Whisper layers), ``lin1 -> lin2`` (DistilBERT), ``dense_h_to_4h -> dense_4h_to_h`` (GPT-NeoX,
+  BLOOM, Falcon), ``fc_in -> fc_out`` (GPT-J), ``wi -> wo`` (T5), ``up_proj -> down_proj``
+  without a gate (MPT, Nemotron, Apertus, Arcee). Names are a convention, not a proof, so each
+  of these is checked by running the module on a random input before and after (arguments
+  beyond the hidden states get None, or zeros: a residual): a module whose output changes is
+  put back as it was, with a warning;
 * GPT-2-style MLPs of Hugging Face ``Conv1D`` layers: ``c_fc`` (+ activation) -> ``c_proj`` (or
   the ``MaskedLinear`` layers ``sparsify_`` put there);
 * GPT-2-style attention heads (``c_attn`` packing q, k and v, then ``c_proj``);
@@ -331,10 +334,13 @@ def _shrink_gated_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
 # GPT-NeoX/Falcon ``dense_h_to_4h``/``dense_4h_to_h``, GPT-J ``fc_in``/``fc_out``, T5 ``wi``/``wo``.
 _MLP_PAIRS = (
     ("fc1", "fc2"), ("lin1", "lin2"), ("dense_h_to_4h", "dense_4h_to_h"), ("fc_in", "fc_out"),
-    ("wi", "wo"),
+    ("wi", "wo"), ("up_proj", "down_proj"),
 )
-# where those modules keep their activation
-_ACT_NAMES = ("activation_fn", "activation", "act", "act_fn")
+# where those modules keep their activation (BLOOM: gelu_impl)
+_ACT_NAMES = ("activation_fn", "activation", "act", "act_fn", "gelu_impl")
+# (packed, consumer) names of MLPs computing consumer(act(first half) * second half) of
+# packed(x): Phi-3 / GLM's gate_up_proj -> down_proj, ModernBERT's Wi -> Wo
+_PACKED_GATED_NAMES = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))
 # (gate, up, down) of gated MLPs down(act(gate(x)) * up(x)) besides LLaMA's names: T5 v1.1's.
 _GATED_NAMES = (("gate_proj", "up_proj", "down_proj"), ("wi_0", "wi_1", "wo"))
 
@@ -349,28 +355,33 @@ def _activation(module: nn.Module):
 
 def _outputs_on(module: nn.Module, x: Tensor):
     """The tensors ``module`` returns for hidden states ``x`` in eval mode, or None when it cannot
-    be called with hidden states alone (other required arguments get None)."""
+    be called with hidden states alone: other required arguments get None, or, when that fails,
+    zeros shaped like ``x`` (BLOOM's and MPT's MLPs add a ``residual``)."""
     import inspect
 
-    kwargs = {}
     try:
         params = list(inspect.signature(module.forward).parameters.values())[1:]
     except (TypeError, ValueError):
         params = []
-    for p in params:
-        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
-                                                               p.KEYWORD_ONLY):
-            kwargs[p.name] = None
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
+    out = None
     try:
-        with torch.no_grad():
-            out = module(x, **kwargs)
-    except Exception:
-        return None
+        for fill in (None, torch.zeros_like(x)):
+            try:
+                with torch.no_grad():
+                    out = module(x, **{name: fill for name in required})
+                break
+            except Exception:
+                if not required:
+                    break
     finally:
         for m, flag in flags:
             m.train(flag)
+    if out is None:
+        return None
     out = out if isinstance(out, (tuple, list)) else (out,)
     return [t.detach().clone() for t in out if isinstance(t, Tensor)]
 
@@ -444,13 +455,19 @@ def _shrink_named_mlp(mod: nn.Module, report: list, prefix: str) -> bool:
         where = f"{prefix}{name_a}/{name_b}"
         if _keep_if_same(mod, a, lambda: _set(mod, **{name_a: new_a, name_b: new_b}), where):
             report.append((where, a.out_features, new_a.out_features))
+            if isinstance(getattr(mod, "intermediate_size", None), int):  # Nemotron keeps one
+                mod.intermediate_size = new_a.out_features
     return True
 
 
 def _shrink_packed_gated_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
-    """Phi-3's MLP: ``gate, up = gate_up_proj(x).chunk(2)``; ``down_proj(up * act(gate))``."""
-    gate_up, down = getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)
-    if not (_plain_linear(gate_up) and _plain_linear(down)):
+    """Phi-3's MLP: ``gate, up = gate_up_proj(x).chunk(2)``; ``down_proj(up * act(gate))``
+    (ModernBERT's: ``Wi``, ``Wo``)."""
+    for names in _PACKED_GATED_NAMES:
+        gate_up, down = (getattr(mlp, n, None) for n in names)
+        if _plain_linear(gate_up) and _plain_linear(down):
+            break
+    else:
         return False
     n = down.in_features
     if gate_up.out_features != 2 * n:
@@ -465,10 +482,12 @@ def _shrink_packed_gated_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
         keep = ~dead
         new_gate_up = _slice_linear(gate_up, torch.cat([keep, keep]), 0)
         new_down = _slice_linear(down, keep, 1)
-        where = f"{prefix}gate_up/down"
-        if _keep_if_same(mlp, gate_up,
-                         lambda: _set(mlp, gate_up_proj=new_gate_up, down_proj=new_down), where):
+        where = f"{prefix}gate_up/down" if names[0] == "gate_up_proj" else f"{prefix}Wi/Wo"
+        change = lambda: _set(mlp, **dict(zip(names, (new_gate_up, new_down))))  # noqa: E731
+        if _keep_if_same(mlp, gate_up, change, where):
             report.append((where, n, n - n_dead))
+            if isinstance(getattr(mlp, "intermediate_size", None), int):
+                mlp.intermediate_size = n - n_dead
     return True
 
 

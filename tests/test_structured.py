@@ -329,6 +329,17 @@ def _hf_cases():
         "falcon": (lambda: T.FalconModel(T.FalconConfig(
             vocab_size=53, hidden_size=24, num_attention_heads=4, ffn_hidden_size=37,
             num_hidden_layers=2, bias=True)), {"input_ids": ids}, 3),
+        # MLPs whose forward also takes the residual (BLOOM, MPT); up_proj -> down_proj
+        # without a gate (MPT, Nemotron); ModernBERT's packed Wi -> Wo
+        "bloom": (lambda: T.BloomModel(T.BloomConfig(vocab_size=53, hidden_size=24, n_head=4,
+                                                     n_layer=2)), {"input_ids": ids}, 3),
+        "mpt": (lambda: T.MptModel(T.MptConfig(vocab_size=53, d_model=24, n_heads=4,
+                                               n_layers=2)), {"input_ids": ids}, 3),
+        "nemotron": (lambda: T.NemotronModel(T.NemotronConfig(
+            vocab_size=53, num_key_value_heads=2, pad_token_id=0, **d)), {"input_ids": ids}, 3),
+        "modernbert": (lambda: T.ModernBertModel(T.ModernBertConfig(
+            vocab_size=53, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+            sep_token_id=2, **d)), {"input_ids": ids}, 3),
         "phi3": (lambda: T.Phi3Model(T.Phi3Config(vocab_size=53, num_key_value_heads=2,
                                                   pad_token_id=0, **d)),
                  {"input_ids": ids}, 3),
@@ -338,7 +349,8 @@ def _hf_cases():
 def _prune_mlp_producers(model, fraction=0.4):
     """Zero whole rows of every MLP producer (biases left alone: row-masked neurons with live
     biases are constants that shrink_ must fold, not drop)."""
-    names = ("fc1", "lin1", "dense_h_to_4h", "fc_in", "wi", "wi_0", "wi_1", "gate_up_proj")
+    names = ("fc1", "lin1", "dense_h_to_4h", "fc_in", "wi", "wi_0", "wi_1", "gate_up_proj",
+             "up_proj", "Wi")
     n = 0
     with torch.no_grad():
         for name, lin in model.named_modules():
