@@ -286,3 +286,36 @@ def test_moe_experts_of_a_transformers_model_are_named_in_the_warning():
     with pytest.warns(UserWarning, match=r"2 module\(s\) with weights stacked .*"
                                          r"model\.layers\.0\.mlp\.experts \(gate_up_proj"):
         fastkd.quantize_(model)
+
+
+@pytest.mark.parametrize("step", ["quantize_", "sparsify_", "share_weights_"])
+def test_t5_whose_mlp_reads_wo_weight_runs_after_every_step(step):
+    """T5's MLP reads ``wo.weight.dtype`` in its forward: a SharedLinear, which holds no float
+    weight, failed there with an AttributeError."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=53, d_model=24, d_kv=6, d_ff=37, num_layers=1,
+                                num_heads=4, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5Model(cfg).eval()
+    ids = torch.randint(3, 53, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def out(m):
+        with torch.no_grad():
+            return m(input_ids=ids, decoder_input_ids=ids[:, :4]).last_hidden_state
+
+    ref = out(model)
+    {"quantize_": lambda: fastkd.quantize_(model, mode="w8a16"),
+     "sparsify_": lambda: fastkd.sparsify_(model, 0.0),
+     "share_weights_": lambda: fastkd.share_weights_(model, bits=8)}[step]()
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert type(wo).__name__ in ("Int8Linear", "MaskedLinear", "SharedLinear")
+    if isinstance(wo, SharedLinear):
+        assert wo.weight.shape == (24, 37) and wo.weight.dtype == torch.float32
+        assert torch.equal(wo.weight, wo.dequantized_weight())
+        x = torch.randn(3, 37)
+        with torch.no_grad():
+            torch.testing.assert_close(wo(x), x @ wo.weight.T, rtol=1e-5, atol=1e-5)
+        with pytest.raises(AttributeError):
+            wo.weight = torch.zeros(24, 37)
+    cos = torch.nn.functional.cosine_similarity(out(model).flatten(), ref.flatten(), dim=0)
+    assert cos > 0.999, cos

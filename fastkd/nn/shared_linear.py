@@ -102,6 +102,15 @@ class SharedLinear(nn.Module):
             moved.grad = grad.to(device=moved.device) if grad is not None else None
         return self
 
+    @property
+    def weight(self) -> Tensor:
+        """The fp32 weight this layer multiplies by, looked up afresh at each access (the layer
+        holds no float weight). For code written against ``nn.Linear`` that reads
+        ``layer.weight``: T5's MLP reads ``wo.weight.dtype`` in every forward and failed on a
+        SharedLinear without it. Assigning to it is an error: the layer's values are the
+        codebook and the indices."""
+        return self.dequantized_weight()
+
     def dequantized_weight(self) -> Tensor:
         """The fp32 (out_features, in_features) weight this layer multiplies by."""
         return shared_dequantize(self.indices, self.codebook, self.in_features, self.bits)
