@@ -99,10 +99,25 @@ def _masked_linear_spec():
     register_compressed_layer(MaskedLinear, settings, build)
 
 
+def _int8_experts_spec():
+    from .nn.int8_experts import Int8Experts
+
+    def settings(m):
+        return {"mode": m.mode, "backend": m.backend}
+
+    def build(s, skeleton):
+        # the skeleton's own experts module (meta weights are fine): shapes, flags, gate
+        return Int8Experts(skeleton, mode=s["mode"], backend=s.get("backend", "auto"),
+                           quantize=False)
+
+    register_compressed_layer(Int8Experts, settings, build)
+
+
 _BUILTIN_SPECS = {
     "SharedLinear": _shared_linear_spec,
     "Int8Linear": _int8_linear_spec,
     "MaskedLinear": _masked_linear_spec,
+    "Int8Experts": _int8_experts_spec,
 }
 
 
@@ -332,8 +347,9 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
     """Replace every fastkd layer of ``model`` (``MaskedLinear``, ``Int8Linear``,
     ``SharedLinear``, for which ``filter_fn(module, name)`` is true) by a plain ``nn.Linear``
     holding the weight it computes with (a Hugging Face ``Conv1D`` where the layer was made from
-    one, or loaded into a skeleton that had one: GPT-2's state_dict layout), in place; returns
-    ``model``.
+    one, or loaded into a skeleton that had one: GPT-2's state_dict layout; the nn.Linear
+    subclass it came from), and every ``Int8Experts`` by the transformers experts module it
+    came from, holding the dequantized weights, in place; returns ``model``.
 
     For running a model that was shipped compressed (``save_compressed`` / ``load_compressed``)
     where fastkd is not installed or its layers are slower than dense ones (a ``SharedLinear``
@@ -345,6 +361,7 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
     no longer quantizes activations, so outputs move by that quantization error.
     """
     from .nn._linear_like import is_masked_linear
+    from .nn.int8_experts import Int8Experts
     from .nn.int8_linear import Int8Linear
     from .nn.shared_linear import SharedLinear
 
@@ -356,14 +373,18 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
 
     def kind(m):
-        return is_masked_linear(m) or isinstance(m, (Int8Linear, SharedLinear))
+        return is_masked_linear(m) or isinstance(m, (Int8Linear, SharedLinear, Int8Experts))
+
+    def convert(layer):
+        if isinstance(layer, Int8Experts):
+            return layer.to_experts(dtype)  # the transformers experts class it came from
+        return layer.to_linear() if is_masked_linear(layer) else layer.to_linear(dtype)
 
     if kind(model):
         raise ValueError("decompress_ replaces submodules in place and cannot replace the model "
                          "itself; use the layer's to_linear()")
     return unpack_layers_(  # GPT-2's Conv1D layers come back as Conv1D
-        model, lambda m, name: kind(m) and (filter_fn is None or filter_fn(m, name)),
-        lambda layer: layer.to_linear() if is_masked_linear(layer) else layer.to_linear(dtype))
+        model, lambda m, name: kind(m) and (filter_fn is None or filter_fn(m, name)), convert)
 
 
 def size_report(model: nn.Module) -> dict:

@@ -7,12 +7,14 @@ from typing import Callable, Optional
 from torch import nn
 
 from .nn._linear_like import (
+    _selected,
     is_replaceable_linear,
     tied_elsewhere,
     warn_compressed_left,
     warn_stacked_weights_left,
     warn_untied,
 )
+from .nn.int8_experts import Int8Experts, is_stacked_experts
 from .nn.int8_linear import Int8Linear, _check_mode
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -34,6 +36,11 @@ def quantize_(
     A linear whose weight another module holds too (an lm_head tied to the input embedding) is
     quantized as well, which unties it: the embedding keeps its float weight, so the model holds
     both (a warning says which); ``filter_fn`` can leave it out to keep the tie.
+
+    The experts of a Mixture-of-Experts block, which transformers holds in 3-D parameters
+    (Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss: a module built with
+    ``use_experts_implementation``), become :class:`fastkd.nn.Int8Experts` (int8 codes per
+    expert and output channel; the filter sees the experts module). Routers stay float.
 
     ``name`` is the module's qualified name in ``model`` (``"encoder.layer.0.attention.self.query"``).
     ``model`` itself may be an ``nn.Linear``; then it cannot be replaced in place and a
@@ -60,7 +67,12 @@ def quantize_(
         and (filter_fn is None or filter_fn(module, name))
     ]
     warn_untied("quantize_", tied_elsewhere(model, targets))
-    warn_stacked_weights_left("quantize_", model, filter_fn)
+    # a Mixture-of-Experts block's experts, held in 3-D parameters by transformers
+    experts = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
+               if name and is_stacked_experts(module) and _selected(filter_fn, module, name)]
+    warn_stacked_weights_left(
+        "quantize_", model,
+        lambda m, n: not is_stacked_experts(m) and (filter_fn is None or filter_fn(m, n)))
     warn_compressed_left("quantize_", model, filter_fn, ("SharedLinear",),
                          "a weight-shared layer is not quantized again (its codebook is already "
                          "the compressed form)")
@@ -68,7 +80,10 @@ def quantize_(
     for _, module in targets:  # every layer first: a bad one leaves the model untouched
         if id(module) not in swapped:
             swapped[id(module)] = Int8Linear.from_linear(module, mode=mode, backend=backend)
-    for name, module in targets:
+    for _, module in experts:
+        if id(module) not in swapped:
+            swapped[id(module)] = Int8Experts.from_experts(module, mode=mode, backend=backend)
+    for name, module in targets + experts:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, swapped[id(module)])

@@ -274,20 +274,6 @@ def test_a_step_that_leaves_stacked_expert_weights_float_says_so(step):
         run(model(), filter_fn=lambda mod, name: mod.in_features >= 16)
 
 
-def test_moe_experts_of_a_transformers_model_are_named_in_the_warning():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.MixtralConfig(vocab_size=61, hidden_size=24, intermediate_size=37,
-                                     num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, num_local_experts=4)
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(cfg).eval()
-    if not any(p.dim() == 3 for p in model.parameters()):
-        pytest.skip("this transformers keeps Mixtral's experts as nn.Linear layers")
-    with pytest.warns(UserWarning, match=r"2 module\(s\) with weights stacked .*"
-                                         r"model\.layers\.0\.mlp\.experts \(gate_up_proj"):
-        fastkd.quantize_(model)
-
-
 @pytest.mark.parametrize("step", ["quantize_", "sparsify_", "share_weights_"])
 def test_t5_whose_mlp_reads_wo_weight_runs_after_every_step(step):
     """T5's MLP reads ``wo.weight.dtype`` in its forward: a SharedLinear, which holds no float

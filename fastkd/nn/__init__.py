@@ -2,10 +2,11 @@
 
 from .adversarial import AdversarialKDLoss
 from .fused_linear_kd import FusedLinearKDLoss
+from .int8_experts import Int8Experts
 from .int8_linear import Int8Linear
 from .kd_loss import KDLoss
 from .masked_linear import MaskedLinear
 from .shared_linear import SharedLinear
 
-__all__ = ["KDLoss", "FusedLinearKDLoss", "AdversarialKDLoss", "Int8Linear", "MaskedLinear",
+__all__ = ["KDLoss", "FusedLinearKDLoss", "AdversarialKDLoss", "Int8Linear", "Int8Experts", "MaskedLinear",
            "SharedLinear"]

@@ -305,5 +305,6 @@ def warn_stacked_weights_left(who: str, model: nn.Module, filter_fn) -> None:
             f"{who} leaves {len(left)} module(s) with weights stacked in 3-D parameters as they "
             f"are, in floating point: {shown}; {numel / max(total, 1):.0%} of the model's "
             "parameters (a Mixture-of-Experts model's experts, as transformers stores them: "
-            "fastkd's layers replace 2-D linear layers, and it has no kernel for stacked expert "
-            "weights). Leave them out with filter_fn to silence this.", stacklevel=3)
+            f"{who}'s layers replace 2-D linear layers; quantize_ takes transformers' experts "
+            "modules, as fastkd.nn.Int8Experts). Leave them out with filter_fn to silence "
+            "this.", stacklevel=3)

@@ -1,0 +1,203 @@
+"""Int8 experts of a Mixture-of-Experts model, as transformers (5 and later) holds them.
+
+transformers keeps a MoE block's experts in one module with 3-D parameters, one matrix per
+expert: ``gate_up_proj`` ``(E, 2I, H)`` (or ``up_proj`` ``(E, I, H)`` without a gate) and
+``down_proj`` ``(E, H, I)``, transposed where the class says ``is_transposed`` (gpt-oss), with
+optional ``*_bias`` ``(E, out)``. Its ``forward(hidden_states, top_k_index, top_k_weights)`` sends
+each token to its top-k experts. The class carries the flags that describe that computation
+(``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``, ``_apply_gate``): these
+are what :class:`Int8Experts` reads, so it covers Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss and
+the other classes built the same way without knowing them by name.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from .._backend import check_backend
+from .int8_linear import _check_mode
+
+__all__ = ["Int8Experts", "is_stacked_experts"]
+
+# Attributes of a transformers experts module that are its stored weights, not its settings.
+_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias",
+            "down_proj_bias")
+
+
+def _projections(experts: nn.Module) -> tuple:
+    return ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
+
+
+def is_stacked_experts(module) -> bool:
+    """True for a transformers experts module Int8Experts can stand in for: the flags of
+    ``transformers.integrations.moe.use_experts_implementation``, 3-D floating weights of the
+    shapes they imply, no expert parallelism, nothing else holding parameters but a post-expert
+    norm."""
+    if not isinstance(module, nn.Module) or isinstance(module, Int8Experts):
+        return False
+    flags = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+    if not all(isinstance(getattr(module, f, None), bool) for f in flags):
+        return False
+    if getattr(module, "_is_expert_parallel", False) or not isinstance(
+            getattr(module, "num_experts", None), int):
+        return False
+    if module.has_gate and not callable(getattr(module, "_apply_gate", None)):
+        return False
+    if not module.has_gate and not callable(getattr(module, "act_fn", None)):
+        return False
+    expected = set(_projections(module))
+    if module.has_bias:
+        expected |= {f"{p}_bias" for p in _projections(module)}
+    if set(module._parameters) != expected or module._buffers:
+        return False
+    extra = set(module._modules) - {"act_fn", "post_expert_norm"}
+    if extra:
+        return False
+    e = module.num_experts
+    up, down = (module._parameters[p] for p in _projections(module))
+    if not all(p is not None and p.dim() == 3 and p.is_floating_point() and p.shape[0] == e
+               for p in (up, down)):
+        return False
+    (n_up, k_up), (n_down, k_down) = (_out_in(module, p) for p in (up, down))
+    hidden = k_up
+    inner = n_up // 2 if module.has_gate else n_up
+    return n_down == hidden and k_down == inner and (not module.has_gate or n_up % 2 == 0)
+
+
+def _out_in(experts: nn.Module, w: Tensor) -> tuple:
+    """(out, in) of one expert's matrix in a stacked weight."""
+    return (w.shape[2], w.shape[1]) if experts.is_transposed else (w.shape[1], w.shape[2])
+
+
+class Int8Experts(nn.Module):
+    """Int8 stand-in for a transformers experts module (see the module docstring).
+
+    ``Int8Experts.from_experts(experts, mode="w8a8")``, or ``fastkd.quantize_(model)``, which
+    takes every such module. For each projection ``p``: buffer ``p`` ``(E, out, in)`` int8 codes
+    (always ``(out, in)`` per expert, whatever the source's layout) and buffer ``p_scale``
+    ``(E, out)`` fp32, symmetric per output channel of each expert; biases stay float
+    parameters. Each expert hit by a batch runs :func:`fastkd.functional.int8_linear` (``w8a8``:
+    activations quantized per token; ``w8a16``: kept in their dtype) for its up (and gate)
+    projection and its down projection; the gate, activation and post-expert norm are the source
+    class's own. No float copy of a weight is kept or made per call.
+
+    ``to_experts(dtype)`` gives a module of the source class back, holding the dequantized
+    weights in the source's layout (``fastkd.decompress_`` does it for a whole model).
+    """
+
+    def __init__(self, experts: nn.Module, mode: str = "w8a8", backend: str = "auto",
+                 quantize: bool = True):
+        super().__init__()
+        if not is_stacked_experts(experts):
+            raise TypeError(
+                f"Int8Experts takes a transformers experts module with 3-D stacked weights "
+                f"(use_experts_implementation), got {type(experts).__name__}")
+        self.mode = _check_mode(mode)
+        check_backend(backend)
+        self.backend = backend
+        # the source's settings and its activation / norm modules, which forward uses as they are
+        for key, value in vars(experts).items():
+            if key not in vars(self) and not key.startswith("_"):
+                self.__dict__[key] = value
+        for name, child in experts.named_children():
+            self.add_module(name, child)
+        self._source_type = type(experts)
+        self._gate_fn = type(experts)._apply_gate if experts.has_gate else None
+        self.projections = _projections(experts)
+        for p in self.projections:
+            w = experts._parameters[p]
+            n_out, n_in = _out_in(experts, w)
+            codes = torch.zeros(w.shape[0], n_out, n_in, dtype=torch.int8, device=w.device)
+            scale = torch.ones(w.shape[0], n_out, dtype=torch.float32, device=w.device)
+            if quantize:
+                if w.is_meta:
+                    raise ValueError(
+                        "Int8Experts needs the experts' weights, but they are on the meta device")
+                w_nk = w.detach().transpose(1, 2) if experts.is_transposed else w.detach()
+                q, s = F.quantize_weight(w_nk.reshape(-1, n_in))
+                codes.copy_(q.reshape(codes.shape))
+                scale.copy_(s.reshape(scale.shape))
+            self.register_buffer(p, codes)
+            self.register_buffer(f"{p}_scale", scale)
+            bias = experts._parameters.get(f"{p}_bias")
+            if bias is not None:
+                self.register_parameter(f"{p}_bias", nn.Parameter(
+                    bias.detach().clone(), requires_grad=bias.requires_grad))
+        self.train(experts.training)
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, mode: str = "w8a8", backend: str = "auto"):
+        """Quantize ``experts`` (each expert's matrices per output channel)."""
+        return cls(experts, mode=mode, backend=backend)
+
+    def _linear(self, x: Tensor, p: str, e: int) -> Tensor:
+        bias = getattr(self, f"{p}_bias", None) if self.has_bias else None
+        return F.int8_linear(x, getattr(self, p)[e], getattr(self, f"{p}_scale")[e],
+                             None if bias is None else bias[e], mode=self.mode,
+                             backend=self.backend)
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        up, down = self.projections
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():  # the experts this batch reaches
+            if not 0 <= e < self.num_experts:
+                continue  # a sentinel (expert parallelism's "not here")
+            token, slot = torch.where(top_k_index == e)
+            h = self._linear(hidden_states[token], up, e)
+            h = self._gate_fn(self, h) if self.has_gate else self.act_fn(h)
+            h = self._linear(h, down, e)
+            if self.has_post_expert_norm:
+                h = self.post_expert_norm(h)
+            h = h * top_k_weights[token, slot, None]
+            out.index_add_(0, token, h.to(out.dtype))
+        return out
+
+    def _apply(self, fn, *args, **kwargs):
+        # module.half() / .to(bfloat16) would round the fp32 scales: keep them fp32, move device.
+        scales = {p: getattr(self, f"{p}_scale") for p in self.projections}
+        super()._apply(fn, *args, **kwargs)
+        for p, scale in scales.items():
+            moved = getattr(self, f"{p}_scale")
+            if moved.dtype != torch.float32:
+                setattr(self, f"{p}_scale", scale.to(device=moved.device))
+        return self
+
+    def to_experts(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        """A module of the source class holding the dequantized weights in ``dtype`` (default:
+        the biases' dtype, else fp32), in the source's layout."""
+        cls = self._source_type
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for key, value in vars(self).items():
+            if key not in vars(new) and not key.startswith("_") and key not in (
+                    "mode", "backend", "projections"):
+                new.__dict__[key] = value
+        for name, child in self.named_children():
+            new.add_module(name, child)
+        biases = [b for b in self.parameters(recurse=False)]
+        dtype = dtype or (biases[0].dtype if biases else torch.float32)
+        for p in self.projections:
+            w = getattr(self, p).float() * getattr(self, f"{p}_scale")[:, :, None]
+            w = w.transpose(1, 2) if self.is_transposed else w
+            new.register_parameter(p, nn.Parameter(w.to(dtype).contiguous()))
+            bias = getattr(self, f"{p}_bias", None)
+            if bias is not None:
+                new.register_parameter(f"{p}_bias", nn.Parameter(bias.detach().to(dtype)))
+        new.train(self.training)
+        return new
+
+    def dequantized_weight(self, projection: str) -> Tensor:
+        """A float copy ``(E, out, in)`` of one projection (for inspection; forward never makes
+        it)."""
+        if projection not in self.projections:
+            raise ValueError(f"projection must be one of {self.projections}, got {projection!r}")
+        return getattr(self, projection).float() * getattr(self, f"{projection}_scale")[:, :, None]
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join(f"{p}={tuple(getattr(self, p).shape)}" for p in self.projections)
+        return (f"{self._source_type.__name__}, num_experts={self.num_experts}, {shapes}, "
+                f"mode={self.mode}")
