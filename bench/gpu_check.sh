@@ -63,12 +63,14 @@ step "GPU tests"
 run 200 "$PY" -m pytest tests -m gpu -q -rs -n 8 -p no:cacheprovider
 step "ceilings and benchmarks ($([ -n "$QUICK" ] && echo quick || echo full))"
 run 40 "$PY" bench/ceilings.py --out "$DEST/ceilings-$TAG.json"
-for name in kd_loss masked_linear int8_linear fused_linear_kd kd_topk shared_linear; do
+for name in kd_loss masked_linear int8_linear fused_linear_kd kd_topk int8_experts shared_linear; do
     q=$QUICK cap=100
     # int8 autotunes two W8A16 GEMM variants per M bucket; its JSON is written after each shape
     [ "$name" = int8_linear ] && cap=150
     # top-k: one N (quick), three implementations; prices the forward's tail sum (2026-12-01)
     [ "$name" = kd_topk ] && cap=60
+    # MoE experts (Mixtral-8x7B's shapes), int8 against bf16 loop and grouped GEMM (2026-12-01)
+    [ "$name" = int8_experts ] && cap=60
     case " ${GPU_CHECK_FULL_BENCHES:-} " in *" $name "*) q= ;; esac
     [ -z "$q" ] && cap=300
     run $cap "$PY" "bench/bench_$name.py" $q --out "$DEST/$name-$TAG.json"
