@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from . import functional as fkd_functional
 from ._validate import check_number
+from .nn._linear_like import shown
 from .nn.adversarial import AdversarialKDLoss
 from .nn.kd_loss import KDLoss
 
@@ -71,9 +72,9 @@ def _get_submodule(model: nn.Module, path: str, which: str) -> nn.Module:
         return model.get_submodule(path)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
-        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
         raise ValueError(
-            f"{which} has no module at path {path!r}; its modules are: {shown or '(none)'}"
+            f"{which} has no module at path {path!r}; its modules are: "
+            f"{shown(names, 20) or '(none)'}"
         ) from None
 
 

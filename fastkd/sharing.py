@@ -243,6 +243,7 @@ def share_weights_(
     """
     from .nn._linear_like import (
         is_replaceable_linear,
+        shown,
         tied_elsewhere,
         warn_compressed_left,
         warn_stacked_weights_left,
@@ -277,9 +278,9 @@ def share_weights_(
                                  "activations); their second moment cannot weigh the error")
         uncalibrated = [n for n, _ in targets if n not in moments]
         if uncalibrated:
-            shown = ", ".join(uncalibrated[:3]) + (", ..." if len(uncalibrated) > 3 else "")
             warnings.warn(f"share_weights_: the calibration never ran {len(uncalibrated)} "
-                          f"layer(s) ({shown}); they keep nearest-centroid rounding", stacklevel=2)
+                          f"layer(s) ({shown(uncalibrated)}); they keep nearest-centroid "
+                          "rounding", stacklevel=2)
     tied = set(tied_elsewhere(model, targets))
     warn_untied("share_weights_", sorted(tied))
     layers = {}

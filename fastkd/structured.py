@@ -54,6 +54,7 @@ from .nn._linear_like import (
     is_masked_linear,
     linear_of_class,
     remember_layout,
+    shown,
 )
 
 __all__ = ["structured_mask", "shrink_"]
@@ -735,9 +736,8 @@ def _warn_if_dead_left(model: nn.Module) -> None:
     dead = [name for name, m in model.named_modules()
             if (isinstance(m, nn.Linear) or is_masked_linear(m)) and pruned(m)]
     if dead:
-        shown = ", ".join(dead[:3]) + (", ..." if len(dead) > 3 else "")
         warnings.warn(
             f"shrink_ removed nothing: {len(dead)} linear layer(s) have all-zero weight rows or "
-            f"columns ({shown}), but shrink_ could not prove any of them removable "
+            f"columns ({shown(dead)}), but shrink_ could not prove any of them removable "
             "(fastkd.structured lists the patterns it knows; nn.Linear subclasses are sliced only "
             "where they compute x W^T + b and hold nothing else)", stacklevel=3)

@@ -28,7 +28,8 @@ class _ToyExperts(torch.nn.Module):
     def __init__(self, n_experts=5, hidden=24, inner=37, transposed=False, bias=False):
         super().__init__()
         self.num_experts, self.has_gate, self.has_bias = n_experts, True, bias
-        self.is_transposed, self.has_post_expert_norm, self.is_concatenated = transposed, False, True
+        self.is_transposed, self.has_post_expert_norm = transposed, False
+        self.is_concatenated = True
         g = torch.Generator().manual_seed(7)
         up, down = (2 * inner, hidden), (hidden, inner)
         if transposed:
@@ -51,7 +52,8 @@ class _ToyExperts(torch.nn.Module):
             up, down = self.gate_up_proj[e], self.down_proj[e]
             if self.is_transposed:
                 up, down = up.t(), down.t()
-            b = (self.gate_up_proj_bias[e], self.down_proj_bias[e]) if self.has_bias else (None,) * 2
+            b = ((self.gate_up_proj_bias[e], self.down_proj_bias[e]) if self.has_bias
+                 else (None, None))
             h = self._apply_gate(torch.nn.functional.linear(x[token], up, b[0]))
             h = torch.nn.functional.linear(h, down, b[1]) * w[token, slot, None]
             out.index_add_(0, token, h.to(out.dtype))
@@ -123,7 +125,8 @@ def test_experts_match_the_class_own_forward_on_dequantized_weights(arch):
     for mode in ("w8a16", "w8a8"):
         q = Int8Experts.from_experts(experts, mode=mode)
         for p in q.projections:  # int8 codes (E, out, in) whatever the source layout
-            assert getattr(q, p).dtype == torch.int8 and getattr(q, f"{p}_scale").dtype == torch.float32
+            assert getattr(q, p).dtype == torch.int8
+            assert getattr(q, f"{p}_scale").dtype == torch.float32
         out = q(x, idx, w)
         dequantized = q.to_experts()
         assert type(dequantized) is type(experts)

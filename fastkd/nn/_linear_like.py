@@ -222,6 +222,12 @@ def unpack_layers_(model: nn.Module, select, convert) -> nn.Module:
     return model
 
 
+def shown(names: list, limit: int = 3) -> str:
+    """The first ``limit`` names, comma-separated, with ", ..." when there are more: for
+    warnings that name layers."""
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
 def require_values(weight: torch.Tensor, who: str) -> None:
     """A clear error where a weight's values are needed and it has none (the meta device)."""
     if weight.is_meta:
@@ -247,9 +253,8 @@ def warn_untied(who: str, names: list) -> None:
     if names:
         import warnings
 
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         warnings.warn(
-            f"{who}: {shown} share(s) its weight with another module (tied embeddings); "
+            f"{who}: {shown(names)} share(s) its weight with another module (tied embeddings); "
             "replacing it unties them, and that module keeps the float weight, so the model now "
             "holds both. To keep the tie, leave it out with filter_fn.", stacklevel=3)
 
@@ -265,8 +270,8 @@ def warn_compressed_left(who: str, model: nn.Module, filter_fn, kinds: tuple,
     if left:
         import warnings
 
-        shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
-        warnings.warn(f"{who} leaves {len(left)} {'/'.join(kinds)} layer(s) as they are ({shown}): "
+        warnings.warn(f"{who} leaves {len(left)} {'/'.join(kinds)} layer(s) as they are "
+                      f"({shown(left)}): "
                       f"{advice}", stacklevel=3)
 
 
@@ -300,10 +305,9 @@ def warn_stacked_weights_left(who: str, model: nn.Module, filter_fn) -> None:
     if left:
         import warnings
 
-        shown = ", ".join(left[:2]) + (", ..." if len(left) > 2 else "")
         warnings.warn(
             f"{who} leaves {len(left)} module(s) with weights stacked in 3-D parameters as they "
-            f"are, in floating point: {shown}; {numel / max(total, 1):.0%} of the model's "
+            f"are, in floating point: {shown(left, 2)}; {numel / max(total, 1):.0%} of the model's "
             "parameters (a Mixture-of-Experts model's experts, as transformers stores them: "
             f"{who}'s layers replace 2-D linear layers; quantize_ takes transformers' experts "
             "modules, as fastkd.nn.Int8Experts). Leave them out with filter_fn to silence "
