@@ -8,6 +8,7 @@ from torch import nn
 
 from .nn._linear_like import (
     _selected,
+    adapter_layers,
     is_replaceable_linear,
     tied_elsewhere,
     warn_compressed_left,
@@ -60,10 +61,11 @@ def quantize_(
     # under the iterator.
     # nn.Linear, Hugging Face Conv1D and subclasses computing the same product (is_replaceable_
     # linear): nn.MultiheadAttention's out_proj, whose weight its parent reads, is not one.
+    adapters = adapter_layers(model)  # PEFT's LoRA weights stay float and trainable
     targets = [
         (name, module)
         for name, module in model.named_modules(remove_duplicate=False)
-        if is_replaceable_linear(module, pruned=True) and name
+        if is_replaceable_linear(module, pruned=True) and name and name not in adapters
         and (filter_fn is None or filter_fn(module, name))
     ]
     warn_untied("quantize_", tied_elsewhere(model, targets))

@@ -242,6 +242,7 @@ def share_weights_(
     warning).
     """
     from .nn._linear_like import (
+        adapter_layers,
         is_replaceable_linear,
         shown,
         tied_elsewhere,
@@ -255,8 +256,10 @@ def share_weights_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     # nn.Linear, Hugging Face Conv1D and subclasses computing the same product, whatever the
     # filter: nn.MultiheadAttention's out_proj is read by its parent as a float weight.
+    adapters = adapter_layers(model)  # PEFT's LoRA weights stay float and trainable
     targets = [(n, m) for n, m in model.named_modules()
-               if is_replaceable_linear(m, pruned=True) and (filter_fn is None or filter_fn(m, n))]
+               if is_replaceable_linear(m, pruned=True) and n not in adapters
+               and (filter_fn is None or filter_fn(m, n))]
     warn_stacked_weights_left("share_weights_", model, filter_fn)
     warn_compressed_left("share_weights_", model, filter_fn, ("Int8Linear",),
                          "cluster the float (or masked) weights before quantize_, not int8 codes")

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from .nn._linear_like import (
+    adapter_layers,
     as_linear,
     is_masked_linear,
     is_replaceable_linear,
@@ -72,6 +73,7 @@ def sparsify_(
     uses: dict = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
+    adapters = adapter_layers(model)  # PEFT's LoRA weights: not the model's to prune
     targets = []
     for parent_name, parent in model.named_modules():
         if isinstance(parent, nn.MultiheadAttention):
@@ -80,7 +82,7 @@ def sparsify_(
             if not is_replaceable_linear(child, pruned=True):  # subclasses may override forward
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if uses.get(id(child.weight), 0) > 1:
+            if name in adapters or uses.get(id(child.weight), 0) > 1:
                 continue
             if filter_fn is not None and not filter_fn(child, name):
                 continue

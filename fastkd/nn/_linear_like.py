@@ -222,6 +222,28 @@ def unpack_layers_(model: nn.Module, select, convert) -> nn.Module:
     return model
 
 
+def _is_tuner_layer(module) -> bool:
+    # PEFT's adapter-holding layers (LoRA, IA3, ...) derive from peft's BaseTunerLayer; found by
+    # name so that peft need not be imported
+    return any(c.__name__ == "BaseTunerLayer" and c.__module__.startswith("peft")
+               for c in type(module).__mro__)
+
+
+def adapter_layers(model: nn.Module) -> set:
+    """Names of the modules of ``model`` that belong to PEFT adapters (LoRA's ``lora_A`` /
+    ``lora_B`` and the like): everything under a peft tuner layer but its ``base_layer``. The
+    swaps leave them alone: adapters are the float weights being trained (an int8 ``lora_A``
+    froze the adapter and broke peft's forward), and pruning them is not pruning the model."""
+    owned = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if _is_tuner_layer(module):
+            prefix = f"{name}." if name else ""
+            for sub, _ in module.named_modules(remove_duplicate=False):
+                if sub and sub != "base_layer" and not sub.startswith("base_layer."):
+                    owned.add(prefix + sub)
+    return owned
+
+
 def shown(names: list, limit: int = 3) -> str:
     """The first ``limit`` names, comma-separated, with ", ..." when there are more: for
     warnings that name layers."""

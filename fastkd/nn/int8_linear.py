@@ -91,6 +91,7 @@ class Int8Linear(nn.Module):
             layer.bias = nn.Parameter(
                 linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad
             )
+        layer.train(linear.training)
         return remember_layout(layer, original)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -127,6 +127,11 @@ class MaskedLinear(nn.Module):
             if linear.bias is not None:
                 module.bias.copy_(linear.bias.detach())
         module.pattern = made_by
+        # a frozen layer (the base model under PEFT, a frozen encoder) stays frozen
+        module.weight.requires_grad_(linear.weight.requires_grad)
+        if linear.bias is not None:
+            module.bias.requires_grad_(linear.bias.requires_grad)
+        module.train(linear.training)
         return remember_layout(module, original)
 
     @torch.no_grad()

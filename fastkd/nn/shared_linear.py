@@ -86,7 +86,11 @@ class SharedLinear(nn.Module):
             out.codebook.copy_(cb if per_channel else cb[0])
             out.indices.copy_(pack_indices(idx.to(torch.uint8), bits))
             if linear.bias is not None:
-                out.bias = nn.Parameter(linear.bias.detach().clone())
+                out.bias = nn.Parameter(linear.bias.detach().clone(),
+                                        requires_grad=linear.bias.requires_grad)
+        # a frozen layer (the base model under PEFT, a frozen encoder) stays frozen: the
+        # codebook trains where the weight did
+        out.codebook.requires_grad_(linear.weight.requires_grad)
         out.train(linear.training)
         return remember_layout(out, original)
 

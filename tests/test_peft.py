@@ -1,0 +1,92 @@
+"""The swaps on a PEFT (LoRA) model and on frozen layers. LoRA's adapters are the float weights
+being trained: quantize_ turned lora_A / lora_B into Int8Linear (peft's forward then failed on
+int8 weights), and sparsify_ / share_weights_ pruned or clustered them. And a frozen layer came
+back trainable from sparsify_ and share_weights_, so the frozen base under LoRA was trained too."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastkd
+from fastkd.nn import Int8Linear, MaskedLinear, SharedLinear
+
+STEPS = {
+    "quantize_": (lambda m: fastkd.quantize_(m, mode="w8a16"), Int8Linear),
+    "sparsify_": (lambda m: fastkd.sparsify_(m, 0.5), MaskedLinear),
+    "share_weights_": (lambda m: fastkd.share_weights_(m, bits=6), SharedLinear),
+}
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_frozen_layers_stay_frozen_and_keep_their_mode(step):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
+    model[0].requires_grad_(False)  # a frozen first layer; the last one trains
+    swap, kind = STEPS[step]
+    swap(model)
+    assert type(model[0]) is kind and type(model[2]) is kind
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert all(p.requires_grad for p in model[2].parameters())
+    assert not model[0].training and not model[2].training
+    model(torch.randn(3, 16)).sum().backward()
+    assert all(p.grad is None for p in model[0].parameters())
+    assert all(p.grad is not None for p in model[2].parameters())
+
+
+@pytest.mark.filterwarnings("ignore:.*tied embeddings")
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_lora_adapters_stay_float_and_only_they_train(step):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(base, lora)
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    swap, kind = STEPS[step]
+    if step == "sparsify_":  # all weights kept: the outputs must not move
+        swap = lambda m: fastkd.sparsify_(m, 0.0)  # noqa: E731
+    swap(model)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer) is kind  # the base weight is compressed
+    assert type(q_proj.lora_A["default"]) is nn.Linear  # the adapters are not
+    assert type(q_proj.lora_B["default"]) is nn.Linear
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == trainable
+    with torch.no_grad():
+        out = model(ids).logits
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1), dim=-1)
+    assert cos.min() > 0.999, cos
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_adapter_layers_names_what_is_under_a_tuner_layer_but_its_base():
+    peft = pytest.importorskip("peft")
+    from fastkd.nn._linear_like import adapter_layers
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = peft.get_peft_model(copy.deepcopy(Net()), peft.LoraConfig(r=2, target_modules=["a"]))
+    names = adapter_layers(model)
+    assert "base_model.model.a.lora_A.default" in names
+    assert "base_model.model.a.lora_B.default" in names
+    assert not any("base_layer" in n for n in names)
+    assert not any(n.startswith("base_model.model.b") for n in names)
+    assert adapter_layers(Net()) == set()
