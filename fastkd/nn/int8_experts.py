@@ -143,10 +143,21 @@ class Int8Experts(nn.Module):
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         up, down = self.projections
         out = torch.zeros_like(hidden_states)
-        for e in torch.unique(top_k_index).tolist():  # the experts this batch reaches
-            if not 0 <= e < self.num_experts:
-                continue  # a sentinel (expert parallelism's "not here")
-            token, slot = torch.where(top_k_index == e)
+        n_experts, k = self.num_experts, top_k_index.shape[-1]
+        # (token, slot) pairs grouped by expert with one sort and one host sync, rather than a
+        # search (and a sync) per expert; ids outside [0, E) (expert parallelism's "not here"
+        # sentinel) sort last and are dropped
+        flat = top_k_index.reshape(-1)
+        flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts].tolist()
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = order[start:start + count]
+            start += count
+            token, slot = pairs // k, pairs % k
             h = self._linear(hidden_states[token], up, e)
             h = self._gate_fn(self, h) if self.has_gate else self.act_fn(h)
             h = self._linear(h, down, e)
