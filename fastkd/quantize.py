@@ -41,7 +41,8 @@ def quantize_(
     The experts of a Mixture-of-Experts block, which transformers holds in 3-D parameters
     (Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss: a module built with
     ``use_experts_implementation``), become :class:`fastkd.nn.Int8Experts` (int8 codes per
-    expert and output channel; the filter sees the experts module). Routers stay float.
+    expert and output channel; the filter sees the experts module, and one that fails on it,
+    written for linears, does not leave it out). Routers stay float.
 
     ``name`` is the module's qualified name in ``model`` (``"encoder.layer.0.attention.self.query"``).
     ``model`` itself may be an ``nn.Linear``; then it cannot be replaced in place and a

@@ -327,10 +327,12 @@ def warn_stacked_weights_left(who: str, model: nn.Module, filter_fn) -> None:
     if left:
         import warnings
 
+        why = ("not experts modules built with transformers' use_experts_implementation, the "
+               "kind it turns into fastkd.nn.Int8Experts" if who == "quantize_" else
+               f"{who}'s layers replace 2-D linear layers; quantize_ takes transformers' experts "
+               "modules, as fastkd.nn.Int8Experts")
         warnings.warn(
             f"{who} leaves {len(left)} module(s) with weights stacked in 3-D parameters as they "
             f"are, in floating point: {shown(left, 2)}; {numel / max(total, 1):.0%} of the model's "
-            "parameters (a Mixture-of-Experts model's experts, as transformers stores them: "
-            f"{who}'s layers replace 2-D linear layers; quantize_ takes transformers' experts "
-            "modules, as fastkd.nn.Int8Experts). Leave them out with filter_fn to silence "
-            "this.", stacklevel=3)
+            f"parameters (a Mixture-of-Experts model's experts, say: {why}). Leave them out with "
+            "filter_fn to silence this.", stacklevel=3)
