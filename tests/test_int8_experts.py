@@ -302,3 +302,12 @@ def test_compiles_with_the_same_result():
     x = torch.randn(7, 24)
     idx, w = _routing(7, 5)
     torch.testing.assert_close(torch.compile(q)(x, idx, w), q(x, idx, w))
+
+
+def test_meta_weights_and_float_state_dicts_get_clear_errors():
+    with pytest.raises(ValueError, match="meta device"):
+        Int8Experts(_ToyExperts().to("meta"))
+    experts = _ToyExperts()
+    q = Int8Experts.from_experts(experts)
+    with pytest.raises(RuntimeError, match=r"gate_up_proj in the state_dict is float32, not int8"):
+        q.load_state_dict(experts.state_dict(), strict=False)

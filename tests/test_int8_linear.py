@@ -763,3 +763,15 @@ def test_gpu_exact_integer_accumulators(m):
     out = torch.ops.fastkd.int8_mm_scaled(a, one_m, w, one_n, None, torch.float32, "triton")
     assert torch.equal(out.double(), _exact_int_mm(a, w).double())
     assert torch.equal(ref.int8_mm(a, w).long(), _exact_int_mm(a, w))
+
+
+def test_a_float_state_dict_is_refused_not_truncated_into_codes():
+    # With strict=False nothing else complains: the float weights were copied into the int8
+    # buffer (truncated to integers, scales left as they were), a silently wrong layer.
+    linear = torch.nn.Linear(8, 4)
+    layer = Int8Linear.from_linear(linear)
+    codes = layer.weight.clone()
+    with pytest.raises(RuntimeError, match=r"weight in the state_dict is float32, not int8"):
+        layer.load_state_dict(linear.state_dict(), strict=False)
+    assert torch.equal(layer.weight, codes)
+    layer.load_state_dict(Int8Linear.from_linear(torch.nn.Linear(8, 4)).state_dict())

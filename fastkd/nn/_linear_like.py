@@ -244,6 +244,27 @@ def adapter_layers(model: nn.Module) -> set:
     return owned
 
 
+def refuse_float_codes(module: nn.Module, state_dict, prefix: str, codes: dict,
+                       error_msgs: list) -> bool:
+    """For ``_load_from_state_dict`` of a layer holding integer codes (``codes``: name -> dtype):
+    a float tensor under a code's name is a float checkpoint meeting a compressed layer, and
+    copying it would truncate weights into codes without a word (with ``strict=False`` nothing
+    else complains). Record a clear error instead, and return False: load nothing into the
+    layer."""
+    ok = True
+    for name, dtype in codes.items():
+        value = state_dict.get(prefix + name)
+        if isinstance(value, torch.Tensor) and value.dtype != dtype:
+            error_msgs.append(
+                f"{type(module).__name__}: {prefix}{name} in the state_dict is "
+                f"{str(value.dtype).replace('torch.', '')}, not "
+                f"{str(dtype).replace('torch.', '')} codes: a float checkpoint loads into the "
+                "float model, which quantize_ then compresses (or into "
+                "fastkd.load_compressed's skeleton, for a compressed one)")
+            ok = False
+    return ok
+
+
 def shown(names: list, limit: int = 3) -> str:
     """The first ``limit`` names, comma-separated, with ", ..." when there are more: for
     warnings that name layers."""

@@ -19,14 +19,10 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
+from ._linear_like import refuse_float_codes
 from .int8_linear import _check_mode
 
 __all__ = ["Int8Experts", "is_stacked_experts"]
-
-# Attributes of a transformers experts module that are its stored weights, not its settings.
-_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias",
-            "down_proj_bias")
-
 
 def _projections(experts: nn.Module) -> tuple:
     return ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
@@ -166,6 +162,14 @@ class Int8Experts(nn.Module):
             h = h * top_k_weights[token, slot, None]
             out.index_add_(0, token, h.to(out.dtype))
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        codes = {p: torch.int8 for p in self.projections}
+        if not refuse_float_codes(self, state_dict, prefix, codes, error_msgs):
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _apply(self, fn, *args, **kwargs):
         # module.half() / .to(bfloat16) would round the fp32 scales: keep them fp32, move device.

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from ._linear_like import as_linear, float_linear, remember_layout
+from ._linear_like import as_linear, float_linear, refuse_float_codes, remember_layout
 
 
 def _check_mode(mode) -> str:
@@ -118,6 +118,14 @@ class Int8Linear(nn.Module):
         computes what ``w8a16`` computes, to rounding; ``w8a8`` also quantizes the activations,
         which the float layer does not."""
         return float_linear(self, self.dequantized_weight(), dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if not refuse_float_codes(self, state_dict, prefix, {"weight": torch.int8},
+                                  error_msgs):
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _apply(self, fn, *args, **kwargs):
         # module.half() / .to(bfloat16) would round the fp32 scales: keep them fp32, move device.
