@@ -202,3 +202,20 @@ def test_a_subclass_copy_keeps_its_class_through_deepcopy_and_torch_save(tmp_pat
     x = torch.randn(3, 24)
     with torch.no_grad():
         torch.testing.assert_close(back.up(x), model.up(x))
+
+
+def test_the_forward_check_runs_once_per_layer_and_weight():
+    # shrink_ asks about a layer once per pattern it tries: each ask ran a forward
+    calls = []
+
+    class Counting(_MatmulLinear):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    layer = Counting(16, 8)
+    assert computes_linear(layer) and computes_linear(layer)
+    assert len(calls) == 1
+    layer.weight = nn.Parameter(torch.randn(8, 16))  # a new weight: asked again
+    assert computes_linear(layer)
+    assert len(calls) == 2
