@@ -90,3 +90,26 @@ def test_adapter_layers_names_what_is_under_a_tuner_layer_but_its_base():
     assert not any("base_layer" in n for n in names)
     assert not any(n.startswith("base_model.model.b") for n in names)
     assert adapter_layers(Net()) == set()
+
+
+def test_distilling_a_pruned_lora_student_trains_only_the_adapters():
+    # Before: sparsify_ made the frozen base trainable, so the Distiller (which trains what
+    # requires grad) trained every pruned weight of the base model along with the adapters.
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    teacher = transformers.LlamaForCausalLM(cfg).eval()
+    student = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
+                                  peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    fastkd.sparsify_(student, 0.5)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    ids = torch.randint(0, 61, (8, 9), generator=torch.Generator().manual_seed(1))
+    loader = [{"input_ids": ids[i:i + 4], "labels": ids[i:i + 4]} for i in (0, 4)]
+    fastkd.Distiller(teacher, student, lr=1e-2, progress=False).fit(loader, epochs=2)
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed), sorted(changed)
+    q = student.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(q) is MaskedLinear and bool((q.weight[~q.mask] == 0).all())
