@@ -113,10 +113,11 @@ class Int8Experts(nn.Module):
                 if w.is_meta:
                     raise ValueError(
                         "Int8Experts needs the experts' weights, but they are on the meta device")
-                w_nk = w.detach().transpose(1, 2) if experts.is_transposed else w.detach()
-                q, s = F.quantize_weight(w_nk.reshape(-1, n_in))
-                codes.copy_(q.reshape(codes.shape))
-                scale.copy_(s.reshape(scale.shape))
+                for e in range(w.shape[0]):  # an expert at a time: fp32 temporaries of one
+                    w_e = w[e].detach()          # matrix (DeepSeek-V3 holds 256 per layer)
+                    q, s = F.quantize_weight(w_e.t() if experts.is_transposed else w_e)
+                    codes[e].copy_(q)
+                    scale[e].copy_(s)
             self.register_buffer(p, codes)
             self.register_buffer(f"{p}_scale", scale)
             bias = experts._parameters.get(f"{p}_bias")
@@ -196,9 +197,14 @@ class Int8Experts(nn.Module):
         biases = [b for b in self.parameters(recurse=False)]
         dtype = dtype or (biases[0].dtype if biases else torch.float32)
         for p in self.projections:
-            w = getattr(self, p).float() * getattr(self, f"{p}_scale")[:, :, None]
-            w = w.transpose(1, 2) if self.is_transposed else w
-            new.register_parameter(p, nn.Parameter(w.to(dtype).contiguous()))
+            codes, scale = getattr(self, p), getattr(self, f"{p}_scale")
+            e, n_out, n_in = codes.shape
+            shape = (e, n_in, n_out) if self.is_transposed else (e, n_out, n_in)
+            w = torch.empty(shape, dtype=dtype, device=codes.device)
+            for i in range(e):  # an expert at a time: no fp32 copy of all of them
+                w_i = codes[i].float() * scale[i][:, None]
+                w[i].copy_(w_i.t() if self.is_transposed else w_i)
+            new.register_parameter(p, nn.Parameter(w))
             bias = getattr(self, f"{p}_bias", None)
             if bias is not None:
                 new.register_parameter(f"{p}_bias", nn.Parameter(bias.detach().to(dtype)))
