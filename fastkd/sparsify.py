@@ -14,6 +14,7 @@ from .nn._linear_like import (
     is_replaceable_linear,
     unpack_layers_,
     warn_compressed_left,
+    warn_peft_bases,
     warn_stacked_weights_left,
 )
 from .nn.masked_linear import MaskedLinear
@@ -74,7 +75,7 @@ def sparsify_(
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
     adapters = adapter_layers(model)  # PEFT's LoRA weights: not the model's to prune
-    targets = []
+    targets, names = [], []
     for parent_name, parent in model.named_modules():
         if isinstance(parent, nn.MultiheadAttention):
             continue
@@ -87,6 +88,8 @@ def sparsify_(
             if filter_fn is not None and not filter_fn(child, name):
                 continue
             targets.append((parent, child_name, child))
+            names.append(name)
+    warn_peft_bases("sparsify_", model, names)
     if scope == "global":
         layers = []
         for parent, child_name, child in targets:

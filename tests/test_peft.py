@@ -113,3 +113,28 @@ def test_distilling_a_pruned_lora_student_trains_only_the_adapters():
     assert changed and all(".lora_" in n for n in changed), sorted(changed)
     q = student.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert type(q) is MaskedLinear and bool((q.weight[~q.mask] == 0).all())
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_merging_lora_into_compressed_bases_is_warned_and_works_after_decompress(step):
+    # peft's merge adds the adapter into base_layer.weight: a MaskedLinear masked part of it
+    # away and a SharedLinear's looked-up weight is a copy (the merge did nothing), silently
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).eval(), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    swap, _ = STEPS[step]
+    with pytest.warns(UserWarning, match=r"base layer of 2 PEFT adapter layer\(s\).*decompress_"):
+        swap(model)
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    fastkd.decompress_(model)
+    merged = model.merge_and_unload()
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ref, rtol=1e-5, atol=1e-5)

@@ -280,6 +280,28 @@ def refuse_float_codes(module: nn.Module, state_dict, prefix: str, codes: dict,
     return ok
 
 
+def warn_peft_bases(who: str, model: nn.Module, names) -> None:
+    """Warn when ``who`` replaces the ``base_layer`` of PEFT tuner layers (LoRA on a model that
+    is then compressed): peft's ``merge_and_unload`` / ``merge_adapter`` add the adapter's delta
+    into ``base_layer.weight``, which a compressed layer does not hold as a plain float weight
+    (an Int8Linear's int8 codes refuse it, a MaskedLinear masks part of it away, a SharedLinear's
+    looked-up weight is a copy: a merge that does nothing), so they must see float layers."""
+    bases = []
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        if attr == "base_layer" and _is_tuner_layer(model.get_submodule(parent)):
+            bases.append(parent)
+    if bases:
+        import warnings
+
+        warnings.warn(
+            f"{who} compresses the base layer of {len(bases)} PEFT adapter layer(s) "
+            f"({shown(bases)}). Keep the adapters unmerged, or call fastkd.decompress_ (and "
+            "fastkd.fold_masks_) before peft's merge_and_unload / merge_adapter: peft adds the "
+            "adapter into base_layer.weight, which these layers do not hold as a float weight, "
+            "so a merge into them fails or is silently wrong.", stacklevel=3)
+
+
 def shown(names: list, limit: int = 3) -> str:
     """The first ``limit`` names, comma-separated, with ", ..." when there are more: for
     warnings that name layers."""
