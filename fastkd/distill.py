@@ -149,7 +149,12 @@ def _split_batch(batch):
     mask is a mapping batch's ``attention_mask`` (None otherwise)."""
     if isinstance(batch, Mapping):
         kwargs = {k: v for k, v in batch.items() if k != "labels"}
-        return (lambda m: m(**kwargs)), batch.get("labels"), batch.get("attention_mask")
+        labels = batch.get("labels")
+
+        def call(m):
+            return m(**kwargs, **_decoder_inputs(m, kwargs, labels))
+
+        return call, labels, batch.get("attention_mask")
     if isinstance(batch, Tensor):
         return (lambda m: m(batch)), None, None
     if isinstance(batch, (tuple, list)):
@@ -164,6 +169,21 @@ def _split_batch(batch):
         f"a batch must be a tensor, a tuple/list (inputs, target) or a mapping; got "
         f"{type(batch).__name__}"
     )
+
+
+def _decoder_inputs(model: nn.Module, kwargs: Mapping, labels) -> dict:
+    """``decoder_input_ids`` for a Hugging Face encoder-decoder model (T5, BART, Whisper) given
+    labels but no decoder inputs: the model's own right shift of the labels, which it makes
+    itself only when it gets the labels (the Distiller keeps them for its loss). Each model
+    shifts with its own start token, so teacher and student may differ there."""
+    if labels is None or "decoder_input_ids" in kwargs or "decoder_inputs_embeds" in kwargs:
+        return {}
+    inner = _unwrap(model)
+    prepare = getattr(inner, "prepare_decoder_input_ids_from_labels", None)
+    if not callable(prepare) or not getattr(getattr(inner, "config", None),
+                                            "is_encoder_decoder", False):
+        return {}
+    return {"decoder_input_ids": prepare(labels=labels)}
 
 
 def _data_parallel_inner(model: nn.Module) -> Optional[nn.Module]:

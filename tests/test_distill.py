@@ -382,6 +382,44 @@ def test_causal_lm_labels_are_shifted_as_the_model_itself_does():
     assert math.isfinite(history[0]["train_loss"])
 
 
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_seq2seq_batches_get_decoder_inputs_from_their_labels(arch):
+    # {input_ids, labels} is what a seq2seq collator gives; the model builds its decoder inputs
+    # from the labels only when it gets them, and the Distiller keeps them for its loss: T5 and
+    # BART failed ("You must specify exactly one of input_ids or inputs_embeds").
+    transformers = pytest.importorskip("transformers")
+    T = transformers
+
+    def build(seed, layers):
+        torch.manual_seed(seed)
+        if arch == "t5":
+            return T.T5ForConditionalGeneration(T.T5Config(
+                vocab_size=61, d_model=24, d_kv=6, d_ff=37, num_layers=layers, num_heads=4,
+                decoder_start_token_id=0, pad_token_id=0))
+        return T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=61, d_model=24, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=37, decoder_ffn_dim=37, encoder_layers=layers, decoder_layers=layers,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+            max_position_embeddings=32))
+
+    teacher, student = build(0, 2).eval(), build(1, 1).eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 61, (8, 11), generator=g)
+    labels = torch.randint(3, 61, (8, 6), generator=g)
+    labels[:2, 4:] = -100
+    batches = [{"input_ids": ids[i:i + 4], "labels": labels[i:i + 4]} for i in (0, 4)]
+    d = Distiller(teacher, student, alpha=0.5, temperature=2.0, progress=False, backend="torch")
+    assert not d.shift_labels  # decoder logits align with the labels
+    with torch.no_grad():  # the soft and hard terms on the logits each model gives for them
+        rows = [fastkd.functional.kd_loss(
+            student(**b).logits, teacher(**b).logits, b["labels"], temperature=2.0, alpha=0.5,
+            reduction="sum") for b in batches]
+        n = sum((b["labels"] != -100).sum() for b in batches)
+    torch.testing.assert_close(d.evaluate(batches)["loss"], (sum(rows) / n).item(),
+                               rtol=1e-5, atol=1e-6)
+    assert math.isfinite(d.fit(batches, epochs=1)[0]["train_loss"])
+
+
 def test_shifted_labels_do_not_copy_the_logits(monkeypatch):
     # The loss takes the models' logits as they are (the labels move instead): a (B, L-1, V)
     # slice would be copied into rows, N x V per model, with its gradient scattered back.
