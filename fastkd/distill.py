@@ -179,11 +179,20 @@ def _decoder_inputs(model: nn.Module, kwargs: Mapping, labels) -> dict:
     if labels is None or "decoder_input_ids" in kwargs or "decoder_inputs_embeds" in kwargs:
         return {}
     inner = _unwrap(model)
-    prepare = getattr(inner, "prepare_decoder_input_ids_from_labels", None)
-    if not callable(prepare) or not getattr(getattr(inner, "config", None),
-                                            "is_encoder_decoder", False):
+    config = getattr(inner, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
         return {}
-    return {"decoder_input_ids": prepare(labels=labels)}
+    prepare = getattr(inner, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare):
+        return {"decoder_input_ids": prepare(labels=labels)}
+    # Whisper, M2M100 / NLLB, Blenderbot: the same right shift, done by the model's forward
+    start = getattr(config, "decoder_start_token_id", None)
+    pad = getattr(config, "pad_token_id", None)
+    if not isinstance(start, int) or not isinstance(pad, int):
+        return {}
+    shifted = labels.new_full(labels.shape, start)
+    shifted[..., 1:] = labels[..., :-1]
+    return {"decoder_input_ids": shifted.masked_fill(shifted == -100, pad)}
 
 
 def _data_parallel_inner(model: nn.Module) -> Optional[nn.Module]:

@@ -382,7 +382,7 @@ def test_causal_lm_labels_are_shifted_as_the_model_itself_does():
     assert math.isfinite(history[0]["train_loss"])
 
 
-@pytest.mark.parametrize("arch", ["t5", "bart"])
+@pytest.mark.parametrize("arch", ["t5", "bart", "m2m100"])
 def test_seq2seq_batches_get_decoder_inputs_from_their_labels(arch):
     # {input_ids, labels} is what a seq2seq collator gives; the model builds its decoder inputs
     # from the labels only when it gets them, and the Distiller keeps them for its loss: T5 and
@@ -396,6 +396,12 @@ def test_seq2seq_batches_get_decoder_inputs_from_their_labels(arch):
             return T.T5ForConditionalGeneration(T.T5Config(
                 vocab_size=61, d_model=24, d_kv=6, d_ff=37, num_layers=layers, num_heads=4,
                 decoder_start_token_id=0, pad_token_id=0))
+        if arch == "m2m100":  # NLLB's architecture: no prepare_decoder_input_ids_from_labels
+            return T.M2M100ForConditionalGeneration(T.M2M100Config(
+                vocab_size=61, d_model=24, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=37, decoder_ffn_dim=37, encoder_layers=layers,
+                decoder_layers=layers, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                decoder_start_token_id=2, max_position_embeddings=32))
         return T.BartForConditionalGeneration(T.BartConfig(
             vocab_size=61, d_model=24, encoder_attention_heads=4, decoder_attention_heads=4,
             encoder_ffn_dim=37, decoder_ffn_dim=37, encoder_layers=layers, decoder_layers=layers,
