@@ -12,6 +12,14 @@ from torch import nn
 import fastkd
 from fastkd.nn import Int8Linear, MaskedLinear, SharedLinear
 
+
+def _tiny_llama(transformers, seed=0):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2))
+
+
 STEPS = {
     "quantize_": (lambda m: fastkd.quantize_(m, mode="w8a16"), Int8Linear),
     "sparsify_": (lambda m: fastkd.sparsify_(m, 0.5), MaskedLinear),
@@ -40,11 +48,7 @@ def test_frozen_layers_stay_frozen_and_keep_their_mode(step):
 def test_lora_adapters_stay_float_and_only_they_train(step):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2)
-    base = transformers.LlamaForCausalLM(cfg).eval()
+    base = _tiny_llama(transformers).eval()
     lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = peft.get_peft_model(base, lora)
     ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -97,12 +101,8 @@ def test_distilling_a_pruned_lora_student_trains_only_the_adapters():
     # requires grad) trained every pruned weight of the base model along with the adapters.
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2)
-    teacher = transformers.LlamaForCausalLM(cfg).eval()
-    student = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
+    teacher = _tiny_llama(transformers).eval()
+    student = peft.get_peft_model(_tiny_llama(transformers, seed=1),
                                   peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     fastkd.sparsify_(student, 0.5)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
@@ -121,11 +121,7 @@ def test_merging_lora_into_compressed_bases_is_warned_and_works_after_decompress
     # away and a SharedLinear's looked-up weight is a copy (the merge did nothing), silently
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2)
-    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).eval(), peft.LoraConfig(
+    model = peft.get_peft_model(_tiny_llama(transformers).eval(), peft.LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     swap, _ = STEPS[step]
     with pytest.warns(UserWarning, match=r"base layer of 2 PEFT adapter layer\(s\).*decompress_"):
