@@ -58,26 +58,43 @@ def _logits(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     return h @ w.t() if b is None else torch.addmm(b, h, w.t())
 
 
+def _chunk(sh, sw, sb, th, tw, tb, target, r0, r1):
+    """Rows r0:r1: (student hidden, student logits, teacher logits, target or None)."""
+    h = sh[r0:r1]
+    tgt = None if target is None else target[r0:r1]
+    return h, _logits(h, sw, sb), _logits(th[r0:r1], tw, tb), tgt
+
+
+def _accumulate(dlog, h, sw, r0, r1, grad_h, grad_w, grad_b, need_h, need_w, need_b):
+    """Turn a chunk's logit gradient into the hidden-state gradient of its rows and add it to
+    the weight and bias gradients (in place: addmm_ where the dtypes agree)."""
+    if need_h:
+        grad_h[r0:r1] = dlog @ sw
+    if need_w:
+        if grad_w.dtype == dlog.dtype:
+            grad_w.addmm_(dlog.t(), h)
+        else:
+            grad_w.add_(dlog.t().float() @ h.float())
+    if need_b:
+        grad_b.add_(dlog.float().sum(0))
+
+
 def forward_chunks(sh, sw, sb, th, tw, tb, target, temperature, alpha, ignore_index, backend,
                    divergence, beta, chunk, need_h, need_w, need_b):
     """Row losses (N,) and, for the flags set, the gradients of their sum: d/d student_hidden
-    (N, H), d/d student_weight (V, H; fp32 for fp32 weights, else the weight's dtype) and
-    d/d student_bias (V,) fp32; an unset flag's gradient is an empty tensor. The body of
-    ``fastkd::fused_linear_kd_forward`` (registered in fastkd/_ops.py)."""
+    (N, H), d/d student_weight (V, H, in the weight's dtype) and d/d student_bias (V,) fp32; an
+    unset flag's gradient is an empty tensor. The body of ``fastkd::fused_linear_kd_forward``
+    (registered in fastkd/_ops.py)."""
     n_rows = sh.shape[0]
     chunk = chunk or default_chunk_rows(n_rows, sw.shape[0])
     kw = {"divergence": divergence, "beta": beta}
-    grad_sh = torch.empty_like(sh) if need_h else sh.new_empty(0)
-    w_acc_dtype = torch.float32 if sw.dtype == torch.float32 else sw.dtype
-    grad_sw = torch.zeros(sw.shape if need_w else 0, dtype=w_acc_dtype, device=sw.device)
-    grad_sb = torch.zeros(sw.shape[0] if need_b else 0, dtype=torch.float32, device=sw.device)
+    grads = (torch.empty_like(sh) if need_h else sh.new_empty(0),
+             torch.zeros(sw.shape if need_w else 0, dtype=sw.dtype, device=sw.device),
+             torch.zeros(sw.shape[0] if need_b else 0, dtype=torch.float32, device=sw.device))
     rows_out = torch.empty(n_rows, dtype=torch.float32, device=sh.device)
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)
-        h = sh[r0:r1]
-        s_log = _logits(h, sw, sb)
-        t_log = _logits(th[r0:r1], tw, tb)
-        tgt = None if target is None else target[r0:r1]
+        h, s_log, t_log, tgt = _chunk(sh, sw, sb, th, tw, tb, target, r0, r1)
         rows, stats = torch.ops.fastkd.kd_loss_forward(
             s_log, t_log, tgt, temperature, alpha, ignore_index, backend, **kw
         )
@@ -89,16 +106,8 @@ def forward_chunks(sh, sw, sb, th, tw, tb, target, temperature, alpha, ignore_in
                 g_rows, s_log, t_log, tgt, stats, temperature, alpha, ignore_index, backend, **kw,
             )
             del s_log, t_log
-            if need_h:
-                grad_sh[r0:r1] = dlog @ sw
-            if need_w:
-                if grad_sw.dtype == dlog.dtype:
-                    grad_sw.addmm_(dlog.t(), h)
-                else:
-                    grad_sw.add_(dlog.t().float() @ h.float())
-            if need_b:
-                grad_sb.add_(dlog.float().sum(0))
-    return rows_out, grad_sh, grad_sw, grad_sb
+            _accumulate(dlog, h, sw, r0, r1, *grads, need_h, need_w, need_b)
+    return (rows_out, *grads)
 
 
 def backward_chunks(grad_rows, sh, sw, sb, th, tw, tb, target, temperature, alpha, ignore_index,
@@ -110,15 +119,12 @@ def backward_chunks(grad_rows, sh, sw, sb, th, tw, tb, target, temperature, alph
     n_rows = sh.shape[0]
     chunk = chunk or default_chunk_rows(n_rows, sw.shape[0])
     kw = {"divergence": divergence, "beta": beta}
-    out_h = torch.empty_like(sh) if need_h else sh.new_empty(0)
-    acc_w = torch.zeros(sw.shape if need_w else 0, dtype=sw.dtype, device=sw.device)
-    out_b = torch.zeros(sw.shape[0] if need_b else 0, dtype=torch.float32, device=sw.device)
+    grads = (torch.empty_like(sh) if need_h else sh.new_empty(0),
+             torch.zeros(sw.shape if need_w else 0, dtype=sw.dtype, device=sw.device),
+             torch.zeros(sw.shape[0] if need_b else 0, dtype=torch.float32, device=sw.device))
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)
-        h = sh[r0:r1]
-        s_log = _logits(h, sw, sb)
-        t_log = _logits(th[r0:r1], tw, tb)
-        tgt = None if target is None else target[r0:r1]
+        h, s_log, t_log, tgt = _chunk(sh, sw, sb, th, tw, tb, target, r0, r1)
         _, stats = torch.ops.fastkd.kd_loss_forward(
             s_log, t_log, tgt, temperature, alpha, ignore_index, backend, **kw
         )
@@ -126,13 +132,8 @@ def backward_chunks(grad_rows, sh, sw, sb, th, tw, tb, target, temperature, alph
             grad_rows[r0:r1], s_log, t_log, tgt, stats, temperature, alpha, ignore_index,
             backend, **kw,
         )
-        if need_h:
-            out_h[r0:r1] = dlog @ sw
-        if need_w:
-            acc_w.addmm_(dlog.t(), h)
-        if need_b:
-            out_b.add_(dlog.float().sum(0))
-    return out_h, acc_w, out_b
+        _accumulate(dlog, h, sw, r0, r1, *grads, need_h, need_w, need_b)
+    return grads
 
 
 class FusedLinearKDFunction(torch.autograd.Function):
