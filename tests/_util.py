@@ -26,3 +26,29 @@ needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_IN
 def device_for(backend: str) -> str:
     """The device a test should put its tensors on for `backend` ("triton" or "torch")."""
     return DEVICE if backend == "triton" else "cpu"
+
+
+def spy_student_logits(monkeypatch, backend: str, kernel_module: str, names) -> list:
+    """Wrap the entry points ``names`` of the Triton module ``fastkd.kernels.<kernel_module>``
+    (or, for the torch backend, of ``fastkd.reference``, with its per-(L, V)-block path forced
+    on) so that every student-logits tensor they receive is appended to the returned list: for
+    tests that a sliced batch reaches them as a view, not a copy."""
+    import importlib
+
+    import fastkd
+
+    if backend == "triton":
+        kernels = importlib.import_module(f"fastkd.kernels.{kernel_module}")
+    else:  # the reference takes a (B, L, V) batch one (L, V) view at a time (large blocks)
+        kernels = importlib.import_module("fastkd.reference")
+        monkeypatch.setattr(fastkd._ops, "_MIN_REFERENCE_BLOCK", 1)
+    seen = []
+    for name in names:
+        real = getattr(kernels, name)
+
+        def spy(*args, _real=real, **kw):
+            seen.append(args[1 if args[0].dim() == 1 else 0])  # the student logits
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(kernels, name, spy)
+    return seen

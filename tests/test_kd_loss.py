@@ -8,7 +8,7 @@ import torch
 import fastkd
 from fastkd import functional as F
 
-from _util import DEVICE, HAS_CUDA, device_for, needs_triton
+from _util import DEVICE, HAS_CUDA, device_for, needs_triton, spy_student_logits
 
 SHAPES = [(4, 37), (2, 3, 1271), (3, 50257)]
 
@@ -293,21 +293,7 @@ def test_sliced_batch_matches_oracle_and_is_not_copied(backend, layout, with_tar
     if with_target:
         y = torch.randint(0, 37, s.shape[:-1], device=s.device)
         y[0, 1] = -100
-    seen = []
-    if backend == "triton":
-        import fastkd.kernels.kd_loss as kernels
-    else:  # the reference takes a (B, L, V) batch one (L, V) view at a time (large blocks)
-        import fastkd.reference as kernels
-
-        monkeypatch.setattr(fastkd._ops, "_MIN_REFERENCE_BLOCK", 1)
-    for name in ("kd_loss_forward", "kd_loss_backward"):
-        real = getattr(kernels, name)
-
-        def spy(*args, _real=real, **kw):
-            seen.append(args[1 if args[0].dim() == 1 else 0])  # the student logits
-            return _real(*args, **kw)
-
-        monkeypatch.setattr(kernels, name, spy)
+    seen = spy_student_logits(monkeypatch, backend, "kd_loss", ("kd_loss_forward", "kd_loss_backward"))
     gs = torch.linspace(0.5, 1.5, s.shape[0] * s.shape[1], device=s.device).reshape(s.shape[:-1])
     out = F.kd_loss(s, t, y, temperature=2.0, reduction="none", backend=backend)
     (out * gs).sum().backward()

@@ -7,7 +7,7 @@ import torch.nn.functional as tF
 import fastkd
 from fastkd.functional import kd_loss, kd_loss_topk
 
-from _util import device_for
+from _util import device_for, spy_student_logits
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -225,21 +225,7 @@ def test_sliced_batch_is_read_in_place(backend, monkeypatch):
     w = torch.rand(ref.shape, dtype=torch.float64)
     (ref * w).sum().backward()
     dev = device_for(backend)
-    seen = []
-    if backend == "triton":
-        import fastkd.kernels.kd_topk as kernels
-    else:  # the reference takes a (B, L, V) batch one (L, V) view at a time (large blocks)
-        import fastkd.reference as kernels
-
-        monkeypatch.setattr(fastkd._ops, "_MIN_REFERENCE_BLOCK", 1)
-    for name in ("kd_loss_topk_forward", "kd_loss_topk_backward"):
-        real = getattr(kernels, name)
-
-        def spy(*args, _real=real, **kw):
-            seen.append(args[1 if args[0].dim() == 1 else 0])  # the student logits
-            return _real(*args, **kw)
-
-        monkeypatch.setattr(kernels, name, spy)
+    seen = spy_student_logits(monkeypatch, backend, "kd_topk", ("kd_loss_topk_forward", "kd_loss_topk_backward"))
     sv = s_full.to(dev, copy=True).requires_grad_()
     out = kd_loss_topk(sv[:, :-1], ids.to(dev), lp.to(dev), y.to(dev), temperature=2.0,
                        reduction="none", backend=backend)
