@@ -108,10 +108,7 @@ def linear_of_class(like: nn.Module, in_features: int, out_features: int, bias: 
     cls = cls or type(like)
     if cls is nn.Linear:
         return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    extra = linear_attributes(like) if attributes is None else attributes
-    new.__dict__.update(extra)
+    new = bare_module(cls, linear_attributes(like) if attributes is None else attributes)
     new.in_features, new.out_features = in_features, out_features
     new.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
     new.register_parameter("bias", nn.Parameter(torch.empty(out_features, device=device,
@@ -121,9 +118,23 @@ def linear_of_class(like: nn.Module, in_features: int, out_features: int, bias: 
 
 def linear_attributes(layer: nn.Module) -> dict:
     """The plain attributes of a linear layer beyond what every module and nn.Linear hold."""
-    return {k: v for k, v in vars(layer).items()
-            if k not in _MODULE_STATE and k not in ("in_features", "out_features")
-            and not k.startswith("_")}
+    return plain_attributes(layer, ("in_features", "out_features"))
+
+
+def plain_attributes(module: nn.Module, exclude=()) -> dict:
+    """A module's public plain attributes (settings, config objects) beyond the state every
+    nn.Module holds, less ``exclude``."""
+    return {k: v for k, v in vars(module).items()
+            if k not in _MODULE_STATE and not k.startswith("_") and k not in exclude}
+
+
+def bare_module(cls: type, attributes: dict) -> nn.Module:
+    """A module of class ``cls`` holding ``attributes`` and nothing else yet, made without the
+    class's own ``__init__`` (whose arguments are unknown: a layer rebuilt from a record)."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.__dict__.update(attributes)
+    return new
 
 
 def as_linear(module, who: str) -> nn.Linear:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from ._linear_like import refuse_float_codes
+from ._linear_like import bare_module, plain_attributes, refuse_float_codes
 from .int8_linear import _check_mode
 
 __all__ = ["Int8Experts", "is_stacked_experts"]
@@ -96,9 +96,7 @@ class Int8Experts(nn.Module):
         check_backend(backend)
         self.backend = backend
         # the source's settings and its activation / norm modules, which forward uses as they are
-        for key, value in vars(experts).items():
-            if key not in vars(self) and not key.startswith("_"):
-                self.__dict__[key] = value
+        self.__dict__.update(plain_attributes(experts, ("mode", "backend")))
         for name, child in experts.named_children():
             self.add_module(name, child)
         self._source_type = type(experts)
@@ -185,13 +183,8 @@ class Int8Experts(nn.Module):
     def to_experts(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         """A module of the source class holding the dequantized weights in ``dtype`` (default:
         the biases' dtype, else fp32), in the source's layout."""
-        cls = self._source_type
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for key, value in vars(self).items():
-            if key not in vars(new) and not key.startswith("_") and key not in (
-                    "mode", "backend", "projections"):
-                new.__dict__[key] = value
+        new = bare_module(self._source_type,
+                          plain_attributes(self, ("mode", "backend", "projections")))
         for name, child in self.named_children():
             new.add_module(name, child)
         biases = [b for b in self.parameters(recurse=False)]
