@@ -14,6 +14,9 @@ from .sharing import share_weights_  # noqa: E402
 from .sparsify import fold_masks_, sparsify_  # noqa: E402
 from .structured import shrink_, structured_mask  # noqa: E402
 from .student import student_from_teacher  # noqa: E402
+from . import hf as _hf  # noqa: E402
+
+_hf.install()  # transformers' from_pretrained learns fastkd's layers (imports nothing now)
 
 __all__ = [
     "__version__",

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from . import hf
 from .nn._linear_like import is_hf_conv1d, linear_of_class, remember_layout, unpack_layers_
 
 __all__ = ["register_compressed_layer", "save_compressed", "load_compressed", "size_report",
@@ -174,9 +175,11 @@ def _shapes(model: nn.Module) -> dict:
     return {"linear": linear, "conv1d": conv1d, "attributes": attributes}
 
 
-def _apply_shapes(skeleton: nn.Module, shapes: dict) -> None:
+def _apply_shapes(skeleton: nn.Module, shapes: dict) -> bool:
     """Resize the skeleton's plain linears and head counts to the recorded ones (only where they
-    differ: a layer left as it is keeps its identity, and so any weight tying)."""
+    differ: a layer left as it is keeps its identity, and so any weight tying); returns whether
+    any differed."""
+    resized = False
     for name, (fan_in, fan_out, has_bias) in shapes.get("linear", {}).items():
         old = _submodule(skeleton, name)
         if not isinstance(old, nn.Linear):
@@ -190,16 +193,21 @@ def _apply_shapes(skeleton: nn.Module, shapes: dict) -> None:
         new = linear_of_class(old, fan_in, fan_out, has_bias, device=old.weight.device,
                               dtype=old.weight.dtype)
         _replace(skeleton, name, new)
+        resized = True
     for name, (fan_in, fan_out) in shapes.get("conv1d", {}).items():
         old = _submodule(skeleton, name)
         if not is_hf_conv1d(old) or tuple(old.weight.shape) == (fan_in, fan_out):
             continue  # a compressed layer replaces it anyway, or it already fits
         new = type(old)(fan_out, fan_in).to(device=old.weight.device, dtype=old.weight.dtype)
         _replace(skeleton, name, new)
+        resized = True
     for name, found in shapes.get("attributes", {}).items():
         mod = _submodule(skeleton, name)
         for attr, value in found.items():
-            setattr(mod, attr, set(value) if attr == "pruned_heads" else value)
+            value = set(value) if attr == "pruned_heads" else value
+            resized |= getattr(mod, attr, None) != value
+            setattr(mod, attr, value)
+    return resized
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -214,6 +222,38 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def compressed_header(model: nn.Module) -> dict:
+    """What a skeleton needs to take ``model``'s tensors: ``{"format", "layers": {path: {"type",
+    "settings"}}, "shapes": {"linear": {path: [in, out, bias]}, "conv1d": {path: [in, out]},
+    "attributes": {path: {name: value}}}}``."""
+    return {"format": FORMAT, "layers": _compressed_layers(model), "shapes": _shapes(model)}
+
+
+def rebuild_compressed(skeleton: nn.Module, header: dict,
+                       dtype: Optional[torch.dtype] = None) -> bool:
+    """Give ``skeleton`` (uncompressed, possibly on the meta device) the widths and the empty
+    compressed layers that ``header`` records, ready to take the state_dict; float tensors of the
+    rebuilt layers in ``dtype`` where given (scales and codebooks keep their own). Returns
+    whether any width differed from the skeleton's."""
+    _ensure_builtin()
+    resized = _apply_shapes(skeleton, header.get("shapes", {}))  # absent in older files
+    for name, entry in header["layers"].items():
+        spec = LAYER_REGISTRY.get(entry["type"])
+        if spec is None:
+            raise ValueError(
+                f"checkpoint layer {name!r} has type {entry['type']!r}, which this fastkd cannot "
+                f"rebuild (known: {sorted(LAYER_REGISTRY)})"
+            )
+        if not name:
+            raise ValueError("the root module itself is compressed; load it directly instead")
+        old = _submodule(skeleton, name)
+        new = spec.build(entry["settings"], old)
+        if dtype is not None:
+            new = new.to(dtype)
+        _replace(skeleton, name, remember_layout(new, old))
+    return resized
+
+
 def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
     """Write ``model``'s state (compressed layers as they are) to a safetensors file.
 
@@ -226,7 +266,7 @@ def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    header = {"format": FORMAT, "layers": _compressed_layers(model), "shapes": _shapes(model)}
+    header = compressed_header(model)
     save_model(model, os.fspath(path), metadata={_META_KEY: json.dumps(header)})
     return header
 
@@ -267,26 +307,14 @@ def load_compressed(skeleton: nn.Module, path: Union[str, os.PathLike], *,
             f"meta device ({', '.join(unsaved[:3])}{', ...' if len(unsaved) > 3 else ''}), and "
             "no checkpoint holds them: build the skeleton with real buffers (meta parameters are "
             "fine, e.g. accelerate.init_empty_weights(include_buffers=False))")
-    _ensure_builtin()
-    header = read_compressed_header(path)
-    _apply_shapes(skeleton, header.get("shapes", {}))  # absent in files written before it
-    for name, entry in header["layers"].items():
-        spec = LAYER_REGISTRY.get(entry["type"])
-        if spec is None:
-            raise ValueError(
-                f"checkpoint layer {name!r} has type {entry['type']!r}, which this fastkd cannot "
-                f"rebuild (known: {sorted(LAYER_REGISTRY)})"
-            )
-        if not name:
-            raise ValueError("the root module itself is compressed; load it directly instead")
-        old = _submodule(skeleton, name)
-        _replace(skeleton, name, remember_layout(spec.build(entry["settings"], old), old))
+    resized = rebuild_compressed(skeleton, read_compressed_header(path))
     if any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
         _load_assigning(skeleton, path, torch.device(device or "cpu"))
     else:
         load_model(skeleton, os.fspath(path), strict=True)
         if device is not None:
             skeleton.to(device)
+    hf.record(skeleton, shrunk=resized)
     return skeleton
 
 
@@ -383,8 +411,10 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
     if kind(model):
         raise ValueError("decompress_ replaces submodules in place and cannot replace the model "
                          "itself; use the layer's to_linear()")
-    return unpack_layers_(  # GPT-2's Conv1D layers come back as Conv1D
+    unpack_layers_(  # GPT-2's Conv1D layers come back as Conv1D
         model, lambda m, name: kind(m) and (filter_fn is None or filter_fn(m, name)), convert)
+    hf.record(model)
+    return model
 
 
 def size_report(model: nn.Module) -> dict:

@@ -8,6 +8,7 @@ import os
 import torch
 
 from . import _extension
+from . import hf
 from ._backend import ENV_VAR, REGISTRY, triton_interpret
 
 
@@ -51,6 +52,7 @@ def info() -> dict:
         "cuda_ops": cuda_ops,
         "backend_override": os.environ.get(ENV_VAR),
         "triton_interpret": triton_interpret(),
+        "transformers_quantizer": hf.status(),
         "ops": ops,
     }
 
@@ -66,6 +68,7 @@ def format_info(data: dict) -> str:
     lines.append(f"{'cuda_ops':<22} {', '.join(data['cuda_ops']) or '(none)'}")
     lines.append(f"{'FASTKD_BACKEND':<22} {data['backend_override'] or '(unset)'}")
     lines.append(f"{'TRITON_INTERPRET':<22} {data['triton_interpret']}")
+    lines.append(f"{'transformers quantizer':<22} {data['transformers_quantizer']}")
     lines.append("")
     lines.append(f"{'op':<20} {'backends':<26} {'auto on cpu':<13} auto on cuda")
     for name, op in data["ops"].items():

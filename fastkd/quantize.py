@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from . import hf
 from .nn._linear_like import (
     _selected,
     adapter_layers,
@@ -92,4 +93,5 @@ def quantize_(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, swapped[id(module)])
+    hf.record(model)
     return model

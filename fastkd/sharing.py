@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from . import hf
 __all__ = ["kmeans_1d", "calibrated_assign", "share_weights_"]
 
 
@@ -298,6 +299,7 @@ def share_weights_(
         before = sum(p.numel() * p.element_size() for pn, p in lin.named_parameters()
                      if not (name in tied and pn == "weight"))
         layers[name] = (before, shared.nbytes())
+    hf.record(model)
     return {
         "bytes_before": sum(b for b, _ in layers.values()),
         "bytes_after": sum(a for _, a in layers.values()),

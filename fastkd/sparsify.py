@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from . import hf
 from .nn._linear_like import (
     adapter_layers,
     as_linear,
@@ -102,6 +103,7 @@ def sparsify_(
                                            masks=[m.mask for m in layers])
             for layer, keep in zip(layers, keeps):
                 layer.set_mask_(keep)
+        hf.record(model)
         return model
     for parent, child_name, child in targets:
         if isinstance(child, MaskedLinear):
@@ -111,6 +113,7 @@ def sparsify_(
             continue
         masked = MaskedLinear.from_linear(child, sparsity=sparsity, pattern=pattern, backend=backend)
         setattr(parent, child_name, masked)
+    hf.record(model)
     return model
 
 
@@ -136,6 +139,8 @@ def fold_masks_(
     if is_masked_linear(model):
         raise ValueError("fold_masks_ replaces submodules in place and cannot replace the model "
                          "itself; use MaskedLinear.to_linear()")
-    return unpack_layers_(
+    unpack_layers_(
         model, lambda m, name: is_masked_linear(m) and (filter_fn is None or filter_fn(m, name)),
         lambda masked: as_linear(masked, "fold_masks_"))
+    hf.record(model)
+    return model

@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import hf
 from .nn._linear_like import (
     computes_linear,
     in_original_layout,
@@ -718,6 +719,7 @@ def shrink_(model: nn.Module, *, verbose: bool = False) -> list:
                 break
     if not report:
         _warn_if_dead_left(model)
+    hf.record(model, shrunk=bool(report))
     if verbose:
         for where, before, after in report:
             print(f"shrink_: {where}: {before} -> {after}")

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
+from . import hf
 __all__ = ["student_from_teacher"]
 
 # config attributes that hold the depth of the (single) layer stack, by model family
@@ -125,4 +126,5 @@ def student_from_teacher(
             per_layer = getattr(config, name, None)
             if isinstance(per_layer, (list, tuple)) and len(per_layer) == n:
                 setattr(config, name, type(per_layer)(per_layer[i] for i in keep))
+    hf.record(student)  # a compressed teacher's layers, at their new paths
     return student

@@ -1,0 +1,288 @@
+"""transformers' save_pretrained / from_pretrained of models fastkd changed. Before fastkd
+registered a quantizer with transformers, from_pretrained built float layers and read the int8
+codes stored under ``weight`` as float weights (outputs off by ~1000x, one "UNEXPECTED
+weight_scale" line in the load report); a shrunk model failed on its narrower widths."""
+
+import copy
+import json
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastkd
+from fastkd.nn import Int8Experts, Int8Linear, MaskedLinear, SharedLinear
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 61
+_ATT = dict(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _build(arch, seed=0):
+    T = transformers
+    torch.manual_seed(seed)
+    build = {
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(
+            **_ATT, intermediate_size=37, num_key_value_heads=2)),
+        # Conv1D projections, lm_head tied to the embeddings
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(
+            vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)),
+        "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(**_ATT)),  # nn.Linear subclass
+        "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(  # stacked experts
+            **_ATT, intermediate_size=40, num_key_value_heads=2, num_local_experts=5)),
+        # lm_head, encoder and decoder embeddings tied to one weight
+        "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(
+            vocab_size=VOCAB, d_model=24, d_ff=37, num_layers=2, num_heads=4, d_kv=6)),
+        "bert": lambda: T.BertModel(T.BertConfig(**_ATT, intermediate_size=37)),
+    }[arch]
+    return build().eval()
+
+
+def _run(model, x):
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=x, decoder_input_ids=x).logits
+        out = model(x)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _ids(seed=1):
+    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untied heads, experts left float
+        return fn(*args, **kwargs)
+
+
+def _saved_config(path) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def _assert_same_model(loaded, model):
+    assert ([type(m).__name__ for m in loaded.modules()]
+            == [type(m).__name__ for m in model.modules()])
+    a, b = loaded.state_dict(), model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+STEPS = {
+    "w8a8": (lambda m: fastkd.quantize_(m, mode="w8a8"), Int8Linear),
+    "w8a16": (lambda m: fastkd.quantize_(m, mode="w8a16"), Int8Linear),
+    "sparse": (lambda m: fastkd.sparsify_(m, 0.5), MaskedLinear),
+    "2:4": (lambda m: fastkd.sparsify_(m, pattern="2:4", filter_fn=lambda _, name: not name
+                                       .endswith("down_proj")), MaskedLinear),  # in = 37
+    "shared": (lambda m: fastkd.share_weights_(m, bits=4, iters=5), SharedLinear),
+}
+CASES = [("llama", s) for s in STEPS] + [
+    ("gpt2", "w8a16"), ("gpt2", "shared"), ("falcon", "w8a8"), ("mixtral", "w8a8"),
+    ("t5", "w8a16"), ("t5", "sparse"), ("bert", "shared")]
+
+
+@pytest.mark.parametrize("arch,step", CASES)
+def test_save_pretrained_from_pretrained_round_trip(tmp_path, arch, step):
+    model = _build(arch)
+    swap, kind = STEPS[step]
+    _quiet(swap, model)
+    x = _ids()
+    expected = _run(model, x)
+    model.save_pretrained(tmp_path)
+    qc = _saved_config(tmp_path)["quantization_config"]
+    assert qc["quant_method"] == "fastkd" and qc["layers"]
+
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert any(isinstance(m, kind) for m in loaded.modules())
+    if arch == "mixtral":
+        assert any(isinstance(m, Int8Experts) for m in loaded.modules())
+    _assert_same_model(loaded, model)
+    assert torch.equal(_run(loaded, x), expected)
+    assert not loaded.is_quantized  # .half() / Trainer treat it as the model it was before saving
+
+
+def test_sharded_checkpoint_and_generate(tmp_path):
+    model = _build("llama")
+    _quiet(fastkd.quantize_, model, mode="w8a16")
+    model.save_pretrained(tmp_path, max_shard_size="4KB")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    _assert_same_model(loaded, model)
+    prompt = _ids()[:1]
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=4, do_sample=False),
+                       model.generate(prompt, max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.parametrize("first", ["fastkd", "transformers"])
+def test_quantizer_is_registered_whichever_package_is_imported_first(tmp_path, first):
+    """``import fastkd`` imports no transformers; the quantizer is registered when transformers
+    loads its quantizer registry, or at ``import fastkd`` when that already happened."""
+    model = _build("llama")
+    _quiet(fastkd.quantize_, model, mode="w8a8")
+    model.save_pretrained(tmp_path)
+    imports = {"fastkd": "import fastkd; assert 'transformers' not in sys.modules; "
+                         "import transformers",
+               "transformers": "import transformers.quantizers.auto; import fastkd"}[first]
+    code = (f"import sys; {imports}; "
+            f"m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}); "
+            "print(type(m.model.layers[0].mlp.up_proj).__name__, m.model.layers[0].mlp.up_proj"
+            ".weight.dtype, fastkd.info()['transformers_quantizer'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["Int8Linear", "torch.int8", "registered"]
+
+
+def test_shrunk_model_round_trip_and_decompress(tmp_path):
+    """Widths shrink_ left (which no config describes) are rebuilt; decompress_ keeps them
+    recorded, since the plain layers are still narrower than the config says."""
+    model = _build("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight[::3] = 0
+    assert fastkd.shrink_(model)
+    _quiet(fastkd.quantize_, model, mode="w8a16",
+           filter_fn=lambda m, name: name.endswith("down_proj"))
+    x = _ids()
+    model.save_pretrained(tmp_path / "compressed")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "compressed").eval()
+    _assert_same_model(loaded, model)
+    assert loaded.model.layers[0].mlp.up_proj.out_features == 24
+    assert torch.equal(_run(loaded, x), _run(model, x))
+
+    fastkd.decompress_(model)
+    assert model.config.quantization_config.layers == {}  # widths only
+    model.save_pretrained(tmp_path / "plain")
+    assert _saved_config(tmp_path / "plain")["quantization_config"]["shrunk"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    assert type(loaded.model.layers[0].mlp.down_proj) is nn.Linear
+    assert torch.equal(_run(loaded, x), _run(model, x))
+
+
+def test_decompress_of_an_unshrunk_model_drops_the_config(tmp_path):
+    model = _build("llama")
+    _quiet(fastkd.quantize_, model)
+    assert model.config.quantization_config.quant_method == "fastkd"
+    fastkd.decompress_(model)
+    assert getattr(model, "hf_quantizer", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path)
+    assert "quantization_config" not in _saved_config(tmp_path)
+
+
+def test_layers_swapped_by_hand_after_the_last_fastkd_call_are_saved(tmp_path):
+    model = _build("llama")
+    _quiet(fastkd.quantize_, model, filter_fn=lambda m, name: ".mlp." in name)
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = MaskedLinear.from_linear(attn.q_proj, sparsity=0.5)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, MaskedLinear)
+    _assert_same_model(loaded, model)
+
+
+def test_from_pretrained_in_another_dtype_and_dequantize(tmp_path):
+    model = _build("llama")
+    _quiet(fastkd.quantize_, model, mode="w8a16", filter_fn=lambda m, name: ".mlp." in name)
+    _quiet(fastkd.sparsify_, model, 0.5, filter_fn=lambda m, name: "self_attn" in name)
+    x = _ids()
+    expected = _run(model, x)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16).eval()
+    up, q = loaded.model.layers[0].mlp.up_proj, loaded.model.layers[0].self_attn.q_proj
+    assert up.weight.dtype == torch.int8 and up.weight_scale.dtype == torch.float32
+    assert q.weight.dtype == torch.bfloat16 and q.mask.dtype == torch.bool
+    assert torch.equal(up.weight, model.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(q.mask, model.model.layers[0].self_attn.q_proj.mask)
+    out = _run(loaded, x)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=0.05, rtol=0.05)
+
+    loaded.float()  # transformers refuses .float() on models it calls quantized
+    loaded.dequantize()  # transformers' API: fastkd.decompress_
+    assert not any(isinstance(m, (Int8Linear, MaskedLinear)) for m in loaded.modules())
+    assert getattr(loaded.config, "quantization_config", None) is None
+    torch.testing.assert_close(_run(loaded, x), expected, atol=0.05, rtol=0.05)
+
+
+def test_base_model_loads_from_a_checkpoint_with_a_head_and_back(tmp_path):
+    model = _build("llama")
+    _quiet(fastkd.quantize_, model, mode="w8a16")
+    model.save_pretrained(tmp_path / "lm")
+    base = transformers.AutoModel.from_pretrained(tmp_path / "lm").eval()
+    assert isinstance(base.layers[1].mlp.down_proj, Int8Linear)
+    assert torch.equal(base(_ids()).last_hidden_state, model.model(_ids()).last_hidden_state)
+
+    base.save_pretrained(tmp_path / "base")
+    with_head = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    assert isinstance(with_head.model.layers[1].mlp.down_proj, Int8Linear)
+    assert type(with_head.lm_head) is nn.Linear  # not in that checkpoint: a new float head
+
+
+def test_student_of_a_compressed_teacher(tmp_path):
+    teacher = _build("llama")
+    _quiet(fastkd.quantize_, teacher, mode="w8a16")
+    student = fastkd.student_from_teacher(teacher, [1])
+    assert list(student.config.quantization_config.layers) != list(
+        teacher.config.quantization_config.layers)  # its own paths, not the teacher's
+    student.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert len(loaded.model.layers) == 1
+    _assert_same_model(loaded, student)
+
+
+def test_quantization_config_on_float_weights_is_refused(tmp_path):
+    _build("llama").save_pretrained(tmp_path)
+    from fastkd._hf_quantizer import FastkdConfig
+
+    with pytest.raises(ValueError, match="fastkd.quantize_"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path,
+                                                          quantization_config=FastkdConfig())
+
+
+def test_a_model_quantized_by_another_method_is_left_alone():
+    model = _build("llama")
+
+    class OtherQuantizer:  # what bitsandbytes/torchao loading leaves on a model
+        quantization_config = None
+
+    model.hf_quantizer = OtherQuantizer()
+    with pytest.warns(UserWarning, match="save_compressed"):
+        fastkd.sparsify_(model, 0.5)
+    assert isinstance(model.hf_quantizer, OtherQuantizer)
+    assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_a_transformers_the_quantizer_does_not_know_gets_a_warning_not_a_mark(monkeypatch):
+    from fastkd import hf
+
+    monkeypatch.setattr(hf, "_registered", False)
+    monkeypatch.setattr(hf, "_failure", [])
+    monkeypatch.setattr(hf, "supported", lambda: False)  # transformers 4.x
+    model = _build("llama")
+    with pytest.warns(RuntimeWarning, match="save_compressed"):
+        fastkd.quantize_(model)
+    assert getattr(model, "hf_quantizer", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastkd.sparsify_(_build("llama"), 0.5)
+    assert not [w for w in caught if "cannot register" in str(w.message)]  # said once
+
+
+def test_marked_model_copies_and_pickles():
+    model = _build("llama")
+    _quiet(fastkd.quantize_, model, mode="w8a16")
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.hf_quantizer.quantization_config.layers == \
+            model.hf_quantizer.quantization_config.layers
+        assert torch.equal(_run(clone, _ids()), _run(model, _ids()))
