@@ -47,14 +47,14 @@ def _shared_linear_spec():
         return {
             "in_features": m.in_features, "out_features": m.out_features,
             "bias": m.bias is not None, "bits": m.bits, "per_channel": m.per_channel,
-            "backend": m.backend,
+            "backend": m.backend, "dtype": _dtype_name(m.bias),
         }
 
     def build(s, skeleton):
         return SharedLinear(
             s["in_features"], s["out_features"], bias=s["bias"], bits=s["bits"],
             per_channel=s["per_channel"], backend=s.get("backend", "auto"),
-            device=_device_of(skeleton),
+            device=_device_of(skeleton), dtype=getattr(torch, s.get("dtype", "float32")),
         )
 
     register_compressed_layer(SharedLinear, settings, build)
@@ -67,7 +67,7 @@ def _int8_linear_spec():
         return {
             "in_features": m.in_features, "out_features": m.out_features,
             "bias": m.bias is not None, "mode": m.mode, "backend": m.backend,
-            "dtype": str(m.bias.dtype if m.bias is not None else torch.float32).replace("torch.", ""),
+            "dtype": _dtype_name(m.bias),
         }
 
     def build(s, skeleton):
@@ -120,6 +120,10 @@ _BUILTIN_SPECS = {
     "MaskedLinear": _masked_linear_spec,
     "Int8Experts": _int8_experts_spec,
 }
+
+
+def _dtype_name(bias) -> str:  # a bias's dtype is the layer's float dtype; fp32 without one
+    return str(bias.dtype if bias is not None else torch.float32).replace("torch.", "")
 
 
 def _device_of(module: nn.Module):

@@ -54,6 +54,21 @@ def test_roundtrip_in_fresh_process(tmp_path):
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
 
 
+def test_bf16_model_loads_with_every_tensor_in_its_dtype(tmp_path):
+    """A bf16 SharedLinear's bias came back fp32 (its settings had no dtype)."""
+    model = _model().to(torch.bfloat16)
+    fastkd.share_weights_(model, bits=4, filter_fn=lambda m, n: n == "0")
+    fastkd.quantize_(model, mode="w8a16", filter_fn=lambda m, n: n == "2")
+    fastkd.sparsify_(model, sparsity=0.5, filter_fn=lambda m, n: n == "4")
+    fastkd.save_compressed(model, tmp_path / "model.safetensors")
+    skeleton = _model().to(torch.bfloat16)
+    fastkd.load_compressed(skeleton, tmp_path / "model.safetensors")
+    saved, loaded = model.state_dict(), skeleton.state_dict()
+    assert saved.keys() == loaded.keys()
+    for key in saved:
+        assert loaded[key].dtype == saved[key].dtype and torch.equal(loaded[key], saved[key]), key
+
+
 def test_load_errors(tmp_path):
     from safetensors.torch import save_file
 

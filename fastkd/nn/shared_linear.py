@@ -32,6 +32,7 @@ class SharedLinear(nn.Module):
         per_channel: bool = False,
         backend: str = "auto",
         device=None,
+        dtype=None,
     ):
         super().__init__()
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
@@ -48,7 +49,7 @@ class SharedLinear(nn.Module):
         cb_shape = (out_features, 2**bits) if per_channel else (2**bits,)
         self.codebook = nn.Parameter(torch.zeros(cb_shape, dtype=torch.float32, device=device))
         self.bias = (
-            nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+            nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         )
 
     @classmethod
