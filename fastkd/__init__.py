@@ -18,6 +18,15 @@ from . import hf as _hf  # noqa: E402
 
 _hf.install()  # transformers' from_pretrained learns fastkd's layers (imports nothing now)
 
+
+def __getattr__(name):  # peft is imported only when its part is asked for
+    if name in ("lora", "register_lora_layers"):
+        import importlib
+
+        lora = importlib.import_module(".lora", __name__)  # sets fastkd.lora
+        return lora if name == "lora" else lora.register_lora_layers
+    raise AttributeError(f"module 'fastkd' has no attribute {name!r}")
+
 __all__ = [
     "__version__",
     "functional",
@@ -41,4 +50,4 @@ __all__ = [
     "save_compressed",
     "load_compressed",
     "size_report",
-]
+]  # and fastkd.register_lora_layers / fastkd.lora, which import peft when first used

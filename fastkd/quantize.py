@@ -13,7 +13,7 @@ from .nn._linear_like import (
     is_replaceable_linear,
     tied_elsewhere,
     warn_compressed_left,
-    warn_peft_bases,
+    guard_peft_bases,
     warn_stacked_weights_left,
     warn_untied,
 )
@@ -72,7 +72,7 @@ def quantize_(
         and (filter_fn is None or filter_fn(module, name))
     ]
     warn_untied("quantize_", tied_elsewhere(model, targets))
-    warn_peft_bases("quantize_", model, [name for name, _ in targets])
+    guard_peft_bases("quantize_", model, [name for name, _ in targets])
     # a Mixture-of-Experts block's experts, held in 3-D parameters by transformers
     experts = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
                if name and is_stacked_experts(module) and _selected(filter_fn, module, name)]

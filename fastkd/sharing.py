@@ -248,7 +248,7 @@ def share_weights_(
         shown,
         tied_elsewhere,
         warn_compressed_left,
-        warn_peft_bases,
+        guard_peft_bases,
         warn_stacked_weights_left,
         warn_untied,
     )
@@ -263,7 +263,7 @@ def share_weights_(
                if is_replaceable_linear(m, pruned=True) and n not in adapters
                and (filter_fn is None or filter_fn(m, n))]
     warn_stacked_weights_left("share_weights_", model, filter_fn)
-    warn_peft_bases("share_weights_", model, [n for n, _ in targets])
+    guard_peft_bases("share_weights_", model, [n for n, _ in targets])
     warn_compressed_left("share_weights_", model, filter_fn, ("Int8Linear",),
                          "cluster the float (or masked) weights before quantize_, not int8 codes")
     if is_replaceable_linear(model, pruned=True) and any(n == "" for n, _ in targets):

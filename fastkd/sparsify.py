@@ -15,7 +15,7 @@ from .nn._linear_like import (
     is_replaceable_linear,
     unpack_layers_,
     warn_compressed_left,
-    warn_peft_bases,
+    guard_peft_bases,
     warn_stacked_weights_left,
 )
 from .nn.masked_linear import MaskedLinear
@@ -90,7 +90,7 @@ def sparsify_(
                 continue
             targets.append((parent, child_name, child))
             names.append(name)
-    warn_peft_bases("sparsify_", model, names)
+    guard_peft_bases("sparsify_", model, names)
     if scope == "global":
         layers = []
         for parent, child_name, child in targets:

@@ -4,6 +4,8 @@ int8 weights), and sparsify_ / share_weights_ pruned or clustered them. And a fr
 back trainable from sparsify_ and share_weights_, so the frozen base under LoRA was trained too."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,7 +118,7 @@ def test_distilling_a_pruned_lora_student_trains_only_the_adapters():
 
 
 @pytest.mark.parametrize("step", sorted(STEPS))
-def test_merging_lora_into_compressed_bases_is_warned_and_works_after_decompress(step):
+def test_merging_lora_into_compressed_bases_is_refused_and_works_after_decompress(step):
     # peft's merge adds the adapter into base_layer.weight: a MaskedLinear masked part of it
     # away and a SharedLinear's looked-up weight is a copy (the merge did nothing), silently
     peft = pytest.importorskip("peft")
@@ -124,13 +126,87 @@ def test_merging_lora_into_compressed_bases_is_warned_and_works_after_decompress
     model = peft.get_peft_model(_tiny_llama(transformers).eval(), peft.LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     swap, _ = STEPS[step]
-    with pytest.warns(UserWarning, match=r"base layer of 2 PEFT adapter layer\(s\).*decompress_"):
-        swap(model)
+    swap(model)
     ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == "LoraCompressedLinear"
+    with pytest.raises(ValueError, match="decompress_"):
+        model.merge_and_unload()
+    with torch.no_grad():  # the refused merge changed nothing
+        assert torch.equal(model(ids).logits, ref)
     fastkd.decompress_(model)
     merged = model.merge_and_unload()
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*tied embeddings")
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_lora_on_a_model_that_is_already_compressed(tmp_path, step):
+    """peft refused fastkd's layers as LoRA targets ("Target module ... is not supported"), so a
+    model loaded compressed (from_pretrained of a fastkd checkpoint) could not take adapters."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    swap, kind = STEPS[step]
+    base = _tiny_llama(transformers).eval()
+    swap(base)
+    base.save_pretrained(tmp_path / "base")
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = base(ids).logits
+    with pytest.raises(ValueError, match="not supported"):  # peft on its own
+        peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+
+    config = fastkd.register_lora_layers(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(base, config)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer) is kind and type(q_proj).__name__ == "LoraCompressedLinear"
+    with torch.no_grad():  # lora_B starts at zero: the base model's outputs
+        assert torch.equal(model(ids).logits, ref)
+    frozen = {n: t.detach().clone() for n, t in q_proj.base_layer.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    assert all(torch.equal(t, frozen[n]) for n, t in q_proj.base_layer.state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        tuned = model(ids).logits
+    assert not torch.equal(tuned, ref)  # the adapters trained
+
+    # a session later: the compressed base from its checkpoint, the adapter from its own
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    config = peft.LoraConfig.from_pretrained(tmp_path / "adapter")
+    again = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter",
+                                           config=fastkd.register_lora_layers(config))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, tuned)
+
+
+def test_lora_variants_that_need_a_float_base_weight_are_refused():
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    base = _tiny_llama(transformers).eval()
+    fastkd.quantize_(base, mode="w8a16", filter_fn=lambda m, n: "lm_head" not in n)
+    config = fastkd.register_lora_layers(peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                         use_dora=True))
+    with pytest.raises(ValueError, match="use_dora"):
+        peft.get_peft_model(base, config)
+    with pytest.raises(TypeError, match="LoraConfig"):
+        fastkd.register_lora_layers(object())
+
+
+def test_peft_is_imported_only_when_its_part_is_used():
+    pytest.importorskip("peft")
+    code = ("import sys, fastkd; assert 'peft' not in sys.modules; "
+            "assert 'transformers' not in sys.modules; f = fastkd.register_lora_layers; "
+            "assert 'peft' in sys.modules and fastkd.lora.register_lora_layers is f")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -291,23 +291,36 @@ def refuse_float_codes(module: nn.Module, state_dict, prefix: str, codes: dict,
     return ok
 
 
-def warn_peft_bases(who: str, model: nn.Module, names) -> None:
-    """Warn when ``who`` replaces the ``base_layer`` of PEFT tuner layers (LoRA on a model that
+def guard_peft_bases(who: str, model: nn.Module, names) -> None:
+    """Before ``who`` compresses the ``base_layer`` of PEFT tuner layers (LoRA on a model that
     is then compressed): peft's ``merge_and_unload`` / ``merge_adapter`` add the adapter's delta
     into ``base_layer.weight``, which a compressed layer does not hold as a plain float weight
     (an Int8Linear's int8 codes refuse it, a MaskedLinear masks part of it away, a SharedLinear's
-    looked-up weight is a copy: a merge that does nothing), so they must see float layers."""
-    bases = []
+    looked-up weight is a copy: a merge that does nothing). peft's LoRA ``Linear`` wrappers
+    become :class:`fastkd.lora.LoraCompressedLinear` (same state, a merge into a compressed base
+    raises and says what to do); other tuner layers get a warning."""
+    lora, others = [], []
     for name in names:
         parent, _, attr = name.rpartition(".")
-        if attr == "base_layer" and _is_tuner_layer(model.get_submodule(parent)):
-            bases.append(parent)
-    if bases:
+        if attr != "base_layer" or not _is_tuner_layer(model.get_submodule(parent)):
+            continue
+        wrapper = model.get_submodule(parent)
+        cls = type(wrapper)
+        if cls.__name__ == "Linear" and cls.__module__ == "peft.tuners.lora.layer":
+            lora.append(wrapper)
+        elif cls.__name__ != "LoraCompressedLinear":
+            others.append(parent)
+    if lora:
+        from ..lora import LoraCompressedLinear
+
+        for wrapper in lora:
+            wrapper.__class__ = LoraCompressedLinear  # a subclass adding no state
+    if others:
         import warnings
 
         warnings.warn(
-            f"{who} compresses the base layer of {len(bases)} PEFT adapter layer(s) "
-            f"({shown(bases)}). Keep the adapters unmerged, or call fastkd.decompress_ (and "
+            f"{who} compresses the base layer of {len(others)} PEFT adapter layer(s) "
+            f"({shown(others)}). Keep the adapters unmerged, or call fastkd.decompress_ (and "
             "fastkd.fold_masks_) before peft's merge_and_unload / merge_adapter: peft adds the "
             "adapter into base_layer.weight, which these layers do not hold as a float weight, "
             "so a merge into them fails or is silently wrong.", stacklevel=3)
