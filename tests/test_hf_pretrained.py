@@ -286,3 +286,27 @@ def test_marked_model_copies_and_pickles():
         assert clone.hf_quantizer.quantization_config.layers == \
             model.hf_quantizer.quantization_config.layers
         assert torch.equal(_run(clone, _ids()), _run(model, _ids()))
+
+
+def test_trainer_checkpoints_of_a_pruned_model_load_pruned(tmp_path):
+    """transformers' Trainer saves with save_pretrained: its checkpoints load as the pruned
+    model it trained (masks, pruned weights still zero), and resuming keeps the masks."""
+    model = _build("llama")
+    fastkd.sparsify_(model, 0.5)
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, save_steps=2,
+        learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=Batches()).train()
+    q = model.model.layers[0].self_attn.q_proj
+    assert bool((q.weight[~q.mask] == 0).all())
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-2")
+    _assert_same_model(loaded, model)
