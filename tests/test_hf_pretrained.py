@@ -310,3 +310,21 @@ def test_trainer_checkpoints_of_a_pruned_model_load_pruned(tmp_path):
     assert bool((q.weight[~q.mask] == 0).all())
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-2")
     _assert_same_model(loaded, model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_from_pretrained_onto_the_gpu_in_bf16(tmp_path):
+    """Loaded straight onto the GPU (device_map) in bf16: the layers run their GPU kernels."""
+    model = _build("llama")
+    _quiet(fastkd.quantize_, model, mode="w8a8", filter_fn=lambda m, name: ".mlp." in name)
+    _quiet(fastkd.sparsify_, model, 0.5, filter_fn=lambda m, name: "self_attn" in name)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, device_map="cuda", dtype=torch.bfloat16).eval()
+    up = loaded.model.layers[0].mlp.up_proj
+    assert up.weight.device.type == "cuda" and up.weight.dtype == torch.int8
+    x = _ids()
+    out = _run(loaded, x.cuda()).float().cpu()
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), _run(model, x).flatten(1))
+    assert cos.min() > 0.99, cos
