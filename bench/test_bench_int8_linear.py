@@ -41,3 +41,22 @@ def test_bench_cpu_quantize_per_token(benchmark, m, k):
     x = torch.randn(m, k)
     q, s = benchmark(lambda: F.quantize_per_token(x, backend="torch"))
     assert q.shape == (m, k) and s.shape == (m,)
+
+
+BF16_SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (64, 2048, 2048), (512, 1024, 1024)]
+
+
+@pytest.mark.parametrize("m,k,n", BF16_SHAPES)
+@pytest.mark.parametrize("impl", ["bf16_linear", "w8a16"])
+def test_bench_cpu_bf16_w8a16(benchmark, impl, m, k, n):
+    """bf16 activations: W8A16 on the CPU takes aten's int8 weight-only kernel where it was
+    timed faster (fastkd/reference/int8_linear.py), against F.linear on the bf16 weight."""
+    x, w, b, wq, ws = _cpu_case(m, k, n, torch.bfloat16)
+    benchmark.group = f"int8_linear cpu bf16 M={m} K={k} N={n}"
+    if impl == "bf16_linear":
+        y = benchmark(TF.linear, x, w, b)
+    else:
+        y = benchmark(lambda: F.int8_linear(x, wq, ws, b, mode="w8a16", backend="torch"))
+    ref = TF.linear(x.float(), w.float(), b.float())
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 0.05

@@ -135,6 +135,68 @@ def test_cpu_int_mm_route_is_timed_once_and_exact(monkeypatch):
     assert ref._cpu_int_mm_is_fast() is False
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 256, 37), (17, 64, 96), (5, 2048, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_bf16_w8a16_through_aten_int8pack_matches_the_chunked_route(m, k, n, bias,
+                                                                       monkeypatch):
+    """bf16 activations on the CPU take aten's _weight_int8pack_mm where the timing says so:
+    the same product to bf16 rounding (its scale is rounded to bf16), for any N and M."""
+    if not ref._cpu_int8pack_is_fast():
+        pytest.skip("aten's int8 weight-only kernel is not faster on this machine")
+    g = _gen(5)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) * 0.02 + 1e-3
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    calls = []
+    real = ref._int8pack
+    monkeypatch.setattr(ref, "_int8pack", lambda *a: calls.append(1) or real(*a))
+    out = ref.int8_linear_w8a16(x, w, s, b)
+    assert calls and out.dtype == torch.bfloat16 and out.shape == (m, n)
+    exact = x.double() @ (w.double() * s.double()[:, None]).t()
+    if bias:
+        exact = exact + b.double()
+    chunked = ref._w8a16_chunked(x, w, s, b)
+    # within a few bf16 roundings of the exact product, like the chunked route
+    scale = exact.abs().amax(dim=1, keepdim=True)
+    assert ((out.double() - exact).abs() <= 2 ** -6 * scale).all()
+    assert ((chunked.double() - exact).abs() <= 2 ** -7 * scale).all()
+
+
+def test_cpu_int8pack_is_never_called_where_it_crashed_or_loses(monkeypatch):
+    """K % 16 != 0 crashed aten's bf16 kernel (segfault); fp32/fp16 activations were slower;
+    a transposed (strided) weight, as the backward passes, is not what it takes."""
+    monkeypatch.setattr(ref, "_cpu_int8pack_fast", True)
+
+    def refuse(*args):
+        raise AssertionError("_weight_int8pack_mm called")
+
+    monkeypatch.setattr(ref, "_int8pack", refuse)
+    g = _gen(6)
+    w = torch.randint(-127, 128, (24, 100), generator=g, dtype=torch.int8)
+    s = torch.rand(24, generator=g) + 0.1
+    ref.int8_linear_w8a16(torch.randn(3, 100).bfloat16(), w, s, None)  # K = 100
+    w64 = torch.randint(-127, 128, (24, 64), generator=g, dtype=torch.int8)
+    s64 = torch.rand(24, generator=g) + 0.1
+    for dtype in (torch.float32, torch.float16):
+        ref.int8_linear_w8a16(torch.randn(3, 64).to(dtype), w64, s64, None)
+    ref.int8_linear_w8a16(torch.randn(3, 24).bfloat16(), w64.t(), torch.ones(64), None)
+    ref.int8_linear_w8a16(torch.randn(0, 64).bfloat16(), w64, s64, None)  # M = 0
+
+
+def test_cpu_int8pack_route_is_timed_once(monkeypatch):
+    monkeypatch.setattr(ref, "_cpu_int8pack_fast", None)
+    calls = []
+    real = ref._int8pack
+    monkeypatch.setattr(ref, "_int8pack", lambda *a: calls.append(1) or real(*a))
+    first = ref._cpu_int8pack_is_fast()
+    assert isinstance(first, bool) and len(calls) == 3
+    assert ref._cpu_int8pack_is_fast() is first and len(calls) == 3
+    monkeypatch.setattr(ref, "_cpu_int8pack_fast", None)  # a kernel that disagrees is not used
+    monkeypatch.setattr(ref, "_int8pack", lambda *a: real(*a) * 1.1)
+    assert ref._cpu_int8pack_is_fast() is False
+
+
 @pytest.mark.parametrize("precision", ["highest", "medium"])
 @pytest.mark.parametrize("cpu_int_mm", [True, False], ids=["cpu_int_mm", "blas_routes"])
 def test_reference_int8_mm_exact_at_large_magnitudes(precision, cpu_int_mm, monkeypatch):
