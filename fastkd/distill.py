@@ -225,17 +225,41 @@ def _is_hf_causal_lm(model: nn.Module) -> bool:
 
 
 def _lm_head_weight(model: nn.Module, who: str):
-    """(weight (V, H), bias or None) of a Hugging Face model's float lm head."""
+    """(weight (V, H), bias or None) of a Hugging Face model's lm head, as a tensor whose
+    gradient is the head's own: an ``nn.Linear``'s weight; a ``MaskedLinear``'s ``W o M``
+    (pruned entries get zero gradient); the dequantized weight of a ``w8a16`` ``Int8Linear``
+    (no gradient: it has no float weight) or of a ``SharedLinear`` whose codebook is frozen.
+    The compressed heads are dequantized to a dense (V, H) copy per step."""
+    from .nn.int8_linear import Int8Linear
+    from .nn.masked_linear import MaskedLinear
+    from .nn.shared_linear import SharedLinear
+
     base = getattr(model, "base_model", None)
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if base is None or base is model or type(head) is not nn.Linear:
+    if base is None or base is model or head is None:
         raise ValueError(
             f"fused_lm_head needs a Hugging Face language model ({who}): a base_model and an "
-            f"nn.Linear output embedding; got {type(model).__name__} with head "
-            f"{type(head).__name__} (a quantized or swapped lm head cannot be fused)"
-        )
-    return head.weight, head.bias
+            f"output embedding; got {type(model).__name__} with head {type(head).__name__}")
+    kind = type(head)
+    if kind is nn.Linear:
+        return head.weight, head.bias
+    if kind is MaskedLinear:
+        return torch.where(head.mask, head.weight, 0), head.bias
+    dtype = getattr(model, "dtype", None)  # dequantize straight into the model's dtype
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    if kind is Int8Linear and head.mode == "w8a16":
+        return head.dequantized_weight(dtype), head.bias
+    if kind is SharedLinear and not (who == "student" and head.codebook.requires_grad):
+        weight = head.dequantized_weight()
+        return (weight if dtype is None else weight.to(dtype)), head.bias
+    why = {
+        Int8Linear: "a w8a8 head quantizes its activations, which the fused loss would not",
+        SharedLinear: "the fused loss cannot train its codebook (freeze it with "
+                      "lm_head.codebook.requires_grad_(False), or leave lm_head out of "
+                      "share_weights_)",
+    }.get(kind, "it is not a linear layer fastkd can read a weight from")
+    raise ValueError(f"fused_lm_head cannot fuse the {who}'s lm head {kind.__name__}: {why}")
 
 
 def _last_hidden(out) -> Tensor:
@@ -648,6 +672,9 @@ class Distiller:
         if h_t.dtype != w_t.dtype:  # a teacher under autocast: its head runs in that dtype too
             w_t = w_t.to(h_t.dtype)
             b_t = None if b_t is None else b_t.to(h_t.dtype)
+        if h_s.dtype != w_s.dtype:  # a dequantized head (fp32) of a bf16 / fp16 student
+            w_s = w_s.to(h_s.dtype)
+            b_s = None if b_s is None else b_s.to(h_s.dtype)
         # hidden states pair with targets and masks position by position, as logits do
         h_s, h_t, target = self._align(h_s, h_t, target, slice_outputs=True)
         keep = self._soft_rows(h_s, target, attention_mask)

@@ -332,11 +332,11 @@ def test_bad_inputs(problem):
         Distiller(teacher, student, task="regression", progress=False).fit([(x, torch.randn(8))])
 
 
-def _tiny_gpt2(seed, n_layer):
+def _tiny_gpt2(seed, n_layer, **config):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=61,
-                                  n_positions=16, bos_token_id=0, eos_token_id=0)
+                                  n_positions=16, bos_token_id=0, eos_token_id=0, **config)
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -564,6 +564,41 @@ def test_fused_lm_head_trains_like_the_unfused_loss(with_labels):
                                    msg=name)
 
 
+@pytest.mark.parametrize("heads", ["masked_student_int8_teacher", "frozen_shared_student"])
+def test_fused_lm_head_takes_compressed_heads(heads):
+    """A pruned student head (W o M: pruned weights get no gradient), a w8a16 teacher head and a
+    weight-shared head with a frozen codebook were refused by fused_lm_head; they now train as
+    the unfused loss does, through their dequantized weight."""
+    # untied heads: sparsify_ leaves a head tied to the embeddings alone
+    teacher = _tiny_gpt2(0, 2, tie_word_embeddings=False)
+    student = _tiny_gpt2(1, 1, tie_word_embeddings=False)
+    if heads == "masked_student_int8_teacher":
+        fastkd.sparsify_(student, 0.5, filter_fn=lambda m, n: n == "lm_head")
+        fastkd.quantize_(teacher, mode="w8a16", filter_fn=lambda m, n: n == "lm_head")
+    else:
+        fastkd.share_weights_(student, bits=4, iters=2, filter_fn=lambda m, n: n == "lm_head")
+        student.lm_head.codebook.requires_grad_(False)
+    batches = _lm_batches(seed=5)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(7)
+        s = copy.deepcopy(student)
+        d = Distiller(teacher, s, temperature=2.0, alpha=0.4, progress=False, backend="torch",
+                      optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+                      fused_lm_head=fused)
+        history = d.fit(batches, epochs=2)
+        runs.append(([h["train_loss"] for h in history], s.state_dict(), s))
+    (loss_a, state_a, _), (loss_b, state_b, trained) = runs
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-6)
+    for name in state_a:
+        torch.testing.assert_close(state_b[name], state_a[name], rtol=1e-3, atol=1e-5,
+                                   msg=name)
+    if heads == "masked_student_int8_teacher":
+        head = trained.lm_head
+        assert bool((head.weight[~head.mask] == 0).all())  # pruned weights stayed pruned
+        assert not torch.equal(head.weight, student.lm_head.weight)  # the rest trained
+
+
 def test_fused_lm_head_refuses_what_it_cannot_fuse():
     teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
     with pytest.raises(ValueError, match="Hugging Face language model"):
@@ -571,8 +606,13 @@ def test_fused_lm_head_refuses_what_it_cannot_fuse():
     quantized = copy.deepcopy(student)
     with pytest.warns(UserWarning, match="tied"):  # GPT-2's lm_head is the embedding's weight
         fastkd.quantize_(quantized, filter_fn=lambda m, n: n == "lm_head")
-    with pytest.raises(ValueError, match="cannot be fused"):
+    with pytest.raises(ValueError, match="cannot fuse the student's lm head Int8Linear.*w8a8"):
         Distiller(teacher, quantized, fused_lm_head=True, progress=False)
+    shared = copy.deepcopy(student)
+    with pytest.warns(UserWarning, match="tied"):
+        fastkd.share_weights_(shared, bits=4, iters=2, filter_fn=lambda m, n: n == "lm_head")
+    with pytest.raises(ValueError, match="codebook"):  # a trainable codebook: not fusable
+        Distiller(teacher, shared, fused_lm_head=True, progress=False)
     with pytest.raises(ValueError, match="adversarial"):
         Distiller(teacher, student, fused_lm_head=True, adversarial_weight=0.1, progress=False)
     # a model whose forward post-processes its logits (as softcapping does) is caught at once
