@@ -13,9 +13,10 @@ from .nn._linear_like import (
     as_linear,
     is_masked_linear,
     is_replaceable_linear,
+    guard_peft_bases,
+    shown,
     unpack_layers_,
     warn_compressed_left,
-    guard_peft_bases,
     warn_stacked_weights_left,
 )
 from .nn.masked_linear import MaskedLinear
@@ -53,7 +54,7 @@ def sparsify_(
     patterns pass ``sparsity=None`` or the implied value. Skipped, whatever the filter says: linears
     owned by ``nn.MultiheadAttention`` (it reads ``out_proj.weight`` directly, so a mask would be
     ignored) and linears whose weight is shared with another module (tied embeddings: pruning one
-    would silently prune the other).
+    would silently prune the other; a warning names them).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify_ takes an nn.Module, got {type(model).__name__}")
@@ -76,7 +77,7 @@ def sparsify_(
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
     adapters = adapter_layers(model)  # PEFT's LoRA weights: not the model's to prune
-    targets, names = [], []
+    targets, names, tied = [], [], []
     for parent_name, parent in model.named_modules():
         if isinstance(parent, nn.MultiheadAttention):
             continue
@@ -84,12 +85,23 @@ def sparsify_(
             if not is_replaceable_linear(child, pruned=True):  # subclasses may override forward
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if name in adapters or uses.get(id(child.weight), 0) > 1:
+            if name in adapters:
                 continue
             if filter_fn is not None and not filter_fn(child, name):
                 continue
+            if uses.get(id(child.weight), 0) > 1:
+                tied.append(name)
+                continue
             targets.append((parent, child_name, child))
             names.append(name)
+    if tied:
+        import warnings
+
+        warnings.warn(
+            f"sparsify_ leaves {shown(tied)} dense: its weight is shared with another module "
+            "(tied embeddings), which pruning it would prune too. Untie it first (a copy of "
+            "the weight) to prune it, or leave it out with filter_fn to silence this.",
+            stacklevel=2)
     guard_peft_bases("sparsify_", model, names)
     if scope == "global":
         layers = []

@@ -164,7 +164,13 @@ def test_replacing_a_tied_head_says_so_and_counts_nothing_freed():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastkd.quantize_(kept, filter_fn=lambda m, n: n != "head")
+        fastkd.sparsify_(copy.deepcopy(lm), 0.5, filter_fn=lambda m, n: n != "head")
     assert kept.head.weight is kept.emb.weight
+    # sparsify_ leaves a tied head dense (pruning it would prune the embedding) and says so
+    pruned = copy.deepcopy(lm)
+    with pytest.warns(UserWarning, match="leaves head dense"):
+        fastkd.sparsify_(pruned, 0.5)
+    assert type(pruned.head) is nn.Linear and pruned.head.weight is pruned.emb.weight
 
 
 def test_fold_masks_gives_plain_linears_with_the_same_outputs(tmp_path):
