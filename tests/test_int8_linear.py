@@ -135,38 +135,42 @@ def test_cpu_int_mm_route_is_timed_once_and_exact(monkeypatch):
     assert ref._cpu_int_mm_is_fast() is False
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 256, 37), (17, 64, 96), (5, 2048, 24)])
+@pytest.mark.parametrize("m,k,n,route", [
+    (1, 256, 37, "_int8pack"), (5, 2048, 24, "_int8pack"), (16, 64, 96, "_int8pack"),
+    (17, 64, 96, "_w8a16_bf16_gemm"), (40, 100, 33, "_w8a16_bf16_gemm")])
 @pytest.mark.parametrize("bias", [False, True])
-def test_cpu_bf16_w8a16_through_aten_int8pack_matches_the_chunked_route(m, k, n, bias,
-                                                                       monkeypatch):
-    """bf16 activations on the CPU take aten's _weight_int8pack_mm where the timing says so:
-    the same product to bf16 rounding (its scale is rounded to bf16), for any N and M."""
-    if not ref._cpu_int8pack_is_fast():
-        pytest.skip("aten's int8 weight-only kernel is not faster on this machine")
+def test_cpu_bf16_w8a16_routes_match_the_exact_product(m, k, n, route, bias, monkeypatch):
+    """bf16 activations on the CPU take aten's _weight_int8pack_mm at M <= 16 and bf16 GEMMs on
+    bf16 codes above, where the timing says so: the same product to a few bf16 roundings."""
+    probe = {"_int8pack": ref._cpu_int8pack_is_fast,
+             "_w8a16_bf16_gemm": ref._cpu_bf16_gemm_is_fast}[route]
+    if not probe():
+        pytest.skip(f"{route} is not faster on this machine")
     g = _gen(5)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     s = torch.rand(n, generator=g) * 0.02 + 1e-3
     b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
     calls = []
-    real = ref._int8pack
-    monkeypatch.setattr(ref, "_int8pack", lambda *a: calls.append(1) or real(*a))
+    real = getattr(ref, route)
+    monkeypatch.setattr(ref, route, lambda *a: calls.append(1) or real(*a))
     out = ref.int8_linear_w8a16(x, w, s, b)
     assert calls and out.dtype == torch.bfloat16 and out.shape == (m, n)
     exact = x.double() @ (w.double() * s.double()[:, None]).t()
     if bias:
         exact = exact + b.double()
     chunked = ref._w8a16_chunked(x, w, s, b)
-    # within a few bf16 roundings of the exact product, like the chunked route
+    # within a few bf16 roundings of the exact product, like the fp32 route
     scale = exact.abs().amax(dim=1, keepdim=True)
     assert ((out.double() - exact).abs() <= 2 ** -6 * scale).all()
     assert ((chunked.double() - exact).abs() <= 2 ** -7 * scale).all()
 
 
 def test_cpu_int8pack_is_never_called_where_it_crashed_or_loses(monkeypatch):
-    """K % 16 != 0 crashed aten's bf16 kernel (segfault); fp32/fp16 activations were slower;
-    a transposed (strided) weight, as the backward passes, is not what it takes."""
+    """K % 16 != 0 crashed aten's bf16 kernel (segfault); fp32/fp16 activations were slower, and
+    so was M > 16; a transposed (strided) weight, as the backward passes, is not what it takes."""
     monkeypatch.setattr(ref, "_cpu_int8pack_fast", True)
+    monkeypatch.setattr(ref, "_cpu_bf16_gemm_fast", True)
 
     def refuse(*args):
         raise AssertionError("_weight_int8pack_mm called")
@@ -182,19 +186,23 @@ def test_cpu_int8pack_is_never_called_where_it_crashed_or_loses(monkeypatch):
         ref.int8_linear_w8a16(torch.randn(3, 64).to(dtype), w64, s64, None)
     ref.int8_linear_w8a16(torch.randn(3, 24).bfloat16(), w64.t(), torch.ones(64), None)
     ref.int8_linear_w8a16(torch.randn(0, 64).bfloat16(), w64, s64, None)  # M = 0
+    ref.int8_linear_w8a16(torch.randn(17, 64).bfloat16(), w64, s64, None)  # M > 16: bf16 GEMMs
 
 
-def test_cpu_int8pack_route_is_timed_once(monkeypatch):
-    monkeypatch.setattr(ref, "_cpu_int8pack_fast", None)
+@pytest.mark.parametrize("route,flag,probe", [
+    ("_int8pack", "_cpu_int8pack_fast", "_cpu_int8pack_is_fast"),
+    ("_w8a16_bf16_gemm", "_cpu_bf16_gemm_fast", "_cpu_bf16_gemm_is_fast")])
+def test_cpu_bf16_routes_are_timed_once(route, flag, probe, monkeypatch):
+    monkeypatch.setattr(ref, flag, None)
     calls = []
-    real = ref._int8pack
-    monkeypatch.setattr(ref, "_int8pack", lambda *a: calls.append(1) or real(*a))
-    first = ref._cpu_int8pack_is_fast()
+    real = getattr(ref, route)
+    monkeypatch.setattr(ref, route, lambda *a: calls.append(1) or real(*a))
+    first = getattr(ref, probe)()
     assert isinstance(first, bool) and len(calls) == 3
-    assert ref._cpu_int8pack_is_fast() is first and len(calls) == 3
-    monkeypatch.setattr(ref, "_cpu_int8pack_fast", None)  # a kernel that disagrees is not used
-    monkeypatch.setattr(ref, "_int8pack", lambda *a: real(*a) * 1.1)
-    assert ref._cpu_int8pack_is_fast() is False
+    assert getattr(ref, probe)() is first and len(calls) == 3
+    monkeypatch.setattr(ref, flag, None)  # a route that disagrees is not used
+    monkeypatch.setattr(ref, route, lambda *a: real(*a) * 1.1)
+    assert getattr(ref, probe)() is False
 
 
 @pytest.mark.parametrize("precision", ["highest", "medium"])

@@ -85,29 +85,30 @@ _CPU_INT_MM_MIN_K = 8
 _cpu_int_mm_fast: Optional[bool] = None
 
 
+def _best_of_three(fn):
+    """(shortest of three timed calls of ``fn``, its result): the CPU route probes."""
+    import time
+
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
 def _cpu_int_mm_is_fast() -> bool:
     global _cpu_int_mm_fast
     if _cpu_int_mm_fast is None:
-        import time
-
         g = torch.Generator().manual_seed(0)
         a = torch.randint(-128, 128, (64, 1024), dtype=torch.int8, generator=g)
         b = torch.randint(-128, 128, (256, 1024), dtype=torch.int8, generator=g)
-
-        def best(fn):
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                out = fn()
-                times.append(time.perf_counter() - t0)
-            return min(times), out
-
         try:
-            t_int, out_int = best(lambda: torch._int_mm(a, b.t()))
+            t_int, out_int = _best_of_three(lambda: torch._int_mm(a, b.t()))
         except RuntimeError:  # a build without a CPU kernel
             _cpu_int_mm_fast = False
             return False
-        t_fp32, out_fp32 = best(lambda: _int8_mm_fp32_slices(a, b))
+        t_fp32, out_fp32 = _best_of_three(lambda: _int8_mm_fp32_slices(a, b))
         _cpu_int_mm_fast = bool(t_int < t_fp32 and torch.equal(out_int, out_fp32))
     return _cpu_int_mm_fast
 
@@ -199,25 +200,34 @@ def int8_linear_w8a8(
     return int8_mm_scaled(x_q, x_s, weight, weight_scale, bias, x.dtype)
 
 
-# W8A16 with bf16 activations on the CPU: aten's _weight_int8pack_mm (int8 weight, per-channel
-# scale; the weight-only int8 kernel of gpt-fast and torchao) is vectorised for bf16. On the
-# 2-core CI machine (AMD EPYC, torch 2.15), against the chunked fp32 route below, same run:
-# 4096 x 4096 at M = 1: 0.46 ms vs 2.42 ms (5.3x); M = 8: 1.80 vs 8.51 (4.7x); 2048 x 2048 at
-# M = 64: 3.4 vs 8.7 (2.6x); 1024 x 1024 at M = 512: 6.9 vs 7.6 (1.1x). For fp32 and fp16
-# activations it was 2-30x slower there, so bf16 only. It reads K in blocks of 16 without a
-# tail: K % 16 != 0 crashed the process (segfault, bf16, torch 2.15), so only K % 16 == 0. Its
-# scale is bf16 (the fp32 scale rounded, relative error <= 2^-9, like rounding the output) and
-# the bias is added after its bf16 result. Timed once per process against the chunked route on
-# one product, and used only where it is faster and agrees.
+# W8A16 with bf16 activations on the CPU, two routes faster than converting the codes to fp32
+# (the chunked route below), each timed once per process against it on one product and used only
+# where faster and agreeing. Same-run figures on the 2-core CI machine (AMD EPYC, torch 2.15):
+#  - decode (M <= 16): aten's _weight_int8pack_mm (int8 weight, per-channel scale; the weight-only
+#    kernel of gpt-fast and torchao), vectorised for bf16: 4096 x 4096 at M = 1 0.46 ms vs 2.42
+#    (5.3x), M = 8 1.80 vs 8.51 (4.7x); slower than the bf16 GEMM route from M ~ 32 on (2048 x
+#    2048 at M = 64: 3.6 ms vs 1.9). It reads K in blocks of 16 without a tail: K % 16 != 0
+#    crashed the process (segfault, torch 2.15; NaN or segfault on 2.11), so only K % 16 == 0,
+#    and only bf16 (2-30x slower than the fp32 route for fp32 / fp16 activations). Its scale is
+#    bf16 (the fp32 scale rounded, relative error <= 2^-9) and the bias is added after its bf16
+#    result.
+#  - M > 16: the codes converted to bf16 (exact: |code| <= 128) a chunk of output channels at a
+#    time and one bf16 GEMM per chunk (oneDNN), the channel scale and bias applied in fp32 to
+#    its bf16 result: 2048 x 2048 at M = 64 1.9 ms vs 8.7 (fp32 route), 1024 x 1024 at M = 512
+#    3.0 vs 7.6; 0.85x a bf16 F.linear on the bf16 weight. At M = 16 it was slower than
+#    aten's kernel (11 ms vs 4.2 at 4096 x 4096).
+# Both round twice to bf16 where the fp32 route rounds once: a few bf16 roundings of the exact
+# product (tested).
 _INT8PACK_K_MULTIPLE = 16
+_INT8PACK_MAX_M = 16
 _cpu_int8pack_fast: Optional[bool] = None
+_cpu_bf16_gemm_fast: Optional[bool] = None
 
 
 def _int8pack_applies(x: Tensor, weight: Tensor) -> bool:
     m, k = x.shape
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and m > 0 and k > 0
-            and weight.shape[0] > 0 and k % _INT8PACK_K_MULTIPLE == 0
-            and weight.dtype == torch.int8 and weight.is_contiguous())
+    return (m <= _INT8PACK_MAX_M and k % _INT8PACK_K_MULTIPLE == 0
+            and weight.is_contiguous())
 
 
 def _int8pack(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -228,34 +238,37 @@ def _int8pack(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Te
     return y
 
 
+def _probe_case(m: int):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, 1024, generator=g).to(torch.bfloat16)
+    w = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, generator=g)
+    s = torch.rand(1024, generator=g) * 0.01 + 1e-3
+    return x, w, s
+
+
+def _faster_and_agreeing(route, m: int) -> bool:
+    x, w, s = _probe_case(m)
+    try:
+        t_new, y_new = _best_of_three(lambda: route(x, w, s, None))
+    except (RuntimeError, AttributeError):  # a build or torch without the kernel
+        return False
+    t_ref, y_ref = _best_of_three(lambda: _w8a16_chunked(x, w, s, None))
+    err = (y_new.float() - y_ref.float()).abs().max()
+    return bool(t_new < 0.8 * t_ref and err <= 2 ** -6 * y_ref.float().abs().max())
+
+
 def _cpu_int8pack_is_fast() -> bool:
     global _cpu_int8pack_fast
     if _cpu_int8pack_fast is None:
-        import time
-
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(8, 1024, generator=g).to(torch.bfloat16)
-        w = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, generator=g)
-        s = torch.rand(1024, generator=g) * 0.01 + 1e-3
-
-        def best(fn):
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                out = fn()
-                times.append(time.perf_counter() - t0)
-            return min(times), out
-
-        try:
-            t_pack, y_pack = best(lambda: _int8pack(x, w, s, None))
-        except (RuntimeError, AttributeError):  # a build or torch without it
-            _cpu_int8pack_fast = False
-            return False
-        t_ref, y_ref = best(lambda: _w8a16_chunked(x, w, s, None))
-        err = (y_pack.float() - y_ref.float()).abs().max()
-        _cpu_int8pack_fast = bool(t_pack < 0.8 * t_ref
-                                  and err <= 2 ** -6 * y_ref.float().abs().max())
+        _cpu_int8pack_fast = _faster_and_agreeing(_int8pack, 8)
     return _cpu_int8pack_fast
+
+
+def _cpu_bf16_gemm_is_fast() -> bool:
+    global _cpu_bf16_gemm_fast
+    if _cpu_bf16_gemm_fast is None:
+        _cpu_bf16_gemm_fast = _faster_and_agreeing(_w8a16_bf16_gemm, 64)
+    return _cpu_bf16_gemm_fast
 
 
 def int8_linear_w8a16(
@@ -265,25 +278,41 @@ def int8_linear_w8a16(
 
     The int8 codes are converted to fp32 (exact) a chunk of output channels at a time, so no
     full-size float copy of the weight exists; accumulation is fp32 and the channel scale is
-    applied to the sum. bf16 activations on the CPU take aten's int8 weight-only kernel where
-    it applies and is faster (see _cpu_int8pack_is_fast).
+    applied to the sum. bf16 activations on the CPU take a faster route where one timed product
+    says so (aten's int8 weight-only kernel at M <= 16, bf16 GEMMs on bf16 codes above).
     """
-    if _int8pack_applies(x, weight) and _cpu_int8pack_is_fast():
-        return _int8pack(x, weight, weight_scale, bias)
+    m, k = x.shape
+    if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.int8
+            and m > 0 and k > 0 and weight.shape[0] > 0):
+        if _int8pack_applies(x, weight):
+            if _cpu_int8pack_is_fast():
+                return _int8pack(x, weight, weight_scale, bias)
+        elif m > _INT8PACK_MAX_M and _cpu_bf16_gemm_is_fast():
+            return _w8a16_bf16_gemm(x, weight, weight_scale, bias)
     return _w8a16_chunked(x, weight, weight_scale, bias)
 
 
-def _w8a16_chunked(
+def _w8a16_bf16_gemm(
     x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]
 ) -> Tensor:
+    """The chunked route with bf16 codes and bf16 GEMMs (see above)."""
+    return _w8a16_chunked(x, weight, weight_scale, bias, compute=torch.bfloat16)
+
+
+def _w8a16_chunked(
+    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+    compute: torch.dtype = torch.float32,
+) -> Tensor:
+    """The codes converted to ``compute`` (exactly: fp32 or bf16) a chunk of output channels at a
+    time, one GEMM per chunk, the scale and bias applied in fp32."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    xf = x.float()
+    xc = x.to(compute)
     step = max(1, min(n, _CHUNK_ELEMENTS // max(k, 1)))
     for n0 in range(0, n, step):
         n1 = min(n, n0 + step)
-        y = xf @ weight[n0:n1].float().t()
+        y = (xc @ weight[n0:n1].to(compute).t()).float()
         y = y * weight_scale[n0:n1].float()[None, :]
         if bias is not None:
             y = y + bias[n0:n1].float()[None, :]
