@@ -20,12 +20,16 @@ from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 __all__ = ["register_lora_layers", "LoraCompressedLinear"]
 
 
-def _compressed(module) -> bool:
+def _layer_types() -> tuple:
     from .nn.int8_linear import Int8Linear
     from .nn.masked_linear import MaskedLinear
     from .nn.shared_linear import SharedLinear
 
-    return isinstance(module, (Int8Linear, MaskedLinear, SharedLinear))
+    return Int8Linear, MaskedLinear, SharedLinear
+
+
+def _compressed(module) -> bool:
+    return isinstance(module, _layer_types())
 
 
 def _variants_asked(config, kwargs) -> list:
@@ -34,8 +38,7 @@ def _variants_asked(config, kwargs) -> list:
     table = getattr(_PeftLoraLinear, "lora_variants", None)
     if isinstance(table, property):
         flags |= {name for key in table.fget(None) for name in key}
-    asked = [f for f in sorted(flags) if kwargs.get(f) or getattr(config, f, None)]
-    return asked
+    return [f for f in sorted(flags) if kwargs.get(f) or getattr(config, f, None)]
 
 
 class LoraCompressedLinear(_PeftLoraLinear):
@@ -72,13 +75,9 @@ def register_lora_layers(config):
     ``MaskedLinear`` and ``SharedLinear`` layers; returns ``config``. Pass it to
     ``get_peft_model``, or as ``config=`` to ``PeftModel.from_pretrained`` (peft does not save
     the registration with the adapter)."""
-    from .nn.int8_linear import Int8Linear
-    from .nn.masked_linear import MaskedLinear
-    from .nn.shared_linear import SharedLinear
-
     register = getattr(config, "_register_custom_module", None)
     if register is None:
         raise TypeError("register_lora_layers takes a peft.LoraConfig of a peft with custom "
                         f"LoRA modules (peft >= 0.14), got {type(config).__name__}")
-    register({cls: LoraCompressedLinear for cls in (Int8Linear, MaskedLinear, SharedLinear)})
+    register({cls: LoraCompressedLinear for cls in _layer_types()})
     return config
