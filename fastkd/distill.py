@@ -629,7 +629,7 @@ class Distiller:
                for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
             for model, who in ((self.student, "student"), (self.teacher, "teacher")):
-                weight, bias = _lm_head_weight(model, who)
+                head = model.get_output_embeddings()
                 was_training = model.training
                 model.eval()  # the same function twice: no dropout
                 try:
@@ -637,7 +637,11 @@ class Distiller:
                     hidden = _last_hidden(model.base_model(**one))
                 finally:
                     model.train(was_training)
-                fused = F.linear(hidden.to(weight.dtype), weight, bias).float()
+                if type(head) is nn.Linear:
+                    fused = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias)
+                else:  # a compressed head: its own forward, which the dequantized weight matches
+                    fused = head(hidden)
+                fused = fused.float()
                 tol = 1e-3 * max(logits.abs().max().item(), 1.0)
                 if logits.shape != fused.shape or (logits - fused).abs().max().item() > tol:
                     raise ValueError(
@@ -672,9 +676,6 @@ class Distiller:
         if h_t.dtype != w_t.dtype:  # a teacher under autocast: its head runs in that dtype too
             w_t = w_t.to(h_t.dtype)
             b_t = None if b_t is None else b_t.to(h_t.dtype)
-        if h_s.dtype != w_s.dtype:  # a dequantized head (fp32) of a bf16 / fp16 student
-            w_s = w_s.to(h_s.dtype)
-            b_s = None if b_s is None else b_s.to(h_s.dtype)
         # hidden states pair with targets and masks position by position, as logits do
         h_s, h_t, target = self._align(h_s, h_t, target, slice_outputs=True)
         keep = self._soft_rows(h_s, target, attention_mask)

@@ -599,6 +599,20 @@ def test_fused_lm_head_takes_compressed_heads(heads):
         assert not torch.equal(head.weight, student.lm_head.weight)  # the rest trained
 
 
+def test_fused_lm_head_takes_compressed_heads_of_bf16_models():
+    # the first-batch check compared the logits with F.linear on the dequantized bf16 weight,
+    # which differs from the int8 head's own output by more than its tolerance: refused
+    teacher = _tiny_gpt2(0, 2, tie_word_embeddings=False).bfloat16()
+    student = _tiny_gpt2(1, 1, tie_word_embeddings=False).bfloat16()
+    fastkd.quantize_(teacher, mode="w8a16", filter_fn=lambda m, n: n == "lm_head")
+    fastkd.sparsify_(student, 0.5, filter_fn=lambda m, n: n == "lm_head")
+    batches = _lm_batches(seed=5)
+    losses = [Distiller(teacher, copy.deepcopy(student), progress=False, backend="torch",
+                        fused_lm_head=fused).fit(batches, epochs=1)[0]["train_loss"]
+              for fused in (False, True)]
+    assert math.isfinite(losses[1]) and abs(losses[1] - losses[0]) < 1e-2 * abs(losses[0])
+
+
 def test_fused_lm_head_refuses_what_it_cannot_fuse():
     teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
     with pytest.raises(ValueError, match="Hugging Face language model"):
