@@ -250,6 +250,38 @@ def test_bad_input():
     model = _model("mixtral")
     with pytest.raises(ValueError, match="mode"):
         Int8Experts(model.model.layers[0].mlp.experts, mode="w4a16")
+    q = Int8Experts.from_experts(_ToyExperts())
+    idx, w = _routing(3, 5)
+    with pytest.raises(ValueError, match=r"hidden_states must be \(tokens, 24\)"):
+        q(torch.randn(3, 23), idx, w)
+    with pytest.raises(TypeError, match="hidden_states"):
+        q(torch.ones(3, 24, dtype=torch.int32), idx, w)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_w8a8_without_a_gradient_quantizes_the_tokens_once_with_the_same_result(bias,
+                                                                               monkeypatch):
+    """Inference quantizes every token once for all the up projections (per-token scales do
+    not depend on the expert) and runs one scaled int8 GEMM per expert: the same bits as
+    int8_linear per expert, which training needs for its straight-through gradient."""
+    from fastkd import _ops
+
+    q = Int8Experts.from_experts(_ToyExperts(bias=bias), mode="w8a8")
+    x = torch.randn(13, 24)
+    idx, w = _routing(13, 5)
+    calls = []
+    real = _ops.call
+    monkeypatch.setattr(_ops, "call", lambda name, *a: calls.append(name) or real(name, *a))
+    with torch.no_grad():
+        fast = q(x, idx, w)
+    assert calls.count("quantize_per_token") == 1 and "int8_mm_scaled" in calls
+    calls.clear()
+    x_grad = x.clone().requires_grad_()
+    trained = q(x_grad, idx, w)
+    assert "quantize_per_token" not in calls and "int8_linear_w8a8" in calls
+    assert torch.equal(fast, trained.detach())
+    trained.sum().backward()
+    assert x_grad.grad is not None and x_grad.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("transposed, bias", [(False, False), (True, True)])

@@ -17,8 +17,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _ops
 from .. import functional as F
 from .._backend import check_backend
+from .._validate import check_float_dtype, check_tensor
 from ._linear_like import bare_module, plain_attributes, refuse_float_codes
 from .int8_linear import _check_mode
 
@@ -62,6 +64,18 @@ def is_stacked_experts(module) -> bool:
     hidden = k_up
     inner = n_up // 2 if module.has_gate else n_up
     return n_down == hidden and k_down == inner and (not module.has_gate or n_up % 2 == 0)
+
+
+def _checked_input(hidden_states: Tensor, features: int) -> Tensor:
+    """``hidden_states`` (T, H) as int8_linear would take it: float, H features, in autocast's
+    dtype where autocast is on."""
+    check_tensor(hidden_states, "hidden_states")
+    check_float_dtype(hidden_states, "hidden_states")
+    if hidden_states.dim() != 2 or hidden_states.shape[1] != features:
+        raise ValueError(f"hidden_states must be (tokens, {features}), got "
+                         f"{tuple(hidden_states.shape)}")
+    low = F._autocast_dtype(hidden_states)
+    return hidden_states if low is None else hidden_states.to(low)
 
 
 def _out_in(experts: nn.Module, w: Tensor) -> tuple:
@@ -129,16 +143,34 @@ class Int8Experts(nn.Module):
         """Quantize ``experts`` (each expert's matrices per output channel)."""
         return cls(experts, mode=mode, backend=backend)
 
-    def _linear(self, x: Tensor, p: str, e: int) -> Tensor:
-        bias = getattr(self, f"{p}_bias", None) if self.has_bias else None
-        return F.int8_linear(x, getattr(self, p)[e], getattr(self, f"{p}_scale")[e],
-                             None if bias is None else bias[e], mode=self.mode,
-                             backend=self.backend)
-
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         up, down = self.projections
+        x = _checked_input(hidden_states, getattr(self, up).shape[2])
         out = torch.zeros_like(hidden_states)
         n_experts, k = self.num_experts, top_k_index.shape[-1]
+        # validated and dispatched once per call, not per expert (at decode the host time is
+        # what a call costs)
+        if self.mode == "w8a8" and max(getattr(self, p).shape[2] for p in self.projections) \
+                > F._INT8_MAX_K_W8A8:
+            raise ValueError(f"w8a8 accumulates in int32, which can overflow for K > "
+                             f"{F._INT8_MAX_K_W8A8}; use mode='w8a16'")
+        impl = F.INT8_LINEAR_BACKENDS.select(self.backend, x.device,
+                                             F._int8_triton_dtype_reasons(x.dtype))
+        name = "int8_linear_w8a8" if self.mode == "w8a8" else "int8_linear_w8a16"
+        biases = {p: getattr(self, f"{p}_bias", None) if self.has_bias else None
+                  for p in self.projections}
+
+        def linear(h, p, e):
+            b = biases[p]
+            return _ops.call(name, h, getattr(self, p)[e], getattr(self, f"{p}_scale")[e],
+                             None if b is None else b[e], impl)
+
+        # w8a8 without a gradient to carry: every token quantized once for the up projections
+        # (per-token quantization does not depend on the expert), then one scaled int8 GEMM per
+        # expert; with a gradient, int8_linear's straight-through backward is needed
+        quantized = None
+        if self.mode == "w8a8" and not (torch.is_grad_enabled() and x.requires_grad):
+            quantized = _ops.call("quantize_per_token", x, impl)
         # (token, slot) pairs grouped by expert with one sort and one host sync, rather than a
         # search (and a sync) per expert; ids outside [0, E) (expert parallelism's "not here"
         # sentinel) sort last and are dropped
@@ -153,9 +185,15 @@ class Int8Experts(nn.Module):
             pairs = order[start:start + count]
             start += count
             token, slot = pairs // k, pairs % k
-            h = self._linear(hidden_states[token], up, e)
+            if quantized is None:
+                h = linear(x[token], up, e)
+            else:
+                b = biases[up]
+                h = _ops.call("int8_mm_scaled", quantized[0][token], quantized[1][token],
+                              getattr(self, up)[e], getattr(self, f"{up}_scale")[e],
+                              None if b is None else b[e], x.dtype, impl)
             h = self._gate_fn(self, h) if self.has_gate else self.act_fn(h)
-            h = self._linear(h, down, e)
+            h = linear(h, down, e)
             if self.has_post_expert_norm:
                 h = self.post_expert_norm(h)
             h = h * top_k_weights[token, slot, None]
