@@ -1,14 +1,5 @@
-"""Int8 experts of a Mixture-of-Experts model, as transformers (5 and later) holds them.
-
-transformers keeps a MoE block's experts in one module with 3-D parameters, one matrix per
-expert: ``gate_up_proj`` ``(E, 2I, H)`` (or ``up_proj`` ``(E, I, H)`` without a gate) and
-``down_proj`` ``(E, H, I)``, transposed where the class says ``is_transposed`` (gpt-oss), with
-optional ``*_bias`` ``(E, out)``. Its ``forward(hidden_states, top_k_index, top_k_weights)`` sends
-each token to its top-k experts. The class carries the flags that describe that computation
-(``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``, ``_apply_gate``): these
-are what :class:`Int8Experts` reads, so it covers Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss and
-the other classes built the same way without knowing them by name.
-"""
+"""Int8 experts of a Mixture-of-Experts model, as transformers (5 and later) holds them (3-D
+stacked weights; see _stacked_experts.py for the layout and the flags it reads)."""
 
 from __future__ import annotations
 
@@ -21,49 +12,11 @@ from .. import _ops
 from .. import functional as F
 from .._backend import check_backend
 from .._validate import check_float_dtype, check_tensor
-from ._linear_like import bare_module, plain_attributes, refuse_float_codes
+from ._linear_like import refuse_float_codes
+from ._stacked_experts import StackedExperts, _out_in, is_stacked_experts
 from .int8_linear import _check_mode
 
 __all__ = ["Int8Experts", "is_stacked_experts"]
-
-def _projections(experts: nn.Module) -> tuple:
-    return ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
-
-
-def is_stacked_experts(module) -> bool:
-    """True for a transformers experts module Int8Experts can stand in for: the flags of
-    ``transformers.integrations.moe.use_experts_implementation``, 3-D floating weights of the
-    shapes they imply, no expert parallelism, nothing else holding parameters but a post-expert
-    norm."""
-    if not isinstance(module, nn.Module) or isinstance(module, Int8Experts):
-        return False
-    flags = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
-    if not all(isinstance(getattr(module, f, None), bool) for f in flags):
-        return False
-    if getattr(module, "_is_expert_parallel", False) or not isinstance(
-            getattr(module, "num_experts", None), int):
-        return False
-    if module.has_gate and not callable(getattr(module, "_apply_gate", None)):
-        return False
-    if not module.has_gate and not callable(getattr(module, "act_fn", None)):
-        return False
-    expected = set(_projections(module))
-    if module.has_bias:
-        expected |= {f"{p}_bias" for p in _projections(module)}
-    if set(module._parameters) != expected or module._buffers:
-        return False
-    extra = set(module._modules) - {"act_fn", "post_expert_norm"}
-    if extra:
-        return False
-    e = module.num_experts
-    up, down = (module._parameters[p] for p in _projections(module))
-    if not all(p is not None and p.dim() == 3 and p.is_floating_point() and p.shape[0] == e
-               for p in (up, down)):
-        return False
-    (n_up, k_up), (n_down, k_down) = (_out_in(module, p) for p in (up, down))
-    hidden = k_up
-    inner = n_up // 2 if module.has_gate else n_up
-    return n_down == hidden and k_down == inner and (not module.has_gate or n_up % 2 == 0)
 
 
 def _checked_input(hidden_states: Tensor, features: int) -> Tensor:
@@ -78,12 +31,7 @@ def _checked_input(hidden_states: Tensor, features: int) -> Tensor:
     return hidden_states if low is None else hidden_states.to(low)
 
 
-def _out_in(experts: nn.Module, w: Tensor) -> tuple:
-    """(out, in) of one expert's matrix in a stacked weight."""
-    return (w.shape[2], w.shape[1]) if experts.is_transposed else (w.shape[1], w.shape[2])
-
-
-class Int8Experts(nn.Module):
+class Int8Experts(StackedExperts):
     """Int8 stand-in for a transformers experts module (see the module docstring).
 
     ``Int8Experts.from_experts(experts, mode="w8a8")``, or ``fastkd.quantize_(model)``, which
@@ -99,23 +47,14 @@ class Int8Experts(nn.Module):
     weights in the source's layout (``fastkd.decompress_`` does it for a whole model).
     """
 
+    _own_attributes = ("mode", "backend")
+
     def __init__(self, experts: nn.Module, mode: str = "w8a8", backend: str = "auto",
                  quantize: bool = True):
-        super().__init__()
-        if not is_stacked_experts(experts):
-            raise TypeError(
-                f"Int8Experts takes a transformers experts module with 3-D stacked weights "
-                f"(use_experts_implementation), got {type(experts).__name__}")
+        super().__init__(experts)
         self.mode = _check_mode(mode)
         check_backend(backend)
         self.backend = backend
-        # the source's settings and its activation / norm modules, which forward uses as they are
-        self.__dict__.update(plain_attributes(experts, ("mode", "backend")))
-        for name, child in experts.named_children():
-            self.add_module(name, child)
-        self._source_type = type(experts)
-        self._gate_fn = type(experts)._apply_gate if experts.has_gate else None
-        self.projections = _projections(experts)
         for p in self.projections:
             w = experts._parameters[p]
             n_out, n_in = _out_in(experts, w)
@@ -147,7 +86,6 @@ class Int8Experts(nn.Module):
         up, down = self.projections
         x = _checked_input(hidden_states, getattr(self, up).shape[2])
         out = torch.zeros_like(hidden_states)
-        n_experts, k = self.num_experts, top_k_index.shape[-1]
         # validated and dispatched once per call, not per expert (at decode the host time is
         # what a call costs)
         if self.mode == "w8a8" and max(getattr(self, p).shape[2] for p in self.projections) \
@@ -171,20 +109,7 @@ class Int8Experts(nn.Module):
         quantized = None
         if self.mode == "w8a8" and not (torch.is_grad_enabled() and x.requires_grad):
             quantized = _ops.call("quantize_per_token", x, impl)
-        # (token, slot) pairs grouped by expert with one sort and one host sync, rather than a
-        # search (and a sync) per expert; ids outside [0, E) (expert parallelism's "not here"
-        # sentinel) sort last and are dropped
-        flat = top_k_index.reshape(-1)
-        flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts].tolist()
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            pairs = order[start:start + count]
-            start += count
-            token, slot = pairs // k, pairs % k
+        for e, token, slot in self._groups(top_k_index):
             if quantized is None:
                 h = linear(x[token], up, e)
             else:
@@ -192,12 +117,8 @@ class Int8Experts(nn.Module):
                 h = _ops.call("int8_mm_scaled", quantized[0][token], quantized[1][token],
                               getattr(self, up)[e], getattr(self, f"{up}_scale")[e],
                               None if b is None else b[e], x.dtype, impl)
-            h = self._gate_fn(self, h) if self.has_gate else self.act_fn(h)
-            h = linear(h, down, e)
-            if self.has_post_expert_norm:
-                h = self.post_expert_norm(h)
-            h = h * top_k_weights[token, slot, None]
-            out.index_add_(0, token, h.to(out.dtype))
+            h = linear(self._activate(h), down, e)
+            self._add_expert_output(out, h, token, slot, top_k_weights)
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -221,10 +142,7 @@ class Int8Experts(nn.Module):
     def to_experts(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         """A module of the source class holding the dequantized weights in ``dtype`` (default:
         the biases' dtype, else fp32), in the source's layout."""
-        new = bare_module(self._source_type,
-                          plain_attributes(self, ("mode", "backend", "projections")))
-        for name, child in self.named_children():
-            new.add_module(name, child)
+        new = self._bare_source()
         biases = [b for b in self.parameters(recurse=False)]
         dtype = dtype or (biases[0].dtype if biases else torch.float32)
         for p in self.projections:

@@ -1,0 +1,122 @@
+"""What fastkd's stand-ins for a transformers experts module share (Int8Experts, MaskedExperts).
+
+transformers (5 and later) keeps a MoE block's experts in one module with 3-D parameters, one
+matrix per expert: ``gate_up_proj`` ``(E, 2I, H)`` (or ``up_proj`` ``(E, I, H)`` without a gate)
+and ``down_proj`` ``(E, H, I)``, transposed where the class says ``is_transposed`` (gpt-oss),
+with optional ``*_bias`` ``(E, out)``. Its ``forward(hidden_states, top_k_index, top_k_weights)``
+sends each token to its top-k experts. The class carries the flags that describe that
+computation (``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``,
+``_apply_gate``): these are what fastkd reads, so it covers Mixtral, Qwen-MoE, DeepSeek-V3,
+gpt-oss and the other classes built the same way without knowing them by name.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ._linear_like import bare_module, plain_attributes
+
+__all__ = ["StackedExperts", "is_stacked_experts"]
+
+
+def _projections(experts: nn.Module) -> tuple:
+    return ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
+
+
+def is_stacked_experts(module) -> bool:
+    """True for a transformers experts module Int8Experts can stand in for: the flags of
+    ``transformers.integrations.moe.use_experts_implementation``, 3-D floating weights of the
+    shapes they imply, no expert parallelism, nothing else holding parameters but a post-expert
+    norm."""
+    if not isinstance(module, nn.Module) or isinstance(module, StackedExperts):
+        return False
+    flags = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+    if not all(isinstance(getattr(module, f, None), bool) for f in flags):
+        return False
+    if getattr(module, "_is_expert_parallel", False) or not isinstance(
+            getattr(module, "num_experts", None), int):
+        return False
+    if module.has_gate and not callable(getattr(module, "_apply_gate", None)):
+        return False
+    if not module.has_gate and not callable(getattr(module, "act_fn", None)):
+        return False
+    expected = set(_projections(module))
+    if module.has_bias:
+        expected |= {f"{p}_bias" for p in _projections(module)}
+    if set(module._parameters) != expected or module._buffers:
+        return False
+    extra = set(module._modules) - {"act_fn", "post_expert_norm"}
+    if extra:
+        return False
+    e = module.num_experts
+    up, down = (module._parameters[p] for p in _projections(module))
+    if not all(p is not None and p.dim() == 3 and p.is_floating_point() and p.shape[0] == e
+               for p in (up, down)):
+        return False
+    (n_up, k_up), (n_down, k_down) = (_out_in(module, p) for p in (up, down))
+    hidden = k_up
+    inner = n_up // 2 if module.has_gate else n_up
+    return n_down == hidden and k_down == inner and (not module.has_gate or n_up % 2 == 0)
+
+
+def _out_in(experts: nn.Module, w: Tensor) -> tuple:
+    """(out, in) of one expert's matrix in a stacked weight."""
+    return (w.shape[2], w.shape[1]) if experts.is_transposed else (w.shape[1], w.shape[2])
+
+
+class StackedExperts(nn.Module):
+    """Base of fastkd's experts modules: the source class's settings, activation / norm
+    children and gate, and the routing loop's pieces. Subclasses hold the weights."""
+
+    _own_attributes: tuple = ()  # plain attributes of the subclass, not the source's
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        if not is_stacked_experts(experts):
+            raise TypeError(
+                f"{type(self).__name__} takes a transformers experts module with 3-D stacked "
+                f"weights (use_experts_implementation), got {type(experts).__name__}")
+        # the source's settings and its activation / norm modules, which forward uses as they are
+        self.__dict__.update(plain_attributes(experts, self._own_attributes))
+        for name, child in experts.named_children():
+            self.add_module(name, child)
+        self._source_type = type(experts)
+        self._gate_fn = type(experts)._apply_gate if experts.has_gate else None
+        self.projections = _projections(experts)
+
+    def _groups(self, top_k_index: Tensor):
+        """``(expert, token, slot)`` for every expert some (token, slot) pair reaches. The pairs
+        are grouped by expert with one sort and one host sync, rather than a search (and a sync)
+        per expert; ids outside [0, E) (expert parallelism's "not here" sentinel) sort last and
+        are dropped."""
+        import torch
+
+        n_experts, k = self.num_experts, top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts].tolist()
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = order[start:start + count]
+            start += count
+            yield e, pairs // k, pairs % k
+
+    def _activate(self, h: Tensor) -> Tensor:
+        return self._gate_fn(self, h) if self.has_gate else self.act_fn(h)
+
+    def _add_expert_output(self, out: Tensor, h: Tensor, token: Tensor, slot: Tensor,
+                           top_k_weights: Tensor) -> None:
+        if self.has_post_expert_norm:
+            h = self.post_expert_norm(h)
+        out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
+
+    def _bare_source(self) -> nn.Module:
+        """A module of the source class with its settings and children, no weights yet."""
+        new = bare_module(self._source_type,
+                          plain_attributes(self, self._own_attributes + ("projections",)))
+        for name, child in self.named_children():
+            new.add_module(name, child)
+        return new
