@@ -114,11 +114,27 @@ def _int8_experts_spec():
     register_compressed_layer(Int8Experts, settings, build)
 
 
+def _masked_experts_spec():
+    from .nn.masked_experts import MaskedExperts
+
+    def settings(m):
+        return {"pattern": m.pattern}
+
+    def build(s, skeleton):
+        # the skeleton's own experts module (meta weights are fine): shapes, flags, gate
+        masked = MaskedExperts(skeleton)
+        masked.pattern = s.get("pattern")
+        return masked
+
+    register_compressed_layer(MaskedExperts, settings, build)
+
+
 _BUILTIN_SPECS = {
     "SharedLinear": _shared_linear_spec,
     "Int8Linear": _int8_linear_spec,
     "MaskedLinear": _masked_linear_spec,
     "Int8Experts": _int8_experts_spec,
+    "MaskedExperts": _masked_experts_spec,
 }
 
 
@@ -380,8 +396,9 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
     ``SharedLinear``, for which ``filter_fn(module, name)`` is true) by a plain ``nn.Linear``
     holding the weight it computes with (a Hugging Face ``Conv1D`` where the layer was made from
     one, or loaded into a skeleton that had one: GPT-2's state_dict layout; the nn.Linear
-    subclass it came from), and every ``Int8Experts`` by the transformers experts module it
-    came from, holding the dequantized weights, in place; returns ``model``.
+    subclass it came from), and every ``Int8Experts`` / ``MaskedExperts`` by the transformers
+    experts module it came from, holding the dequantized weights / ``W o M``, in place; returns
+    ``model``.
 
     For running a model that was shipped compressed (``save_compressed`` / ``load_compressed``)
     where fastkd is not installed or its layers are slower than dense ones (a ``SharedLinear``
@@ -395,6 +412,7 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
     from .nn._linear_like import is_masked_linear
     from .nn.int8_experts import Int8Experts
     from .nn.int8_linear import Int8Linear
+    from .nn.masked_experts import MaskedExperts
     from .nn.shared_linear import SharedLinear
 
     if not isinstance(model, nn.Module):
@@ -405,11 +423,14 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
 
     def kind(m):
-        return is_masked_linear(m) or isinstance(m, (Int8Linear, SharedLinear, Int8Experts))
+        return is_masked_linear(m) or isinstance(m, (Int8Linear, SharedLinear, Int8Experts,
+                                                     MaskedExperts))
 
     def convert(layer):
         if isinstance(layer, Int8Experts):
             return layer.to_experts(dtype)  # the transformers experts class it came from
+        if isinstance(layer, MaskedExperts):
+            return layer.to_experts()  # W o M, in the weights' own dtype
         return layer.to_linear() if is_masked_linear(layer) else layer.to_linear(dtype)
 
     if kind(model):

@@ -17,7 +17,8 @@ from .nn._linear_like import (
     warn_stacked_weights_left,
     warn_untied,
 )
-from .nn.int8_experts import Int8Experts, is_stacked_experts
+from .nn.int8_experts import Int8Experts
+from .nn.masked_experts import MaskedExperts, is_experts_to_prune
 from .nn.int8_linear import Int8Linear, _check_mode
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -74,11 +75,12 @@ def quantize_(
     warn_untied("quantize_", tied_elsewhere(model, targets))
     guard_peft_bases("quantize_", model, [name for name, _ in targets])
     # a Mixture-of-Experts block's experts, held in 3-D parameters by transformers
+    # (pruned ones, MaskedExperts, quantized from W o M: their pruned weights become code 0)
     experts = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
-               if name and is_stacked_experts(module) and _selected(filter_fn, module, name)]
+               if name and is_experts_to_prune(module) and _selected(filter_fn, module, name)]
     warn_stacked_weights_left(
         "quantize_", model,
-        lambda m, n: not is_stacked_experts(m) and (filter_fn is None or filter_fn(m, n)))
+        lambda m, n: not is_experts_to_prune(m) and (filter_fn is None or filter_fn(m, n)))
     warn_compressed_left("quantize_", model, filter_fn, ("SharedLinear",),
                          "a weight-shared layer is not quantized again (its codebook is already "
                          "the compressed form)")
@@ -88,7 +90,8 @@ def quantize_(
             swapped[id(module)] = Int8Linear.from_linear(module, mode=mode, backend=backend)
     for _, module in experts:
         if id(module) not in swapped:
-            swapped[id(module)] = Int8Experts.from_experts(module, mode=mode, backend=backend)
+            dense = module.to_experts() if isinstance(module, MaskedExperts) else module
+            swapped[id(module)] = Int8Experts.from_experts(dense, mode=mode, backend=backend)
     for name, module in targets + experts:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import hf
 from .nn._linear_like import (
+    _selected,
     adapter_layers,
     as_linear,
     is_masked_linear,
@@ -19,6 +20,7 @@ from .nn._linear_like import (
     warn_compressed_left,
     warn_stacked_weights_left,
 )
+from .nn.masked_experts import MaskedExperts, check_expert_pattern, is_experts_to_prune
 from .nn.masked_linear import MaskedLinear
 from .prune import global_magnitude_masks, magnitude_mask, parse_pattern
 
@@ -50,6 +52,11 @@ def sparsify_(
     optimizer built up for a newly pruned weight can still move its stored value; the mask keeps
     it out of every output, and quantize_, share_weights_ and shrink_ read ``W o M``.)
 
+    The experts of a Mixture-of-Experts block, which transformers holds in 3-D parameters (the
+    modules built with its ``use_experts_implementation``: Mixtral, Qwen-MoE, DeepSeek-V3,
+    gpt-oss), become :class:`fastkd.nn.MaskedExperts`: each expert's matrices pruned by the same
+    pattern (``scope="global"`` ranks them with everything else), pruned further on the next call.
+
     ``name`` is the module's qualified name (``"encoder.layer.0.attention.self.query"``). For N:M
     patterns pass ``sparsity=None`` or the implied value. Skipped, whatever the filter says: linears
     owned by ``nn.MultiheadAttention`` (it reads ``out_proj.weight`` directly, so a mask would be
@@ -69,7 +76,14 @@ def sparsify_(
     if scope == "global" and kind != "unstructured":
         raise ValueError(f"scope='global' ranks single weights across layers: it takes the "
                          f"'unstructured' pattern, not {pattern!r}")
-    warn_stacked_weights_left("sparsify_", model, filter_fn)
+    # a Mixture-of-Experts block's experts, held in 3-D parameters by transformers
+    experts = [(name, m) for name, m in model.named_modules()
+               if name and is_experts_to_prune(m) and _selected(filter_fn, m, name)]
+    for _, m in experts if scope == "layer" else ():  # before anything is pruned
+        check_expert_pattern(m, sparsity, pattern)
+    warn_stacked_weights_left(
+        "sparsify_", model,
+        lambda m, n: not is_experts_to_prune(m) and (filter_fn is None or filter_fn(m, n)))
     warn_compressed_left("sparsify_", model, filter_fn, ("Int8Linear", "SharedLinear"),
                          "prune before quantize_ / share_weights_, which take MaskedLinear "
                          "layers and keep their pruned weights at zero")
@@ -110,11 +124,20 @@ def sparsify_(
                 child = MaskedLinear.from_linear(child, backend=backend)
                 setattr(parent, child_name, child)
             layers.append(child)
-        if layers:
-            keeps = global_magnitude_masks([m.masked_weight() for m in layers], sparsity,
-                                           masks=[m.mask for m in layers])
-            for layer, keep in zip(layers, keeps):
-                layer.set_mask_(keep)
+        stacks = [_replace(model, name, m if isinstance(m, MaskedExperts) else MaskedExperts(m))
+                  for name, m in experts]
+        weights = [m.masked_weight() for m in layers]
+        masks = [m.mask for m in layers]
+        for stack in stacks:  # each expert projection as one more tensor in the ranking
+            weights += [stack.masked_weight(p) for p in stack.projections]
+            masks += [getattr(stack, f"{p}_mask") for p in stack.projections]
+        if weights:
+            keeps = iter(global_magnitude_masks(weights, sparsity, masks=masks))
+            for layer in layers:
+                layer.set_mask_(next(keeps))
+            for stack in stacks:
+                for p in stack.projections:
+                    stack.set_mask_(p, next(keeps))
         hf.record(model)
         return model
     for parent, child_name, child in targets:
@@ -125,8 +148,19 @@ def sparsify_(
             continue
         masked = MaskedLinear.from_linear(child, sparsity=sparsity, pattern=pattern, backend=backend)
         setattr(parent, child_name, masked)
+    for name, m in experts:
+        if isinstance(m, MaskedExperts):
+            m.prune_(sparsity, pattern)  # gradual pruning, as for MaskedLinear
+        else:
+            _replace(model, name, MaskedExperts.from_experts(m, sparsity, pattern))
     hf.record(model)
     return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return new
 
 
 def fold_masks_(
@@ -152,7 +186,9 @@ def fold_masks_(
         raise ValueError("fold_masks_ replaces submodules in place and cannot replace the model "
                          "itself; use MaskedLinear.to_linear()")
     unpack_layers_(
-        model, lambda m, name: is_masked_linear(m) and (filter_fn is None or filter_fn(m, name)),
-        lambda masked: as_linear(masked, "fold_masks_"))
+        model, lambda m, name: ((is_masked_linear(m) or isinstance(m, MaskedExperts))
+                                and (filter_fn is None or filter_fn(m, name))),
+        lambda masked: (masked.to_experts() if isinstance(masked, MaskedExperts)
+                        else as_linear(masked, "fold_masks_")))
     hf.record(model)
     return model

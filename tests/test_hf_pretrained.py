@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fastkd
-from fastkd.nn import Int8Experts, Int8Linear, MaskedLinear, SharedLinear
+from fastkd.nn import Int8Experts, Int8Linear, MaskedExperts, MaskedLinear, SharedLinear
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,6 +86,7 @@ STEPS = {
 }
 CASES = [("llama", s) for s in STEPS] + [
     ("gpt2", "w8a16"), ("gpt2", "shared"), ("falcon", "w8a8"), ("mixtral", "w8a8"),
+    ("mixtral", "sparse"),
     ("t5", "w8a16"), ("t5", "sparse"), ("bert", "shared")]
 
 
@@ -103,7 +104,8 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path, arch, step):
     loaded = type(model).from_pretrained(tmp_path).eval()
     assert any(isinstance(m, kind) for m in loaded.modules())
     if arch == "mixtral":
-        assert any(isinstance(m, Int8Experts) for m in loaded.modules())
+        experts = Int8Experts if kind is Int8Linear else MaskedExperts
+        assert any(isinstance(m, experts) for m in loaded.modules())
     _assert_same_model(loaded, model)
     assert torch.equal(_run(loaded, x), expected)
     assert not loaded.is_quantized  # .half() / Trainer treat it as the model it was before saving

@@ -5,8 +5,9 @@ from .fused_linear_kd import FusedLinearKDLoss
 from .int8_experts import Int8Experts
 from .int8_linear import Int8Linear
 from .kd_loss import KDLoss
+from .masked_experts import MaskedExperts
 from .masked_linear import MaskedLinear
 from .shared_linear import SharedLinear
 
 __all__ = ["KDLoss", "FusedLinearKDLoss", "AdversarialKDLoss", "Int8Linear", "Int8Experts", "MaskedLinear",
-           "SharedLinear"]
+           "MaskedExperts", "SharedLinear"]

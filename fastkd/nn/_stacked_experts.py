@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._linear_like import bare_module, plain_attributes
+from ._linear_like import _MODULE_STATE, bare_module, plain_attributes
 
 __all__ = ["StackedExperts", "is_stacked_experts"]
 
@@ -81,6 +81,10 @@ class StackedExperts(nn.Module):
         for name, child in experts.named_children():
             self.add_module(name, child)
         self._source_type = type(experts)
+        # its private settings too (transformers' _is_expert_parallel, read by its forward), for
+        # the module of its class that to_experts gives back
+        self._source_private = {k: v for k, v in vars(experts).items()
+                                if k.startswith("_") and k not in _MODULE_STATE}
         self._gate_fn = type(experts)._apply_gate if experts.has_gate else None
         self.projections = _projections(experts)
 
@@ -115,8 +119,9 @@ class StackedExperts(nn.Module):
 
     def _bare_source(self) -> nn.Module:
         """A module of the source class with its settings and children, no weights yet."""
-        new = bare_module(self._source_type,
-                          plain_attributes(self, self._own_attributes + ("projections",)))
+        new = bare_module(self._source_type, {
+            **plain_attributes(self, self._own_attributes + ("projections",)),
+            **self._source_private})
         for name, child in self.named_children():
             new.add_module(name, child)
         return new
