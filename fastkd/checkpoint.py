@@ -129,12 +129,27 @@ def _masked_experts_spec():
     register_compressed_layer(MaskedExperts, settings, build)
 
 
+def _shared_experts_spec():
+    from .nn.shared_experts import SharedExperts
+
+    def settings(m):
+        return {"bits": m.bits, "per_channel": m.per_channel, "backend": m.backend}
+
+    def build(s, skeleton):
+        # the skeleton's own experts module (meta weights are fine): shapes, flags, gate
+        return SharedExperts(skeleton, bits=s["bits"], per_channel=s["per_channel"],
+                             backend=s.get("backend", "auto"), cluster=False)
+
+    register_compressed_layer(SharedExperts, settings, build)
+
+
 _BUILTIN_SPECS = {
     "SharedLinear": _shared_linear_spec,
     "Int8Linear": _int8_linear_spec,
     "MaskedLinear": _masked_linear_spec,
     "Int8Experts": _int8_experts_spec,
     "MaskedExperts": _masked_experts_spec,
+    "SharedExperts": _shared_experts_spec,
 }
 
 
@@ -396,9 +411,9 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
     ``SharedLinear``, for which ``filter_fn(module, name)`` is true) by a plain ``nn.Linear``
     holding the weight it computes with (a Hugging Face ``Conv1D`` where the layer was made from
     one, or loaded into a skeleton that had one: GPT-2's state_dict layout; the nn.Linear
-    subclass it came from), and every ``Int8Experts`` / ``MaskedExperts`` by the transformers
-    experts module it came from, holding the dequantized weights / ``W o M``, in place; returns
-    ``model``.
+    subclass it came from), and every ``Int8Experts`` / ``MaskedExperts`` / ``SharedExperts`` by
+    the transformers experts module it came from, holding the weights it computes with, in
+    place; returns ``model``.
 
     For running a model that was shipped compressed (``save_compressed`` / ``load_compressed``)
     where fastkd is not installed or its layers are slower than dense ones (a ``SharedLinear``
@@ -413,6 +428,7 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
     from .nn.int8_experts import Int8Experts
     from .nn.int8_linear import Int8Linear
     from .nn.masked_experts import MaskedExperts
+    from .nn.shared_experts import SharedExperts
     from .nn.shared_linear import SharedLinear
 
     if not isinstance(model, nn.Module):
@@ -424,10 +440,10 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
 
     def kind(m):
         return is_masked_linear(m) or isinstance(m, (Int8Linear, SharedLinear, Int8Experts,
-                                                     MaskedExperts))
+                                                     MaskedExperts, SharedExperts))
 
     def convert(layer):
-        if isinstance(layer, Int8Experts):
+        if isinstance(layer, (Int8Experts, SharedExperts)):
             return layer.to_experts(dtype)  # the transformers experts class it came from
         if isinstance(layer, MaskedExperts):
             return layer.to_experts()  # W o M, in the weights' own dtype

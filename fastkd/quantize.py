@@ -81,7 +81,7 @@ def quantize_(
     warn_stacked_weights_left(
         "quantize_", model,
         lambda m, n: not is_experts_to_prune(m) and (filter_fn is None or filter_fn(m, n)))
-    warn_compressed_left("quantize_", model, filter_fn, ("SharedLinear",),
+    warn_compressed_left("quantize_", model, filter_fn, ("SharedLinear", "SharedExperts"),
                          "a weight-shared layer is not quantized again (its codebook is already "
                          "the compressed form)")
     swapped: dict = {}  # a linear shared under several names becomes one shared Int8Linear

@@ -223,6 +223,11 @@ def share_weights_(
     ``fastkd.nn.MaskedLinear`` layers (Deep Compression's order: prune, then share): their
     pruned weights become the fixed zero cluster.
 
+    The experts of a Mixture-of-Experts block, which transformers holds in 3-D parameters (its
+    ``use_experts_implementation`` modules: Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss), become
+    :class:`fastkd.nn.SharedExperts` (each expert's matrix clustered the same way; they keep
+    nearest-centroid rounding under ``calibration``, and are listed as uncalibrated).
+
     Returns ``{"bytes_before", "bytes_after", "layers": {name: (before, after)}}`` counting weight,
     bias, index and codebook bytes of the replaced layers. A weight tied to another module (an
     lm_head tied to the embedding) counts 0 before: replacing its layer unties it and frees
@@ -243,6 +248,7 @@ def share_weights_(
     warning).
     """
     from .nn._linear_like import (
+        _selected,
         adapter_layers,
         is_replaceable_linear,
         shown,
@@ -252,6 +258,8 @@ def share_weights_(
         warn_stacked_weights_left,
         warn_untied,
     )
+    from .nn.masked_experts import MaskedExperts, is_experts_to_prune
+    from .nn.shared_experts import SharedExperts
     from .nn.shared_linear import SharedLinear
 
     if not isinstance(model, nn.Module):
@@ -262,7 +270,13 @@ def share_weights_(
     targets = [(n, m) for n, m in model.named_modules()
                if is_replaceable_linear(m, pruned=True) and n not in adapters
                and (filter_fn is None or filter_fn(m, n))]
-    warn_stacked_weights_left("share_weights_", model, filter_fn)
+    # a Mixture-of-Experts block's experts, held in 3-D parameters by transformers (pruned ones,
+    # MaskedExperts, clustered from W o M)
+    experts = [(n, m) for n, m in model.named_modules()
+               if n and is_experts_to_prune(m) and _selected(filter_fn, m, n)]
+    warn_stacked_weights_left(
+        "share_weights_", model,
+        lambda m, n: not is_experts_to_prune(m) and (filter_fn is None or filter_fn(m, n)))
     guard_peft_bases("share_weights_", model, [n for n, _ in targets])
     warn_compressed_left("share_weights_", model, filter_fn, ("Int8Linear",),
                          "cluster the float (or masked) weights before quantize_, not int8 codes")
@@ -282,7 +296,8 @@ def share_weights_(
             if not torch.isfinite(h).all():
                 raise ValueError(f"the calibration inputs of {n!r} are not finite (inf/NaN "
                                  "activations); their second moment cannot weigh the error")
-        uncalibrated = [n for n, _ in targets if n not in moments]
+        # the experts keep nearest-centroid rounding: their inputs are routed per token
+        uncalibrated = [n for n, _ in targets if n not in moments] + [n for n, _ in experts]
         if uncalibrated:
             warnings.warn(f"share_weights_: the calibration never ran {len(uncalibrated)} "
                           f"layer(s) ({shown(uncalibrated)}); they keep nearest-centroid "
@@ -298,6 +313,14 @@ def share_weights_(
         # a tied weight stays in the model (its other module keeps it): nothing freed there
         before = sum(p.numel() * p.element_size() for pn, p in lin.named_parameters()
                      if not (name in tied and pn == "weight"))
+        layers[name] = (before, shared.nbytes())
+    for name, module in experts:
+        before = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+        dense = module.to_experts() if isinstance(module, MaskedExperts) else module
+        shared = SharedExperts.from_experts(dense, bits=bits, per_channel=per_channel,
+                                            iters=iters)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, shared)
         layers[name] = (before, shared.nbytes())
     hf.record(model)
     return {

@@ -84,7 +84,8 @@ def sparsify_(
     warn_stacked_weights_left(
         "sparsify_", model,
         lambda m, n: not is_experts_to_prune(m) and (filter_fn is None or filter_fn(m, n)))
-    warn_compressed_left("sparsify_", model, filter_fn, ("Int8Linear", "SharedLinear"),
+    warn_compressed_left("sparsify_", model, filter_fn, ("Int8Linear", "SharedLinear",
+                                                         "Int8Experts", "SharedExperts"),
                          "prune before quantize_ / share_weights_, which take MaskedLinear "
                          "layers and keep their pruned weights at zero")
     uses: dict = {}

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 import fastkd
-from fastkd.nn import Int8Experts, Int8Linear, MaskedExperts, MaskedLinear, SharedLinear
+from fastkd.nn import (
+    Int8Experts,
+    Int8Linear,
+    MaskedExperts,
+    MaskedLinear,
+    SharedExperts,
+    SharedLinear,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,7 +93,7 @@ STEPS = {
 }
 CASES = [("llama", s) for s in STEPS] + [
     ("gpt2", "w8a16"), ("gpt2", "shared"), ("falcon", "w8a8"), ("mixtral", "w8a8"),
-    ("mixtral", "sparse"),
+    ("mixtral", "sparse"), ("mixtral", "shared"),
     ("t5", "w8a16"), ("t5", "sparse"), ("bert", "shared")]
 
 
@@ -104,7 +111,8 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path, arch, step):
     loaded = type(model).from_pretrained(tmp_path).eval()
     assert any(isinstance(m, kind) for m in loaded.modules())
     if arch == "mixtral":
-        experts = Int8Experts if kind is Int8Linear else MaskedExperts
+        experts = {Int8Linear: Int8Experts, MaskedLinear: MaskedExperts,
+                   SharedLinear: SharedExperts}[kind]
         assert any(isinstance(m, experts) for m in loaded.modules())
     _assert_same_model(loaded, model)
     assert torch.equal(_run(loaded, x), expected)

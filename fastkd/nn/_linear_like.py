@@ -409,11 +409,11 @@ def warn_stacked_weights_left(who: str, model: nn.Module, filter_fn) -> None:
     if left:
         import warnings
 
+        kinds = {"quantize_": "Int8Experts", "sparsify_": "MaskedExperts",
+                 "share_weights_": "SharedExperts"}
         why = ("not experts modules built with transformers' use_experts_implementation, the "
-               f"kind it turns into fastkd.nn.{'Int8Experts' if who == 'quantize_' else 'MaskedExperts'}"
-               if who in ("quantize_", "sparsify_") else
-               f"{who}'s layers replace 2-D linear layers; quantize_ and sparsify_ take "
-               "transformers' experts modules, as fastkd.nn.Int8Experts / MaskedExperts")
+               f"kind it turns into fastkd.nn.{kinds[who]}" if who in kinds else
+               f"{who}'s layers replace 2-D linear layers")
         warnings.warn(
             f"{who} leaves {len(left)} module(s) with weights stacked in 3-D parameters as they "
             f"are, in floating point: {shown(left, 2)}; {numel / max(total, 1):.0%} of the model's "
