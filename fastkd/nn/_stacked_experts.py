@@ -12,6 +12,7 @@ gpt-oss and the other classes built the same way without knowing them by name.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ._linear_like import _MODULE_STATE, bare_module, plain_attributes
@@ -93,8 +94,6 @@ class StackedExperts(nn.Module):
         are grouped by expert with one sort and one host sync, rather than a search (and a sync)
         per expert; ids outside [0, E) (expert parallelism's "not here" sentinel) sort last and
         are dropped."""
-        import torch
-
         n_experts, k = self.num_experts, top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
         flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)
@@ -107,6 +106,19 @@ class StackedExperts(nn.Module):
             pairs = order[start:start + count]
             start += count
             yield e, pairs // k, pairs % k
+
+    def _linear(self, x: Tensor, projection: str, expert: int) -> Tensor:
+        """One expert's projection of its tokens ``x``: what a subclass computes."""
+        raise NotImplementedError
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The source class's computation, each expert a batch reaches through ``_linear``."""
+        up, down = self.projections
+        out = torch.zeros_like(hidden_states)
+        for e, token, slot in self._groups(top_k_index):
+            h = self._linear(self._activate(self._linear(hidden_states[token], up, e)), down, e)
+            self._add_expert_output(out, h, token, slot, top_k_weights)
+        return out
 
     def _activate(self, h: Tensor) -> Tensor:
         return self._gate_fn(self, h) if self.has_gate else self.act_fn(h)

@@ -112,14 +112,6 @@ class MaskedExperts(StackedExperts):
         bias = getattr(self, f"{p}_bias") if self.has_bias else None
         return TF.linear(x, self._matrix(weight), None if bias is None else bias[e])
 
-    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        up, down = self.projections
-        out = torch.zeros_like(hidden_states)
-        for e, token, slot in self._groups(top_k_index):
-            h = self._linear(self._activate(self._linear(hidden_states[token], up, e)), down, e)
-            self._add_expert_output(out, h, token, slot, top_k_weights)
-        return out
-
     def to_experts(self) -> nn.Module:
         """A module of the source class holding ``W o M`` (new Parameters) and the biases."""
         new = self._bare_source()

@@ -86,14 +86,6 @@ class SharedExperts(StackedExperts):
                                in_features=self._in_features[p], bits=self.bits,
                                backend=self.backend)
 
-    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        up, down = self.projections
-        out = torch.zeros_like(hidden_states)
-        for e, token, slot in self._groups(top_k_index):
-            h = self._linear(self._activate(self._linear(hidden_states[token], up, e)), down, e)
-            self._add_expert_output(out, h, token, slot, top_k_weights)
-        return out
-
     def _apply(self, fn, *args, **kwargs):
         # module.half() / .to(bfloat16) would round the fp32 codebooks, which the op requires:
         # keep them fp32 (with any gradient they hold), and let them follow device moves only
