@@ -149,3 +149,16 @@ def test_checkpoints_fold_decompress_and_quantize(tmp_path):
     with torch.no_grad():
         out = quantized(ids).logits
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_masked_experts_bf16():
+    experts = _ToyExperts(n_experts=8, hidden=1000, inner=1404, bias=True).cuda()
+    masked = MaskedExperts.from_experts(experts, pattern="2:4", sparsity=None).to(torch.bfloat16)
+    x = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16)
+    idx, w = (t.cuda() for t in _routing(300, 8))
+    out = masked(x, idx, w)
+    ref = masked.to_experts().double()(x.double(), idx, w.double())
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == torch.bfloat16 and rel < 1e-2, rel

@@ -33,6 +33,10 @@ def test_shared_experts_compute_the_class_forward_on_looked_up_weights(arch, bit
             values = shared.looked_up_weight(p, e)
             rows = values if per_channel else values.reshape(1, -1)
             assert all(len(torch.unique(r)) <= 2 ** bits for r in rows)
+    wide = shared.to_experts(torch.float64)  # biases (gpt-oss) follow the dtype asked for
+    assert all(t.dtype == torch.float64 for t in wide.parameters())
+    torch.testing.assert_close(_eager(wide, x.double(), idx, w.double()).float(),
+                               shared(x, idx, w), rtol=1e-5, atol=1e-6)
     ref = _eager(experts, x, idx, w)  # and close to the float experts
     sqnr = 10 * torch.log10(ref.pow(2).sum() / (shared(x, idx, w) - ref).pow(2).sum())
     assert sqnr > (15 if bits == 4 else 25), float(sqnr)
@@ -100,3 +104,16 @@ def test_checkpoint_dtype_and_calibration(tmp_path):
     with torch.no_grad():
         out = half(ids).logits.float()
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_shared_experts_bf16_run_the_shared_linear_kernel():
+    experts = _ToyExperts(n_experts=8, hidden=1000, inner=1403, bias=True).cuda()
+    shared = SharedExperts.from_experts(experts, bits=4, iters=10).to(torch.bfloat16)
+    x = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16)
+    idx, w = (t.cuda() for t in _routing(300, 8))
+    out = shared(x, idx, w)
+    ref = shared.to_experts(torch.float64)(x.double(), idx, w.double())
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.dtype == torch.bfloat16 and rel < 1e-2, rel

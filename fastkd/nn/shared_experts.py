@@ -127,7 +127,9 @@ class SharedExperts(StackedExperts):
             new.register_parameter(p, nn.Parameter(
                 w, requires_grad=getattr(self, f"{p}_codebook").requires_grad))
             if self.has_bias:
-                new.register_parameter(f"{p}_bias", getattr(self, f"{p}_bias"))
+                bias = getattr(self, f"{p}_bias")
+                new.register_parameter(f"{p}_bias", bias if bias.dtype == dtype else nn.Parameter(
+                    bias.detach().to(dtype), requires_grad=bias.requires_grad))
         new.train(self.training)
         return new
 
