@@ -170,7 +170,8 @@ def fold_masks_(
     """Replace every :class:`~fastkd.nn.MaskedLinear` of ``model`` (for which
     ``filter_fn(module, name)`` is true) by a plain ``nn.Linear`` holding ``W o M`` (pruned
     weights exact zeros; a Hugging Face ``Conv1D`` where the layer was made from one, so GPT-2's
-    state_dict layout stays), in place; returns ``model``.
+    state_dict layout stays), and every :class:`~fastkd.nn.MaskedExperts` by the transformers
+    experts module it came from holding ``W o M``, in place; returns ``model``.
 
     For shipping a pruned model when its training is over: the result needs nothing of fastkd,
     and runs at dense ``F.linear`` speed, where a ``MaskedLinear`` applies its mask on every call
