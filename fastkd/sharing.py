@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hf
+
 __all__ = ["kmeans_1d", "calibrated_assign", "share_weights_"]
 
 
