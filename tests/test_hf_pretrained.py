@@ -177,6 +177,18 @@ def test_shrunk_model_round_trip_and_decompress(tmp_path):
     assert torch.equal(_run(loaded, x), _run(model, x))
 
 
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_swaps_through_a_wrapper_record_the_model_inside(tmp_path, wrap):
+    """quantize_(torch.compile(model)) or on a DataParallel model left the transformers model
+    inside without a record: its save_pretrained then loaded int8 codes as float weights."""
+    model = _build("llama")
+    wrapped = torch.compile(model) if wrap == "compile" else nn.DataParallel(model)
+    _quiet(fastkd.quantize_, wrapped, mode="w8a16")
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    _assert_same_model(loaded, model)
+
+
 def test_decompress_of_an_unshrunk_model_drops_the_config(tmp_path):
     model = _build("llama")
     _quiet(fastkd.quantize_, model)
