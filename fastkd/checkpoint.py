@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from . import hf
-from .nn._linear_like import is_hf_conv1d, linear_of_class, remember_layout, unpack_layers_
+from .nn._linear_like import (
+    is_hf_conv1d,
+    linear_of_class,
+    remember_layout,
+    unpack_layers_,
+    unwrapped_model,
+)
 
 __all__ = ["register_compressed_layer", "save_compressed", "load_compressed", "size_report",
            "decompress_"]
@@ -433,6 +439,9 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"decompress_ takes an nn.Module, got {type(model).__name__}")
+    if unwrapped_model(model) is not model:
+        decompress_(unwrapped_model(model), filter_fn, dtype=dtype)
+        return model
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable (module, name) -> bool")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):

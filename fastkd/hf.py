@@ -23,6 +23,8 @@ import warnings
 
 from torch import nn
 
+from .nn._linear_like import unwrapped_model
+
 QUANT_METHOD = "fastkd"
 _REGISTRY_MODULE = "transformers.quantizers.auto"
 _registered = False
@@ -135,24 +137,11 @@ def _ours(quantizer) -> bool:
     return type(quantizer).__name__ == "FastkdHfQuantizer"
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's, DataParallel's and DistributedDataParallel's wrappers
-    (the one its user saves)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if inner is None and isinstance(model, (nn.DataParallel,
-                                                nn.parallel.DistributedDataParallel)):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def record(model: nn.Module, *, shrunk: bool = False) -> None:
     """After fastkd changed ``model``: if it is a transformers model (or wraps one), (re)write
     what ``from_pretrained`` needs to rebuild it, or remove it once nothing is left to
     rebuild."""
-    model = _unwrapped(model)
+    model = unwrapped_model(model)
     if not _is_transformers_model(model):
         return
     current = getattr(model, "hf_quantizer", None)

@@ -12,6 +12,7 @@ from .nn._linear_like import (
     adapter_layers,
     is_replaceable_linear,
     tied_elsewhere,
+    unwrapped_model,
     warn_compressed_left,
     guard_peft_bases,
     warn_stacked_weights_left,
@@ -53,6 +54,9 @@ def quantize_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
+    if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
+        quantize_(unwrapped_model(model), mode, filter_fn, backend=backend)  # model's own names
+        return model
     _check_mode(mode)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable as filter_fn(module, name) -> bool")

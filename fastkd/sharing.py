@@ -254,6 +254,7 @@ def share_weights_(
         is_replaceable_linear,
         shown,
         tied_elsewhere,
+        unwrapped_model,
         warn_compressed_left,
         guard_peft_bases,
         warn_stacked_weights_left,
@@ -265,6 +266,9 @@ def share_weights_(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
+        return share_weights_(unwrapped_model(model), bits, filter_fn,  # model's own names
+                              per_channel, iters, calibration, damp)
     # nn.Linear, Hugging Face Conv1D and subclasses computing the same product, whatever the
     # filter: nn.MultiheadAttention's out_proj is read by its parent as a float weight.
     adapters = adapter_layers(model)  # PEFT's LoRA weights stay float and trainable

@@ -17,6 +17,7 @@ from .nn._linear_like import (
     guard_peft_bases,
     shown,
     unpack_layers_,
+    unwrapped_model,
     warn_compressed_left,
     warn_stacked_weights_left,
 )
@@ -65,6 +66,10 @@ def sparsify_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify_ takes an nn.Module, got {type(model).__name__}")
+    if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
+        sparsify_(unwrapped_model(model), sparsity, pattern, filter_fn,  # model's own names
+                  backend=backend, scope=scope)
+        return model
     kind, _ = parse_pattern(pattern)  # fail before touching the model
     if sparsity is None and kind != "nm":
         raise ValueError(f"pattern {pattern!r} needs a sparsity in [0, 1] (None is for N:M "
@@ -182,6 +187,9 @@ def fold_masks_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_masks_ takes an nn.Module, got {type(model).__name__}")
+    if unwrapped_model(model) is not model:
+        fold_masks_(unwrapped_model(model), filter_fn)
+        return model
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable (module, name) -> bool")
     if is_masked_linear(model):

@@ -180,10 +180,16 @@ def test_shrunk_model_round_trip_and_decompress(tmp_path):
 @pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
 def test_swaps_through_a_wrapper_record_the_model_inside(tmp_path, wrap):
     """quantize_(torch.compile(model)) or on a DataParallel model left the transformers model
-    inside without a record: its save_pretrained then loaded int8 codes as float weights."""
+    inside without a record (its save_pretrained then loaded int8 codes as float weights), and
+    filters saw the wrapper's names ("_orig_mod.model.layers...")."""
     model = _build("llama")
     wrapped = torch.compile(model) if wrap == "compile" else nn.DataParallel(model)
-    _quiet(fastkd.quantize_, wrapped, mode="w8a16")
+    seen = []  # the filter sees the model's own names, not "_orig_mod." / "module." ones
+    assert _quiet(fastkd.quantize_, wrapped, mode="w8a16",
+                  filter_fn=lambda m, n: seen.append(n) or n.startswith("model.")) is wrapped
+    assert "model.layers.0.mlp.up_proj" in seen and type(model.lm_head) is nn.Linear
+    assert fastkd.sparsify_(wrapped, 0.5, filter_fn=lambda m, n: n == "lm_head") is wrapped
+    assert type(model.lm_head) is MaskedLinear
     model.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     _assert_same_model(loaded, model)

@@ -128,6 +128,19 @@ def plain_attributes(module: nn.Module, exclude=()) -> dict:
             if k not in _MODULE_STATE and not k.startswith("_") and k not in exclude}
 
 
+def unwrapped_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's, DataParallel's and DistributedDataParallel's wrappers
+    (the one its user saves)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and isinstance(model, (nn.DataParallel,
+                                                nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def bare_module(cls: type, attributes: dict) -> nn.Module:
     """A module of class ``cls`` holding ``attributes`` and nothing else yet, made without the
     class's own ``__init__`` (whose arguments are unknown: a layer rebuilt from a record)."""
