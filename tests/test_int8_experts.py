@@ -103,6 +103,20 @@ def _model(arch, intermediate=40, seed=0):
     return model
 
 
+def _reloaded(model, ids, tmp_path, kind):
+    """``model`` saved with save_compressed and loaded into a fresh Mixtral (another seed): its
+    experts are ``kind`` again and give the same logits on ``ids``, bit for bit."""
+    with torch.no_grad():
+        ref = model(ids).logits
+    fastkd.save_compressed(model, tmp_path / "m.safetensors")
+    fresh = _model("mixtral", seed=5)
+    fastkd.load_compressed(fresh, tmp_path / "m.safetensors")
+    assert all(isinstance(layer.mlp.experts, kind) for layer in fresh.model.layers)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, ref)
+    return fresh, ref
+
+
 def _eager(experts, *args):
     """The transformers class's own loop over experts (its grouped_mm default needs
     16-byte-aligned strides on the CPU)."""

@@ -13,7 +13,7 @@ import fastkd
 from fastkd.nn import Int8Experts, MaskedExperts, MaskedLinear
 from fastkd.nn.int8_experts import is_stacked_experts
 
-from test_int8_experts import ARCHS, _eager, _model, _routing, _ToyExperts
+from test_int8_experts import ARCHS, _eager, _model, _reloaded, _routing, _ToyExperts
 
 
 def _experts(model):
@@ -124,14 +124,7 @@ def test_checkpoints_fold_decompress_and_quantize(tmp_path):
     model = _model("mixtral")
     fastkd.sparsify_(model, 0.5, filter_fn=lambda m, name: "experts" in name)
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = model(ids).logits
-    fastkd.save_compressed(model, tmp_path / "m.safetensors")
-    fresh = _model("mixtral", seed=5)
-    fastkd.load_compressed(fresh, tmp_path / "m.safetensors")
-    assert isinstance(fresh.model.layers[0].mlp.experts, MaskedExperts)
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, ref)
+    _, ref = _reloaded(model, ids, tmp_path, MaskedExperts)
 
     folded = copy.deepcopy(model)
     fastkd.fold_masks_(folded)  # the transformers class back, its own forward (grouped_mm)

@@ -14,7 +14,7 @@ from fastkd.nn import MaskedExperts, SharedExperts
 from fastkd.nn.int8_experts import is_stacked_experts
 from fastkd.reference.shared_linear import unpack_indices
 
-from test_int8_experts import ARCHS, _eager, _model, _routing, _ToyExperts
+from test_int8_experts import ARCHS, _eager, _model, _reloaded, _routing, _ToyExperts
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -90,14 +90,7 @@ def test_checkpoint_dtype_and_calibration(tmp_path):
         report = fastkd.share_weights_(model, bits=4, iters=10,
                                        calibration=[ids], filter_fn=lambda m, n: "mlp" in n)
     assert "model.layers.0.mlp.experts" in report["uncalibrated"]  # routed inputs: rounding
-    with torch.no_grad():
-        ref = model(ids).logits
-    fastkd.save_compressed(model, tmp_path / "m.safetensors")
-    fresh = _model("mixtral", seed=5)
-    fastkd.load_compressed(fresh, tmp_path / "m.safetensors")
-    assert isinstance(fresh.model.layers[1].mlp.experts, SharedExperts)
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, ref)
+    fresh, ref = _reloaded(model, ids, tmp_path, SharedExperts)
     half = copy.deepcopy(fresh).to(torch.bfloat16)
     experts = half.model.layers[0].mlp.experts
     assert experts.gate_up_proj_codebook.dtype == torch.float32  # the op needs fp32 codebooks
