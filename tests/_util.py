@@ -23,6 +23,20 @@ TRITON_OK = HAS_CUDA or triton_interpret()
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
 
 
+def near_lossless_swaps(int8_mode: str = "w8a16") -> list:
+    """``(swap, layer class)`` for each model-level swap, set to keep a model's outputs close
+    enough to compare with the float model's: int8 (``int8_mode``), pruning at sparsity 0,
+    8-bit weight sharing. For ``pytest.mark.parametrize("swap, kind", ...)``."""
+    import fastkd
+    from fastkd.nn import Int8Linear, MaskedLinear, SharedLinear
+
+    return [
+        (lambda m: fastkd.quantize_(m, mode=int8_mode), Int8Linear),
+        (lambda m: fastkd.sparsify_(m, sparsity=0.0), MaskedLinear),
+        (lambda m: fastkd.share_weights_(m, bits=8), SharedLinear),
+    ]
+
+
 def device_for(backend: str) -> str:
     """The device a test should put its tensors on for `backend` ("triton" or "torch")."""
     return DEVICE if backend == "triton" else "cpu"

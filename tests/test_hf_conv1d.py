@@ -16,6 +16,8 @@ from fastkd.nn import Int8Linear, MaskedLinear, SharedLinear
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+from _util import near_lossless_swaps  # noqa: E402
+
 
 def _gpt2(seed=0):
     torch.manual_seed(seed)
@@ -78,11 +80,7 @@ def test_from_linear_rejects_other_layers():
 
 
 @pytest.mark.filterwarnings("ignore:.*tied embeddings")  # the tied lm_head (test_compose.py)
-@pytest.mark.parametrize("swap, kind", [
-    (lambda m: fastkd.quantize_(m, mode="w8a16"), Int8Linear),
-    (lambda m: fastkd.sparsify_(m, sparsity=0.0), MaskedLinear),
-    (lambda m: fastkd.share_weights_(m, bits=8), SharedLinear),
-])
+@pytest.mark.parametrize("swap, kind", near_lossless_swaps())
 def test_model_swaps_reach_gpt2s_conv1d_layers(swap, kind):
     model = _gpt2()
     n_conv = sum(isinstance(m, Conv1D) for m in model.modules())

@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 import fastkd
-from fastkd.nn import Int8Linear, MaskedLinear, SharedLinear
+from fastkd.nn import MaskedLinear
 from fastkd.nn._linear_like import computes_linear
 from fastkd.structured import structured_mask
+
+from _util import near_lossless_swaps
 
 transformers = pytest.importorskip("transformers")
 FalconLinear = pytest.importorskip("transformers.models.falcon.modeling_falcon").FalconLinear
@@ -76,11 +78,7 @@ def _model():
     return model.eval()
 
 
-@pytest.mark.parametrize("swap, kind", [
-    (lambda m: fastkd.quantize_(m, mode="w8a16"), Int8Linear),
-    (lambda m: fastkd.sparsify_(m, sparsity=0.0), MaskedLinear),
-    (lambda m: fastkd.share_weights_(m, bits=8), SharedLinear),
-])
+@pytest.mark.parametrize("swap, kind", near_lossless_swaps())
 def test_swaps_take_subclasses_that_compute_the_product_and_nothing_else(swap, kind):
     model = _model()
     swap(model)
@@ -100,11 +98,7 @@ def _n_falcon_linear(model):
 
 
 @pytest.mark.filterwarnings("ignore:.*tied embeddings")  # the tied lm_head (test_compose.py)
-@pytest.mark.parametrize("swap, kind", [
-    (lambda m: fastkd.quantize_(m, mode="w8a8"), Int8Linear),
-    (lambda m: fastkd.sparsify_(m, sparsity=0.0), MaskedLinear),
-    (lambda m: fastkd.share_weights_(m, bits=8), SharedLinear),
-])
+@pytest.mark.parametrize("swap, kind", near_lossless_swaps("w8a8"))
 def test_model_swaps_reach_falcons_layers(swap, kind):
     # They left all eight FalconLinear layers as they were, silently, and swapped the lm_head.
     model = _falcon()
