@@ -180,6 +180,12 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return None
 
 
+def _in_autocast_dtype(x: Tensor) -> Tensor:
+    """``x`` in the dtype ``F.linear`` would compute in here (see _autocast_dtype)."""
+    low = _autocast_dtype(x)
+    return x if low is None else x.to(low)
+
+
 def shared_linear(
     x: Tensor,
     indices: Tensor,
@@ -210,9 +216,7 @@ def shared_linear(
     check_tensor(indices, "indices")
     check_tensor(codebook, "codebook")
     check_float_dtype(x, "x")
-    low = _autocast_dtype(x)
-    if low is not None:
-        x = x.to(low)
+    x = _in_autocast_dtype(x)
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 0:
@@ -332,9 +336,7 @@ def int8_linear(
     """
     check_tensor(x, "x")
     check_float_dtype(x, "x")
-    low = _autocast_dtype(x)
-    if low is not None:
-        x = x.to(low)
+    x = _in_autocast_dtype(x)
     if mode not in INT8_MODES:
         raise ValueError(f"mode must be one of {INT8_MODES}, got {mode!r}")
     _check_int8_weight(weight, weight_scale)

@@ -27,8 +27,7 @@ def _checked_input(hidden_states: Tensor, features: int) -> Tensor:
     if hidden_states.dim() != 2 or hidden_states.shape[1] != features:
         raise ValueError(f"hidden_states must be (tokens, {features}), got "
                          f"{tuple(hidden_states.shape)}")
-    low = F._autocast_dtype(hidden_states)
-    return hidden_states if low is None else hidden_states.to(low)
+    return F._in_autocast_dtype(hidden_states)
 
 
 class Int8Experts(StackedExperts):
