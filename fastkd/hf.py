@@ -143,6 +143,11 @@ def record(model: nn.Module, *, shrunk: bool = False) -> None:
     rebuild."""
     model = unwrapped_model(model)
     if not _is_transformers_model(model):
+        inner = _outermost_transformers_models(model)
+        for m in inner:  # a model of the user's that holds transformers models
+            record(m, shrunk=shrunk)
+        if not inner:
+            _warn_if_part_of_one(model)
         return
     current = getattr(model, "hf_quantizer", None)
     if current is not None and not _ours(current):
@@ -166,6 +171,44 @@ def record(model: nn.Module, *, shrunk: bool = False) -> None:
     config = FastkdConfig(**header, shrunk=shrunk or was_shrunk)
     model.config.quantization_config = config
     model.hf_quantizer = FastkdHfQuantizer(config, pre_quantized=True)
+
+
+def _outermost_transformers_models(model: nn.Module) -> list:
+    if sys.modules.get("transformers.modeling_utils") is None:
+        return []
+    found = []
+    for name, m in model.named_modules():
+        if _is_transformers_model(m) and not any(name.startswith(p + ".") for p, _ in found):
+            found.append((name, m))
+    return [m for _, m in found]
+
+
+def _warn_if_part_of_one(part: nn.Module) -> None:
+    """A swap on a submodule of a transformers model (``quantize_(model.model.layers[0])``)
+    cannot reach the model that ``save_pretrained`` runs on, so nothing records the layers it
+    made there: say so, unless that model already carries fastkd's record (whose quantizer
+    records the layers again when it is saved)."""
+    configuration = sys.modules.get("transformers.configuration_utils")
+    if configuration is None:
+        return
+    config = next((m.config for m in part.modules()
+                   if isinstance(getattr(m, "config", None), configuration.PretrainedConfig)),
+                  None)
+    if config is None:
+        return
+    qc = getattr(config, "quantization_config", None)
+    if getattr(qc, "quant_method", None) == QUANT_METHOD:
+        return
+    from .checkpoint import compressed_header
+
+    if not compressed_header(part)["layers"]:
+        return
+    warnings.warn(
+        f"fastkd changed layers inside a {type(part).__name__}, a part of a transformers "
+        "model: save_pretrained of the whole model will not know them, and from_pretrained "
+        "would read their int8 codes, masks or codebooks as float weights. Run the swap on the "
+        "whole model (filter_fn picks the layers), or ship with fastkd.save_compressed",
+        UserWarning, stacklevel=4)
 
 
 def forget(model: nn.Module) -> None:

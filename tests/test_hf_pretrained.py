@@ -195,6 +195,48 @@ def test_swaps_through_a_wrapper_record_the_model_inside(tmp_path, wrap):
     _assert_same_model(loaded, model)
 
 
+class _Classifier(nn.Module):
+    """A model of the user's around a transformers backbone (a sentence encoder, a head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _build("llama")
+        self.head = nn.Linear(VOCAB, 3)
+
+    def forward(self, x):
+        return self.head(self.backbone(x).logits)
+
+
+def test_a_swap_on_a_model_holding_a_transformers_model_records_that_model(tmp_path):
+    """quantize_ on a user's module around a transformers model left the transformers model
+    without a record: its save_pretrained then loaded int8 codes as float weights."""
+    model = _Classifier()
+    _quiet(fastkd.quantize_, model, mode="w8a16")
+    assert type(model.head) is Int8Linear
+    backbone = model.backbone
+    assert backbone.config.quantization_config.quant_method == "fastkd"
+    backbone.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    _assert_same_model(loaded, backbone)
+
+
+def test_a_swap_on_a_part_of_a_transformers_model_warns_that_it_is_not_recorded():
+    """A swap on a submodule (a decoder layer) cannot reach the model save_pretrained runs on;
+    it used to say nothing, and the saved checkpoint loaded int8 codes as float weights."""
+    model = _build("llama")
+    with pytest.warns(UserWarning, match="part of a transformers model"):
+        fastkd.quantize_(model.model.layers[0], mode="w8a16")
+    assert getattr(model.config, "quantization_config", None) is None
+    with warnings.catch_warnings():  # nothing swapped: nothing to say
+        warnings.simplefilter("error")
+        fastkd.quantize_(model.model.layers[1].mlp, filter_fn=lambda m, n: False)
+    # once the model carries fastkd's record, its quantizer records the part again at save
+    _quiet(fastkd.sparsify_, model, 0.5, filter_fn=lambda m, n: n == "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastkd.quantize_(model.model.layers[1].mlp, mode="w8a16")
+
+
 def test_decompress_of_an_unshrunk_model_drops_the_config(tmp_path):
     model = _build("llama")
     _quiet(fastkd.quantize_, model)
