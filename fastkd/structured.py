@@ -43,6 +43,7 @@ clear of ``fastkd/prune.py`` being written on another branch, and is re-exported
 
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -186,6 +187,8 @@ def _slice_linear(layer: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
         if b is not None:
             new.bias.copy_(b)
     new.weight.requires_grad_(layer.weight.requires_grad)
+    if b is not None:  # a frozen bias (a frozen base model, PEFT) stays frozen
+        new.bias.requires_grad_(layer.bias.requires_grad)
     new.train(layer.training)
     # a layer made from GPT-2's Conv1D keeps that origin: a Conv1D again once nothing is masked
     if is_masked_linear(new):
@@ -314,13 +317,16 @@ def _shrink_gated_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
     n_dead = int(dead.sum())
     if n_dead and _check_keep(gate.out_features - n_dead, prefix):
         (new_gate, new_up), new_down = _shrink_pair([gate, up], down, dead)
-        change = lambda: _set(mlp, **dict(zip(names, (new_gate, new_up, new_down))))  # noqa: E731
-        if names[0] == "gate_proj":  # LLaMA's names: the pattern this module was written for
-            change()
-        elif not _keep_if_same(mlp, gate, change, f"{prefix}{'/'.join(names)}"):
+        layers = dict(zip(names, (new_gate, new_up, new_down)))
+        if isinstance(getattr(mlp, "intermediate_size", None), int):
+            layers["intermediate_size"] = new_gate.out_features
+
+        # checked by running it like the MLPs of other names: LLaMA's names are used by MLPs
+        # that do more (Gemma3n's activation sparsity: a cut-off from the statistics of all
+        # the neurons; BitNet's norm over the intermediate width)
+        if not _keep_if_same(mlp, gate, lambda: _set(mlp, **layers),
+                             f"{prefix}{'/'.join(names)}"):
             return True
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = new_gate.out_features
         label = "gate/up/down" if names[0] == "gate_proj" else "/".join(names)
         report.append((f"{prefix}{label}", gate.out_features, new_gate.out_features))
     return True
@@ -355,11 +361,14 @@ def _activation(module: nn.Module):
     return None
 
 
-def _outputs_on(module: nn.Module, x: Tensor):
+def _outputs_on(module: nn.Module, x: Tensor, given: Optional[dict] = None):
     """The tensors ``module`` returns for hidden states ``x`` in eval mode, or None when it cannot
     be called with hidden states alone: other required arguments get None, or, when that fails,
-    zeros shaped like ``x`` (BLOOM's and MPT's MLPs add a ``residual``)."""
+    zeros shaped like ``x`` (BLOOM's and MPT's MLPs add a ``residual``). ``given`` fixes the
+    value of some arguments (an attention module's rotary ``position_embeddings``)."""
     import inspect
+
+    given = given or {}
 
     try:
         params = list(inspect.signature(module.forward).parameters.values())[1:]
@@ -367,6 +376,7 @@ def _outputs_on(module: nn.Module, x: Tensor):
         params = []
     required = [p.name for p in params if p.default is inspect.Parameter.empty
                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = {p.name for p in params}
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
     out = None
@@ -374,7 +384,9 @@ def _outputs_on(module: nn.Module, x: Tensor):
         for fill in (None, torch.zeros_like(x)):
             try:
                 with torch.no_grad():
-                    out = module(x, **{name: fill for name in required})
+                    args = {name: fill for name in required}
+                    args.update((k, v) for k, v in given.items() if k in names)
+                    out = module(x, **args)
                 break
             except Exception:
                 if not required:
@@ -394,25 +406,30 @@ _CHECK_RTOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 4e-3, to
 
 
 def _keep_if_same(module: nn.Module, like: nn.Module, change, where: str,
-                  what: str = "an MLP's layers", first_only: bool = False) -> bool:
+                  what: str = "an MLP's layers", first_only: bool = False,
+                  givens=({},)) -> bool:
     """Apply ``change()`` (which returns a function undoing it) to ``module`` and keep it only if
     the module's output on a random input is unchanged (only its first output with
     ``first_only``: an attention module's weights lose the removed heads). Attribute names are a
     convention, not a proof that layers are connected the way a pattern assumes; running the
-    module is."""
+    module is. ``givens``: argument values to try in turn (see ``_outputs_on``)."""
     import warnings
 
     w = like.weight
     g = torch.Generator(device=w.device).manual_seed(0)
     x = torch.randn(2, 3, like.in_features, generator=g, device=w.device).to(w.dtype)
-    before = _outputs_on(module, x)
+    before = given = None
+    for given in givens:
+        before = _outputs_on(module, x, given)
+        if before:
+            break
     if not before:
         warnings.warn(f"shrink_: {where} look like {what} with something dead in them, but the "
                       "module cannot be run on hidden states alone to check a shrink; left as "
                       "they were", stacklevel=4)
         return False
     undo = change()
-    after = _outputs_on(module, x)
+    after = _outputs_on(module, x, given)
     if first_only and after:
         before, after = before[:1], after[:1]
     ok = after is not None and len(after) == len(before)
@@ -455,10 +472,11 @@ def _shrink_named_mlp(mod: nn.Module, report: list, prefix: str) -> bool:
     if n_dead and _check_keep(a.out_features - n_dead, prefix):
         (new_a,), new_b = _shrink_pair([a], b, dead, bias_b)
         where = f"{prefix}{name_a}/{name_b}"
-        if _keep_if_same(mod, a, lambda: _set(mod, **{name_a: new_a, name_b: new_b}), where):
+        layers = {name_a: new_a, name_b: new_b}
+        if isinstance(getattr(mod, "intermediate_size", None), int):  # Nemotron keeps one
+            layers["intermediate_size"] = new_a.out_features
+        if _keep_if_same(mod, a, lambda: _set(mod, **layers), where):
             report.append((where, a.out_features, new_a.out_features))
-            if isinstance(getattr(mod, "intermediate_size", None), int):  # Nemotron keeps one
-                mod.intermediate_size = new_a.out_features
     return True
 
 
@@ -485,11 +503,11 @@ def _shrink_packed_gated_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
         new_gate_up = _slice_linear(gate_up, torch.cat([keep, keep]), 0)
         new_down = _slice_linear(down, keep, 1)
         where = f"{prefix}gate_up/down" if names[0] == "gate_up_proj" else f"{prefix}Wi/Wo"
-        change = lambda: _set(mlp, **dict(zip(names, (new_gate_up, new_down))))  # noqa: E731
-        if _keep_if_same(mlp, gate_up, change, where):
+        layers = dict(zip(names, (new_gate_up, new_down)))
+        if isinstance(getattr(mlp, "intermediate_size", None), int):
+            layers["intermediate_size"] = n - n_dead
+        if _keep_if_same(mlp, gate_up, lambda: _set(mlp, **layers), where):
             report.append((where, n, n - n_dead))
-            if isinstance(getattr(mlp, "intermediate_size", None), int):
-                mlp.intermediate_size = n - n_dead
     return True
 
 
@@ -504,6 +522,7 @@ def _slice_conv1d(layer: nn.Module, keep: Tensor, dim: int) -> nn.Module:
         new.weight.copy_(w)
         new.bias.copy_(b)
     new.weight.requires_grad_(layer.weight.requires_grad)
+    new.bias.requires_grad_(layer.bias.requires_grad)
     new.train(layer.training)
     return new
 
@@ -671,15 +690,43 @@ def _shrink_gqa_attention(attn: nn.Module, report: list, prefix: str) -> bool:
         return True
     kv_feat = keep_kv.repeat_interleave(hd)
     q_feat = keep_kv.repeat_interleave(groups * hd)
-    attn.q_proj = _slice_linear(q, q_feat, 0)
-    attn.k_proj = _slice_linear(k, kv_feat, 0)
-    attn.v_proj = _slice_linear(v, kv_feat, 0)
-    attn.o_proj = _slice_linear(o, q_feat, 1)
-    for name, val in (("num_heads", n_keep * groups), ("num_key_value_heads", n_keep)):
-        if hasattr(attn, name):
-            setattr(attn, name, val)
-    report.append((f"{prefix}kv_groups", n_kv, n_keep))
+    layers = dict(q_proj=_slice_linear(q, q_feat, 0), k_proj=_slice_linear(k, kv_feat, 0),
+                  v_proj=_slice_linear(v, kv_feat, 0), o_proj=_slice_linear(o, q_feat, 1))
+    counts = {name: val for name, val in (("num_heads", n_keep * groups),
+                                          ("num_key_value_heads", n_keep))
+              if hasattr(attn, name)}
+
+    def change():
+        undo_layers, undo_counts = _set(attn, **layers), _set(attn, **counts)
+        return lambda: (undo_layers(), undo_counts())
+
+    # Run it to check: q/k norms over the full width (OLMo-2), per-head norms or sinks (Cohere,
+    # gpt-oss) and other per-head state do not shrink with the projections.
+    if _keep_if_same(attn, q, change, f"{prefix}q_proj/k_proj/v_proj/o_proj",
+                     "grouped-query attention", first_only=True,
+                     givens=_rotary_givens(attn, hd, q.weight)):
+        report.append((f"{prefix}kv_groups", n_kv, n_keep))
     return True
+
+
+def _rotary_givens(attn: nn.Module, head_dim: int, like: Tensor) -> list:
+    """Values for transformers attention's ``position_embeddings`` argument, (cos, sin) of a
+    random rotation, at each rotary width the module may use (all of a head, half of it as
+    gpt-oss's, or the part of it partial rotary embeddings turn)."""
+    dims = [head_dim, head_dim // 2]
+    for name in ("rotary_ndims", "rotary_dim", "rotary_emb_dim"):
+        if isinstance(getattr(attn, name, None), int):
+            dims.append(getattr(attn, name))
+    factor = getattr(getattr(attn, "config", None), "partial_rotary_factor", None)
+    if isinstance(factor, (int, float)) and 0 < factor < 1:
+        dims.append(int(head_dim * factor))
+    g = torch.Generator(device=like.device).manual_seed(1)
+    givens = []
+    for d in dict.fromkeys(dims):
+        angle = torch.randn(2, 3, d, generator=g, device=like.device)
+        givens.append({"position_embeddings": (angle.cos().to(like.dtype),
+                                               angle.sin().to(like.dtype))})
+    return givens + [{}]
 
 
 _PATTERNS: list = [

@@ -1,5 +1,7 @@
 """Structured masks and shrink_: the shrunk model is smaller and computes the same outputs."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -182,6 +184,79 @@ def test_shrink_llama_gated_mlp_and_kv_groups():
     with torch.no_grad():
         out = model(ids).last_hidden_state
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _dead_group_and_neurons(model):
+    """Kill key/value group 0 (its value rows) and 16 MLP neurons (their up rows) of layer 0."""
+    layer = model.layers[0]
+    with torch.no_grad():
+        layer.self_attn.v_proj.weight[:8] = 0
+        if layer.self_attn.v_proj.bias is not None:
+            layer.self_attn.v_proj.bias[:8] = 0
+        if hasattr(layer.mlp, "up_proj"):  # gpt-oss's is a mixture of experts
+            layer.mlp.up_proj.weight[:16] = 0
+
+
+@pytest.mark.parametrize("arch,extra,shrinks", [
+    ("llama", {}, True),
+    ("qwen3", {}, True),  # per-head q/k norms (of head_dim): the groups go
+    ("olmo2", {}, False),  # q/k norms over all heads' width
+    ("cohere", {"use_qk_norm": True}, False),  # norms with a weight per head
+    ("gpt_oss", {"num_local_experts": 2, "num_experts_per_tok": 1}, False),  # a sink per head
+])
+def test_grouped_query_attention_is_shrunk_only_where_running_it_agrees(arch, extra, shrinks):
+    """Key/value groups were sliced by the projections' names without running the module: the
+    attentions whose norms or sinks hold per-head state crashed in forward afterwards."""
+    cfg = transformers.AutoConfig.for_model(
+        arch, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=53, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(cfg).eval()
+    _dead_group_and_neurons(model)
+    ids = torch.randint(3, 50, (2, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "left as they were"
+        report = shrink_(model)
+    assert (("layers.0.self_attn.kv_groups", 2, 1) in report) == shrinks
+    with torch.no_grad():
+        out = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_mlp_with_llama_names_is_checked_by_running_it():
+    """Gemma3n's MLP has LLaMA's names but sparsifies its activations by a cut-off from the
+    mean and spread of all its neurons: removing dead ones changed its output by ~8%,
+    silently, before LLaMA-named MLPs were run to check."""
+    from transformers.models.gemma3n.configuration_gemma3n import Gemma3nTextConfig
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextMLP
+
+    torch.manual_seed(0)
+    cfg = Gemma3nTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            activation_sparsity_pattern=[0.95])
+    mlp = Gemma3nTextMLP(cfg, 0).eval()
+    with torch.no_grad():
+        mlp.up_proj.weight[:16] = 0
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = mlp(x)
+    with pytest.warns(UserWarning, match="changed the module's output"):
+        with pytest.warns(UserWarning, match="removed nothing"):
+            assert shrink_(mlp) == []
+    assert mlp.up_proj.out_features == 64
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), ref)
+
+
+def test_frozen_biases_stay_frozen():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight[:, :4] = 0
+    model.requires_grad_(False)
+    model[0].weight.requires_grad_(True)
+    assert shrink_(model)
+    assert [p.requires_grad for p in model.parameters()] == [True, False, False, False]
 
 
 # ---- masked layers (MaskedLinear) and neurons whose constant output is folded into the next bias
