@@ -8,6 +8,7 @@ modified.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Optional, Sequence
 
 from torch import nn
@@ -17,8 +18,16 @@ __all__ = ["student_from_teacher"]
 
 # config attributes that hold the depth of the (single) layer stack, by model family
 _DEPTH_ATTRS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-# per-layer config lists that must follow the kept layers (e.g. sliding/full attention per layer)
-_PER_LAYER_ATTRS = ("layer_types",)
+# the same for one side of an encoder-decoder config (T5's num_layers is its encoder's depth,
+# BART's num_hidden_layers an alias of encoder_layers)
+_SIDE_DEPTH_ATTRS = {"decoder": ("num_decoder_layers", "decoder_layers"),
+                     "encoder": ("encoder_layers", "num_layers", "num_hidden_layers")}
+# per-layer config lists that must follow the kept layers: one entry per layer (sliding/full
+# attention, SmolLM3's RoPE or not, Gemma3n's activation sparsity), and lists of layer indices
+# (Qwen-MoE's dense-MLP layers, Mllama's cross-attention layers)
+_PER_LAYER_ATTRS = ("layer_types", "mlp_layer_types", "no_rope_layers",
+                    "activation_sparsity_pattern")
+_LAYER_INDEX_ATTRS = ("mlp_only_layers", "cross_attention_layers")
 
 
 def _normalise_keep(keep_layers, n: int) -> list:
@@ -63,8 +72,9 @@ def _find_stack(model: nn.Module, stack: Optional[str]):
     found = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (depth is None or len(mod) == depth):
-            # a stack of blocks: every element the same class
-            if len({type(m) for m in mod}) == 1:
+            # a stack of blocks: as deep as the config says (a hybrid model's blocks are of
+            # several classes: Jamba's attention and Mamba layers), else all of one class
+            if depth is not None or len({type(m) for m in mod}) == 1:
                 found.append((name, mod))
     if len(found) != 1:
         names = [n for n, _ in found]
@@ -89,9 +99,16 @@ def student_from_teacher(
         stack: dotted path of the stack (e.g. ``"encoder.layer"``) when it cannot be found
             unambiguously (encoder-decoder models: call once per stack).
 
-    The student's ``config`` (if any) gets the new depth (``num_hidden_layers``/``n_layer``/...),
-    per-layer config lists are subset to match, and blocks that know their index (``layer_idx``,
-    used by key/value caches) are renumbered. The teacher is not modified.
+    The student's ``config`` (if any) gets the new depth (``num_hidden_layers``/``n_layer``/...;
+    on an encoder-decoder model the depth of the stack's own side), per-layer config lists are
+    subset to match (``layer_types``, ``no_rope_layers``, ...), lists and rules of layer indices
+    are renumbered (MoE models' dense layers: ``mlp_only_layers``, ``decoder_sparse_step``,
+    ``first_k_dense_replace``), and blocks that know their index (``layer_idx``, used by
+    key/value caches) are renumbered. A transformers student is then built again from its
+    config on the meta device and compared layer by layer: where the config would build
+    another model (a per-layer scheme fastkd does not know), a warning says where, since
+    ``save_pretrained`` / ``from_pretrained`` would load that other model. The teacher is not
+    modified.
     """
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
@@ -116,15 +133,116 @@ def student_from_teacher(
             if isinstance(getattr(mod, "layer_idx", None), int):
                 mod.layer_idx = new_idx
 
-    config = getattr(student, "config", None)
-    if config is not None:
+    path = stack if stack is not None else next(
+        name for name, m in student.named_modules() if m is new_stack)
+    _update_configs(student, parent, path, n, keep)
+    _warn_if_config_builds_another_model(student)
+    hf.record(student)  # a compressed teacher's layers, at their new paths
+    return student
+
+
+def _is_config(obj) -> bool:
+    return hasattr(obj, "to_dict") and hasattr(obj, "model_type")
+
+
+def _update_configs(student: nn.Module, parent: nn.Module, path: str, n: int, keep: list):
+    """Write the new depth and the kept layers' entries into the config(s) describing the
+    stack: the one its owner was built from (a multimodal model's text config), and, on an
+    encoder-decoder model, the side's depth in the model's own config."""
+    top = getattr(student, "config", None)
+    own = getattr(parent, "config", None)
+    configs = []
+    if _is_config(top) and getattr(top, "is_encoder_decoder", False):
+        parts = path.split(".")
+        side = next((sd for sd in ("decoder", "encoder") if any(sd in p for p in parts)), None)
+        if side is None:
+            raise ValueError(f"cannot tell whether the stack {path!r} is the encoder's or the "
+                             "decoder's of this encoder-decoder model")
+        for name in _SIDE_DEPTH_ATTRS[side]:
+            if getattr(top, name, None) == n:
+                setattr(top, name, len(keep))
+                break
+        if _is_config(own) and own is not top:  # T5's stacks: a copy of their own
+            configs.append(own)
+    else:
+        configs.append(own if _is_config(own) else top)
+    for config in configs:
+        if config is None:
+            continue
         for name in _DEPTH_ATTRS:
             if getattr(config, name, None) == n:
                 setattr(config, name, len(keep))
                 break
+        _dense_layers_by_index(config, n, keep)
         for name in _PER_LAYER_ATTRS:
             per_layer = getattr(config, name, None)
             if isinstance(per_layer, (list, tuple)) and len(per_layer) == n:
                 setattr(config, name, type(per_layer)(per_layer[i] for i in keep))
-    hf.record(student)  # a compressed teacher's layers, at their new paths
-    return student
+        for name in _LAYER_INDEX_ATTRS:
+            indices = getattr(config, name, None)
+            if isinstance(indices, (list, tuple)):
+                setattr(config, name, type(indices)(
+                    new for new, old in enumerate(keep) if old in set(indices)))
+
+
+def _dense_layers_by_index(config, n: int, keep: list) -> None:
+    """MoE configs that say which layers are dense by a rule on the layer index: Qwen-MoE's
+    ``decoder_sparse_step`` (every step-th layer is MoE) becomes the list ``mlp_only_layers``
+    that the index renumbering then follows; DeepSeek's ``first_k_dense_replace`` (and
+    ``moe_layer_freq``) is set again when the student's dense layers still come first."""
+    step, only = getattr(config, "decoder_sparse_step", None), getattr(config, "mlp_only_layers", None)
+    if isinstance(step, int) and step > 1 and isinstance(only, (list, tuple)):
+        dense = set(only) | {i for i in range(n) if (i + 1) % step}
+        config.mlp_only_layers, config.decoder_sparse_step = sorted(dense), 1
+    k, freq = getattr(config, "first_k_dense_replace", None), getattr(config, "moe_layer_freq", 1)
+    if isinstance(k, int) and isinstance(freq, int) and freq >= 1:
+        dense = [new for new, old in enumerate(keep) if old < k or old % freq]
+        if dense == list(range(len(dense))):
+            config.first_k_dense_replace = len(dense)
+            if hasattr(config, "moe_layer_freq"):
+                config.moe_layer_freq = 1
+
+
+def _warn_if_config_builds_another_model(student: nn.Module) -> None:
+    """Build the student's architecture from its config (on the meta device) and compare: a
+    config setting the copy does not follow (a per-layer scheme fastkd does not know: DeepSeek's
+    first dense layers, interleaved MoE steps) makes ``from_pretrained`` build another model,
+    with other layer kinds or flags, than the student in memory."""
+    if not hf._is_transformers_model(student):
+        return
+    import torch
+
+    from .checkpoint import _SHRUNK_ATTRIBUTES, _compressed_layers
+
+    # widths shrink_ changes: a student of a shrunk teacher differs there on purpose
+    widths = {"in_features", "out_features", "nf", *_SHRUNK_ATTRIBUTES}
+    compressed = tuple(f"{name}." for name in _compressed_layers(student))
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = type(student)(copy.deepcopy(student.config))
+    except Exception:  # an architecture that cannot be built on the meta device: no check
+        return
+    rebuilt = dict(fresh.named_modules())
+    differ = []
+    for name, mod in student.named_modules():
+        if f"{name}.".startswith(compressed):  # fastkd's layers and what they hold
+            continue
+        other = rebuilt.get(name)
+        if other is None or type(other) is not type(mod):
+            differ.append(f"{name}: {type(mod).__name__} vs "
+                          f"{type(other).__name__ if other is not None else 'nothing'}")
+            continue
+        for key, value in vars(mod).items():
+            if (key.startswith("_") or key in widths or key == "training"
+                    or not isinstance(value, (bool, int, float, str))):
+                continue
+            if getattr(other, key, None) != value:
+                differ.append(f"{name}.{key}: {value!r} vs {getattr(other, key, None)!r}")
+    if differ:
+        warnings.warn(
+            "student_from_teacher: the student's config does not describe the layers it kept "
+            f"(in memory vs built from the config: {'; '.join(differ[:4])}"
+            f"{'; ...' if len(differ) > 4 else ''}); save_pretrained/from_pretrained would "
+            "build another model. Fix the config by hand, or ship the student with "
+            "fastkd.save_compressed / torch.save", UserWarning, stacklevel=3)

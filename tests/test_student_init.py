@@ -1,5 +1,7 @@
 """student_from_teacher: a copy of the teacher with a subset of its blocks."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -97,3 +99,94 @@ def test_llama_decoder_renumbers_cache_layers():
         out = student(ids[:, :4], use_cache=True)
         step = student(ids[:, 4:], past_key_values=out.past_key_values, use_cache=True).logits
     torch.testing.assert_close(step, full[:, 4:], rtol=1e-4, atol=1e-5)
+
+
+_SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=61, pad_token_id=0)
+
+
+def _causal_lm(arch, **extra):
+    cfg = transformers.AutoConfig.for_model(arch, num_hidden_layers=4, **_SMALL, **extra)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _reloads_as_itself(student, tmp_path, **inputs):
+    """save_pretrained + from_pretrained give the student in memory: same layer kinds, same
+    outputs."""
+    student.save_pretrained(tmp_path)
+    again = type(student).from_pretrained(tmp_path).eval()
+    assert ([type(m).__name__ for m in again.modules()]
+            == [type(m).__name__ for m in student.modules()])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, student(**inputs).logits)
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("smollm3", {}),  # no_rope_layers: which layers use RoPE, one flag per layer
+    # dense-MLP layers by index (mlp_only_layers) or by rule (decoder_sparse_step)
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       head_dim=8, mlp_only_layers=[3])),
+    ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=16, decoder_sparse_step=2)),
+    ("deepseek_v3", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         first_k_dense_replace=2, kv_lora_rank=8, q_lora_rank=8,
+                         qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
+                         topk_group=1)),
+])
+@pytest.mark.parametrize("keep", [[0, 3], [1, 2]])
+def test_per_layer_config_follows_the_kept_layers(arch, extra, keep, tmp_path):
+    """Only layer_types was subset: SmolLM3's RoPE flags and the MoE configs' dense layers
+    stayed the teacher's, so the student saved and loaded again was another model."""
+    teacher = _causal_lm(arch, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left that the config does not describe
+        student = student_from_teacher(teacher, keep).eval()
+    assert ([type(layer.mlp).__name__ for layer in student.model.layers]
+            == [type(teacher.model.layers[i].mlp).__name__ for i in keep])
+    _reloads_as_itself(student, tmp_path, input_ids=torch.randint(3, 60, (1, 7)))
+
+
+@pytest.mark.parametrize("arch,stack,depth_attr", [
+    ("t5", "decoder.block", "num_decoder_layers"),
+    ("t5", "encoder.block", "num_layers"),
+    ("bart", "model.decoder.layers", "decoder_layers"),
+    ("bart", "model.encoder.layers", "encoder_layers"),
+])
+def test_encoder_decoder_stack_sets_its_own_sides_depth(arch, stack, depth_attr, tmp_path):
+    """A decoder stack rewrote the first depth equal to its own: T5's num_layers and BART's
+    encoder_layers, the encoder's (the reloaded T5 had 2 encoder blocks and a random third
+    decoder block)."""
+    T = transformers
+    torch.manual_seed(0)
+    if arch == "t5":
+        teacher = T.T5ForConditionalGeneration(T.T5Config(
+            vocab_size=61, d_model=24, d_ff=37, num_layers=3, num_heads=4, d_kv=6))
+    else:
+        teacher = T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=61, d_model=24, encoder_layers=3, decoder_layers=3,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+            decoder_ffn_dim=32))
+    student = student_from_teacher(teacher.eval(), [0, 2], stack=stack).eval()
+    assert getattr(student.config, depth_attr) == 2
+    other = {"num_decoder_layers": "num_layers", "num_layers": "num_decoder_layers",
+             "decoder_layers": "encoder_layers", "encoder_layers": "decoder_layers"}[depth_attr]
+    assert getattr(student.config, other) == 3
+    ids = torch.randint(3, 60, (1, 7))
+    _reloads_as_itself(student, tmp_path, input_ids=ids, decoder_input_ids=ids)
+
+
+def test_a_config_the_kept_layers_do_not_match_gets_a_warning():
+    """Jamba places its attention layers by period and offset, which a subset of layers need
+    not follow: the student is right in memory, but its config builds another model."""
+    teacher = _causal_lm("jamba", attn_layer_period=2, attn_layer_offset=1,
+                         expert_layer_period=2, expert_layer_offset=1, num_experts=2,
+                         num_experts_per_tok=1, mamba_d_state=4, mamba_d_conv=2,
+                         mamba_expand=2, use_mamba_kernels=False)
+    with pytest.warns(UserWarning, match="does not describe the layers it kept"):
+        student = student_from_teacher(teacher, [1, 2])  # hybrid stack: found by its depth
+    assert [type(b).__name__ for b in student.model.layers] == [
+        "JambaAttentionDecoderLayer", "JambaMambaDecoderLayer"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        student_from_teacher(teacher, [0, 1])  # the period and offset still hold
