@@ -100,6 +100,40 @@ def register_autograd(qualname: str, backward, setup_context) -> None:
     _AUTOGRAD_LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
+def no_double_backward(qualname: str, what: str) -> None:
+    """Give a backward-only op an autograd kernel whose own backward raises: without one, a
+    gradient taken with ``create_graph=True`` and differentiated again went through torch's
+    fallback (one generic warning) and came out wrong (the Triton kernels' as zeros, the
+    reference's with its saved statistics held constant). First-order backward with
+    ``create_graph=True`` still works; only the second differentiation raises, naming the op."""
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    after_autograd = torch._C._after_autograd_keyset
+
+    class _Refuse(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, kwargs, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keyset & after_autograd, *args, **kwargs)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"{what} has no second derivative: differentiating a gradient taken with "
+                "create_graph=True (a gradient penalty, Hessian-vector products) is not "
+                "supported through it")
+
+    _Refuse.__name__ = f"{name}_no_double_backward"
+
+    def autograd_kernel(keyset, *args, **kwargs):
+        if torch.is_grad_enabled() and _any_requires_grad(args):
+            return _Refuse.apply(keyset, kwargs, *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & after_autograd, *args, **kwargs)
+
+    _AUTOGRAD_LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Eager calls without the dispatcher hop
 # --------------------------------------------------------------------------------------------
@@ -388,6 +422,7 @@ def _kd_loss_autograd_backward(ctx, grad_rows, _grad_stats):
 register_autograd(
     "fastkd::kd_loss_forward", _kd_loss_autograd_backward, setup_context=_kd_loss_setup_context
 )
+no_double_backward("fastkd::kd_loss_backward", "fastkd's KD loss (kd_loss, KDLoss)")
 
 
 def kd_loss_rows(
@@ -509,6 +544,7 @@ register_autograd(
     _kd_loss_topk_autograd_backward,
     setup_context=_kd_loss_topk_setup_context,
 )
+no_double_backward("fastkd::kd_loss_topk_backward", "fastkd's top-k KD loss (kd_loss_topk)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -891,3 +927,5 @@ register_autograd(
     _masked_linear_autograd_backward,
     setup_context=_masked_linear_setup_context,
 )
+for _name in ("masked_linear_grad_input", "masked_linear_grad_weight"):
+    no_double_backward(f"fastkd::{_name}", "fastkd's masked linear (MaskedLinear)")
