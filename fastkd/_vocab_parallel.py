@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._validate import check_class_targets
-from .reference.kd_loss import _divergence_terms, _row_chunk, mix_rows
+from .reference.kd_loss import _divergence_terms, _row_chunk, _undefined_to_nan, mix_rows
 
 _NEG_INF = float("-inf")
 
@@ -88,7 +88,8 @@ class VocabParallelKDFunction(torch.autograd.Function):
                                           beta)
             red = torch.stack([terms.sum(-1), qg.sum(-1)], 1)
             dist.all_reduce(red, group=group)
-            div, dot = red[:, 0], red[:, 1]
+            # nan on rows with no distribution, as unsharded: the terms drop q = 0 entries
+            div, dot = _undefined_to_nan(red[:, 0], lse_s, lse_t), red[:, 1]
         soft = temperature * temperature * div.clamp_min(0.0)
         if target is None:
             rows = soft
@@ -119,11 +120,15 @@ class VocabParallelKDFunction(torch.autograd.Function):
             q = log_q.exp()
             if c_kl == 0.0:  # alpha = 0: no teacher term (not 0 * inf where it is infinite)
                 g = torch.zeros_like(q)
-            elif divergence == "kl":
-                g = c_kl * (q - log_p.exp())
             else:
-                _, qg = _divergence_terms(log_p, log_q, divergence, beta)
-                g = c_kl * (qg - q * st[:, 3:4])
+                if divergence == "kl":
+                    g = c_kl * (q - log_p.exp())
+                else:
+                    _, qg = _divergence_terms(log_p, log_q, divergence, beta)
+                    g = c_kl * (qg - q * st[:, 3:4])
+                # nan on every rank's part of a row with no distribution (a +inf logit on
+                # another rank left this rank's q = 0 and its gradient finite)
+                g = _undefined_to_nan(g, st[:, 0:1], st[:, 1:2])
             scale = grad_rows[r0:r1].float()
             if target is not None:
                 tgt = target[r0:r1]

@@ -64,12 +64,15 @@ def _worker(rank, world, splits, out_dir):
             out = kd_loss(part, tt[..., lo:hi], tgt, group=dist.group.WORLD, **kw)
             (out * w).sum().backward()
             results.append((ref.detach(), out.detach(), full.grad[..., lo:hi], part.grad))
-        # rows whose distribution is undefined (a student with no mass, a nan teacher logit in
-        # the last shard) are nan in the loss and in every shard's gradient, as unsharded
+        # rows whose distribution is undefined (a student with no mass, a nan teacher logit or
+        # a +inf student logit in the last shard) are nan in the loss and in every shard's
+        # gradient, as unsharded (reverse KL gave 0 for them, and +inf left the other shards'
+        # gradients finite)
         s_bad, t_bad = s.clone(), t.clone()
         s_bad[2, 4] = float("-inf")
         t_bad[2, 3, V - 1] = float("nan")
-        for div in ("kl", "jsd"):
+        s_bad[1, 0, V - 1] = float("inf")
+        for div in ("kl", "jsd", "reverse_kl"):
             kw = dict(temperature=2.0, alpha=0.3, reduction="none", divergence=div,
                       backend="torch")
             full = s_bad.clone().requires_grad_()
@@ -107,7 +110,7 @@ def test_vocab_parallel_matches_unsharded(tmp_path, splits):
             torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
         for ref, out, g_ref, g_out in undefined:
             bad = torch.zeros_like(out, dtype=torch.bool)
-            bad[2, 3] = bad[2, 4] = True
+            bad[2, 3] = bad[2, 4] = bad[1, 0] = True
             assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
             assert torch.isnan(g_out[bad]).all() and torch.isfinite(g_out[~bad]).all()
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
