@@ -43,6 +43,18 @@ def _student_row(student_ptr, row, rows_inner, stride_s0, stride_s1):
 
 
 @triton.jit
+def _ids_in_block(sorted_row, ptr, nid, k_read, start, cols, BLOCK_V: tl.constexpr):
+    """Which columns of the block starting at ``start`` are ids: walks the row's sorted ids
+    from ``ptr`` (``nid``, the next one) past the block; returns the mask and where it stopped."""
+    is_id = cols < 0
+    while nid < start + BLOCK_V:
+        is_id = is_id | (cols == nid)
+        ptr += 1
+        nid = tl.load(sorted_row + ptr, mask=ptr < k_read, other=1 << 62)
+    return is_id, ptr, nid
+
+
+@triton.jit
 def _kd_topk_fwd_kernel(
     student_ptr,
     ids_ptr,
@@ -103,11 +115,7 @@ def _kd_topk_fwd_kernel(
         if HAS_TAIL:
             # the tail's sum, same shifts: the classes of this block that are not ids (each id
             # is compared against the one block it falls in)
-            is_id = cols < 0
-            while nid < start + BLOCK_V:
-                is_id = is_id | (cols == nid)
-                ptr += 1
-                nid = tl.load(sorted_row + ptr, mask=ptr < k_read, other=1 << 62)
+            is_id, ptr, nid = _ids_in_block(sorted_row, ptr, nid, k_read, start, cols, BLOCK_V)
             d_tail = d_tail * rescale + tl.sum(tl.where(is_id, 0.0, e_s), 0)
         m_s = sh
         if SEPARATE_CE:
@@ -133,11 +141,33 @@ def _kd_topk_fwd_kernel(
     p_sum = tl.sum(p, 0)
     log_ratio_out = float("-inf")
     if HAS_TAIL:
+        # log2 of the tail's sum under the row's shift. Below ~2^-80 of the row's largest term
+        # its terms underflow (and at 0 the loss was inf where the reference's is finite): then
+        # a second pass, for this row only, sums the tail under its own max.
+        log2_tail = tl.log2(d_tail)
+        n_redo = tl.where(d_tail < 1e-24, n_loop, 0)
+        m_t = neg_inf
+        d_t = 0.0
+        ptr = 0
+        nid = tl.load(sorted_row, mask=(k_read > 0) & (n_redo > 0), other=1 << 62)
+        for start in range(0, n_redo, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            s2 = tl.load(s_row + cols, mask=cols < n_cols, other=neg_inf).to(tl.float32) * scale2
+            is_id, ptr, nid = _ids_in_block(sorted_row, ptr, nid, k_read, start, cols, BLOCK_V)
+            s2 = tl.where(is_id, neg_inf, s2)
+            new_t = tl.maximum(m_t, tl.max(s2, 0))
+            sh_t = tl.where(new_t == neg_inf, 0.0, new_t)
+            d_t = d_t * tl.exp2(m_t - sh_t) + tl.sum(tl.exp2(s2 - sh_t), 0)
+            m_t = sh_t
+        log2_tail = tl.where(n_redo > 0, m_t - m_s + tl.log2(d_t), log2_tail)
         p_tail = tl.maximum(1.0 - p_sum, 0.0)
         # log Q_tail = log(tail sum / sum): -inf when the student gives the tail no mass (the
-        # divergence is then infinite, as the reference's)
-        pos = p_tail > 0
-        log_ratio = tl.log(tl.where(pos, p_tail, 1.0)) - ln2 * (tl.log2(d_tail) - tl.log2(d_s))
+        # divergence is then infinite, as the reference's), unless the teacher's tail mass is
+        # within fp32 rounding of 0 (reference.kd_topk.tail_rounding)
+        no_tail = log2_tail == neg_inf
+        pos = p_tail > tl.where(no_tail, 4.0 * k * 5.960464477539063e-08, 0.0)
+        p_tail = tl.where(pos, p_tail, 0.0)
+        log_ratio = tl.log(tl.where(pos, p_tail, 1.0)) - ln2 * (log2_tail - tl.log2(d_s))
         d += tl.where(pos, p_tail * log_ratio, 0.0)
         log_ratio_out = tl.where(pos, log_ratio, float("-inf"))
         p_sum += p_tail

@@ -256,22 +256,49 @@ def test_compile_fullgraph():
     torch.testing.assert_close(a.grad, b.grad)
 
 
-def test_reference_keeps_a_tiny_student_tail_finite():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_tiny_student_tail_stays_finite(backend):
     # A confident student: its mass outside the teacher's k classes is ~exp(-120), below fp32's
-    # range when shifted by the row's max. The tail's logsumexp has its own shift, so the tail
-    # term stays finite and equal to the float64 oracle's.
+    # range when shifted by the row's max. The tail's logsumexp has its own shift (in the
+    # kernel, a second pass over such a row: its loss was inf), so the tail term stays finite
+    # and equal to the float64 oracle's.
     s, ids, lp, target = _inputs((3, 211), 5, torch.float32, seed=4)
     s = s.scatter_add(1, ids, torch.full(ids.shape, 120.0))
     s64 = s.double().requires_grad_()
     ref = naive_topk(s64, ids, lp, target, 1.0, 0.5, -100, "none")
-    sv = s.clone().requires_grad_()
-    out = kd_loss_topk(sv, ids, lp, target, temperature=1.0, reduction="none", backend="torch")
+    dev = device_for(backend)
+    sv = s.to(dev).requires_grad_()
+    ids, lp, target = ids.to(dev), lp.to(dev), target.to(dev)
+    out = kd_loss_topk(sv, ids, lp, target, temperature=1.0, reduction="none",
+                       backend=backend).cpu()
+    target = target.cpu()
     assert torch.isfinite(out).all() and (out[target != -100] > 50).all()  # a large, finite loss
     torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-3)
     ref.sum().backward()
     out.sum().backward()
     assert torch.isfinite(sv.grad).all()
-    torch.testing.assert_close(sv.grad.double(), s64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sv.grad.double().cpu(), s64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_vocabulary_with_every_real_class_in_the_top_k(backend):
+    """k = the real classes of a vocabulary padded with -inf: the tail is padding on both
+    sides. In fp32 the k probabilities sum to 1 - ~1e-7 on about half the rows, and that
+    rounding, set against the student's zero tail mass, made those rows inf (nan gradients)."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(24, 37, generator=g) * 2, torch.randn(24, 37, generator=g) * 2
+    s[:, 29:] = t[:, 29:] = float("-inf")
+    s, t = s.to(dev), t.to(dev)
+    ids, lp = fastkd.teacher_topk(t, 29, temperature=2.0)
+    assert (lp.exp().sum(-1) < 1).any()  # the rounding this is about
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    top = kd_loss_topk(a, ids, lp, temperature=2.0, reduction="none", backend=backend)
+    full = kd_loss(b, t, temperature=2.0, reduction="none", backend=backend)
+    top.sum().backward()
+    full.sum().backward()
+    torch.testing.assert_close(top, full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

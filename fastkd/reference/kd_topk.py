@@ -4,7 +4,8 @@ The teacher of a row is given as k distinct class ids and their log-probabilitie
 ``fastkd.teacher_topk`` stores: ``log_softmax(teacher_logits / T)`` at the k largest entries). With
 ``z = s / T``, ``q = softmax(z)`` (the student over all V classes) and buckets b = the k ids plus one
 tail bucket holding every other class:
-    teacher  P_i = exp(lp_i),             P_tail = max(0, 1 - sum_i P_i)
+    teacher  P_i = exp(lp_i),             P_tail = max(0, 1 - sum_i P_i)  (0 when it is within
+             fp32 rounding of 0, 4 k 2^-24, and the student's tail mass Q_tail is 0)
     student  Q_i = q[id_i],               Q_tail = sum over classes not in ids of q
     D        = sum_i P_i (lp_i - log Q_i) + P_tail (log P_tail - log Q_tail)   (= KL(P || Q) over
                the k + 1 buckets; the tail bucket exists only when k < V)
@@ -29,6 +30,12 @@ import torch
 from torch import Tensor
 
 from .kd_loss import _ce_only_backward, _exp_sum, _row_chunk, _valid_rows, mix_rows
+
+
+def tail_rounding(k: int) -> float:
+    """The most ``1 - sum of k fp32 probabilities`` (each exp(lp) and each addition rounding
+    by 2^-24 relative) can be when the true tail mass is 0."""
+    return 4.0 * k * 2.0 ** -24
 
 
 def _lse_and_exp(z: Tensor, out: Optional[Tensor] = None) -> Tensor:
@@ -74,7 +81,11 @@ def kd_loss_topk_forward(
         if has_tail:
             p_tail = (1.0 - p_sum).clamp_min(0.0)
             log_q_tail = _lse_and_exp(z.scatter_(1, idx, float("-inf")), out=work) - lse_s
-            pos = p_tail > 0
+            # against a student with no tail mass, a tail mass at fp32 rounding is none (a
+            # padded vocabulary's k real classes sum to 1 - 1e-7, and the row was inf)
+            pos = p_tail > torch.where(log_q_tail == float("-inf"), tail_rounding(idx.shape[1]),
+                                       0.0)
+            p_tail = torch.where(pos, p_tail, torch.zeros_like(p_tail))
             log_p_tail = torch.where(pos, p_tail, torch.ones_like(p_tail)).log()
             d = d + torch.where(pos, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(d))
             log_ratio = torch.where(pos, log_p_tail - log_q_tail, torch.full_like(d, float("-inf")))
