@@ -179,13 +179,17 @@ def _kd_loss_fwd_kernel(
         sh_1 = tl.where(new_m_1 == neg_inf, 0.0, new_m_1)
         # Rescale acc to the new shifts: a' = a - dt, b' = b - ds, so
         # acc' = 2^-dt * (acc + (ds - dt) * d_t) (lane by lane for REDUCE 2). Guarded for d_t = 0
-        # (nothing accumulated yet, where the shift change can be infinite). Each term is folded
-        # in as soon as it exists, which keeps the live registers of REDUCE 2 down.
+        # (nothing accumulated yet, where the shift change can be infinite) and for keep_t = 0
+        # (what was accumulated underflows against the new max and drops out, as its fp32
+        # probabilities do in the reference: an infinite term, a -inf student logit under a
+        # finite teacher one, was 0 * inf = nan). Each term is folded in as soon as it exists,
+        # which keeps the live registers of REDUCE 2 down.
         keep_t = tl.exp2(m_t - sh_t)
         e_t = tl.exp2(t2 - sh_t)
         x_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         if DIVERGENCE == 0:  # the others take their terms in a second pass
-            acc = tl.where(d_t > 0, keep_t * (acc + ((sh_s - m_s) - (sh_t - m_t)) * d_t), 0.0)
+            acc = tl.where(d_t > 0, tl.where(
+                keep_t > 0, keep_t * (acc + ((sh_s - m_s) - (sh_t - m_t)) * d_t), 0.0), 0.0)
             x_acc = tl.where(e_t > 0, e_t * ((t2 - sh_t) - (s2 - sh_s)), 0.0)
             if REDUCE == 2:
                 acc += x_acc

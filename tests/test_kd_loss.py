@@ -221,6 +221,26 @@ def test_extreme_logits_stay_finite_and_accurate(backend, T):
     torch.testing.assert_close(grad.double(), s64.grad, rtol=1e-4, atol=max(1e-4, T * delta))
 
 
+@needs_triton
+@pytest.mark.parametrize("T", [0.5, 1.0])
+def test_a_masked_student_class_under_a_vanishing_teacher_one_is_finite(monkeypatch, T):
+    """A student logit of -inf (a masked class) where the teacher's is finite but ~120 nats
+    below the teacher's largest, in a later column block: the reference's fp32 probability of
+    it is 0, and so is its term; the kernel's rescaling made it 0 * inf = nan."""
+    from fastkd.kernels import kd_loss as kk
+
+    monkeypatch.setattr(kk, "_launch_config", lambda n_cols: (32, 4))  # several blocks
+    s, t = torch.zeros(2, 101), torch.zeros(2, 101)
+    s[:, 3] = float("-inf")
+    t[:, 90] = 120.0
+    t[1, 3] = -5.0
+    out, grad, _ = run(s, t, None, "triton", "none", temperature=T)
+    ref, ref_grad, _ = run(s, t, None, "torch", "none", temperature=T)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad, ref_grad)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("where", ["student", "teacher"])
