@@ -522,6 +522,13 @@ def test_module_rejects_bad_settings():
         fastkd.nn.KDLoss(reduction="batchmean")
     with pytest.raises(ValueError, match="backend"):
         fastkd.nn.KDLoss(backend="fast")
+    # the modules took int(ignore_index): -100.5 became -100 and True became 1, silently
+    for module in (fastkd.nn.KDLoss, fastkd.nn.FusedLinearKDLoss):
+        for bad in (-100.5, True, "-100"):
+            with pytest.raises(TypeError, match="ignore_index"):
+                module(ignore_index=bad)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        fastkd.nn.FusedLinearKDLoss(chunk_rows=True)
 
 
 # ----------------------------------------------------------------------------- backends

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from .._validate import check_number, check_reduction
+from .._validate import check_int, check_number, check_reduction
 
 
 class FusedLinearKDLoss(nn.Module):
@@ -31,10 +31,11 @@ class FusedLinearKDLoss(nn.Module):
         super().__init__()
         self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
         self.alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_int(ignore_index, "ignore_index")  # not int(): -100.5
         self.reduction = check_reduction(reduction)
         self.divergence, self.beta = F.check_divergence(divergence, beta)
-        if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                       or chunk_rows < 1):
             raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
         self.chunk_rows = chunk_rows
         check_backend(backend)

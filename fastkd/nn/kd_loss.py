@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from .._validate import check_number, check_reduction
+from .._validate import check_int, check_number, check_reduction
 
 
 class KDLoss(nn.Module):
@@ -30,7 +30,7 @@ class KDLoss(nn.Module):
         # Checked here too, so a bad setting fails when the loss is built, not mid-training.
         self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
         self.alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_int(ignore_index, "ignore_index")  # not int(): -100.5
         self.reduction = check_reduction(reduction)
         check_backend(backend)
         self.backend = backend
