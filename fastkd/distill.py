@@ -42,6 +42,7 @@ sequences) counts only the positions the mask keeps, in the loss and the metrics
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 import warnings
@@ -394,8 +395,11 @@ class Distiller:
         scheduler: ``None``, or a callable taking the optimizer and returning a learning-rate
             scheduler (``lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, ...)``); it is
             built with the optimizer and stepped after every optimizer step.
-        grad_accum_steps: optimizer steps come every this many batches (the loss of each batch
-            is divided by it), and after the last batch of an epoch.
+        grad_accum_steps: optimizer steps come every this many batches, and after the last
+            batch of an epoch. The step is the one of the joined batches: each batch's loss
+            weighs as the rows it counts (targets not ``ignore_index``, positions an
+            ``attention_mask`` keeps; every element for regression), so batches with
+            uneven padding, and a short last window, take the step one batch would.
         backend: the KD loss backend (``"auto"``, ``"torch"``, ``"triton"``).
         progress: show a tqdm progress bar with the running loss during ``fit``.
         adversarial_weight: weight (>= 0, finite) of the adversarial generator term; ``0`` (the
@@ -682,8 +686,9 @@ class Distiller:
         b_t = None if b_t is None else b_t.detach()
         return h_s, w_s, b_s, h_t.detach(), w_t.detach(), b_t, target, keep
 
-    def _fused_step_loss(self, batch, target, attention_mask) -> Tensor:
-        """The output loss of one batch through fused_linear_kd_loss (no N x V logits)."""
+    def _fused_step_loss(self, batch, target, attention_mask):
+        """The output loss of one batch through fused_linear_kd_loss (no N x V logits), and
+        the rows that count in it (see _counted)."""
         h_s, w_s, b_s, h_t, w_t, b_t, target, keep = self._fused_inputs(batch, target,
                                                                          attention_mask)
         loss = fkd_functional.fused_linear_kd_loss(
@@ -695,7 +700,7 @@ class Distiller:
         )
         if keep is not None:
             loss = torch.where(keep, loss, 0.0).sum() / keep.sum().clamp_min(1)
-        return loss
+        return loss, self._counted(h_s, target, keep)
 
     def _fused_eval_chunks(self, batch, target, attention_mask):
         """Evaluation in fused mode: (student logits, teacher logits, target, keep) for bounded
@@ -770,6 +775,19 @@ class Distiller:
             )
         return loss, (s.numel() if reduction == "sum" else None)
 
+    def _counted(self, s: Tensor, target: Optional[Tensor], keep: Optional[Tensor]):
+        """(rows mask or None for all, count) of the outputs ``s`` that the batch's mean loss
+        is over: for classification the rows ``keep`` (an attention mask) or the target keeps,
+        for regression every element. The count weighs the batch in an accumulation window
+        (one step on the joined batches) and in the epoch's train_loss."""
+        if self.task != "classification":
+            return None, torch.tensor(float(s.numel()), device=s.device)
+        if keep is None and target is not None:
+            keep = target != self.loss_fn.ignore_index
+        if keep is None:
+            return None, torch.tensor(float(s[..., 0].numel()), device=s.device)
+        return keep, keep.sum().float()
+
     def _reduce_rows(self, rows: Tensor, target, reduction: str, rows_mask):
         """(loss, count) from per-row KD losses (ignored rows are 0): see _output_loss."""
         if rows_mask is not None:
@@ -802,11 +820,21 @@ class Distiller:
             projs.append(proj)
         self.hint_projections = nn.ModuleList(projs).to(self.device)
 
-    def _hint_loss(self, s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
+    def _hint_loss(self, s_feats: list[Tensor], t_feats: list[Tensor],
+                   attention_mask=None) -> Tensor:
+        """Mean squared error of each projected student feature against the teacher's, over
+        the positions an ``attention_mask`` keeps when the features are per position (a
+        sequence batch's padding counts for nothing), else over every element."""
         total = None
         for proj, fs, ft in zip(self.hint_projections, s_feats, t_feats):
-            mapped = proj(fs.float())
-            term = F.mse_loss(mapped, ft.detach().float())
+            err = (proj(fs.float()) - ft.detach().float()).square()
+            if (isinstance(attention_mask, Tensor) and fs.dim() >= 2
+                    and tuple(attention_mask.shape) == tuple(fs.shape[:-1])):
+                keep = (attention_mask != 0)[..., None]
+                term = (torch.where(keep, err, 0.0).sum()
+                        / (keep.sum() * err.shape[-1]).clamp_min(1))
+            else:
+                term = err.mean()
             total = term if total is None else total + term
         return total
 
@@ -862,6 +890,18 @@ class Distiller:
         self.scheduler = self._scheduler_arg(self.optimizer)
         if not callable(getattr(self.scheduler, "step", None)):
             raise TypeError("the scheduler callable must return an object with a step() method")
+        try:
+            needs = [q.name for q in inspect.signature(self.scheduler.step).parameters.values()
+                     if q.default is inspect.Parameter.empty
+                     and q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            needs = []
+        if needs:  # ReduceLROnPlateau: fit failed on it after the first step changed the model
+            self.scheduler = None
+            raise TypeError(
+                f"the scheduler's step() needs {needs} (a metric): Distiller steps its scheduler "
+                "after every optimizer step with no arguments. Use a per-step schedule, or step "
+                "this one yourself from the history's eval metrics between fit() calls")
 
     def _optimizer_step(self) -> None:
         """Unscale (fp16), clip, step, update the scale, step the scheduler, clear gradients."""
@@ -869,9 +909,13 @@ class Distiller:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.scheduler is not None:
+        # an fp16 step with inf/nan gradients is skipped (the scale drops): so is the
+        # scheduler's, or warmup and one-cycle schedules drift ahead of the optimizer
+        skipped = scale is not None and self.scaler.get_scale() < scale
+        if self.scheduler is not None and not skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -896,11 +940,12 @@ class Distiller:
                 "discriminator was built for the first batch's width"
             )
 
-    def _discriminator_step(self, s: Tensor, t: Tensor) -> Tensor:
+    def _discriminator_step(self, s: Tensor, t: Tensor, rows: Optional[Tensor]) -> Tensor:
         # The student's backward through the generator loss left gradients on the
         # discriminator's parameters: drop them before its own step.
         self.discriminator_optimizer.zero_grad(set_to_none=True)
-        d_loss = self.discriminator.discriminator_loss(s.detach(), t.detach().to(s.dtype))
+        d_loss = self.discriminator.discriminator_loss(s.detach(), t.detach().to(s.dtype),
+                                                       mask=rows)
         d_loss.backward()
         self.discriminator_optimizer.step()
         return d_loss.detach()
@@ -983,8 +1028,9 @@ class Distiller:
         """Train the student for ``epochs`` passes over ``train_loader``.
 
         Returns the history: one dict per epoch with ``epoch``, ``train_loss`` (the mean of the
-        whole objective), ``train_hint_loss`` with hints, ``train_adv_generator_loss`` and
-        ``train_adv_discriminator_loss`` (epoch means) with ``adversarial_weight > 0``,
+        whole objective over the epoch's counted rows, as ``evaluate``'s loss), ``train_hint_loss``
+        with hints, ``train_adv_generator_loss`` and ``train_adv_discriminator_loss`` (epoch
+        means, weighted the same way) with ``adversarial_weight > 0``,
         ``seconds``, and ``eval_<metric>`` for
         every metric of :meth:`evaluate` when ``eval_loader`` is given. The list is also appended
         to ``self.history``.
@@ -1012,6 +1058,8 @@ class Distiller:
                 hint_sum = torch.zeros((), device=self.device)
                 gen_sum = torch.zeros((), device=self.device)
                 disc_sum = torch.zeros((), device=self.device)
+                counted = torch.zeros((), device=self.device)  # rows the losses were over
+                window = torch.zeros((), device=self.device)  # ... in this accumulation
                 steps = 0
                 bar = tqdm(
                     train_loader,
@@ -1028,55 +1076,71 @@ class Distiller:
                     adversarial = self.adversarial_weight > 0
                     with self._student_context():
                         if self.fused_lm_head:
-                            loss = self._fused_step_loss(batch, target, attention_mask)
+                            loss, (rows, count) = self._fused_step_loss(batch, target,
+                                                                        attention_mask)
                         else:
                             s_out, t_out, target, keep = self._outputs(call, target,
                                                                        attention_mask, topk)
                             loss, _ = self._output_loss(s_out, t_out, target, rows_mask=keep)
+                            rows, count = self._counted(s_out, target, keep)
                         if s_cap is not None:
                             s_feats, t_feats = s_cap.take(), t_cap.take()
                             if self.hint_projections is None:
                                 self._build_projections(s_feats, t_feats)
-                            hint = self._hint_loss(s_feats, t_feats)
-                            hint_sum += hint.detach()
+                            hint = self._hint_loss(s_feats, t_feats, attention_mask)
+                            hint_sum += hint.detach() * count
                             loss = loss + self.hint_weight * hint
-                        if adversarial:
+                        if adversarial:  # over the rows that count, as the KD term
                             self._ensure_discriminator(s_out)
-                            gen = self.discriminator.generator_loss(s_out)
-                            gen_sum += gen.detach()
+                            gen = self.discriminator.generator_loss(s_out, mask=rows)
+                            gen_sum += gen.detach() * count
                             loss = loss + self.adversarial_weight * gen
                     if self.optimizer is None or steps == 0:
                         self._ensure_optimizer()
                         if pending == 0:
                             self.optimizer.zero_grad(set_to_none=True)
-                    self.scaler.scale(loss / self.grad_accum_steps).backward()
+                    # The step of an accumulation window is the one of its joined batches:
+                    # each batch's mean weighs as its counted rows (a padded batch of few
+                    # tokens no more than they), and so does a short last window. The
+                    # gradients so far are rescaled to the window's new total first.
+                    total = window + count
+                    if pending:
+                        grads = [q.grad for g in self.optimizer.param_groups
+                                 for q in g["params"] if q.grad is not None]
+                        if grads:
+                            torch._foreach_mul_(grads, window / total.clamp_min(1))
+                    weight = count / total.clamp_min(1)
+                    window = total
+                    self.scaler.scale(loss * weight).backward()
                     pending += 1
                     if pending == self.grad_accum_steps:
                         self._optimizer_step()
-                        pending = 0
+                        pending, window = 0, torch.zeros((), device=self.device)
                     if adversarial:
-                        disc_sum += self._discriminator_step(s_out, t_out)
-                    loss_sum += loss.detach().float()
+                        disc_sum += self._discriminator_step(s_out, t_out, rows) * count
+                    loss_sum += loss.detach().float() * count
+                    counted += count
                     steps += 1
                     # .item() syncs the device; do it only now and then, for the bar.
                     if self.progress and (steps % 10 == 1):
-                        bar.set_postfix(loss=f"{(loss_sum / steps).item():.4f}")
+                        bar.set_postfix(loss=f"{(loss_sum / counted.clamp_min(1)).item():.4f}")
                 bar.close()
                 if steps == 0:
                     raise ValueError("train_loader produced no batches")
                 if pending:  # the epoch's last, partial accumulation
                     self._optimizer_step()
-                train_loss = (loss_sum / steps).item()
+                counted = counted.clamp_min(1)
+                train_loss = (loss_sum / counted).item()
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(
                         f"training loss became {train_loss} in epoch {epoch}; lower the lr"
                     )
                 record = {"epoch": len(self.history) + 1, "train_loss": train_loss}
                 if self.hints:
-                    record["train_hint_loss"] = (hint_sum / steps).item()
+                    record["train_hint_loss"] = (hint_sum / counted).item()
                 if self.adversarial_weight > 0:
-                    record["train_adv_generator_loss"] = (gen_sum / steps).item()
-                    record["train_adv_discriminator_loss"] = (disc_sum / steps).item()
+                    record["train_adv_generator_loss"] = (gen_sum / counted).item()
+                    record["train_adv_discriminator_loss"] = (disc_sum / counted).item()
                 if eval_loader is not None:
                     if s_cap is not None:
                         s_cap.remove()
@@ -1149,7 +1213,8 @@ class Distiller:
                             agree += (same & keep).sum() if keep is not None else same.sum()
                             rows += keep.sum() if keep is not None else pred.numel()
                     if s_cap is not None:
-                        hint_sum += self._hint_loss(s_cap.take(), t_cap.take()).double()
+                        hint_sum += self._hint_loss(s_cap.take(), t_cap.take(),
+                                                    attention_mask).double()
                 batches += 1
         finally:
             if s_cap is not None:

@@ -75,3 +75,23 @@ def test_toy_distillation_does_not_diverge():
     with torch.no_grad():
         d_final = adv.discriminator_loss(student(x_eval), t_eval).item()
     assert 0.5 < d_final < 2.5
+
+
+def test_a_mask_keeps_rows_out_of_both_losses():
+    torch.manual_seed(0)
+    adv = AdversarialKDLoss(6, hidden=8)
+    s, t = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1, 3:] = False
+    s2, t2 = s.clone(), t.clone()
+    s2[1, 3:] += 100.0  # what the mask leaves out changes nothing
+    t2[1, 3:] -= 100.0
+    for a, b in ((s, t), (s2, t2)):
+        torch.testing.assert_close(adv.generator_loss(a, mask=keep), adv.generator_loss(s[keep]))
+        torch.testing.assert_close(adv.discriminator_loss(a, b, mask=keep),
+                                   adv.discriminator_loss(s[keep], t[keep]))
+    assert adv.generator_loss(s, mask=torch.zeros(2, 5, dtype=torch.bool)) == 0
+    with pytest.raises(ValueError, match="mask"):
+        adv.generator_loss(s, mask=keep[:, :4])
+    with pytest.raises(ValueError, match="mask"):
+        adv.generator_loss(s, mask=keep.float())

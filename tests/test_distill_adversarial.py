@@ -259,3 +259,38 @@ def test_structured_mask_in_prune():
     from fastkd.structured import structured_mask
 
     assert fastkd.prune.structured_mask is structured_mask
+
+
+@pytest.mark.parametrize("labels", [True, False])
+@pytest.mark.parametrize("term", ["adversarial", "hint"])
+def test_padding_counts_in_neither_the_adversarial_nor_the_hint_term(labels, term):
+    """The KD term left padded and ignored positions out, the generator, discriminator and
+    hint terms did not: changing only the tokens under the padding changed them."""
+    transformers = pytest.importorskip("transformers")
+
+    def llama(h, seed):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=h, intermediate_size=2 * h, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, vocab_size=37, max_position_embeddings=32))
+
+    teacher, student = llama(16, 0), llama(8, 1)
+    ids = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    other = ids.clone()
+    other[1, 4:] = (ids[1, 4:] + 1) % 37  # only the padded tokens differ
+    kw = (dict(adversarial_weight=1.0, adversarial_hidden=8) if term == "adversarial"
+          else dict(hints=[("model.norm", "model.norm")]))
+    key = "train_adv_generator_loss" if term == "adversarial" else "train_hint_loss"
+    runs = []
+    for x in (ids, other):
+        batch = {"input_ids": x, "attention_mask": mask}
+        if labels:
+            batch["labels"] = x.masked_fill(mask == 0, -100)
+        d = Distiller(teacher, copy.deepcopy(student), progress=False,
+                      optimizer=lambda p: torch.optim.SGD(p, lr=0.0), **kw)
+        torch.manual_seed(3)
+        record = d.fit([batch])[0]
+        runs.append((record["train_loss"], record[key]))
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6, abs=1e-7)

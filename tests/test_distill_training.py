@@ -95,6 +95,65 @@ def test_gradient_accumulation_equals_one_step_on_the_joined_batch():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["uneven sizes", "uneven ignored rows", "short last window"])
+def test_accumulation_weighs_batches_by_their_counted_rows(case):
+    """Each batch's mean loss was divided by grad_accum_steps: batches of 8 and 2 rows, or
+    with most rows ignored in one, weighed the same, and a short last window took a fraction
+    of a step. The step is now the one of the joined batches."""
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    g = torch.Generator().manual_seed(4)
+    sizes = {"uneven sizes": (8, 2), "uneven ignored rows": (8, 8),
+             "short last window": (8, 8, 5)}[case]
+    batches = [(torch.randn(n, 12, generator=g), torch.randint(0, 5, (n,), generator=g))
+               for n in sizes]
+    if case == "uneven ignored rows":
+        batches[1][1][1:] = -100  # one counted row against eight
+    windows = [batches[:2], batches[2:]] if len(batches) > 2 else [batches]
+    joined = [(torch.cat([x for x, _ in w]), torch.cat([y for _, y in w])) for w in windows]
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    hist = Distiller(teacher, a, optimizer=_sgd(0.5), grad_accum_steps=2,
+                     progress=False).fit(batches)
+    ref = Distiller(teacher, b, optimizer=_sgd(0.5), progress=False).fit(joined)
+    assert not torch.equal(a[0].weight, student[0].weight)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    if len(joined) == 1:  # the epoch's loss is over its counted rows, as the joined batch's
+        assert hist[0]["train_loss"] == pytest.approx(ref[0]["train_loss"], rel=1e-5)
+
+
+def test_a_skipped_fp16_step_does_not_step_the_scheduler():
+    """An fp16 step with inf gradients is skipped by the GradScaler; the scheduler stepped
+    anyway (0.1 -> 0.0125 over three skipped steps), out of phase with the optimizer."""
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            pass
+    except Exception:
+        pytest.skip("no fp16 autocast on this CPU build")
+    teacher = _mlp(12, 32, 5, seed=0)
+    torch.manual_seed(1)
+    student = nn.Sequential(nn.Linear(12, 64), nn.Linear(64, 5))
+    with torch.no_grad():  # large activations: fp16 gradients overflow at the first scales
+        student[0].weight.mul_(30.0)
+    d = Distiller(teacher, student, autocast=torch.float16, optimizer=_sgd(0.1),
+                  progress=False,
+                  scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+    before = [p.detach().clone() for p in student.parameters()]
+    d.fit([(x * 5, y) for x, y in _batches(n_batches=3, rows=8)])
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), before))
+    assert d.scaler.get_scale() < 65536.0
+    assert d.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_a_scheduler_that_needs_a_metric_is_refused_before_training():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    before = [p.detach().clone() for p in student.parameters()]
+    d = Distiller(teacher, student, optimizer=_sgd(0.1), progress=False,
+                  scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt))
+    with pytest.raises(TypeError, match="metric"):
+        d.fit(_batches(n_batches=2))
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), before))
+
+
 def test_a_partial_accumulation_steps_at_the_end_of_each_epoch():
     teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
     d = Distiller(teacher, student, grad_accum_steps=2, progress=False,

@@ -7,6 +7,9 @@ top of its KD loss; the discriminator is trained with its own optimizer on
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -54,16 +57,30 @@ class AdversarialKDLoss(nn.Module):
         w = next(self.discriminator.parameters())
         return self.discriminator(x.to(w.dtype)).squeeze(-1)
 
-    def generator_loss(self, student: Tensor) -> Tensor:
-        """Non-saturating ``mean(-log D(student))``; gradient reaches the student (and D's params,
-        which the student's optimizer should not hold)."""
-        return F.softplus(-self.logits(student)).mean()
+    @staticmethod
+    def _mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """Mean over rows, or over the rows ``mask`` keeps (0 when it keeps none): padding and
+        ignored positions of a sequence batch count for nothing."""
+        if mask is None:
+            return x.mean()
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.numel() != x.numel():
+            raise ValueError(f"mask must be a bool tensor with one entry per row ({x.numel()}), "
+                             f"got {mask.dtype if isinstance(mask, Tensor) else type(mask)}")
+        mask = mask.reshape(-1)
+        return torch.where(mask, x, 0.0).sum() / mask.sum().clamp_min(1)
 
-    def discriminator_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
-        """``mean(-log D(teacher)) + mean(-log(1 - D(student)))``; both inputs are detached."""
+    def generator_loss(self, student: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Non-saturating ``mean(-log D(student))`` (over the rows ``mask`` keeps); gradient
+        reaches the student (and D's params, which the student's optimizer should not hold)."""
+        return self._mean(F.softplus(-self.logits(student)), mask)
+
+    def discriminator_loss(self, student: Tensor, teacher: Tensor,
+                           mask: Optional[Tensor] = None) -> Tensor:
+        """``mean(-log D(teacher)) + mean(-log(1 - D(student)))`` (over the rows ``mask``
+        keeps); both inputs are detached."""
         real = self.logits(teacher.detach())
         fake = self.logits(student.detach())
-        return F.softplus(-real).mean() + F.softplus(fake).mean()
+        return self._mean(F.softplus(-real), mask) + self._mean(F.softplus(fake), mask)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         self._check(teacher, "teacher")
