@@ -93,11 +93,37 @@ def magnitude_mask(weight: Tensor, sparsity: Optional[float], pattern: Pattern =
     if not weight.is_floating_point():
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
     kind, arg = parse_pattern(pattern)
+    check_fits(tuple(weight.shape), sparsity, pattern)
     w = weight.detach()
     if w.numel() and not bool(torch.isfinite(w).all()):
         raise ValueError("weight has NaN or infinite entries; magnitudes cannot rank them")
     mag = w.abs().float()
 
+    if kind == "nm":
+        n, m = arg
+        groups = mag.reshape(-1, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        if groups.numel():
+            keep.scatter_(1, groups.topk(n, dim=1).indices, True)
+        return keep.reshape(w.shape)
+
+    s = _check_sparsity(sparsity)
+    if kind == "unstructured":
+        return _prune_smallest(mag, round(w.numel() * s))
+
+    bh, bw = arg
+    rows, cols = w.shape
+    norms = mag.pow(2).reshape(rows // bh, bh, cols // bw, bw).sum(dim=(1, 3)).sqrt()
+    keep_blocks = _prune_smallest(norms, round(norms.numel() * s))
+    return keep_blocks.repeat_interleave(bh, dim=0).repeat_interleave(bw, dim=1)
+
+
+def check_fits(shape: tuple, sparsity: Optional[float], pattern: Pattern = "unstructured") -> None:
+    """Raise what :func:`magnitude_mask` raises for a weight of ``shape`` before it reads a value
+    (a sparsity out of range or not the one an N:M pattern implies, a dimension an N:M group or
+    a block does not divide): a model-wide swap checks every layer first and touches none of
+    them when one would fail."""
+    kind, arg = parse_pattern(pattern)
     if kind == "nm":
         n, m = arg
         implied = 1.0 - n / m
@@ -108,35 +134,23 @@ def magnitude_mask(weight: Tensor, sparsity: Optional[float], pattern: Pattern =
                 f"pattern {pattern!r} implies sparsity {implied:g}; got sparsity={sparsity} "
                 "(pass None or the implied value)"
             )
-        if w.dim() < 1 or w.shape[-1] % m != 0:
+        if len(shape) < 1 or shape[-1] % m != 0:
             raise ValueError(
-                f"N:M pruning groups the last dimension by M={m}; weight shape {tuple(w.shape)} "
+                f"N:M pruning groups the last dimension by M={m}; weight shape {tuple(shape)} "
                 f"has a last dimension not divisible by {m}"
             )
-        groups = mag.reshape(-1, m)
-        keep = torch.zeros_like(groups, dtype=torch.bool)
-        if groups.numel():
-            keep.scatter_(1, groups.topk(n, dim=1).indices, True)
-        return keep.reshape(w.shape)
-
+        return
     if sparsity is None:
         raise ValueError(f"pattern {pattern!r} needs a sparsity in [0, 1]")
-    s = _check_sparsity(sparsity)
-
-    if kind == "unstructured":
-        return _prune_smallest(mag, round(w.numel() * s))
-
-    bh, bw = arg
-    if w.dim() != 2:
-        raise ValueError(f"block pruning needs a 2-D weight, got shape {tuple(w.shape)}")
-    rows, cols = w.shape
-    if rows % bh or cols % bw:
-        raise ValueError(
-            f"block shape ({bh}, {bw}) must divide the weight shape {tuple(w.shape)}"
-        )
-    norms = mag.pow(2).reshape(rows // bh, bh, cols // bw, bw).sum(dim=(1, 3)).sqrt()
-    keep_blocks = _prune_smallest(norms, round(norms.numel() * s))
-    return keep_blocks.repeat_interleave(bh, dim=0).repeat_interleave(bw, dim=1)
+    _check_sparsity(sparsity)
+    if kind == "block":
+        bh, bw = arg
+        if len(shape) != 2:
+            raise ValueError(f"block pruning needs a 2-D weight, got shape {tuple(shape)}")
+        if shape[0] % bh or shape[1] % bw:
+            raise ValueError(
+                f"block shape ({bh}, {bw}) must divide the weight shape {tuple(shape)}"
+            )
 
 
 @torch.no_grad()

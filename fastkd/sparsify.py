@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from . import hf
@@ -12,9 +13,11 @@ from .nn._linear_like import (
     _selected,
     adapter_layers,
     as_linear,
+    guard_peft_bases,
+    is_hf_conv1d,
     is_masked_linear,
     is_replaceable_linear,
-    guard_peft_bases,
+    require_values,
     shown,
     unpack_layers_,
     unwrapped_model,
@@ -23,7 +26,7 @@ from .nn._linear_like import (
 )
 from .nn.masked_experts import MaskedExperts, check_expert_pattern, is_experts_to_prune
 from .nn.masked_linear import MaskedLinear
-from .prune import global_magnitude_masks, magnitude_mask, parse_pattern
+from .prune import check_fits, global_magnitude_masks, magnitude_mask, parse_pattern
 
 
 def sparsify_(
@@ -84,8 +87,13 @@ def sparsify_(
     # a Mixture-of-Experts block's experts, held in 3-D parameters by transformers
     experts = [(name, m) for name, m in model.named_modules()
                if name and is_experts_to_prune(m) and _selected(filter_fn, m, name)]
-    for _, m in experts if scope == "layer" else ():  # before anything is pruned
-        check_expert_pattern(m, sparsity, pattern)
+    for name, m in experts:  # before anything is pruned
+        if scope == "layer":
+            check_expert_pattern(m, sparsity, pattern)
+        elif not all(bool(torch.isfinite(q.detach()).all()) for q in m.parameters()
+                     if q.is_floating_point()):
+            raise ValueError(f"sparsify_ cannot prune {name!r}: its weights have NaN or "
+                             "infinite entries, which no magnitude ranks (nothing was pruned)")
     warn_stacked_weights_left(
         "sparsify_", model,
         lambda m, n: not is_experts_to_prune(m) and (filter_fn is None or filter_fn(m, n)))
@@ -123,6 +131,9 @@ def sparsify_(
             "the weight) to prune it, or leave it out with filter_fn to silence this.",
             stacklevel=2)
     guard_peft_bases("sparsify_", model, names)
+    for (_, _, child), name in zip(targets, names):  # before anything is swapped or pruned
+        _check_prunable(child, name, sparsity if scope == "layer" else None,
+                        pattern if scope == "layer" else None)
     if scope == "global":
         layers = []
         for parent, child_name, child in targets:
@@ -161,6 +172,27 @@ def sparsify_(
             _replace(model, name, MaskedExperts.from_experts(m, sparsity, pattern))
     hf.record(model)
     return model
+
+
+def _check_prunable(child: nn.Module, name: str, sparsity, pattern) -> None:
+    """What pruning ``child`` would raise, raised before any layer of the model is touched: a
+    shape the pattern does not divide, weights without values or with non-finite ones (which
+    no magnitude ranks). ``pattern`` None: the global ranking's checks only."""
+    if isinstance(child, MaskedLinear):
+        weight = child.weight
+    else:
+        torch_pruned = hasattr(child, "weight_orig") and hasattr(child, "weight_mask")
+        weight = child.weight_orig if torch_pruned else child.weight
+        if is_hf_conv1d(child):
+            weight = weight.t()
+    try:
+        if pattern is not None:
+            check_fits(tuple(weight.shape), sparsity, pattern)
+        require_values(weight, "sparsify_")
+        if weight.numel() and not bool(torch.isfinite(weight.detach()).all()):
+            raise ValueError("its weight has NaN or infinite entries, which no magnitude ranks")
+    except ValueError as e:
+        raise ValueError(f"sparsify_ cannot prune {name!r}: {e} (nothing was pruned)") from None
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

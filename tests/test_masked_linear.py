@@ -376,6 +376,44 @@ def test_sparsify_filter_fn_and_bad_arguments():
         fastkd.sparsify_("not a model")
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_sparsify_checks_every_layer_before_it_prunes_any(scope):
+    """A layer it could not prune (N:M groups that do not divide its width, NaN weights) raised
+    after the layers before it were swapped and pruned, leaving a half-pruned model."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(),
+                             nn.Linear(6, 4))
+    cases = [(None, dict(sparsity=0.5))]
+    if scope == "layer":
+        cases.append(("2:4 over 6 inputs", dict(sparsity=None, pattern="2:4")))
+    for bad, kw in cases:
+        m = model()
+        if bad is None:
+            with torch.no_grad():
+                m[4].weight[0, 0] = float("nan")
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(ValueError, match="cannot prune '4'.*nothing was pruned"):
+            fastkd.sparsify_(m, scope=scope, **kw)
+        assert [type(x) for x in m] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+        for k, v in m.state_dict().items():  # not a value changed either
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_sparsify_keeps_what_torch_nn_utils_prune_pruned(scope):
+    """With the default scope, the magnitudes of weight_orig were ranked and the torch mask
+    dropped: half of the weights torch had pruned came back."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16))
+    torch_prune.random_unstructured(m[0], "weight", amount=0.5)
+    torch_mask = m[0].weight_mask.bool()
+    fastkd.sparsify_(m, 0.75, scope=scope)
+    assert isinstance(m[0], MaskedLinear)
+    assert not (m[0].mask & ~torch_mask).any()  # nothing torch pruned is kept
+    assert m[0].mask.sum() == 64  # and the sparsity asked for
+
+
 def _opcheck_inputs():
     torch.manual_seed(0)
     w = torch.randn(45, 67)

@@ -80,8 +80,9 @@ class MaskedLinear(nn.Module):
     ) -> "MaskedLinear":
         """A MaskedLinear with ``linear``'s weight and bias (copied) and a mask that is, in order:
         ``mask`` if given; else ``magnitude_mask(weight, sparsity, pattern)`` if a sparsity is
-        given or the pattern is N:M; else the ``weight_mask`` of a module pruned with
-        ``torch.nn.utils.prune`` (its ``weight_orig`` is used); else all True. Pruned weights are
+        given or the pattern is N:M (on a module pruned with ``torch.nn.utils.prune``: of its
+        pruned weight, so what its ``weight_mask`` pruned stays pruned, ranked first); else the
+        ``weight_mask`` of such a module (its ``weight_orig`` is used); else all True. Pruned weights are
         set to zero. ``linear`` is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's layers;
         a ``mask`` for it is given in the ``(out_features, in_features)`` layout)."""
         original, linear = linear, as_linear(linear, "MaskedLinear.from_linear")
@@ -106,7 +107,11 @@ class MaskedLinear(nn.Module):
             made_by = "given"
         elif sparsity is not None or is_nm:
             require_values(weight, "MaskedLinear.from_linear with a sparsity (a magnitude mask)")
-            mask = magnitude_mask(weight, sparsity, pattern)
+            if torch_pruned:  # pruned further: what torch.nn.utils.prune pruned stays pruned
+                torch_mask = linear.weight_mask.detach() != 0
+                mask = torch_mask & magnitude_mask(weight * torch_mask, sparsity, pattern)
+            else:
+                mask = magnitude_mask(weight, sparsity, pattern)
             made_by = pattern_name(pattern)
         elif torch_pruned:
             mask = linear.weight_mask.detach() != 0
