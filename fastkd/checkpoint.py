@@ -19,7 +19,9 @@ from . import hf
 from .nn._linear_like import (
     is_hf_conv1d,
     linear_of_class,
+    module_paths,
     remember_layout,
+    replace_everywhere,
     unpack_layers_,
     unwrapped_model,
 )
@@ -278,6 +280,7 @@ def rebuild_compressed(skeleton: nn.Module, header: dict,
     whether any width differed from the skeleton's."""
     _ensure_builtin()
     resized = _apply_shapes(skeleton, header.get("shapes", {}))  # absent in older files
+    paths = module_paths(skeleton)  # a layer the skeleton shares under several names
     for name, entry in header["layers"].items():
         spec = LAYER_REGISTRY.get(entry["type"])
         if spec is None:
@@ -291,7 +294,9 @@ def rebuild_compressed(skeleton: nn.Module, header: dict,
         new = spec.build(entry["settings"], old)
         if dtype is not None:
             new = new.to(dtype)
-        _replace(skeleton, name, remember_layout(new, old))
+        new = remember_layout(new, old)
+        _replace(skeleton, name, new)
+        replace_everywhere(skeleton, paths, old, new)  # stays one layer under each name
     return resized
 
 

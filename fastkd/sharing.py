@@ -252,6 +252,8 @@ def share_weights_(
         _selected,
         adapter_layers,
         is_replaceable_linear,
+        module_paths,
+        replace_everywhere,
         shown,
         tied_elsewhere,
         unwrapped_model,
@@ -310,11 +312,11 @@ def share_weights_(
     tied = set(tied_elsewhere(model, targets))
     warn_untied("share_weights_", sorted(tied))
     layers = {}
+    paths = module_paths(model)  # a layer shared under several names stays one shared layer
     for name, lin in targets:
         shared = SharedLinear.from_linear(lin, bits=bits, per_channel=per_channel, iters=iters,
                                           input_moment=moments.get(name), damp=damp)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, shared)
+        replace_everywhere(model, paths, lin, shared)
         # a tied weight stays in the model (its other module keeps it): nothing freed there
         before = sum(p.numel() * p.element_size() for pn, p in lin.named_parameters()
                      if not (name in tied and pn == "weight"))
@@ -324,8 +326,7 @@ def share_weights_(
         dense = module.to_experts() if isinstance(module, MaskedExperts) else module
         shared = SharedExperts.from_experts(dense, bits=bits, per_channel=per_channel,
                                             iters=iters)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, shared)
+        replace_everywhere(model, paths, module, shared)
         layers[name] = (before, shared.nbytes())
     hf.record(model)
     return {

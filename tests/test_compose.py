@@ -311,3 +311,52 @@ def test_t5_whose_mlp_reads_wo_weight_runs_after_every_step(step):
             wo.weight = torch.zeros(24, 37)
     cos = torch.nn.functional.cosine_similarity(out(model).flatten(), ref.flatten(), dim=0)
     assert cos > 0.999, cos
+
+
+class _SharedBlock(nn.Module):
+    """One linear registered under two names (a block reused twice, ALBERT-style)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        lin = nn.Linear(16, 16)
+        self.a = nn.Sequential(lin, nn.ReLU())
+        self.b = nn.Sequential(lin)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _one_layer(model, kind):
+    assert model.a[0] is model.b[0] and type(model.a[0]) is kind
+
+
+@pytest.mark.parametrize("step", ["quantize_", "share_weights_", "sparsify_then_fold"])
+def test_a_layer_shared_under_two_names_stays_one_layer(step, tmp_path):
+    """named_modules() names a shared module once: share_weights_, fold_masks_ and decompress_
+    swapped it under its first name only (two layers, untied, no word), and load_compressed
+    failed on the second name's missing tensors."""
+    model = _SharedBlock()
+    x = torch.randn(3, 16)
+    if step == "quantize_":
+        fastkd.quantize_(model, mode="w8a16")
+        _one_layer(model, Int8Linear)
+    elif step == "share_weights_":
+        fastkd.share_weights_(model, bits=4)
+        _one_layer(model, SharedLinear)
+    else:
+        layer = MaskedLinear.from_linear(model.a[0], sparsity=0.5)
+        model.a[0] = model.b[0] = layer
+        out = model(x)
+        fastkd.fold_masks_(model)
+        _one_layer(model, nn.Linear)
+        torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+        return
+    out = model(x)
+    fastkd.save_compressed(model, tmp_path / "m.safetensors")
+    loaded = fastkd.load_compressed(_SharedBlock(), tmp_path / "m.safetensors")
+    _one_layer(loaded, type(model.a[0]))
+    torch.testing.assert_close(loaded(x), out, rtol=0, atol=0)
+    fastkd.decompress_(loaded)
+    _one_layer(loaded, nn.Linear)
+    torch.testing.assert_close(loaded(x), out)

@@ -249,15 +249,33 @@ def in_original_layout(layer: nn.Module, linear: nn.Linear) -> nn.Module:
     return conv
 
 
+def module_paths(model: nn.Module) -> dict:
+    """``id(module) -> [every path it is registered under]`` (a module shared by two blocks has
+    two; ``named_modules()`` alone names only the first)."""
+    paths: dict = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name:
+            paths.setdefault(id(m), []).append(name)
+    return paths
+
+
+def replace_everywhere(model: nn.Module, paths: dict, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every path of ``old`` (``paths`` from :func:`module_paths`), so a layer
+    shared under several names stays one shared layer."""
+    for name in paths.get(id(old), ()):
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
 def unpack_layers_(model: nn.Module, select, convert) -> nn.Module:
     """Replace, in place, every submodule of ``model`` (not the model itself) for which
-    ``select(module, name)`` is true by ``in_original_layout(module, convert(module))``: the
-    common loop of ``fold_masks_`` and ``decompress_``; returns ``model``."""
-    targets = [(name, m) for name, m in model.named_modules() if name and select(m, name)]
-    for name, layer in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, in_original_layout(layer, convert(layer)))
+    ``select(module, name)`` is true by ``in_original_layout(module, convert(module))``, under
+    each name it has: the common loop of ``fold_masks_`` and ``decompress_``; returns
+    ``model``."""
+    paths = module_paths(model)
+    targets = [m for name, m in model.named_modules() if name and select(m, name)]
+    for layer in targets:
+        replace_everywhere(model, paths, layer, in_original_layout(layer, convert(layer)))
     return model
 
 
