@@ -903,6 +903,19 @@ class Distiller:
                 "after every optimizer step with no arguments. Use a per-step schedule, or step "
                 "this one yourself from the history's eval metrics between fit() calls")
 
+    def _checked_optimizer_step(self, finite: Tensor, epoch: int, batch: int) -> None:
+        """The optimizer step, unless a loss since the last one was nan or inf: then raise before
+        it, so the student keeps the weights of its last finite step (the check at the end of
+        the epoch came after the nan updates). With fp16's GradScaler the step is its to skip.
+        One host sync per optimizer step."""
+        if not self.scaler.is_enabled() and not bool(finite):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"the loss became nan or inf in epoch {epoch}, by its batch {batch} (counting "
+                "from 1); the student is left as it was before that optimizer step. Check that "
+                "the batch's inputs and the teacher's outputs are finite, then lower the lr")
+        self._optimizer_step()
+
     def _optimizer_step(self) -> None:
         """Unscale (fp16), clip, step, update the scale, step the scheduler, clear gradients."""
         if self.max_grad_norm is not None:
@@ -1058,6 +1071,7 @@ class Distiller:
                 hint_sum = torch.zeros((), device=self.device)
                 gen_sum = torch.zeros((), device=self.device)
                 disc_sum = torch.zeros((), device=self.device)
+                finite = torch.ones((), dtype=torch.bool, device=self.device)
                 counted = torch.zeros((), device=self.device)  # rows the losses were over
                 window = torch.zeros((), device=self.device)  # ... in this accumulation
                 steps = 0
@@ -1112,9 +1126,10 @@ class Distiller:
                     weight = count / total.clamp_min(1)
                     window = total
                     self.scaler.scale(loss * weight).backward()
+                    finite = finite & torch.isfinite(loss.detach())
                     pending += 1
                     if pending == self.grad_accum_steps:
-                        self._optimizer_step()
+                        self._checked_optimizer_step(finite, epoch, steps + 1)
                         pending, window = 0, torch.zeros((), device=self.device)
                     if adversarial:
                         disc_sum += self._discriminator_step(s_out, t_out, rows) * count
@@ -1128,7 +1143,7 @@ class Distiller:
                 if steps == 0:
                     raise ValueError("train_loader produced no batches")
                 if pending:  # the epoch's last, partial accumulation
-                    self._optimizer_step()
+                    self._checked_optimizer_step(finite, epoch, steps)
                 counted = counted.clamp_min(1)
                 train_loss = (loss_sum / counted).item()
                 if not math.isfinite(train_loss):

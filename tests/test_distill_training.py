@@ -407,3 +407,16 @@ def test_offline_errors():
         d.fit([{"input": x, "teacher_ids": torch.zeros(16, 2, dtype=torch.long)}])
     with pytest.raises(ValueError, match="leading shape"):
         d.fit([(x, y, torch.zeros(8, 2, dtype=torch.long), torch.zeros(8, 2))])
+
+
+def test_a_nan_loss_stops_training_before_its_optimizer_step():
+    """A nan loss was noticed at the end of the epoch, after nan updates had ruined the
+    student; now the step it would have taken is not taken."""
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    batches = _batches(n_batches=4)
+    batches[2] = (torch.full_like(batches[2][0], float("nan")), batches[2][1])
+    d = Distiller(teacher, student, optimizer=_sgd(0.1), progress=False)
+    with pytest.raises(FloatingPointError, match="batch 3"):
+        d.fit(batches)
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert d.optimizer.param_groups[0]["params"][0].grad is None
