@@ -490,6 +490,16 @@ class Distiller:
         # a data-parallel wrapper hides the model's config (and so its label convention)
         self.shift_labels = (_is_hf_causal_lm(_unwrap(student)) if shift_labels is None
                              else shift_labels)
+        if (shift_labels is None and not self.shift_labels and teacher is not None
+                and _is_hf_causal_lm(_unwrap(teacher))):
+            # a student of the user's around a causal LM (a wrapper, a custom head): its
+            # label convention cannot be read off it, the teacher's can
+            warnings.warn(
+                "the teacher is a Hugging Face causal language model, but the student is not "
+                "recognised as one, so labels are not shifted (shift_labels=False). If your "
+                "batches carry unshifted labels (the input tokens, as transformers' own loss "
+                "takes them), pass shift_labels=True; pass shift_labels=False to silence this",
+                UserWarning, stacklevel=2)
         if not isinstance(fused_lm_head, bool):
             raise TypeError(f"fused_lm_head must be a bool, got {fused_lm_head!r}")
         self.fused_lm_head = fused_lm_head

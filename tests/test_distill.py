@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -686,7 +687,9 @@ def test_a_data_parallel_wrapper_keeps_the_label_convention():
     teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
     d = Distiller(teacher, nn.DataParallel(student), progress=False, backend="torch")
     assert d.shift_labels is True
-    assert Distiller(teacher, nn.Sequential(nn.Linear(3, 3)), progress=False).shift_labels is False
+    with pytest.warns(UserWarning, match="not recognised"):  # a student of another kind
+        assert Distiller(teacher, nn.Sequential(nn.Linear(3, 3)),
+                         progress=False).shift_labels is False
     with pytest.raises(ValueError, match="DataParallel wrapper"):
         Distiller(teacher, nn.DataParallel(student), fused_lm_head=True, progress=False)
 
@@ -730,3 +733,32 @@ def test_layers_replaced_between_fits_get_a_new_optimizer_or_a_clear_error():
                          progress=False)
     d.fit(loader)
     d.fit(loader)
+
+
+def test_a_wrapped_causal_lm_student_of_a_causal_lm_teacher_gets_a_warning():
+    """A student of the user's around a causal LM was not recognised as one: its labels were
+    paired with the logits unshifted, one token off, without a word."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=31, n_embd=16, n_layer=1, n_head=2)
+    teacher = transformers.GPT2LMHeadModel(cfg)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = transformers.GPT2LMHeadModel(cfg)
+
+        def forward(self, input_ids, **kwargs):
+            return self.lm(input_ids, **kwargs).logits
+
+    with pytest.warns(UserWarning, match="shift_labels=True"):
+        d = Distiller(teacher, Wrapped(), progress=False)
+    assert d.shift_labels is False
+    for given in (True, False):  # said explicitly: nothing to warn about
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert Distiller(teacher, Wrapped(), shift_labels=given,
+                             progress=False).shift_labels is given
+    with warnings.catch_warnings():  # both recognised: shifted, silently
+        warnings.simplefilter("error")
+        assert Distiller(teacher, transformers.GPT2LMHeadModel(cfg),
+                         progress=False).shift_labels is True
