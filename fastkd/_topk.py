@@ -140,6 +140,7 @@ def kd_loss_topk(
     ids = teacher_ids.reshape(-1, k).long()
     lps = teacher_logprobs.detach().reshape(-1, k).float()
     _check_ids(ids, n_classes)
+    _check_logprobs(lps)
     if target is not None:
         target = check_class_target(target, lead, student_logits, "student_logits", n_classes,
                                     ignore_index)
@@ -150,6 +151,25 @@ def kd_loss_topk(
         student, ids, lps, target, temperature, alpha, ignore_index, impl
     )
     return reduce_rows(rows, target, ignore_index, reduction, lead)
+
+
+# how far above 0 a log-probability, or the log of a row's total, may be from rounding (log-
+# probabilities stored in bf16 are off by up to ~2^-8 relative each)
+_LOGPROB_SLACK = 1e-2
+
+
+def _check_logprobs(lps: Tensor) -> None:
+    """Log-probabilities are <= 0 and a row's k of them sum to at most 1 (up to rounding):
+    logits passed by mistake (the top ones are positive) gave a huge loss, silently. A nan
+    stays allowed (its row is nan, as kd_loss's). Eager on the CPU, async elsewhere."""
+    bad = (lps > _LOGPROB_SLACK).any() | (torch.logsumexp(lps, dim=1) > _LOGPROB_SLACK).any()
+    msg = ("teacher_logprobs must be log-probabilities (<= 0, each row's exp summing to at most "
+           "1), as fastkd.teacher_topk returns them, not logits")
+    if lps.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad):
+            raise ValueError(msg)
+    else:
+        torch._assert_async(~bad, msg)
 
 
 def _check_ids(ids: Tensor, n_classes: int) -> None:

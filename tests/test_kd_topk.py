@@ -182,6 +182,17 @@ def test_validation():
         kd_loss_topk(s, ids[:2], lp[:2])
     with pytest.raises(ValueError, match="k must"):
         fastkd.teacher_topk(s, 11)
+    # logits passed for log-probabilities: a huge loss, silently, before this check
+    logits = torch.randn(3, 10).topk(4).values + 2.0
+    with pytest.raises(ValueError, match="log-probabilities"):
+        kd_loss_topk(s, ids, logits)
+    with pytest.raises(ValueError, match="log-probabilities"):  # each <= 0, summing past 1
+        kd_loss_topk(s, ids, torch.full((3, 4), -0.5))
+    # what rounding leaves (bf16 storage), -inf padded slots and a nan (a nan row) pass
+    kd_loss_topk(s, ids, lp.bfloat16().float())
+    kd_loss_topk(s, ids, torch.tensor([[-0.1, -3.0, float("-inf"), float("-inf")]] * 3))
+    assert kd_loss_topk(s, ids, lp.index_fill(1, torch.tensor([1]), float("nan")),
+                        reduction="none").isnan().all()
 
 
 def test_validation_on_the_async_path():
@@ -196,6 +207,12 @@ def test_validation_on_the_async_path():
     for bad in (torch.tensor([[0, 3, 3], [1, 2, 4]]), torch.tensor([[0, 3, 5], [1, 2, 10]])):
         with pytest.raises(RuntimeError, match="distinct within each row"):
             check(bad, 10)
+    from fastkd._topk import _check_logprobs
+
+    check_lp = torch.compile(_check_logprobs, fullgraph=True, dynamic=False)
+    check_lp(torch.tensor([[-0.1, -2.5], [-1.0, -1.0]]))  # fine
+    with pytest.raises(RuntimeError, match="log-probabilities"):
+        check_lp(torch.tensor([[3.0, -2.5], [-1.0, -1.0]]))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
