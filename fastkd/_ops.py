@@ -774,6 +774,24 @@ for _name in ("fastkd::int8_linear_w8a8", "fastkd::int8_linear_w8a16"):
     )
 
 
+def _int8_mm_scaled_setup_context(ctx, inputs, output):
+    x_q, x_scale, weight, weight_scale, bias, out_dtype, backend = inputs
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _int8_mm_scaled_backward(ctx, grad_out):
+    # the codes and scales are quantization results (no gradient through them); the bias
+    # (a trainable expert bias) gets its own
+    grad_bias = None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+        grad_bias = grad_out.float().sum(0).to(ctx.bias_dtype)
+    return None, None, None, None, grad_bias, None, None
+
+
+register_autograd("fastkd::int8_mm_scaled", _int8_mm_scaled_backward,
+                  setup_context=_int8_mm_scaled_setup_context)
+
+
 # --------------------------------------------------------------------------------------------
 # Masked linear (fastkd.nn.MaskedLinear): y = x (W o M)^T + b over 2-D x (M, K), W/mask (N, K)
 #

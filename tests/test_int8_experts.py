@@ -295,6 +295,27 @@ def test_w8a8_without_a_gradient_quantizes_the_tokens_once_with_the_same_result(
     assert x_grad.grad is not None and x_grad.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_w8a8_trains_expert_biases_under_a_frozen_input(backend):
+    """The inference shortcut was taken whenever the tokens needed no gradient, though the
+    up projections' biases did: their gradient was lost (Triton) or came through torch's
+    deprecated fallback for ops without autograd (reference)."""
+    from _util import device_for
+
+    dev = device_for(backend)
+    experts = _ToyExperts(transposed=True, bias=True).to(dev)
+    x = torch.randn(9, 24, device=dev)  # a frozen model below: no gradient wanted for x
+    idx, w = (t.to(dev) for t in _routing(9, 5))
+    grads = []
+    for x_grad in (False, True):
+        q = Int8Experts.from_experts(experts, mode="w8a8", backend=backend)
+        q(x.clone().requires_grad_(x_grad), idx, w).sum().backward()
+        grads.append((q.gate_up_proj_bias.grad, q.down_proj_bias.grad))
+    for frozen, free in zip(*grads):
+        assert frozen is not None and frozen.abs().sum() > 0
+        torch.testing.assert_close(frozen, free)
+
+
 @pytest.mark.parametrize("transposed, bias", [(False, False), (True, True)])
 def test_toy_experts_without_transformers(transposed, bias):
     experts = _ToyExperts(transposed=transposed, bias=bias)

@@ -106,7 +106,9 @@ class Int8Experts(StackedExperts):
         # (per-token quantization does not depend on the expert), then one scaled int8 GEMM per
         # expert; with a gradient, int8_linear's straight-through backward is needed
         quantized = None
-        if self.mode == "w8a8" and not (torch.is_grad_enabled() and x.requires_grad):
+        up_bias = biases[up]
+        if self.mode == "w8a8" and not (torch.is_grad_enabled() and (
+                x.requires_grad or (up_bias is not None and up_bias.requires_grad))):
             quantized = _ops.call("quantize_per_token", x, impl)
         for e, token, slot in self._groups(top_k_index):
             if quantized is None:
