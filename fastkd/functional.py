@@ -247,6 +247,9 @@ def shared_linear(
             raise ValueError(f"bias shape {tuple(bias.shape)} must be ({n},)")
     impl = SHARED_LINEAR_BACKENDS.select(backend, x.device)
     lead = x.shape[:-1]
+    if in_features == 0 or n == 0:  # no weights: the bias alone (as F.linear), no reshape by 0
+        return torch.nn.functional.linear(
+            x, x.new_zeros(n, in_features), None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(-1, in_features)
     if impl == "triton" and x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -558,6 +561,8 @@ def masked_linear(
     impl = MASKED_LINEAR_BACKENDS.select(backend, x.device, masked_linear_reasons(x.dtype))
     chosen_by_auto = backend == "auto" and os.environ.get(ENV_VAR, "auto") in ("", "auto")
     lead = x.shape[:-1]
+    if weight.numel() == 0:  # no weights: the bias alone (as F.linear), no reshape by 0
+        return torch.nn.functional.linear(x, weight, bias)
     x2 = x.reshape(-1, weight.shape[1])
     if impl in MASKED_SPARSE_BACKENDS:
         if tile_map is None:

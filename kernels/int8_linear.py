@@ -90,7 +90,8 @@ def _quantize_per_token_kernel(
         amax = tl.reduce(tl.abs(v), 0, _max_keep_nan)
         scale = _row_scale(amax)
         q = _round_half_even(tl.math.div_rn(v, scale))
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        q = tl.where(q == q, q, 0.0)  # a nan (a row with inf or nan) is code 0, as the reference's
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)  # (max and min would make it -127)
         tl.store(q_row + cols, q.to(tl.int8), mask=mask)
     else:
         run = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -104,6 +105,7 @@ def _quantize_per_token_kernel(
             mask = k0 + cols < K
             v = tl.load(x_row + (k0 + cols) * stride_xk, mask=mask, other=0.0).to(tl.float32)
             q = _round_half_even(tl.math.div_rn(v, scale))
+            q = tl.where(q == q, q, 0.0)
             q = tl.minimum(tl.maximum(q, -127.0), 127.0)
             tl.store(q_row + k0 + cols, q.to(tl.int8), mask=mask)
     tl.store(s_ptr + row, scale)

@@ -245,6 +245,20 @@ def test_triton_quantize_per_token_bit_exact(m, k, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("k", [4, 300])  # one block, and two passes
+def test_triton_quantize_per_token_codes_a_non_finite_row_as_the_reference(k):
+    """A row with inf or nan has a nan scale; its codes were -127 from the kernel (its max and
+    min turn a nan into the clamp's bound) and 0 from the reference."""
+    x = torch.randn(4, k, generator=_gen(6)).to(TRITON_DEVICE)
+    x[0, 1], x[1, 2], x[2, 0] = float("inf"), float("-inf"), float("nan")
+    q_t, s_t = F.quantize_per_token(x, backend="triton")
+    q_r, s_r = F.quantize_per_token(x, backend="torch")
+    assert torch.equal(q_t, q_r) and (q_t[:3] == 0).all()
+    torch.testing.assert_close(s_t, s_r, equal_nan=True)
+    assert s_t[:3].isnan().all()
+
+
+@needs_triton
 def test_triton_quantize_per_token_strided_and_leading_dims():
     base = torch.randn(2, 3, 50, generator=_gen(4)).to(TRITON_DEVICE)
     x = base[..., ::2]  # non-unit feature stride, leading shape (2, 3)

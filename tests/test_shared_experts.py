@@ -110,3 +110,13 @@ def test_gpu_shared_experts_bf16_run_the_shared_linear_kernel():
     ref = shared.to_experts(torch.float64)(x.double(), idx, w.double())
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.dtype == torch.bfloat16 and rel < 1e-2, rel
+
+
+def test_indices_that_are_not_codes_are_refused_on_load():
+    shared = SharedExperts.from_experts(_ToyExperts(), bits=3)
+    good = shared.state_dict()
+    fresh = copy.deepcopy(shared)
+    fresh.load_state_dict(good)
+    for bad in (good["gate_up_proj_indices"].float(), good["gate_up_proj_indices"] | 0x80):
+        with pytest.raises(RuntimeError, match="gate_up_proj_indices"):
+            fresh.load_state_dict({**good, "gate_up_proj_indices": bad})

@@ -358,6 +358,41 @@ def test_share_weights_model_and_roundtrip():
     assert torch.equal(other(x), model(x))
 
 
+def test_state_dicts_with_indices_that_are_not_codes_are_refused():
+    """int64 indices wrapped modulo 256, floats were truncated, and a code past a 3-bit
+    codebook read a padding zero (past a per-channel one, the next channel's table): all
+    loaded without a word."""
+    torch.manual_seed(0)
+    for bits, per_channel in ((3, False), (5, True)):
+        layer = SharedLinear.from_linear(nn.Linear(6, 4), bits=bits, per_channel=per_channel)
+        good = layer.state_dict()
+        fresh = SharedLinear(6, 4, bits=bits, per_channel=per_channel)
+        fresh.load_state_dict(good)  # its own codes load
+        assert torch.equal(fresh.indices, layer.indices)
+        past = good["indices"].clone()
+        past[0, 0] = 12 if bits <= 4 else 40  # a low nibble of 12, or a byte of 40
+        for bad, match in ((good["indices"].long(), "int64, not uint8"),
+                           (good["indices"].float(), "float32, not uint8"),
+                           (past, "past the")):
+            with pytest.raises(RuntimeError, match=match):
+                fresh.load_state_dict({**good, "indices": bad})
+
+
+def test_layers_without_weights_give_the_bias_as_nn_linear_does():
+    """in_features = 0 (or out_features = 0) crashed on a reshape of 0 elements."""
+    from fastkd.nn import MaskedLinear
+
+    x = torch.randn(3, 0, requires_grad=True)
+    for layer in (MaskedLinear(0, 2), SharedLinear(0, 2)):
+        torch.nn.init.constant_(layer.bias, 0.5)
+        y = layer(x)
+        assert y.shape == (3, 2) and (y == 0.5).all()
+        y.sum().backward()
+        assert layer.bias.grad.tolist() == [3.0, 3.0]
+    assert SharedLinear(4, 0)(torch.randn(3, 4)).shape == (3, 0)
+    assert MaskedLinear(4, 0)(torch.randn(3, 4)).shape == (3, 0)
+
+
 def test_bad_inputs():
     lin, sl = _layer()
     x = torch.randn(2, 37)

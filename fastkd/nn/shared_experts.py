@@ -12,6 +12,7 @@ from .. import functional as F
 from .._backend import check_backend
 from ..reference.shared_linear import shared_dequantize
 from ._stacked_experts import StackedExperts, _out_in
+from .shared_linear import refuse_bad_indices
 
 __all__ = ["SharedExperts"]
 
@@ -85,6 +86,15 @@ class SharedExperts(StackedExperts):
                                None if bias is None else bias[e],
                                in_features=self._in_features[p], bits=self.bits,
                                backend=self.backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if not refuse_bad_indices(self, state_dict, prefix,
+                                  [f"{p}_indices" for p in self.projections], self.bits,
+                                  error_msgs):
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _apply(self, fn, *args, **kwargs):
         # module.half() / .to(bfloat16) would round the fp32 codebooks, which the op requires:

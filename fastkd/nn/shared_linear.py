@@ -12,6 +12,33 @@ from ..reference.shared_linear import pack_indices, shared_dequantize
 from ._linear_like import as_linear, float_linear, remember_layout, require_values
 
 
+def refuse_bad_indices(module: nn.Module, state_dict, prefix: str, names, bits: int,
+                       error_msgs: list) -> bool:
+    """For ``_load_from_state_dict`` of a weight-shared layer: indices must be uint8 codes below
+    ``2**bits`` (both nibbles of a packed byte when ``bits <= 4``). Anything else was loaded
+    without a word: int64 values wrapped modulo 256, floats truncated, and a code past the
+    codebook read the next channel's table (or a padding zero). Record a clear error and return
+    False: load nothing into the layer."""
+    ok = True
+    for name in names:
+        value = state_dict.get(prefix + name)
+        if not isinstance(value, Tensor):
+            continue
+        if value.dtype != torch.uint8:
+            problem = f"is {str(value.dtype).replace('torch.', '')}, not uint8 codes"
+        elif value.numel() and bits < 8:
+            v = value.to(torch.int32)
+            top = int(torch.maximum(v & 15, v >> 4).max() if bits <= 4 else v.max())
+            if top < 2 ** bits:
+                continue
+            problem = f"holds code {top}, past the {2 ** bits} entries of a {bits}-bit codebook"
+        else:
+            continue
+        error_msgs.append(f"{type(module).__name__}: {prefix}{name} in the state_dict {problem}")
+        ok = False
+    return ok
+
+
 class SharedLinear(nn.Module):
     """Drop-in for ``nn.Linear`` with ``2**bits`` shared weight values (per layer or per channel).
 
@@ -94,6 +121,13 @@ class SharedLinear(nn.Module):
         out.codebook.requires_grad_(linear.weight.requires_grad)
         out.train(linear.training)
         return remember_layout(out, original)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if not refuse_bad_indices(self, state_dict, prefix, ("indices",), self.bits, error_msgs):
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _apply(self, fn, *args, **kwargs):
         # module.half() / .to(bfloat16) would round the fp32 codebook, which the op requires:
