@@ -236,12 +236,14 @@ def shared_linear(
         raise ValueError(
             f"codebook shape {tuple(codebook.shape)} must be ({2**bits},) or ({n}, {2**bits})"
         )
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, the layer takes {in_features}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x of shape {tuple(x.shape)} must be (..., {in_features}): the layer "
+                         f"takes {in_features} features")
     check_same_device(x, indices, "x", "indices")
     check_same_device(x, codebook, "x", "codebook")
     if bias is not None:
         check_tensor(bias, "bias")
+        check_float_dtype(bias, "bias")
         check_same_device(x, bias, "x", "bias")
         if bias.shape != (n,):
             raise ValueError(f"bias shape {tuple(bias.shape)} must be ({n},)")

@@ -498,6 +498,11 @@ def test_bad_inputs():
         masked_linear(x, w, mask, tile_map="tiles")
     with pytest.raises(ValueError, match="built for"):
         masked_linear(x, w, mask, tile_map=build_tile_map(mask[:40]))
+    layer = MaskedLinear.from_linear(nn.Linear(67, 45), mask)
+    with pytest.raises(TypeError, match="torch.Tensor"):  # AttributeError before
+        layer([[0.0] * 67])
+    with pytest.raises(ValueError, match="meta"):  # an autocast RuntimeError before
+        layer(torch.randn(3, 67, device="meta"))
     with pytest.raises(ValueError, match="backend must be one of"):
         masked_linear(x, w, mask, backend="fast")
     with pytest.raises(RuntimeError, match="CUDA tensors"):

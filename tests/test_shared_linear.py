@@ -408,6 +408,11 @@ def test_bad_inputs():
         FK.shared_linear(x, sl.indices, sl.codebook, in_features=37, bits=9)
     with pytest.raises(TypeError):
         FK.shared_linear(x.long(), sl.indices, sl.codebook, in_features=37, bits=4)
+    with pytest.raises(ValueError, match="must be"):  # a 0-d input: IndexError before
+        sl(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="bias"):  # an integer bias was cast silently
+        FK.shared_linear(x, sl.indices, sl.codebook, torch.ones(sl.out_features).long(),
+                         in_features=37, bits=4)
     with pytest.raises(ValueError):
         SharedLinear.from_linear(nn.Linear(3, 3), bits=0)
     bad = nn.Linear(3, 3)

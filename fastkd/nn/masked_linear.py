@@ -179,6 +179,8 @@ class MaskedLinear(nn.Module):
 
     def _tiles_for(self, x: Tensor) -> Optional[MaskTiles]:
         # Only the sparse kernels (cuda, triton) read the map; the dense path never pays for it.
+        if not isinstance(x, Tensor) or x.device.type in ("meta",):
+            return None  # masked_linear says what is wrong with x, or runs the meta shapes
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             dtype = torch.get_autocast_dtype(x.device.type)  # what masked_linear will compute in
