@@ -67,3 +67,29 @@ def test_arch_list_from_the_user_is_kept(setup_module, monkeypatch):
     setup_module.cuda_extensions()
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
     assert os.environ["MAX_JOBS"] == "1"
+
+
+def test_the_sdist_carries_the_cuda_sources_when_no_extension_is_planned(tmp_path):
+    """An sdist made where setup.py plans no extension (an isolated build has no torch, or
+    FASTKD_SKIP_CUDA_BUILD=1) left csrc/ out: built elsewhere, it quietly came out without
+    fastkd._C (and with FASTKD_FORCE_CUDA=1 failed saying csrc/ had no sources)."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    src = tmp_path / "src"  # a copy: the sdist run writes its egg-info next to setup.py
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "__pycache__", ".git", "*.so", "results", ".whl"))
+    env = {**os.environ, "FASTKD_SKIP_CUDA_BUILD": "1"}
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+                          cwd=src, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (archive,) = tmp_path.glob("fastkd-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").iterdir()
+                if p.suffix in (".cu", ".cpp")}
+    assert expected and expected <= names
+    assert {"tests/conftest.py", "kernels/kd_loss.py", "setup.py"} <= names
+    assert not any(n.endswith(".so") for n in names)
