@@ -145,17 +145,23 @@ def _take_topk(batch):
                      "teacher_logprobs)")
 
 
+def _mapping_call(kwargs: Mapping, labels):
+    def call(m):
+        return m(**kwargs, **_decoder_inputs(m, kwargs, labels))
+
+    return call, labels, kwargs.get("attention_mask")
+
+
 def _split_batch(batch):
     """-> (call, target, attention_mask): call(model) runs the model on the batch's inputs; the
     mask is a mapping batch's ``attention_mask`` (None otherwise)."""
     if isinstance(batch, Mapping):
-        kwargs = {k: v for k, v in batch.items() if k != "labels"}
-        labels = batch.get("labels")
-
-        def call(m):
-            return m(**kwargs, **_decoder_inputs(m, kwargs, labels))
-
-        return call, labels, batch.get("attention_mask")
+        # "labels", or "label" as torch's default collate leaves a datasets column of that name
+        # (transformers' collators rename it): passed to the model, it was swallowed by its
+        # **kwargs and the hard-label term silently dropped
+        key = "labels" if "labels" in batch or "label" not in batch else "label"
+        kwargs = {k: v for k, v in batch.items() if k != key}
+        return _mapping_call(kwargs, batch.get(key))
     if isinstance(batch, Tensor):
         return (lambda m: m(batch)), None, None
     if isinstance(batch, (tuple, list)):
@@ -163,6 +169,8 @@ def _split_batch(batch):
             raise ValueError("a batch is an empty tuple/list")
         inputs = batch[0]
         target = batch[1] if len(batch) > 1 else None
+        if isinstance(inputs, Mapping):  # (tokenizer output, labels): keyword inputs
+            return _mapping_call(dict(inputs), target)
         if isinstance(inputs, (tuple, list)):
             return (lambda m: m(*inputs)), target, None
         return (lambda m: m(inputs)), target, None

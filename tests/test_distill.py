@@ -762,3 +762,19 @@ def test_a_wrapped_causal_lm_student_of_a_causal_lm_teacher_gets_a_warning():
         warnings.simplefilter("error")
         assert Distiller(teacher, transformers.GPT2LMHeadModel(cfg),
                          progress=False).shift_labels is True
+
+
+def test_labels_under_label_and_a_tokenizer_output_in_a_tuple_are_read_as_labels():
+    """{"input_ids", "label"} (torch's default collate of a datasets column named "label")
+    passed label= to the model, which swallowed it: the hard-label term was dropped, silently.
+    (tokenizer output, labels) passed the dict as the first positional argument."""
+    teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
+    ids = torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    d = Distiller(teacher, student, progress=False, backend="torch")
+    want = d.evaluate([{"input_ids": ids, "attention_mask": mask, "labels": ids}])
+    assert "accuracy" in want
+    for batch in ({"input_ids": ids, "attention_mask": mask, "label": ids},
+                  ({"input_ids": ids, "attention_mask": mask}, ids)):
+        assert d.evaluate([batch]) == want
