@@ -221,6 +221,15 @@ def pattern_name(pattern: Pattern) -> str:
     return f"block{arg[0]}x{arg[1]}"
 
 
+def pruned_again(before: Optional[str], pattern) -> str:
+    """What a mask pruned further with ``pattern`` was made by: ``"unstructured then 2:4"``
+    (the repr said ``'unstructured'`` of a mask that a 2:4 pass had pruned again)."""
+    now = pattern_name(pattern)
+    if before in (None, now) or before.endswith(f" then {now}"):
+        return before or now
+    return f"{before} then {now}"
+
+
 # Structured (row/column) masks live in fastkd/structured.py, which imports only torch, so this
 # re-export cannot form an import cycle; issue 6 names it fastkd.prune.structured_mask.
 from .structured import structured_mask  # noqa: E402,F401

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from . import functional as F
 from . import hf
 from .nn._linear_like import (
     _selected,
@@ -36,7 +37,8 @@ def quantize_(
     is true (all of them without a filter) by ``Int8Linear.from_linear(module, mode)``. Hugging
     Face ``Conv1D`` layers (GPT-2's attention and MLP projections) count as linears too, and so do
     pruned ``fastkd.nn.MaskedLinear`` layers (their ``W o M`` is quantized; pruned weights are
-    int8 zeros).
+    int8 zeros). ``Int8Linear`` / ``Int8Experts`` layers of the other mode switch to ``mode``:
+    the weight codes are the same in both, the mode is how activations are taken.
 
     A linear whose weight another module holds too (an lm_head tied to the input embedding) is
     quantized as well, which unties it: the embedding keeps its float weight, so the model holds
@@ -88,6 +90,19 @@ def quantize_(
     warn_compressed_left("quantize_", model, filter_fn, ("SharedLinear", "SharedExperts"),
                          "a weight-shared layer is not quantized again (its codebook is already "
                          "the compressed form)")
+    # layers quantize_ made before, in the other mode: the weight codes are the same in both
+    # modes (the mode is how activations are taken), so they switch; they were left silently
+    switch = [m for name, m in model.named_modules()
+              if isinstance(m, (Int8Linear, Int8Experts)) and m.mode != mode
+              and _selected(filter_fn, m, name)]
+    if mode == "w8a8":
+        too_wide = [m for m in switch
+                    if (m.in_features if isinstance(m, Int8Linear) else
+                        max(getattr(m, p).shape[2] for p in m.projections)) > F._INT8_MAX_K_W8A8]
+        if too_wide:
+            raise ValueError(f"w8a8 accumulates in int32, which can overflow for K > "
+                             f"{F._INT8_MAX_K_W8A8}: {len(too_wide)} w8a16 layer(s) are that "
+                             "wide; leave them out with filter_fn")
     swapped: dict = {}  # a linear shared under several names becomes one shared Int8Linear
     for _, module in targets:  # every layer first: a bad one leaves the model untouched
         if id(module) not in swapped:
@@ -100,5 +115,7 @@ def quantize_(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, swapped[id(module)])
+    for m in switch:
+        m.mode = mode
     hf.record(model)
     return model

@@ -287,6 +287,15 @@ def share_weights_(
     guard_peft_bases("share_weights_", model, [n for n, _ in targets])
     warn_compressed_left("share_weights_", model, filter_fn, ("Int8Linear",),
                          "cluster the float (or masked) weights before quantize_, not int8 codes")
+    other = [n for n, m in model.named_modules()
+             if isinstance(m, (SharedLinear, SharedExperts)) and _selected(filter_fn, m, n)
+             and (m.bits, m.per_channel) != (bits, bool(per_channel))]
+    if other:  # they were left as they are, silently, and the report counted nothing
+        warnings.warn(
+            f"share_weights_ leaves {len(other)} layer(s) shared before at other settings as "
+            f"they are ({shown(other)}): their codebooks are all that is left of the weights. "
+            f"fastkd.decompress_ them and share again for bits={bits}, "
+            f"per_channel={bool(per_channel)}", UserWarning, stacklevel=2)
     if is_replaceable_linear(model, pruned=True) and any(n == "" for n, _ in targets):
         raise ValueError("share_weights_ replaces submodules; wrap a bare nn.Linear in a module")
     moments, uncalibrated = {}, []

@@ -26,7 +26,13 @@ from .nn._linear_like import (
 )
 from .nn.masked_experts import MaskedExperts, check_expert_pattern, is_experts_to_prune
 from .nn.masked_linear import MaskedLinear
-from .prune import check_fits, global_magnitude_masks, magnitude_mask, parse_pattern
+from .prune import (
+    check_fits,
+    global_magnitude_masks,
+    magnitude_mask,
+    parse_pattern,
+    pruned_again,
+)
 
 
 def sparsify_(
@@ -162,6 +168,7 @@ def sparsify_(
             # gradual pruning: prune further in place (the module, and the parameters an
             # optimizer holds, stay); already pruned weights are zeros of W o M, pruned first
             child.set_mask_(child.mask & magnitude_mask(child.masked_weight(), sparsity, pattern))
+            child.pattern = pruned_again(child.pattern, pattern)
             continue
         masked = MaskedLinear.from_linear(child, sparsity=sparsity, pattern=pattern, backend=backend)
         setattr(parent, child_name, masked)

@@ -360,3 +360,25 @@ def test_a_layer_shared_under_two_names_stays_one_layer(step, tmp_path):
     fastkd.decompress_(loaded)
     _one_layer(loaded, nn.Linear)
     torch.testing.assert_close(loaded(x), out)
+
+
+def test_a_swap_run_again_with_other_settings_does_what_it_says_or_says_why_not():
+    """quantize_(mode="w8a16") on w8a8 layers, and share_weights_(bits=2) on 4-bit ones, left
+    them as they were without a word; a 2:4 pass over a pruned layer kept its repr saying
+    'unstructured'."""
+    x = torch.randn(5, 45)
+    model = fastkd.quantize_(_model(), mode="w8a8")
+    fastkd.quantize_(model, mode="w8a16")
+    assert {m.mode for m in model if isinstance(m, Int8Linear)} == {"w8a16"}
+    fresh = fastkd.quantize_(_model(), mode="w8a16")
+    torch.testing.assert_close(model(x), fresh(x), rtol=0, atol=0)  # the same codes
+
+    model = _model()
+    fastkd.share_weights_(model, bits=4)
+    with pytest.warns(UserWarning, match="decompress_ them and share again for bits=2"):
+        report = fastkd.share_weights_(model, bits=2)
+    assert report["layers"] == {} and {m.bits for m in model if isinstance(m, SharedLinear)} == {4}
+
+    model = _pruned(sparsity=0.5, dims=(44, 68, 32, 12))
+    fastkd.sparsify_(model, None, pattern="2:4")
+    assert "pattern='unstructured then 2:4'" in repr(model[0])

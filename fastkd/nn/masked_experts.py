@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as TF
 
-from ..prune import magnitude_mask, pattern_name
+from ..prune import magnitude_mask, pruned_again
 from ._stacked_experts import StackedExperts, _projections, is_stacked_experts
 
 __all__ = ["MaskedExperts"]
@@ -77,7 +77,7 @@ class MaskedExperts(StackedExperts):
             masks.append(new)
         for p, mask in zip(self.projections, masks):
             self.set_mask_(p, mask)
-        self.pattern = pattern_name(pattern)
+        self.pattern = pruned_again(self.pattern, pattern)
         return self
 
     @torch.no_grad()
