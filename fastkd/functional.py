@@ -10,6 +10,11 @@ import torch
 from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers the ops)
+
+__all__ = [
+    "kd_loss", "kd_loss_topk", "fused_linear_kd_loss", "masked_linear", "build_tile_map",
+    "MaskTiles", "int8_linear", "quantize_per_token", "quantize_weight", "shared_linear",
+]
 from ._rows import as_row_pair
 from .reference import int8_linear as _int8_reference
 from ._backend import (

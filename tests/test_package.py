@@ -169,3 +169,21 @@ def test_autograd_registration_gets_keyword_only_defaults_and_trims_gradients():
     rows3.sum().backward()
     assert not torch.allclose(rows3, rows) and torch.isfinite(s.grad).all()
     assert not torch.allclose(s.grad, grad_default)  # the backward got divergence="jsd" too
+
+
+def test_public_names_import_and_are_documented():
+    """fastkd.functional had no __all__: import * brought os, torch, the check_* helpers and
+    a dozen constants with it."""
+    import fastkd.functional as F
+    import fastkd.nn
+
+    for module in (fastkd, fastkd.nn, F):
+        for name in module.__all__:
+            try:
+                obj = getattr(module, name)
+            except ImportError:  # register_lora_layers without peft installed
+                continue
+            assert (getattr(obj, "__doc__", None) or "").strip(), f"{module.__name__}.{name}"
+    assert {"kd_loss", "kd_loss_topk", "fused_linear_kd_loss", "masked_linear", "int8_linear",
+            "shared_linear", "quantize_per_token"} <= set(F.__all__)
+    assert not {"os", "torch", "Tensor", "Optional"} & set(F.__all__)
