@@ -1137,10 +1137,14 @@ class Distiller:
                     # gradients so far are rescaled to the window's new total first.
                     total = window + count
                     if pending:
-                        grads = [q.grad for g in self.optimizer.param_groups
-                                 for q in g["params"] if q.grad is not None]
-                        if grads:
-                            torch._foreach_mul_(grads, window / total.clamp_min(1))
+                        ratio = window / total.clamp_min(1)
+                        by_device: dict = {}  # a model spread over devices (device_map)
+                        for g in self.optimizer.param_groups:
+                            for q in g["params"]:
+                                if q.grad is not None:
+                                    by_device.setdefault(q.grad.device, []).append(q.grad)
+                        for dev, grads in by_device.items():
+                            torch._foreach_mul_(grads, ratio.to(dev))
                     weight = count / total.clamp_min(1)
                     window = total
                     self.scaler.scale(loss * weight).backward()
