@@ -485,8 +485,9 @@ def size_report(model: nn.Module) -> dict:
         own = list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
         nbytes = 0
         for t in own:
-            key = (t.data_ptr(), t.numel(), t.dtype)
-            if key in seen:  # tied weights
+            # tied weights: one storage (meta tensors have none, all at address 0: the tensor)
+            key = ("meta", id(t)) if t.is_meta else (t.data_ptr(), t.numel(), t.dtype)
+            if key in seen:
                 continue
             seen.add(key)
             nbytes += t.numel() * t.element_size()

@@ -291,7 +291,9 @@ def _shrink_bert_mlp(layer: nn.Module, report: list, prefix: str) -> bool:
     if act is None:
         dead, bias_b = _zero_cols(b), None
     else:
-        dead, bias_b = _dead_or_constant(a, b, act, frozen=True)
+        # constants are folded only in eval mode: a dropout after the activation (Timesformer's)
+        # would drop them in training
+        dead, bias_b = _dead_or_constant(a, b, act, frozen=not layer.training)
     n_dead = int(dead.sum())
     if n_dead and _check_keep(a.out_features - n_dead, prefix):
         (new_a,), new_b = _shrink_pair([a], b, dead, bias_b)
@@ -605,19 +607,51 @@ def _shrink_bert_attention(attn: nn.Module, report: list, prefix: str) -> bool:
     dead_heads = (~keep).nonzero().squeeze(1).tolist()
     if not dead_heads or len(dead_heads) == n_heads:
         return True
+    where = f"{prefix}self.query/key/value/output.dense"
+    outside = _per_head_arguments(attn)
+    if outside:  # LayoutLMv3's relative position biases: made per head outside this module
+        import warnings
+
+        warnings.warn(f"shrink_: {where} look like BERT's attention with dead heads, but it "
+                      f"takes per-head inputs made elsewhere ({', '.join(outside)}) that "
+                      "would keep every head; left as they were", stacklevel=4)
+        return True
+    keep_feat = keep.repeat_interleave(hd)
+    layers = dict(query=_slice_linear(q, keep_feat, 0), key=_slice_linear(k, keep_feat, 0),
+                  value=_slice_linear(v, keep_feat, 0))
+    counts = dict(num_attention_heads=n_heads - len(dead_heads),
+                  all_head_size=(n_heads - len(dead_heads)) * hd)
+    dense = _slice_linear(o, keep_feat, 1)
+
+    def change():
+        undo = (_set(sa, **layers), _set(sa, **counts), _set(out, dense=dense))
+        return lambda: [u() for u in undo]
+
+    # run it to check: Swin-v2's logit scale and position-bias MLP, Nystromformer's grouped
+    # convolution hold per-head state these projections do not
+    if not _keep_if_same(attn, q, change, where, "attention projections", first_only=True):
+        return True
     if callable(getattr(attn, "prune_heads", None)) and not any(
             is_masked_linear(x) for x in (q, k, v, o)):  # it would rebuild them as plain, unmasked
+        _set(sa, query=q, key=k, value=v, num_attention_heads=n_heads, all_head_size=n_heads * hd)
+        out.dense = o
         attn.prune_heads(dead_heads)  # the model's own head pruning (transformers < 5)
-    else:
-        keep_feat = keep.repeat_interleave(hd)
-        sa.query = _slice_linear(q, keep_feat, 0)
-        sa.key = _slice_linear(k, keep_feat, 0)
-        sa.value = _slice_linear(v, keep_feat, 0)
-        out.dense = _slice_linear(o, keep_feat, 1)
-        sa.num_attention_heads = n_heads - len(dead_heads)
-        sa.all_head_size = sa.num_attention_heads * hd
     report.append((f"{prefix}heads", n_heads, n_heads - len(dead_heads)))
     return True
+
+
+# arguments through which an attention module gets per-head tensors computed outside it
+_PER_HEAD_ARGUMENTS = ("rel_pos", "rel_2d_pos", "position_bias", "relative_position_bias")
+
+
+def _per_head_arguments(attn: nn.Module) -> list:
+    import inspect
+
+    try:
+        names = set(inspect.signature(attn.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+    return [n for n in _PER_HEAD_ARGUMENTS if n in names]
 
 
 # (query, key, value, output) projection names of multi-head attention modules that hold a head
@@ -764,8 +798,7 @@ def shrink_(model: nn.Module, *, verbose: bool = False) -> list:
         for pattern in _PATTERNS:
             if pattern(mod, report, prefix):
                 break
-    if not report:
-        _warn_if_dead_left(model)
+    _warn_if_dead_left(model, removed=bool(report))
     hf.record(model, shrunk=bool(report))
     if verbose:
         for where, before, after in report:
@@ -773,9 +806,10 @@ def shrink_(model: nn.Module, *, verbose: bool = False) -> list:
     return report
 
 
-def _warn_if_dead_left(model: nn.Module) -> None:
-    """shrink_ removed nothing: say so when some layer does have dead neurons, rather than leave
-    the user to find out from the parameter count."""
+def _warn_if_dead_left(model: nn.Module, removed: bool = False) -> None:
+    """Say so when, after shrink_, some layer still has dead neurons it could not remove (all of
+    them when it removed nothing), rather than leave the user to find out from the parameter
+    count."""
     import warnings
 
     def pruned(m) -> bool:  # whole weight rows (biases aside) or columns at zero
@@ -786,7 +820,8 @@ def _warn_if_dead_left(model: nn.Module) -> None:
             if (isinstance(m, nn.Linear) or is_masked_linear(m)) and pruned(m)]
     if dead:
         warnings.warn(
-            f"shrink_ removed nothing: {len(dead)} linear layer(s) have all-zero weight rows or "
-            f"columns ({shown(dead)}), but shrink_ could not prove any of them removable "
+            f"shrink_ removed {'some, not all' if removed else 'nothing'}: {len(dead)} linear "
+            f"layer(s) still have all-zero weight rows or columns ({shown(dead)}), which shrink_ "
+            "could not prove removable "
             "(fastkd.structured lists the patterns it knows; nn.Linear subclasses are sliced only "
             "where they compute x W^T + b and hold nothing else)", stacklevel=3)
