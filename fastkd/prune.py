@@ -15,6 +15,7 @@ the weight is kept. Patterns:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -54,7 +55,7 @@ def parse_pattern(pattern) -> Tuple[str, object]:
 
 
 def _check_sparsity(sparsity) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):  # numpy's too
         raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
     s = float(sparsity)
     if not (0.0 <= s <= 1.0):  # also rejects NaN

@@ -43,6 +43,7 @@ clear of ``fastkd/prune.py`` being written on another branch, and is re-exported
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -83,7 +84,7 @@ def structured_mask(weight: Tensor, sparsity: float, dim: int = 0) -> Tensor:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got {weight.dim()}-D")
     if not weight.dtype.is_floating_point:
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):  # numpy's too
         raise TypeError(f"sparsity must be a number, got {type(sparsity).__name__}")
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")

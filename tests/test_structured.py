@@ -30,6 +30,12 @@ def test_structured_mask_drops_smallest_norm_slices(dim, sparsity):
         assert norms[~keep].max() <= norms[keep].min()
 
 
+def test_structured_mask_takes_numpy_numbers():
+    np = pytest.importorskip("numpy")
+    w = _odd_weight()
+    assert torch.equal(structured_mask(w, np.float32(0.3)), structured_mask(w, 0.3))
+
+
 def test_structured_mask_ties_are_deterministic():
     w = torch.ones(6, 4)
     m = structured_mask(w, 0.5, dim=0)
