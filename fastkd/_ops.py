@@ -84,7 +84,14 @@ def register_autograd(qualname: str, backward, setup_context) -> None:
 
         @staticmethod
         def backward(ctx, *grads):
-            grads_in = backward(ctx, *grads)
+            # as the ops themselves: no autocast recasting of the rules' explicit fp32 math (a
+            # backward run, or traced by torch.compile, inside torch.autocast computed the
+            # shared linear's codebook gradient in bf16)
+            if _autocast_on():
+                with torch._C._DisableAutocast():
+                    grads_in = backward(ctx, *grads)
+            else:
+                grads_in = backward(ctx, *grads)
             if not isinstance(grads_in, tuple):
                 grads_in = (grads_in,)
             return (*grads_in[: ctx.n_inputs], None)  # None: the (keyset, kwargs) slot

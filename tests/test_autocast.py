@@ -60,6 +60,26 @@ def test_layers_compute_in_the_autocast_dtype_like_nn_linear(name):
     assert torch.equal(got, want)  # bit for bit: W8A8 stays exact integer arithmetic
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_backward_rules_keep_their_fp32_math_inside_autocast(compiled):
+    """The shared linear's codebook gradient is an fp32 product; a backward run inside autocast
+    (or traced by torch.compile under it) recast it to bf16: ~1e-3 off, where outside autocast
+    it is exact to fp32."""
+    layer = SharedLinear.from_linear(_linear(k=256, n=64, seed=2), bits=4)
+    x = torch.randn(64, 256)
+    gy = torch.randn(64, 64)
+    run = torch.compile(layer, backend="aot_eager", fullgraph=True) if compiled else layer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(x)
+        (y.float() * gy).sum().backward()  # inside autocast
+    got = layer.codebook.grad.clone()
+    layer.codebook.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    (y.float() * gy).sum().backward()  # outside: the eager reference
+    torch.testing.assert_close(got, layer.codebook.grad, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_gradients_under_autocast_reach_fp32_inputs(name):
     layer = LAYERS[name](_linear(seed=1))
