@@ -826,3 +826,34 @@ def _warn_if_dead_left(model: nn.Module, removed: bool = False) -> None:
             "could not prove removable "
             "(fastkd.structured lists the patterns it knows; nn.Linear subclasses are sliced only "
             "where they compute x W^T + b and hold nothing else)", stacklevel=3)
+    experts = _experts_with_dead_neurons(model)
+    if experts:
+        warnings.warn(
+            f"shrink_ does not shrink Mixture-of-Experts experts: {len(experts)} experts "
+            f"module(s) have all-zero rows or columns in an expert's matrices "
+            f"({shown(experts)}), left as they are (their width is one for all the experts)",
+            stacklevel=3)
+
+
+def _experts_with_dead_neurons(model: nn.Module) -> list:
+    """Names of transformers experts modules (and MaskedExperts) whose stacked (E, a, b)
+    matrices have, for some expert, a whole row or column at zero (``W o M`` for pruned ones)."""
+    from .nn._stacked_experts import _projections, is_stacked_experts
+    from .nn.masked_experts import MaskedExperts
+
+    found = []
+    for name, m in model.named_modules():
+        masked = isinstance(m, MaskedExperts)
+        if not (masked or is_stacked_experts(m)):
+            continue
+        for p in _projections(m):
+            w = getattr(m, p).detach()
+            if masked:
+                w = torch.where(getattr(m, f"{p}_mask"), w, 0)
+            if w.is_meta:
+                continue
+            zero = w == 0
+            if bool(zero.all(dim=2).any()) or bool(zero.all(dim=1).any()):
+                found.append(name)
+                break
+    return found

@@ -670,3 +670,23 @@ def test_dead_neurons_left_beside_removed_ones_are_named():
     _mask_(model[4], 0.5, 1)  # behind a LayerNorm: not provably removable
     with pytest.warns(UserWarning, match=r"removed some, not all: 1 .*\(4\)"):
         assert shrink_(model) == [("0->2", 16, 8)]
+
+
+def test_dead_expert_neurons_are_named_not_left_silently():
+    """Dead neurons in a Mixture-of-Experts block's stacked experts: nothing removed (their
+    width is one for all the experts) and nothing said."""
+    T = transformers
+    cfg = T.AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=40,
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=53, num_local_experts=2,
+                                 num_experts_per_tok=1)
+    torch.manual_seed(0)
+    model = T.AutoModel.from_config(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing dead yet: nothing to say
+        shrink_(model)
+    experts = model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.down_proj[1, :, 3] = 0  # expert 1's intermediate neuron 3
+    with pytest.warns(UserWarning, match="does not shrink Mixture-of-Experts"):
+        assert shrink_(model) == []
