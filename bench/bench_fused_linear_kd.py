@@ -130,6 +130,7 @@ def run(device: str = "cuda", quick: bool = False, *, H: int | None = None, Ht: 
                 if device == "cuda":
                     torch.cuda.empty_cache()
             records.append(rec)
+            print(rec, flush=True)  # a run cut off at its time cap still leaves it in the log
         row = records[first:]
         floor = next((r.get("ms") for r in row if r["impl"] == "matmul_floor"), None)
         fused = next((r.get("ms") for r in row if r["impl"] == "fastkd_fused"), None)

@@ -193,10 +193,9 @@ def next_token_cases(device: str, quick: bool) -> list:
             rec["peak_extra_mb"] = (
                 None if (m := common.peak_extra_bytes(step, device)) is None else m / 2**20)
             rec["ms"] = common.time_ms(step, device)
-        except Exception as exc:
-            if not common.is_oom(exc):
-                raise
-            rec["error"] = "out of memory"
+        except Exception as exc:  # recorded: the sweep's figures must not be lost with it
+            rec["error"] = ("out of memory" if common.is_oom(exc)
+                            else f"{type(exc).__name__}: {exc}"[:300])
         finally:
             s = t = y = None
             if device == "cuda":
@@ -218,6 +217,8 @@ def main(argv=None):
     records = run(args.device, args.quick)
     common.print_table(records, ["impl", "n", "v", "dtype", "ms", "fwd_ms", "speedup_of_fastkd",
                                  "gbps_5pass", "peak_extra_mb", "grad_buffer_mb", "error"])
+    if args.out:  # the sweep first: a cut-off run still leaves it
+        common.write_json(records, args.out, {"benchmark": "kd_loss"})
     shifted = next_token_cases(args.device, args.quick)
     common.print_table(shifted, ["impl", "b", "l", "v", "dtype", "ms", "ms_over_in_place",
                                  "peak_extra_mb", "error"])
