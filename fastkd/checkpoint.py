@@ -435,7 +435,7 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
     model's dtype for a bf16/fp16 model without biases). A ``w8a8`` layer's float replacement
     no longer quantizes activations, so outputs move by that quantization error.
     """
-    from .nn._linear_like import is_masked_linear
+    from .nn._linear_like import adapter_layers, is_masked_linear
     from .nn.int8_experts import Int8Experts
     from .nn.int8_linear import Int8Linear
     from .nn.masked_experts import MaskedExperts
@@ -466,8 +466,28 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
     if kind(model):
         raise ValueError("decompress_ replaces submodules in place and cannot replace the model "
                          "itself; use the layer's to_linear()")
+    # a layer holding no parameter (int8 codes, no bias) follows the model: trainable where
+    # something outside PEFT's adapters is (peft freezes all of that)
+    adapters = tuple(f"{name}." for name in adapter_layers(model))
+    model_trainable = any(p.requires_grad for name, p in model.named_parameters()
+                          if not name.startswith(adapters))
+
+    def convert_keeping_frozen(layer):
+        """The float layer, each parameter as trainable as the one it replaces: a parameter of
+        the same name keeps its flag; a weight that was int8 codes or a codebook's lookup is
+        trainable where the layer had something trainable (where the model has, for a layer
+        without parameters). They were all made trainable: decompress_ on a frozen base
+        (before merging LoRA adapters) silently trained it with them."""
+        own = dict(layer.named_parameters())
+        trainable = any(p.requires_grad for p in own.values()) if own else model_trainable
+        new = convert(layer)
+        for name, p in new.named_parameters():
+            p.requires_grad_(own[name].requires_grad if name in own else trainable)
+        return new
+
     unpack_layers_(  # GPT-2's Conv1D layers come back as Conv1D
-        model, lambda m, name: kind(m) and (filter_fn is None or filter_fn(m, name)), convert)
+        model, lambda m, name: kind(m) and (filter_fn is None or filter_fn(m, name)),
+        convert_keeping_frozen)
     hf.record(model)
     return model
 

@@ -210,3 +210,46 @@ def test_peft_is_imported_only_when_its_part_is_used():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_decompress_keeps_a_frozen_base_frozen(step):
+    """decompress_ (the README's way to merge LoRA into a compressed base) made every float
+    weight it built trainable: the frozen base under the adapters trained with them."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    base = _tiny_llama(transformers)
+    STEPS[step][0](base)
+    model = peft.get_peft_model(base, fastkd.register_lora_layers(
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    fastkd.decompress_(model)
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == trainable
+    # outside peft a decompressed layer trains where the model does (nn.Linear's default)
+    plain = _tiny_llama(transformers)
+    STEPS[step][0](plain)
+    fastkd.decompress_(plain)
+    assert all(p.requires_grad for p in plain.parameters())
+
+
+@pytest.mark.parametrize("step", ["quantize_", "sparsify_"])
+def test_fused_lm_head_distils_a_lora_student(step):
+    """fused_lm_head ran a PeftModel's base_model (peft's tuner around the whole causal LM)
+    as the transformer body: its output had no last hidden state, and fit failed."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    teacher = _tiny_llama(transformers).eval()
+    ids = torch.randint(0, 61, (8, 9), generator=torch.Generator().manual_seed(1))
+    loader = [{"input_ids": ids[i:i + 4], "labels": ids[i:i + 4]} for i in (0, 4)]
+    runs = []
+    for fused in (False, True):
+        base = _tiny_llama(transformers, seed=1)
+        STEPS[step][0](base)
+        student = peft.get_peft_model(base, fastkd.register_lora_layers(
+            peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+        torch.manual_seed(2)
+        fastkd.Distiller(teacher, student, lr=1e-2, progress=False, backend="torch",
+                         fused_lm_head=fused).fit(loader)
+        runs.append({n: p.detach() for n, p in student.named_parameters() if ".lora_" in n})
+    for name, p in runs[0].items():
+        torch.testing.assert_close(runs[1][name], p, rtol=1e-4, atol=1e-6, msg=name)
