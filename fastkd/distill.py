@@ -233,6 +233,16 @@ def _is_hf_causal_lm(model: nn.Module) -> bool:
     return generative and not getattr(config, "is_encoder_decoder", False)
 
 
+def _language_model(model: nn.Module) -> nn.Module:
+    """The transformers ``*ForCausalLM`` of a model: itself, or the one inside a peft
+    ``PeftModel`` (whose ``base_model`` is peft's tuner model around the whole causal LM, not
+    the transformer body the fused loss runs)."""
+    get = getattr(model, "get_base_model", None)
+    if callable(get) and hasattr(model, "peft_config"):
+        return get()
+    return model
+
+
 def _lm_head_weight(model: nn.Module, who: str):
     """(weight (V, H), bias or None) of a Hugging Face model's lm head, as a tensor whose
     gradient is the head's own: an ``nn.Linear``'s weight; a ``MaskedLinear``'s ``W o M``
@@ -243,6 +253,7 @@ def _lm_head_weight(model: nn.Module, who: str):
     from .nn.masked_linear import MaskedLinear
     from .nn.shared_linear import SharedLinear
 
+    model = _language_model(model)
     base = getattr(model, "base_model", None)
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -651,12 +662,12 @@ class Distiller:
                for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
             for model, who in ((self.student, "student"), (self.teacher, "teacher")):
-                head = model.get_output_embeddings()
+                head = _language_model(model).get_output_embeddings()
                 was_training = model.training
                 model.eval()  # the same function twice: no dropout
                 try:
                     logits = _output_tensor(model(**one), who).float()
-                    hidden = _last_hidden(model.base_model(**one))
+                    hidden = _last_hidden(_language_model(model).base_model(**one))
                 finally:
                     model.train(was_training)
                 if type(head) is nn.Linear:
@@ -693,8 +704,9 @@ class Distiller:
         kwargs = {k: v for k, v in batch.items() if k != "labels"}
         w_s, b_s = _lm_head_weight(self.student, "student")
         w_t, b_t = _lm_head_weight(self.teacher, "teacher")
-        h_t = self._teacher_forward(lambda m: _last_hidden(m.base_model(**kwargs)), raw=True)
-        h_s = _last_hidden(self.student.base_model(**kwargs))
+        h_t = self._teacher_forward(
+            lambda m: _last_hidden(_language_model(m).base_model(**kwargs)), raw=True)
+        h_s = _last_hidden(_language_model(self.student).base_model(**kwargs))
         if h_t.dtype != w_t.dtype:  # a teacher under autocast: its head runs in that dtype too
             w_t = w_t.to(h_t.dtype)
             b_t = None if b_t is None else b_t.to(h_t.dtype)
