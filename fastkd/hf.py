@@ -199,9 +199,9 @@ def _warn_if_part_of_one(part: nn.Module) -> None:
     qc = getattr(config, "quantization_config", None)
     if getattr(qc, "quant_method", None) == QUANT_METHOD:
         return
-    from .checkpoint import compressed_header
+    from .checkpoint import _compressed_layers
 
-    if not compressed_header(part)["layers"]:
+    if not _compressed_layers(part):  # the layers alone: not the widths the header adds
         return
     warnings.warn(
         f"fastkd changed layers inside a {type(part).__name__}, a part of a transformers "

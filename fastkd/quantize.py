@@ -97,8 +97,8 @@ def quantize_(
               and _selected(filter_fn, m, name)]
     if mode == "w8a8":
         too_wide = [m for m in switch
-                    if (m.in_features if isinstance(m, Int8Linear) else
-                        max(getattr(m, p).shape[2] for p in m.projections)) > F._INT8_MAX_K_W8A8]
+                    if (m.in_features if isinstance(m, Int8Linear) else m.widest_input())
+                    > F._INT8_MAX_K_W8A8]
         if too_wide:
             raise ValueError(f"w8a8 accumulates in int32, which can overflow for K > "
                              f"{F._INT8_MAX_K_W8A8}: {len(too_wide)} w8a16 layer(s) are that "

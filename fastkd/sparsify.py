@@ -19,6 +19,7 @@ from .nn._linear_like import (
     is_replaceable_linear,
     require_values,
     shown,
+    torch_pruned,
     unpack_layers_,
     unwrapped_model,
     warn_compressed_left,
@@ -188,8 +189,7 @@ def _check_prunable(child: nn.Module, name: str, sparsity, pattern) -> None:
     if isinstance(child, MaskedLinear):
         weight = child.weight
     else:
-        torch_pruned = hasattr(child, "weight_orig") and hasattr(child, "weight_mask")
-        weight = child.weight_orig if torch_pruned else child.weight
+        weight = child.weight_orig if torch_pruned(child) else child.weight
         if is_hf_conv1d(child):
             weight = weight.t()
     try:

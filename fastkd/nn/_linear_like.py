@@ -150,6 +150,12 @@ def bare_module(cls: type, attributes: dict) -> nn.Module:
     return new
 
 
+def torch_pruned(module) -> bool:
+    """Whether ``torch.nn.utils.prune`` pruned ``module``'s weight (it then holds the dense
+    weight as ``weight_orig`` and the mask as ``weight_mask``)."""
+    return hasattr(module, "weight_orig") and hasattr(module, "weight_mask")
+
+
 def as_linear(module, who: str) -> nn.Linear:
     """``module`` as an ``nn.Linear`` computing the same map: ``nn.Linear`` (or a subclass) as it
     is; a ``MaskedLinear`` as a new ``nn.Linear`` with weight ``W o M``; a Hugging Face
@@ -175,7 +181,7 @@ def as_linear(module, who: str) -> nn.Linear:
             f"{who} takes an nn.Linear, a Hugging Face Conv1D or a fastkd MaskedLinear, got "
             f"{type(module).__name__}"
         )
-    pruned = hasattr(module, "weight_orig") and hasattr(module, "weight_mask")
+    pruned = torch_pruned(module)
     orig = module.weight_orig if pruned else module.weight
     n_in, n_out = orig.shape
     linear = nn.Linear(n_in, n_out, bias=module.bias is not None, device="meta")

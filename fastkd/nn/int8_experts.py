@@ -81,14 +81,17 @@ class Int8Experts(StackedExperts):
         """Quantize ``experts`` (each expert's matrices per output channel)."""
         return cls(experts, mode=mode, backend=backend)
 
+    def widest_input(self) -> int:
+        """The largest K of its products (an int32 accumulator bounds it in w8a8)."""
+        return max(getattr(self, p).shape[2] for p in self.projections)
+
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         up, down = self.projections
         x = _checked_input(hidden_states, getattr(self, up).shape[2])
         out = torch.zeros_like(hidden_states)
         # validated and dispatched once per call, not per expert (at decode the host time is
         # what a call costs)
-        if self.mode == "w8a8" and max(getattr(self, p).shape[2] for p in self.projections) \
-                > F._INT8_MAX_K_W8A8:
+        if self.mode == "w8a8" and self.widest_input() > F._INT8_MAX_K_W8A8:
             raise ValueError(f"w8a8 accumulates in int32, which can overflow for K > "
                              f"{F._INT8_MAX_K_W8A8}; use mode='w8a16'")
         impl = F.INT8_LINEAR_BACKENDS.select(self.backend, x.device,

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from ._linear_like import as_linear, remember_layout, require_values
+from ._linear_like import as_linear, remember_layout, require_values, torch_pruned
 from ..prune import magnitude_mask, pattern_name
 from ..reference.masked_linear import MaskTiles, build_tile_map
 
@@ -88,8 +88,8 @@ class MaskedLinear(nn.Module):
         original, linear = linear, as_linear(linear, "MaskedLinear.from_linear")
         if mask is not None and sparsity is not None:
             raise ValueError("pass either mask or sparsity, not both")
-        torch_pruned = hasattr(linear, "weight_orig") and hasattr(linear, "weight_mask")
-        weight = linear.weight_orig if torch_pruned else linear.weight
+        pruned_by_torch = torch_pruned(linear)
+        weight = linear.weight_orig if pruned_by_torch else linear.weight
         weight = weight.detach()
         is_nm = isinstance(pattern, str) and ":" in pattern
         made_by = None
@@ -107,13 +107,13 @@ class MaskedLinear(nn.Module):
             made_by = "given"
         elif sparsity is not None or is_nm:
             require_values(weight, "MaskedLinear.from_linear with a sparsity (a magnitude mask)")
-            if torch_pruned:  # pruned further: what torch.nn.utils.prune pruned stays pruned
+            if pruned_by_torch:  # pruned further: what torch.nn.utils.prune pruned stays pruned
                 torch_mask = linear.weight_mask.detach() != 0
                 mask = torch_mask & magnitude_mask(weight * torch_mask, sparsity, pattern)
             else:
                 mask = magnitude_mask(weight, sparsity, pattern)
             made_by = pattern_name(pattern)
-        elif torch_pruned:
+        elif pruned_by_torch:
             mask = linear.weight_mask.detach() != 0
             made_by = "torch.nn.utils.prune"
         else:

@@ -9,7 +9,13 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..reference.shared_linear import pack_indices, shared_dequantize
-from ._linear_like import as_linear, float_linear, remember_layout, require_values
+from ._linear_like import (
+    as_linear,
+    float_linear,
+    refuse_float_codes,
+    remember_layout,
+    require_values,
+)
 
 
 def refuse_bad_indices(module: nn.Module, state_dict, prefix: str, names, bits: int,
@@ -19,23 +25,21 @@ def refuse_bad_indices(module: nn.Module, state_dict, prefix: str, names, bits: 
     without a word: int64 values wrapped modulo 256, floats truncated, and a code past the
     codebook read the next channel's table (or a padding zero). Record a clear error and return
     False: load nothing into the layer."""
+    if not refuse_float_codes(module, state_dict, prefix, dict.fromkeys(names, torch.uint8),
+                              error_msgs):
+        return False
     ok = True
     for name in names:
         value = state_dict.get(prefix + name)
-        if not isinstance(value, Tensor):
+        if not isinstance(value, Tensor) or not value.numel() or bits >= 8:
             continue
-        if value.dtype != torch.uint8:
-            problem = f"is {str(value.dtype).replace('torch.', '')}, not uint8 codes"
-        elif value.numel() and bits < 8:
-            v = value.to(torch.int32)
-            top = int(torch.maximum(v & 15, v >> 4).max() if bits <= 4 else v.max())
-            if top < 2 ** bits:
-                continue
-            problem = f"holds code {top}, past the {2 ** bits} entries of a {bits}-bit codebook"
-        else:
-            continue
-        error_msgs.append(f"{type(module).__name__}: {prefix}{name} in the state_dict {problem}")
-        ok = False
+        v = value.to(torch.int32)
+        top = int(torch.maximum(v & 15, v >> 4).max() if bits <= 4 else v.max())
+        if top >= 2 ** bits:
+            error_msgs.append(f"{type(module).__name__}: {prefix}{name} in the state_dict holds "
+                              f"code {top}, past the {2 ** bits} entries of a {bits}-bit "
+                              "codebook")
+            ok = False
     return ok
 
 
