@@ -9,7 +9,9 @@ The ops exist whether or not ``fastkd._C`` was built: C++ only adds CUDA impleme
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import weakref
 from typing import Optional
 
 import torch
@@ -121,7 +123,9 @@ def no_double_backward(qualname: str, what: str) -> None:
         @staticmethod
         def forward(ctx, keyset, kwargs, *args):
             with torch._C._AutoDispatchBelowAutograd():
-                return op.redispatch(keyset & after_autograd, *args, **kwargs)
+                out = op.redispatch(keyset & after_autograd, *args, **kwargs)
+            # a Tensor[] result as a tuple: autograd.Function attaches no graph to a list
+            return tuple(out) if isinstance(out, list) else out
 
         @staticmethod
         def backward(ctx, *grads):
@@ -954,3 +958,182 @@ register_autograd(
 )
 for _name in ("masked_linear_grad_input", "masked_linear_grad_weight"):
     no_double_backward(f"fastkd::{_name}", "fastkd's masked linear (MaskedLinear)")
+
+
+# --------------------------------------------------------------------------------------------
+# MoE experts under torch.compile (Int8Experts, MaskedExperts, SharedExperts)
+#   stacked_experts(hidden (T,H), top_k_index (T,k), top_k_weights (T,k), state Tensor[],
+#                   module int, autocast_dtype ScalarType?) -> (T,H) in hidden's dtype
+#   stacked_experts_backward(grad_out (T,H), hidden, top_k_index, top_k_weights, state, module,
+#                   autocast_dtype, needs bool[]) -> the gradients of hidden, top_k_weights and
+#                   each state tensor, in that order, for those `needs` marks
+# Eager runs an experts module's routing as a Python loop over the experts a batch reaches, with
+# group sizes read on the host (bincount().tolist()): a graph cannot hold that, and Dynamo broke
+# the graph there (fullgraph=True failed). Under torch.compile the module calls this op instead:
+# one opaque node whose implementation runs that eager loop on the live module (`module` is its
+# key in _LIVE_EXPERTS) with its parameters and buffers taken from `state`, so the graph sees
+# every tensor the experts read. `autocast_dtype` is the autocast in force where the module was
+# called (None: off), reapplied inside. Backward recomputes the experts' forward with autograd
+# recording and differentiates it (what activation checkpointing does): compiled training runs
+# the experts' forward twice, eager training once.
+# --------------------------------------------------------------------------------------------
+
+torch.library.define(
+    "fastkd::stacked_experts",
+    "(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, Tensor[] state, "
+    "int module, ScalarType? autocast_dtype) -> Tensor",
+)
+torch.library.define(
+    "fastkd::stacked_experts_backward",
+    "(Tensor grad_out, Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, "
+    "Tensor[] state, int module, ScalarType? autocast_dtype, bool[] needs) -> Tensor[]",
+)
+
+_LIVE_EXPERTS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+
+
+def register_live_experts(module: torch.nn.Module) -> int:
+    """Make ``module`` reachable from the stacked_experts op; returns its key."""
+    key = id(module)
+    _LIVE_EXPERTS[key] = module
+    return key
+
+
+def _live_experts(key: int) -> torch.nn.Module:
+    module = _LIVE_EXPERTS.get(key)
+    if module is None:
+        raise RuntimeError(
+            "fastkd::stacked_experts: the experts module this graph was traced from no longer "
+            "exists in this process (a compiled graph runs fastkd's MoE experts through the live "
+            "module, so it cannot be saved and run elsewhere)")
+    return module
+
+
+def experts_state(module: torch.nn.Module) -> list:
+    """What the op passes as ``state``: the module's parameters, then its buffers."""
+    return [t for _, t in module.named_parameters()] + [t for _, t in module.named_buffers()]
+
+
+def _state_names(module: torch.nn.Module) -> list:
+    return [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+
+
+@contextlib.contextmanager
+def _substituted(module: torch.nn.Module, state: list):
+    """``module`` reading ``state`` in place of its own parameters and buffers (no hooks run,
+    unlike torch.func.functional_call: the compiled graph ran them where the module was
+    called)."""
+    names = _state_names(module)
+    if len(names) != len(state):
+        raise RuntimeError(
+            f"fastkd::stacked_experts: the module holds {len(names)} parameters and buffers, the "
+            f"graph passed {len(state)} (it changed since it was traced)")
+    saved = []
+    try:
+        for name, t in zip(names, state):
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            slots = owner._parameters if attr in owner._parameters else owner._buffers
+            saved.append((slots, attr, slots[attr]))
+            slots[attr] = t
+        yield module
+    finally:
+        for slots, attr, old in reversed(saved):
+            slots[attr] = old
+
+
+_AUTOGRAD_KEYS = tuple(getattr(torch._C.DispatchKey, k) for k in (
+    "AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView")
+    if hasattr(torch._C.DispatchKey, k))
+
+
+@contextlib.contextmanager
+def _autograd_recording():
+    """Gradient recording on inside an op's implementation: grad mode, and the autograd dispatch
+    keys that an enclosing autograd kernel's redispatch (``_AutoDispatchBelowAutograd``) turned
+    off for everything below it."""
+    excluded = [k for k in _AUTOGRAD_KEYS if torch._C._dispatch_tls_is_dispatch_key_excluded(k)]
+    for k in excluded:
+        torch._C._dispatch_tls_set_dispatch_key_excluded(k, False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for k in excluded:
+            torch._C._dispatch_tls_set_dispatch_key_excluded(k, True)
+
+
+def _run_experts(module, hidden, top_k_index, top_k_weights, state, autocast_dtype):
+    device = hidden.device.type
+    autocast = (torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None
+                else torch.autocast(device, enabled=False))
+    with _substituted(module, state), autocast:
+        return module._forward(hidden, top_k_index, top_k_weights)
+
+
+@torch.library.register_kernel("fastkd::stacked_experts", None)
+def _stacked_experts(hidden, top_k_index, top_k_weights, state, module, autocast_dtype):
+    return _run_experts(_live_experts(module), hidden, top_k_index, top_k_weights, state,
+                        autocast_dtype)
+
+
+@torch.library.register_kernel("fastkd::stacked_experts_backward", None)
+def _stacked_experts_backward(grad_out, hidden, top_k_index, top_k_weights, state, module,
+                              autocast_dtype, needs):
+    experts = _live_experts(module)
+    inputs = [hidden, top_k_weights, *state]
+    leaves = [t.detach().requires_grad_() if need else t for t, need in zip(inputs, needs)]
+    wanted = [t for t, need in zip(leaves, needs) if need]
+    with _autograd_recording():
+        out = _run_experts(experts, leaves[0], top_k_index, leaves[1], leaves[2:],
+                           autocast_dtype)
+        grads = (torch.autograd.grad(out, wanted, grad_out, allow_unused=True)
+                 if wanted and out.requires_grad else [None] * len(wanted))
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
+
+
+@torch.library.register_fake("fastkd::stacked_experts")
+def _stacked_experts_fake(hidden, top_k_index, top_k_weights, state, module, autocast_dtype):
+    return torch.empty_like(hidden)
+
+
+@torch.library.register_fake("fastkd::stacked_experts_backward")
+def _stacked_experts_backward_fake(grad_out, hidden, top_k_index, top_k_weights, state, module,
+                                   autocast_dtype, needs):
+    inputs = [hidden, top_k_weights, *state]
+    return [torch.empty_like(t) for t, need in zip(inputs, needs) if need]
+
+
+def _stacked_experts_setup_context(ctx, inputs, output):
+    hidden, top_k_index, top_k_weights, state, module, autocast_dtype = inputs
+    ctx.save_for_backward(hidden, top_k_index, top_k_weights, *state)
+    ctx.settings = (module, autocast_dtype)
+
+
+def _stacked_experts_autograd_backward(ctx, grad_out):
+    hidden, top_k_index, top_k_weights, *state = ctx.saved_tensors
+    need_hidden, _, need_weights, need_state = ctx.needs_input_grad[:4]
+    if isinstance(need_state, bool):  # torch gives one flag per list element; be safe
+        need_state = [need_state] * len(state)
+    needs = [bool(need_hidden), bool(need_weights), *(bool(n) for n in need_state)]
+    grads = iter(torch.ops.fastkd.stacked_experts_backward(
+        grad_out, hidden, top_k_index, top_k_weights, state, *ctx.settings, needs))
+    got = [next(grads) if need else None for need in needs]
+    return got[0], None, got[1], got[2:], None, None
+
+
+torch.library.register_autograd(
+    "fastkd::stacked_experts", _stacked_experts_autograd_backward,
+    setup_context=_stacked_experts_setup_context)
+no_double_backward("fastkd::stacked_experts_backward", "fastkd's MoE experts under torch.compile")
+
+
+def stacked_experts(module, hidden_states: Tensor, top_k_index: Tensor,
+                    top_k_weights: Tensor) -> Tensor:
+    """``module._forward(...)`` as one fastkd::stacked_experts node (see above)."""
+    device = hidden_states.device.type
+    autocast_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                      else None)
+    return torch.ops.fastkd.stacked_experts(hidden_states, top_k_index, top_k_weights,
+                                            experts_state(module), module._live_key,
+                                            autocast_dtype)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import _ops
 from ._linear_like import _MODULE_STATE, bare_module, plain_attributes
 
 __all__ = ["StackedExperts", "is_stacked_experts"]
@@ -88,6 +89,12 @@ class StackedExperts(nn.Module):
                                 if k.startswith("_") and k not in _MODULE_STATE}
         self._gate_fn = type(experts)._apply_gate if experts.has_gate else None
         self.projections = _projections(experts)
+        self._live_key = _ops.register_live_experts(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # a copy (copy.deepcopy, pickle) is a module of its own for the compiled op
+        self._live_key = _ops.register_live_experts(self)
 
     def _groups(self, top_k_index: Tensor):
         """``(expert, token, slot)`` for every expert some (token, slot) pair reaches. The pairs
@@ -112,6 +119,20 @@ class StackedExperts(nn.Module):
         raise NotImplementedError
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The source class's computation. Eager runs ``_forward``; torch.compile sees it as
+        one ``fastkd::stacked_experts`` node (its routing loop has data-dependent sizes), so a
+        model holding these layers compiles whole (``fullgraph=True``)."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                f"{type(self).__name__} cannot be traced with torch.jit.trace: which experts "
+                "run, and on how many tokens, depends on the routing, and a trace would replay "
+                "this batch's routing on every other one; use torch.compile")
+        if torch.compiler.is_compiling():
+            return _ops.stacked_experts(self, hidden_states, top_k_index, top_k_weights)
+        return self._forward(hidden_states, top_k_index, top_k_weights)
+
+    def _forward(self, hidden_states: Tensor, top_k_index: Tensor,
+                 top_k_weights: Tensor) -> Tensor:
         """The source class's computation, each expert a batch reaches through ``_linear``."""
         up, down = self.projections
         out = torch.zeros_like(hidden_states)

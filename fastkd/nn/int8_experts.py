@@ -85,7 +85,8 @@ class Int8Experts(StackedExperts):
         """The largest K of its products (an int32 accumulator bounds it in w8a8)."""
         return max(getattr(self, p).shape[2] for p in self.projections)
 
-    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    def _forward(self, hidden_states: Tensor, top_k_index: Tensor,
+                 top_k_weights: Tensor) -> Tensor:
         up, down = self.projections
         x = _checked_input(hidden_states, getattr(self, up).shape[2])
         out = torch.zeros_like(hidden_states)

@@ -1,0 +1,218 @@
+"""fastkd's MoE experts (Int8Experts, MaskedExperts, SharedExperts) under torch.compile.
+
+Eager routing groups tokens by expert with sizes read on the host, which a graph cannot hold:
+Dynamo broke the graph there and ``fullgraph=True`` failed. Under compile the modules now run as
+one ``fastkd::stacked_experts`` op (backward: the experts' forward recomputed and differentiated).
+Checked here against eager, forward and every gradient, alone and inside a transformers model.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import fastkd
+from fastkd import _ops
+from fastkd.nn import Int8Experts, MaskedExperts, SharedExperts
+
+from _util import HAS_CUDA
+from test_int8_experts import _model, _routing, _ToyExperts
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test compiles new modules through the same forward: without a reset, Dynamo's
+    per-code recompile limit (8) is reached within this file."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+KINDS = {
+    "int8_w8a8": lambda e: Int8Experts.from_experts(e, mode="w8a8"),
+    "int8_w8a16": lambda e: Int8Experts.from_experts(e, mode="w8a16"),
+    "masked": lambda e: MaskedExperts.from_experts(e, sparsity=0.5),
+    "shared": lambda e: SharedExperts.from_experts(e, bits=3),
+}
+
+
+def _inputs(n_tokens=11, n_experts=5, hidden=24, seed=3):
+    x = torch.randn(n_tokens, hidden, generator=torch.Generator().manual_seed(seed))
+    idx, w = _routing(n_tokens, n_experts, seed=seed)
+    return x.requires_grad_(), idx, w.requires_grad_()
+
+
+def _grads(module, x, idx, w):
+    """Output and the gradients of a loss on it: inputs, routing weights, every parameter."""
+    for t in (x, w, *module.parameters()):
+        t.grad = None
+    out = module(x, idx, w)
+    (out.square() * torch.linspace(-1, 2, out.shape[-1])).sum().backward()
+    grads = {"x": x.grad, "w": w.grad}
+    inner = getattr(module, "_orig_mod", module)  # a compiled module's names carry a prefix
+    grads.update({n: p.grad for n, p in inner.named_parameters()})
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_fullgraph_compile_matches_eager_forward_and_backward(kind, transposed):
+    experts = KINDS[kind](_ToyExperts(bias=True, transposed=transposed))
+    x, idx, w = _inputs()
+    want, want_grads = _grads(experts, x, idx, w)
+    counter = CompileCounterWithBackend("aot_eager")
+    got, got_grads = _grads(torch.compile(experts, backend=counter, fullgraph=True), x, idx, w)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, want)
+    assert want_grads.keys() == got_grads.keys()
+    for name, g in want_grads.items():
+        if g is None:  # int8 codes, masks: no gradient either way
+            assert got_grads[name] is None, name
+        else:
+            torch.testing.assert_close(got_grads[name], g, msg=name)
+    # what trains did get a gradient (the test would pass on all-None otherwise)
+    assert want_grads["x"] is not None and want_grads["w"] is not None
+
+
+def test_inductor_compile_with_dynamic_token_counts():
+    experts = KINDS["masked"](_ToyExperts(bias=True))
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(experts, backend=counter, fullgraph=True, dynamic=True)
+    for n in (9, 17, 4):
+        x, idx, w = _inputs(n_tokens=n, seed=n)
+        torch.testing.assert_close(compiled(x, idx, w), experts(x, idx, w))
+    assert counter.frame_count == 1  # one graph for every token count
+
+
+@pytest.mark.parametrize("kind", ["int8_w8a8", "masked"])
+def test_opcheck(kind):
+    experts = KINDS[kind](_ToyExperts(bias=True))
+    x, idx, w = _inputs(n_tokens=6)
+    state = _ops.experts_state(experts)
+    args = (x, idx, w, state, experts._live_key, None)
+    torch.library.opcheck(torch.ops.fastkd.stacked_experts.default, args)
+    torch.library.opcheck(torch.ops.fastkd.stacked_experts.default,
+                          (x.detach(), idx, w.detach(), state, experts._live_key, None))
+    grad = torch.randn(6, 24)
+    needs = [True, True] + [t.is_floating_point() for t in state]
+    torch.library.opcheck(torch.ops.fastkd.stacked_experts_backward.default,
+                          (grad, x.detach(), idx, w.detach(), state, experts._live_key, None,
+                           needs))
+
+
+def test_second_derivative_through_the_op_raises():
+    experts = KINDS["masked"](_ToyExperts(bias=True))
+    x, idx, w = _inputs(n_tokens=6)
+    out = torch.ops.fastkd.stacked_experts(x, idx, w, _ops.experts_state(experts),
+                                           experts._live_key, None)
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        gx.sum().backward()
+
+
+def test_a_copy_runs_its_own_weights_under_compile():
+    experts = KINDS["masked"](_ToyExperts(bias=True))
+    twin = copy.deepcopy(experts)
+    with torch.no_grad():
+        twin.down_proj_bias.add_(1.0)
+    assert twin._live_key != experts._live_key
+    x, idx, w = _inputs()
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, idx, w), twin(x, idx, w))
+    assert not torch.allclose(twin(x, idx, w), experts(x, idx, w))
+
+
+def test_a_graph_whose_module_is_gone_raises_clearly():
+    experts = KINDS["int8_w8a16"](_ToyExperts())
+    x, idx, w = _inputs()
+    key, state = experts._live_key, _ops.experts_state(experts)
+    del experts
+    import gc
+
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        torch.ops.fastkd.stacked_experts(x.detach(), idx, w.detach(), state, key, None)
+
+
+def test_jit_trace_is_refused():
+    """A trace would replay one batch's routing on every other batch."""
+    experts = KINDS["int8_w8a8"](_ToyExperts())
+    x, idx, w = _inputs()
+    with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        torch.jit.trace(experts, (x.detach(), idx, w.detach()), check_trace=False)
+
+
+def test_compile_under_autocast_matches_eager_autocast():
+    experts = KINDS["shared"](_ToyExperts(bias=True))
+    x, idx, w = _inputs()
+    compiled = torch.compile(experts, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_grads = _grads(experts, x, idx, w)
+        got, got_grads = _grads(compiled, x, idx, w)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want)
+    for name, g in want_grads.items():
+        if g is not None:
+            torch.testing.assert_close(got_grads[name], g, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_a_compressed_transformers_moe_model_compiles_whole(arch):
+    model = _model(arch, intermediate=37)
+    fastkd.quantize_(model, mode="w8a16", filter_fn=lambda m, name: "experts" in name)
+    assert any(isinstance(m, Int8Experts) for m in model.modules())
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_a_pruned_moe_model_trains_under_compile_as_in_eager():
+    model = _model("qwen3_moe", intermediate=37).train()
+    fastkd.sparsify_(model, sparsity=0.5, filter_fn=lambda m, name: "experts" in name)
+    experts = [m for m in model.modules() if isinstance(m, MaskedExperts)]
+    assert experts
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    model(ids, labels=ids).loss.backward()
+    torch.compile(twin, backend="aot_eager", fullgraph=True)(ids, labels=ids).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            torch.testing.assert_close(q.grad, p.grad, msg=name, atol=1e-5, rtol=1e-4)
+    # pruned expert weights got exactly zero gradient in the compiled step too
+    for m in (m for m in twin.modules() if isinstance(m, MaskedExperts)):
+        for p in m.projections:
+            assert not getattr(m, p).grad[~getattr(m, f"{p}_mask")].any()
+
+
+def test_export_runs_in_the_process_with_dynamic_token_counts():
+    experts = KINDS["int8_w8a16"](_ToyExperts(bias=True))
+    x, idx, w = (t.detach() for t in _inputs(n_tokens=7))
+    tokens = torch.export.Dim("tokens")
+    program = torch.export.export(experts, (x, idx, w),
+                                  dynamic_shapes=({0: tokens}, {0: tokens}, {0: tokens}))
+    assert any(n.target == torch.ops.fastkd.stacked_experts.default
+               for n in program.graph.nodes)
+    x, idx, w = (t.detach() for t in _inputs(n_tokens=12, seed=5))
+    torch.testing.assert_close(program.module()(x, idx, w), experts(x, idx, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_gpu_inductor_matches_eager_bf16(kind):
+    experts = KINDS[kind](_ToyExperts(n_experts=8, hidden=1000, inner=1403, bias=True)).cuda()
+    experts = experts.to(torch.bfloat16)
+    x = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    idx, w = (t.cuda() for t in _routing(300, 8))
+    w = w.to(torch.bfloat16).requires_grad_()
+    want, want_grads = _grads(experts, x, idx, w)
+    got, got_grads = _grads(torch.compile(experts, fullgraph=True), x, idx, w)
+    torch.testing.assert_close(got, want)
+    for name, g in want_grads.items():
+        if g is not None:
+            torch.testing.assert_close(got_grads[name], g, msg=name)
