@@ -17,6 +17,7 @@ __all__ = [
 ]
 from ._rows import as_row_pair
 from .reference import int8_linear as _int8_reference
+from .reference.shared_linear import highest_code
 from ._backend import (
     ENV_VAR,
     TORCH,
@@ -216,7 +217,17 @@ def shared_linear(
     Returns ``(..., N)`` in x's dtype (the autocast dtype inside ``torch.autocast``, as
     ``F.linear``). Gradients reach x, the codebook (the sum of the weight gradients of each
     cluster) and the bias; the indices are fixed.
+
+    At bit widths whose codes do not fill their storage (1-3 bits in a nibble, 5-7 in a byte)
+    an eager call checks that no index reaches past the codebook (a ``ValueError``; one device
+    sync). Under ``torch.compile`` that check is left out; ``SharedLinear`` checks its indices
+    when it makes or loads them instead.
     """
+    return _shared_linear(x, indices, codebook, bias, in_features=in_features, bits=bits,
+                          backend=backend, check_codes=True)
+
+
+def _shared_linear(x, indices, codebook, bias, *, in_features, bits, backend, check_codes):
     check_tensor(x, "x")
     check_tensor(indices, "indices")
     check_tensor(codebook, "codebook")
@@ -252,6 +263,12 @@ def shared_linear(
         check_same_device(x, bias, "x", "bias")
         if bias.shape != (n,):
             raise ValueError(f"bias shape {tuple(bias.shape)} must be ({n},)")
+    if (check_codes and 2 ** bits < (16 if bits <= 4 else 256)
+            and not torch.compiler.is_compiling()):
+        top = highest_code(indices, bits)
+        if top >= 2 ** bits:
+            raise ValueError(f"indices hold code {top}, past the {2 ** bits} entries of a "
+                             f"{bits}-bit codebook")
     impl = SHARED_LINEAR_BACKENDS.select(backend, x.device)
     lead = x.shape[:-1]
     if in_features == 0 or n == 0:  # no weights: the bias alone (as F.linear), no reshape by 0

@@ -12,7 +12,7 @@ from fastkd.nn import SharedLinear
 from fastkd.reference.shared_linear import pack_indices, shared_dequantize, unpack_indices
 from fastkd.sharing import kmeans_1d
 
-from _util import device_for
+from _util import device_for, needs_triton
 
 try:
     import triton  # noqa: F401
@@ -422,3 +422,23 @@ def test_bad_inputs():
         SharedLinear.from_linear(bad)
     with pytest.raises(TypeError):
         fastkd.share_weights_("model")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("bits,k", [(3, 37), (2, 36), (6, 37)])
+def test_codes_past_the_codebook_are_refused_per_call(bits, k, backend):
+    """At widths whose codes do not fill their storage a code can reach past the codebook: the
+    Triton kernel read a padding zero or the next channel's table (silently), the reference
+    raised an IndexError. Both nibbles of a packed byte count."""
+    torch.manual_seed(0)
+    n, dev = 5, device_for(backend)
+    idx = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8, device=dev)
+    codebook = torch.randn(n, 2 ** bits, device=dev)
+    x = torch.randn(3, k, device=dev)
+    packed = pack_indices(idx, bits)
+    FK.shared_linear(x, packed, codebook, in_features=k, bits=bits, backend=backend)  # fine
+    bad = idx.clone()
+    bad[2, 1] = 2 ** bits  # an odd column: the high nibble of a packed byte
+    with pytest.raises(ValueError, match=f"code {2 ** bits}, past the {2 ** bits} entries"):
+        FK.shared_linear(x, pack_indices(bad, bits), codebook, in_features=k, bits=bits,
+                         backend=backend)

@@ -81,11 +81,11 @@ class SharedExperts(StackedExperts):
 
     def _linear(self, x: Tensor, p: str, e: int) -> Tensor:
         bias = getattr(self, f"{p}_bias") if self.has_bias else None
-        return F.shared_linear(x, getattr(self, f"{p}_indices")[e],
-                               getattr(self, f"{p}_codebook")[e],
-                               None if bias is None else bias[e],
-                               in_features=self._in_features[p], bits=self.bits,
-                               backend=self.backend)
+        return F._shared_linear(x, getattr(self, f"{p}_indices")[e],
+                                getattr(self, f"{p}_codebook")[e],
+                                None if bias is None else bias[e],
+                                in_features=self._in_features[p], bits=self.bits,
+                                backend=self.backend, check_codes=False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

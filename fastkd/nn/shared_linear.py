@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..reference.shared_linear import pack_indices, shared_dequantize
+from ..reference.shared_linear import highest_code, pack_indices, shared_dequantize
 from ._linear_like import (
     as_linear,
     float_linear,
@@ -31,10 +31,9 @@ def refuse_bad_indices(module: nn.Module, state_dict, prefix: str, names, bits: 
     ok = True
     for name in names:
         value = state_dict.get(prefix + name)
-        if not isinstance(value, Tensor) or not value.numel() or bits >= 8:
+        if not isinstance(value, Tensor) or bits >= 8:
             continue
-        v = value.to(torch.int32)
-        top = int(torch.maximum(v & 15, v >> 4).max() if bits <= 4 else v.max())
+        top = highest_code(value, bits)
         if top >= 2 ** bits:
             error_msgs.append(f"{type(module).__name__}: {prefix}{name} in the state_dict holds "
                               f"code {top}, past the {2 ** bits} entries of a {bits}-bit "
@@ -170,9 +169,10 @@ class SharedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.shared_linear(
+        # its indices were checked where they came from (clustering, a checked load)
+        return F._shared_linear(
             x, self.indices, self.codebook, self.bias, in_features=self.in_features,
-            bits=self.bits, backend=self.backend,
+            bits=self.bits, backend=self.backend, check_codes=False,
         )
 
     def extra_repr(self) -> str:
