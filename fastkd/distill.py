@@ -212,6 +212,29 @@ def _data_parallel_inner(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+def _gradient_averaging_group(model: nn.Module):
+    """``(group, size)`` of the processes over which the student's gradients are averaged
+    (DistributedDataParallel, FSDP, FSDP2's fully_shard), or None: one process's gradients."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if isinstance(model, nn.parallel.DistributedDataParallel) or (
+            type(model).__name__ == "FullyShardedDataParallel"):
+        group = getattr(model, "process_group", None)
+    else:
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:
+            return None
+        if not any(isinstance(m, FSDPModule) for m in model.modules()):
+            return None
+        # FSDP2 averages over its mesh's data-parallel dimension; counting over every process
+        # is the same weighting when the others (tensor parallel) see the same batch
+        group = None
+    return group, dist.get_world_size(group)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     inner = _data_parallel_inner(model)
     while inner is not None:
@@ -1113,6 +1136,7 @@ class Distiller:
                     dynamic_ncols=True,
                 )
                 pending = 0  # batches whose gradients wait for an optimizer step
+                averaging = _gradient_averaging_group(self.student)
                 for batch in bar:
                     batch = _to_device(batch, self.device)
                     batch, topk = _take_topk(batch) if self.offline else (batch, None)
@@ -1146,8 +1170,18 @@ class Distiller:
                     # The step of an accumulation window is the one of its joined batches:
                     # each batch's mean weighs as its counted rows (a padded batch of few
                     # tokens no more than they), and so does a short last window. The
-                    # gradients so far are rescaled to the window's new total first.
-                    total = window + count
+                    # gradients so far are rescaled to the window's new total first. Under
+                    # DDP / FSDP the window joins every process's batches: counts are summed
+                    # across them (one scalar all_reduce), so each process rescales its
+                    # (already averaged) gradients alike, and the average of the processes'
+                    # weighted means is the mean over all their counted rows.
+                    joined = count
+                    if averaging is not None:
+                        import torch.distributed as dist
+
+                        joined = count.detach().float().clone()
+                        dist.all_reduce(joined, group=averaging[0])
+                    total = window + joined
                     if pending:
                         ratio = window / total.clamp_min(1)
                         by_device: dict = {}  # a model spread over devices (device_map)
@@ -1157,7 +1191,7 @@ class Distiller:
                                     by_device.setdefault(q.grad.device, []).append(q.grad)
                         for dev, grads in by_device.items():
                             torch._foreach_mul_(grads, ratio.to(dev))
-                    weight = count / total.clamp_min(1)
+                    weight = count * (averaging[1] if averaging else 1) / total.clamp_min(1)
                     window = total
                     self.scaler.scale(loss * weight).backward()
                     finite = finite & torch.isfinite(loss.detach())

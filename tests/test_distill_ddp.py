@@ -1,0 +1,83 @@
+"""Distiller with a DistributedDataParallel student (gloo, 2 CPU ranks) and gradient
+accumulation: a window joins every rank's batches. Each rank had rescaled DDP's averaged
+gradients by its own window's counts, so the ranks' parameters drifted apart whenever their
+batches counted different rows (padding, ignored targets); and the step weighed each rank's mean
+alike, not each counted row."""
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from fastkd import Distiller
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+WORLD = 2
+
+
+def _models():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
+    torch.manual_seed(1)
+    student = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+    return teacher, student
+
+
+def _batches(rank):
+    """Two windows of two batches per rank, with uneven sizes and ignored rows across ranks."""
+    g = torch.Generator().manual_seed(10 + rank)
+    sizes = [(8, 3), (5, 8)][rank]
+    out = []
+    for window in range(2):
+        for n in sizes:
+            x, y = torch.randn(n, 12, generator=g), torch.randint(0, 5, (n,), generator=g)
+            if rank == 1 and window == 0:
+                y[1:] = -100  # one counted row in each of this rank's first window's batches
+            out.append((x, y))
+    return out
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def _worker(rank, out_dir):
+    store = os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        teacher, student = _models()
+        ddp = nn.parallel.DistributedDataParallel(student)
+        Distiller(teacher, ddp, optimizer=_sgd, grad_accum_steps=2, alpha=0.5,
+                  progress=False).fit(_batches(rank))
+        torch.save([p.detach() for p in student.parameters()],
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    # as tests/test_kd_parallel.py: leave without the interpreter's teardown (gloo's threads
+    # aborted it now and then after the results were written)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_ddp_accumulation_steps_as_one_process_on_every_ranks_batches(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    # one process, each window joining both ranks' two batches (counted-row weighting)
+    teacher, student = _models()
+    start = copy.deepcopy(student)
+    per_rank = [_batches(r) for r in range(WORLD)]
+    batches = [per_rank[r][w * 2 + i] for w in range(2) for r in range(WORLD) for i in range(2)]
+    Distiller(teacher, student, optimizer=_sgd, grad_accum_steps=2 * WORLD, alpha=0.5,
+              progress=False).fit(batches)
+    want = list(student.parameters())
+    assert not torch.equal(want[0], start[0].weight)
+    for rank_params in got:
+        for p, q in zip(rank_params, want):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
