@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .reference.shared_linear import highest_code
+
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -63,6 +65,19 @@ def check_class_targets(target: Tensor, n_classes: int, ignore_index: int) -> No
             raise ValueError(f"{msg}; found {first}")
     else:
         torch._assert_async(~bad.any(), msg)
+
+
+def check_codes_fit(indices: Tensor, bits: int) -> None:
+    """Every cluster index in ``indices`` (both nibbles of a packed byte when ``bits <= 4``) is
+    below ``2**bits``: as check_class_targets, a ValueError on the CPU, a device-side assert on
+    an accelerator or while torch.compile traces."""
+    top = highest_code(indices, bits)
+    msg = f"indices hold a code past the {2 ** bits} entries of a {bits}-bit codebook"
+    if indices.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(top) >= 2 ** bits:
+            raise ValueError(f"{msg}: {int(top)}")
+    else:
+        torch._assert_async(top < 2 ** bits, msg)
 
 
 def leading_shape_matches(target: Optional[Tensor], shape) -> bool:

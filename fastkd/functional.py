@@ -17,7 +17,6 @@ __all__ = [
 ]
 from ._rows import as_row_pair
 from .reference import int8_linear as _int8_reference
-from .reference.shared_linear import highest_code
 from ._backend import (
     ENV_VAR,
     TORCH,
@@ -29,6 +28,7 @@ from ._backend import (
 )
 from ._validate import (
     check_class_target,
+    check_codes_fit,
     check_float_dtype,
     check_int,
     check_number,
@@ -219,9 +219,9 @@ def shared_linear(
     cluster) and the bias; the indices are fixed.
 
     At bit widths whose codes do not fill their storage (1-3 bits in a nibble, 5-7 in a byte)
-    an eager call checks that no index reaches past the codebook (a ``ValueError``; one device
-    sync). Under ``torch.compile`` that check is left out; ``SharedLinear`` checks its indices
-    when it makes or loads them instead.
+    each call checks that no index reaches past the codebook: a ``ValueError`` on the CPU, a
+    device-side assert on an accelerator or under ``torch.compile`` (no host sync).
+    ``SharedLinear`` checks its indices where it makes or loads them instead.
     """
     return _shared_linear(x, indices, codebook, bias, in_features=in_features, bits=bits,
                           backend=backend, check_codes=True)
@@ -263,12 +263,8 @@ def _shared_linear(x, indices, codebook, bias, *, in_features, bits, backend, ch
         check_same_device(x, bias, "x", "bias")
         if bias.shape != (n,):
             raise ValueError(f"bias shape {tuple(bias.shape)} must be ({n},)")
-    if (check_codes and 2 ** bits < (16 if bits <= 4 else 256)
-            and not torch.compiler.is_compiling()):
-        top = highest_code(indices, bits)
-        if top >= 2 ** bits:
-            raise ValueError(f"indices hold code {top}, past the {2 ** bits} entries of a "
-                             f"{bits}-bit codebook")
+    if check_codes and 2 ** bits < (16 if bits <= 4 else 256) and indices.numel():
+        check_codes_fit(indices, bits)
     impl = SHARED_LINEAR_BACKENDS.select(backend, x.device)
     lead = x.shape[:-1]
     if in_features == 0 or n == 0:  # no weights: the bias alone (as F.linear), no reshape by 0

@@ -429,7 +429,8 @@ def test_bad_inputs():
 def test_codes_past_the_codebook_are_refused_per_call(bits, k, backend):
     """At widths whose codes do not fill their storage a code can reach past the codebook: the
     Triton kernel read a padding zero or the next channel's table (silently), the reference
-    raised an IndexError. Both nibbles of a packed byte count."""
+    raised an IndexError. Both nibbles of a packed byte count. (A device-side assert on a
+    GPU: not raised here.)"""
     torch.manual_seed(0)
     n, dev = 5, device_for(backend)
     idx = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8, device=dev)
@@ -437,8 +438,26 @@ def test_codes_past_the_codebook_are_refused_per_call(bits, k, backend):
     x = torch.randn(3, k, device=dev)
     packed = pack_indices(idx, bits)
     FK.shared_linear(x, packed, codebook, in_features=k, bits=bits, backend=backend)  # fine
+    if dev != "cpu":
+        return  # a device-side assert would end the process's CUDA context
     bad = idx.clone()
     bad[2, 1] = 2 ** bits  # an odd column: the high nibble of a packed byte
-    with pytest.raises(ValueError, match=f"code {2 ** bits}, past the {2 ** bits} entries"):
+    with pytest.raises(ValueError, match=f"past the {2 ** bits} entries of a {bits}-bit "
+                       f"codebook: {2 ** bits}"):
         FK.shared_linear(x, pack_indices(bad, bits), codebook, in_features=k, bits=bits,
                          backend=backend)
+
+
+def test_codes_past_the_codebook_are_refused_under_compile_too():
+    """Traced as a torch._assert_async (no host sync): raised when the graph runs."""
+    torch.manual_seed(1)
+    idx = torch.randint(0, 8, (5, 37), dtype=torch.uint8)
+    codebook, x = torch.randn(8), torch.randn(3, 37)
+    fn = torch.compile(lambda x, i: FK.shared_linear(x, i, codebook, in_features=37, bits=3),
+                       backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(x, pack_indices(idx, 3)),
+                               FK.shared_linear(x, pack_indices(idx, 3), codebook,
+                                                in_features=37, bits=3))
+    idx[4, 36] = 8
+    with pytest.raises(RuntimeError, match="past the 8 entries of a 3-bit codebook"):
+        fn(x, pack_indices(idx, 3))

@@ -31,9 +31,9 @@ def refuse_bad_indices(module: nn.Module, state_dict, prefix: str, names, bits: 
     ok = True
     for name in names:
         value = state_dict.get(prefix + name)
-        if not isinstance(value, Tensor) or bits >= 8:
+        if not isinstance(value, Tensor) or not value.numel() or bits >= 8:
             continue
-        top = highest_code(value, bits)
+        top = int(highest_code(value, bits))
         if top >= 2 ** bits:
             error_msgs.append(f"{type(module).__name__}: {prefix}{name} in the state_dict holds "
                               f"code {top}, past the {2 ** bits} entries of a {bits}-bit "

@@ -29,13 +29,11 @@ def pack_indices(idx: Tensor, bits: int) -> Tensor:
     return (lo | (hi << 4)).contiguous()
 
 
-def highest_code(indices: Tensor, bits: int) -> int:
-    """The largest cluster index ``indices`` holds (both nibbles of a packed byte when
-    ``bits <= 4``); one device sync. 0 for an empty tensor."""
-    if not indices.numel():
-        return 0
+def highest_code(indices: Tensor, bits: int) -> Tensor:
+    """The largest cluster index non-empty ``indices`` hold (both nibbles of a packed byte
+    when ``bits <= 4``), a 0-d int32 tensor on their device."""
     v = indices.to(torch.int32)
-    return int(torch.maximum(v & 15, v >> 4).max() if bits <= 4 else v.max())
+    return torch.maximum(v & 15, v >> 4).max() if bits <= 4 else v.max()
 
 
 def unpack_indices(packed: Tensor, in_features: int, bits: int) -> Tensor:
