@@ -235,6 +235,20 @@ def _gradient_averaging_group(model: nn.Module):
     return group, dist.get_world_size(group)
 
 
+def _reshard_fsdp2(model: nn.Module) -> None:
+    """Register FSDP2's sharded parameters (the ones an optimizer must hold) on a student
+    under ``fully_shard``: from a forward to its backward, and after a forward without
+    gradients until the next one, the module holds unsharded stand-ins, and an optimizer built
+    over those trained copies that FSDP throws away."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     inner = _data_parallel_inner(model)
     while inner is not None:
@@ -891,10 +905,19 @@ class Distiller:
             total = term if total is None else total + term
         return total
 
-    def _ensure_optimizer(self) -> None:
+    def _trainable(self) -> list:
+        _reshard_fsdp2(self.student)
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def _ensure_optimizer(self, trainable: Optional[list] = None) -> None:
+        """The optimizer over the student's ``trainable`` parameters (default: _trainable();
+        fit passes those it read before the epoch's first forward, see _reshard_fsdp2) and the
+        hint projections'."""
+        if trainable is None:
+            trainable = self._trainable()
         proj_params = list(self.hint_projections.parameters()) if self.hint_projections else []
         if self.optimizer is None:
-            params = [p for p in self.student.parameters() if p.requires_grad] + proj_params
+            params = trainable + proj_params
             if not params:
                 raise ValueError("the student has no trainable parameters (requires_grad=True)")
             if callable(self._optimizer_arg):
@@ -906,7 +929,7 @@ class Distiller:
             self._ensure_scheduler()
             return
         have = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        if self._student_layers_replaced(have, proj_params):
+        if self._student_layers_replaced(have, trainable, proj_params):
             if isinstance(self._optimizer_arg, torch.optim.Optimizer):
                 raise ValueError(
                     "the student's layers were replaced since its optimizer was made (sparsify_, "
@@ -918,7 +941,7 @@ class Distiller:
                 "quantize_, share_weights_ or shrink_ build new parameters): a new optimizer "
                 "(and scheduler) is built over them; their state starts over", stacklevel=3)
             self.optimizer = self.scheduler = None
-            self._ensure_optimizer()
+            self._ensure_optimizer(trainable)
             return
         missing = [p for p in proj_params if id(p) not in have]
         if missing:
@@ -927,11 +950,11 @@ class Distiller:
             raise ValueError("the given optimizer has no parameters")
         self._ensure_scheduler()
 
-    def _student_layers_replaced(self, have: set, proj_params: list) -> bool:
-        """True when the optimizer holds parameters that are neither the student's nor the hint
-        projections' any more, and misses trainable ones the student has now: its layers were
-        swapped for new modules (a frozen subset, or extra groups, are not that)."""
-        current = [p for p in self.student.parameters() if p.requires_grad]
+    def _student_layers_replaced(self, have: set, current: list, proj_params: list) -> bool:
+        """True when the optimizer holds parameters that are neither the student's (``current``,
+        its trainable ones) nor the hint projections' any more, and misses trainable ones the
+        student has now: its layers were swapped for new modules (a frozen subset, or extra
+        groups, are not that)."""
         known = {id(p) for p in current} | {id(p) for p in proj_params}
         absent = any(id(p) not in have for p in current)
         stale = any(id(p) not in known for g in self.optimizer.param_groups for p in g["params"])
@@ -1137,6 +1160,7 @@ class Distiller:
                 )
                 pending = 0  # batches whose gradients wait for an optimizer step
                 averaging = _gradient_averaging_group(self.student)
+                trainable = self._trainable()  # before a forward: see _ensure_optimizer
                 for batch in bar:
                     batch = _to_device(batch, self.device)
                     batch, topk = _take_topk(batch) if self.offline else (batch, None)
@@ -1164,7 +1188,7 @@ class Distiller:
                             gen_sum += gen.detach() * count
                             loss = loss + self.adversarial_weight * gen
                     if self.optimizer is None or steps == 0:
-                        self._ensure_optimizer()
+                        self._ensure_optimizer(trainable)
                         if pending == 0:
                             self.optimizer.zero_grad(set_to_none=True)
                     # The step of an accumulation window is the one of its joined batches:

@@ -1,8 +1,9 @@
-"""Distiller with a DistributedDataParallel student (gloo, 2 CPU ranks) and gradient
+"""Distiller with a DistributedDataParallel or FSDP2 student (gloo, 2 CPU ranks) and gradient
 accumulation: a window joins every rank's batches. Each rank had rescaled DDP's averaged
 gradients by its own window's counts, so the ranks' parameters drifted apart whenever their
 batches counted different rows (padding, ignored targets); and the step weighed each rank's mean
-alike, not each counted row."""
+alike, not each counted row. Under FSDP2 the optimizer was built over the unsharded stand-ins
+fully_shard registers after a forward, so training changed copies FSDP threw away."""
 
 import copy
 import os
@@ -47,16 +48,27 @@ def _sgd(params):
     return torch.optim.SGD(params, lr=0.5)
 
 
-def _worker(rank, out_dir):
+def _worker(rank, out_dir, wrapper):
     store = os.path.join(out_dir, "rendezvous")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         teacher, student = _models()
-        ddp = nn.parallel.DistributedDataParallel(student)
-        Distiller(teacher, ddp, optimizer=_sgd, grad_accum_steps=2, alpha=0.5,
-                  progress=False).fit(_batches(rank))
-        torch.save([p.detach() for p in student.parameters()],
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        if wrapper == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(student)
+        else:  # FSDP2: the module itself becomes sharded (DTensor parameters)
+            from torch.distributed.fsdp import fully_shard
+
+            wrapped = fully_shard(student)
+        distiller = Distiller(teacher, wrapped, optimizer=_sgd, grad_accum_steps=2, alpha=0.5,
+                              progress=False)
+        # an evaluation first and between epochs: after a forward without gradients FSDP2
+        # leaves unsharded stand-ins registered, which the optimizer was built over
+        batches = _batches(rank)
+        distiller.evaluate(batches[:1])
+        distiller.fit(batches, epochs=2, eval_loader=batches[:1])
+        params = [p.full_tensor() if hasattr(p, "full_tensor") else p
+                  for p in student.parameters()]
+        torch.save([p.detach() for p in params], os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
     # as tests/test_kd_parallel.py: leave without the interpreter's teardown (gloo's threads
@@ -66,8 +78,15 @@ def _worker(rank, out_dir):
     os._exit(0)
 
 
-def test_ddp_accumulation_steps_as_one_process_on_every_ranks_batches(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_accumulation_steps_as_one_process_on_every_ranks_batches(tmp_path, wrapper):
+    if wrapper == "fsdp2":
+        pytest.importorskip("torch.distributed.fsdp", reason="no FSDP2")
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip("this torch has no FSDP2 fully_shard")
+    mp.spawn(_worker, args=(str(tmp_path), wrapper), nprocs=WORLD, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     # one process, each window joining both ranks' two batches (counted-row weighting)
     teacher, student = _models()
@@ -75,7 +94,7 @@ def test_ddp_accumulation_steps_as_one_process_on_every_ranks_batches(tmp_path):
     per_rank = [_batches(r) for r in range(WORLD)]
     batches = [per_rank[r][w * 2 + i] for w in range(2) for r in range(WORLD) for i in range(2)]
     Distiller(teacher, student, optimizer=_sgd, grad_accum_steps=2 * WORLD, alpha=0.5,
-              progress=False).fit(batches)
+              progress=False).fit(batches, epochs=2)
     want = list(student.parameters())
     assert not torch.equal(want[0], start[0].weight)
     for rank_params in got:
