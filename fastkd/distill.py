@@ -72,6 +72,10 @@ def _get_submodule(model: nn.Module, path: str, which: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
+        pass
+    try:  # a path in the model inside a DataParallel / DDP / FSDP wrapper, as its user wrote it
+        return _unwrap(model).get_submodule(path)
+    except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
         raise ValueError(
             f"{which} has no module at path {path!r}; its modules are: "
@@ -233,6 +237,30 @@ def _gradient_averaging_group(model: nn.Module):
         # is the same weighting when the others (tensor parallel) see the same batch
         group = None
     return group, dist.get_world_size(group)
+
+
+def _broadcast_parameters(module: nn.Module, averaging) -> None:
+    """Give every process the first one's initial parameters of a module fit builds itself
+    (hint projections, the discriminator: each process drew its own)."""
+    import torch.distributed as dist
+
+    group = averaging[0]
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    for p in module.parameters():
+        dist.broadcast(p.data, src=src, group=group)
+
+
+def _average_gradients(params, averaging) -> None:
+    """Average the gradients of ``params`` over the processes, as the student's wrapper does
+    for its own (a missing gradient counts as zeros, so every process joins each call)."""
+    import torch.distributed as dist
+
+    group, world = averaging
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=group)
+        p.grad.div_(world)
 
 
 def _reshard_fsdp2(model: nn.Module) -> None:
@@ -623,6 +651,8 @@ class Distiller:
             _get_submodule(self.teacher, h[1], "teacher")
         # Built from the first batch's feature shapes (see _build_projections).
         self.hint_projections: Optional[nn.ModuleList] = None
+        # (group, size) of the processes a DDP / FSDP student averages over, during fit
+        self._averaging = None
 
         self.loss_fn = KDLoss(temperature=self.temperature, alpha=self.alpha, backend=backend,
                               divergence=divergence, beta=beta)
@@ -994,6 +1024,8 @@ class Distiller:
 
     def _optimizer_step(self) -> None:
         """Unscale (fp16), clip, step, update the scale, step the scheduler, clear gradients."""
+        if self._averaging is not None and self.hint_projections is not None:
+            _average_gradients(self.hint_projections.parameters(), self._averaging)
         if self.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -1036,6 +1068,8 @@ class Distiller:
         d_loss = self.discriminator.discriminator_loss(s.detach(), t.detach().to(s.dtype),
                                                        mask=rows)
         d_loss.backward()
+        if self._averaging is not None:
+            _average_gradients(self.discriminator.parameters(), self._averaging)
         self.discriminator_optimizer.step()
         return d_loss.detach()
 
@@ -1159,7 +1193,7 @@ class Distiller:
                     dynamic_ncols=True,
                 )
                 pending = 0  # batches whose gradients wait for an optimizer step
-                averaging = _gradient_averaging_group(self.student)
+                averaging = self._averaging = _gradient_averaging_group(self.student)
                 trainable = self._trainable()  # before a forward: see _ensure_optimizer
                 for batch in bar:
                     batch = _to_device(batch, self.device)
@@ -1179,11 +1213,16 @@ class Distiller:
                             s_feats, t_feats = s_cap.take(), t_cap.take()
                             if self.hint_projections is None:
                                 self._build_projections(s_feats, t_feats)
+                                if averaging is not None:
+                                    _broadcast_parameters(self.hint_projections, averaging)
                             hint = self._hint_loss(s_feats, t_feats, attention_mask)
                             hint_sum += hint.detach() * count
                             loss = loss + self.hint_weight * hint
                         if adversarial:  # over the rows that count, as the KD term
+                            fresh = self.discriminator is None
                             self._ensure_discriminator(s_out)
+                            if fresh and averaging is not None:
+                                _broadcast_parameters(self.discriminator, averaging)
                             gen = self.discriminator.generator_loss(s_out, mask=rows)
                             gen_sum += gen.detach() * count
                             loss = loss + self.adversarial_weight * gen
@@ -1265,6 +1304,7 @@ class Distiller:
                 self.history.append(record)
                 out.append(record)
         finally:
+            self._averaging = None
             if s_cap is not None:
                 s_cap.remove()
                 t_cap.remove()

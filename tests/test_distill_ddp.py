@@ -48,6 +48,39 @@ def _sgd(params):
     return torch.optim.SGD(params, lr=0.5)
 
 
+def _hint_worker(rank, out_dir):
+    """Hints and an adversarial term under DDP: modules fit builds itself, outside the
+    student's wrapper."""
+    store = os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(100 + rank)  # each process would draw its own initial projections
+        teacher, student = _models()
+        torch.manual_seed(100 + rank)
+        distiller = Distiller(teacher, nn.parallel.DistributedDataParallel(student),
+                              optimizer=_sgd, grad_accum_steps=2, hints=[("0", "0")],
+                              hint_weight=1.0, adversarial_weight=0.1, progress=False)
+        distiller.fit(_batches(rank))
+        mine = [p.detach() for p in (*student.parameters(),
+                                     *distiller.hint_projections.parameters(),
+                                     *distiller.discriminator.parameters())]
+        torch.save(mine, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_hint_projections_and_discriminator_stay_one_across_processes(tmp_path):
+    """They were drawn per process and trained on each process's gradients alone."""
+    mp.spawn(_hint_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    first, *others = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for other in others:
+        for p, q in zip(first, other):
+            torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
 def _worker(rank, out_dir, wrapper):
     store = os.path.join(out_dir, "rendezvous")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
