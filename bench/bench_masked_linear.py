@@ -2,7 +2,7 @@
 block-sparse Triton kernels against dense cuBLAS and PyTorch's semi-structured 2:4 path, all
 measured in the same run.
 
-    python bench/bench_masked_linear.py                 # full sweep, JSON to bench/results/
+    python bench/bench_masked_linear.py --out F.json    # full sweep, JSON to F.json
     python bench/bench_masked_linear.py --quick         # a few shapes, to smoke-test a GPU box
 
 Sweep: bf16; M in {1, 16, 128, 2048, 8192}; (K, N) in {(4096, 4096), (4096, 14336), (14336, 4096)};
@@ -333,22 +333,17 @@ def main(argv=None) -> int:
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per timing")
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/<auto>.json)")
+    p.add_argument("--out", default=None, help="JSON file path (default: print only)")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     records = run(device, args.quick, args.rep_ms, not args.no_backward)
     targets = evaluate_targets(records) if device == "cuda" else {}
     result = {"environment": environment(), "results": records, "targets": targets}
     out = args.out
-    if out is None:
-        os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
-        dev = result["environment"]["device"].replace(" ", "_")
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                           f"masked_linear_{dev}_{stamp}{'_quick' if args.quick else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    if out is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
     print(json.dumps(result["targets"], indent=1))
     print(f"wrote {out}")
     return 0

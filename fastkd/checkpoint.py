@@ -300,6 +300,17 @@ def rebuild_compressed(skeleton: nn.Module, header: dict,
     return resized
 
 
+def _safetensors():
+    """The safetensors package (an optional dependency: the ``demo`` extra installs it)."""
+    try:
+        import safetensors
+        import safetensors.torch  # noqa: F401
+    except ImportError as e:
+        raise ImportError("fastkd's compressed checkpoints are safetensors files: pip install "
+                          "safetensors (or 'fastkd[demo]')") from e
+    return safetensors
+
+
 def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
     """Write ``model``'s state (compressed layers as they are) to a safetensors file.
 
@@ -308,7 +319,7 @@ def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
     {name: value}}}}``; returns it.
     ``shapes`` lets a full-size skeleton take a model shrunk by :func:`fastkd.shrink_`.
     """
-    from safetensors.torch import save_model
+    save_model = _safetensors().torch.save_model
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -318,7 +329,7 @@ def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
 
 
 def read_compressed_header(path: Union[str, os.PathLike]) -> dict:
-    from safetensors import safe_open
+    safe_open = _safetensors().safe_open
 
     with safe_open(os.fspath(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -342,7 +353,7 @@ def load_compressed(skeleton: nn.Module, path: Union[str, os.PathLike], *,
     CPU). Weights tied under several names stay tied. Its non-persistent buffers (rotary
     frequencies, position ids), which no checkpoint holds, must be real tensors already.
     """
-    from safetensors.torch import load_model
+    load_model = _safetensors().torch.load_model
 
     if not isinstance(skeleton, nn.Module):
         raise TypeError(f"skeleton must be an nn.Module, got {type(skeleton).__name__}")
@@ -379,7 +390,7 @@ def _load_assigning(skeleton: nn.Module, path, device: torch.device) -> None:
     ``device``) instead of copying into the skeleton's. A tensor tied under several names is
     stored under one (safetensors keeps one name per shared tensor): every name gets it, and
     the names stay one Parameter."""
-    from safetensors.torch import load_file
+    load_file = _safetensors().torch.load_file
 
     state = load_file(os.fspath(path), device=str(device))
     expected = skeleton.state_dict(keep_vars=True)

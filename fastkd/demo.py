@@ -223,6 +223,12 @@ def run_demo(
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"--epochs must be an int >= 1, got {epochs!r}")
+    if out is not None:  # checked before training, not after it (the plot is written last)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("the demo's plot needs matplotlib (pip install 'fastkd[demo]' "
+                               "or matplotlib)") from e
     pattern_arg = parse_pattern(pattern)
     sparsity_val = resolve_sparsity(pattern_arg, sparsity)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -508,4 +514,5 @@ def add_arguments(p) -> None:
         help="unstructured, N:M (e.g. 2:4) or a block BHxBW (e.g. 4x4)",
     )
     p.add_argument("--out", default="fastkd-demo", help="output folder (default ./fastkd-demo/)")
-    p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress or training log: the table, its notes and the output paths")

@@ -350,3 +350,13 @@ def test_gpt2_layers_come_back_as_conv1d(tmp_path):
     assert type(shrunk.h[0].mlp.c_fc) is Conv1D and shrunk.h[0].mlp.c_fc.nf == 86
     with torch.no_grad():
         torch.testing.assert_close(shrunk(ids).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_safetensors_gets_an_install_hint(monkeypatch, tmp_path):
+    """safetensors is optional (the demo extra): a bare ModuleNotFoundError named no remedy."""
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        fastkd.save_compressed(torch.nn.Linear(2, 2), tmp_path / "m.safetensors")
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        fastkd.load_compressed(torch.nn.Linear(2, 2), tmp_path / "m.safetensors")
