@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import weakref
 from typing import Optional
 
@@ -963,16 +964,19 @@ for _name in ("masked_linear_grad_input", "masked_linear_grad_weight"):
 # --------------------------------------------------------------------------------------------
 # MoE experts under torch.compile (Int8Experts, MaskedExperts, SharedExperts)
 #   stacked_experts(hidden (T,H), top_k_index (T,k), top_k_weights (T,k), state Tensor[],
-#                   module int, autocast_dtype ScalarType?) -> (T,H) in hidden's dtype
+#                   module (0-d int64, CPU), autocast_dtype ScalarType?) -> (T,H) contiguous,
+#                   in hidden's dtype
 #   stacked_experts_backward(grad_out (T,H), hidden, top_k_index, top_k_weights, state, module,
 #                   autocast_dtype, needs bool[]) -> the gradients of hidden, top_k_weights and
 #                   each state tensor, in that order, for those `needs` marks
 # Eager runs an experts module's routing as a Python loop over the experts a batch reaches, with
 # group sizes read on the host (bincount().tolist()): a graph cannot hold that, and Dynamo broke
 # the graph there (fullgraph=True failed). Under torch.compile the module calls this op instead:
-# one opaque node whose implementation runs that eager loop on the live module (`module` is its
-# key in _LIVE_EXPERTS) with its parameters and buffers taken from `state`, so the graph sees
-# every tensor the experts read. `autocast_dtype` is the autocast in force where the module was
+# one opaque node whose implementation runs that eager loop on the live module (`module` holds
+# its key in _LIVE_EXPERTS: a tensor, not an int, so Dynamo does not specialise the graph on it
+# and one graph serves every layer of a model compiled layer by layer) with its parameters and
+# buffers taken from `state`, so the graph sees every tensor the experts read. Keys count up and
+# are never reused. `autocast_dtype` is the autocast in force where the module was
 # called (None: off), reapplied inside. Backward recomputes the experts' forward with autograd
 # recording and differentiates it (what activation checkpointing does): compiled training runs
 # the experts' forward twice, eager training once.
@@ -981,26 +985,30 @@ for _name in ("masked_linear_grad_input", "masked_linear_grad_weight"):
 torch.library.define(
     "fastkd::stacked_experts",
     "(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, Tensor[] state, "
-    "int module, ScalarType? autocast_dtype) -> Tensor",
+    "Tensor module, ScalarType? autocast_dtype) -> Tensor",
 )
 torch.library.define(
     "fastkd::stacked_experts_backward",
     "(Tensor grad_out, Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, "
-    "Tensor[] state, int module, ScalarType? autocast_dtype, bool[] needs) -> Tensor[]",
+    "Tensor[] state, Tensor module, ScalarType? autocast_dtype, bool[] needs) -> Tensor[]",
 )
 
 _LIVE_EXPERTS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+_NEXT_KEY = itertools.count(1)
 
 
-def register_live_experts(module: torch.nn.Module) -> int:
-    """Make ``module`` reachable from the stacked_experts op; returns its key."""
-    key = id(module)
+def register_live_experts(module: torch.nn.Module) -> None:
+    """Make ``module`` reachable from the stacked_experts op under a new key, kept on it as
+    ``_live_key`` (an int) and ``_live_token`` (the same as a 0-d CPU tensor: a plain
+    attribute, not a buffer, so it stays on the CPU and out of the state_dict)."""
+    key = next(_NEXT_KEY)
     _LIVE_EXPERTS[key] = module
-    return key
+    module._live_key = key
+    module._live_token = torch.tensor(key, dtype=torch.int64)
 
 
-def _live_experts(key: int) -> torch.nn.Module:
-    module = _LIVE_EXPERTS.get(key)
+def _live_experts(token: Tensor) -> torch.nn.Module:
+    module = _LIVE_EXPERTS.get(int(token))
     if module is None:
         raise RuntimeError(
             "fastkd::stacked_experts: the experts module this graph was traced from no longer "
@@ -1034,6 +1042,10 @@ def _substituted(module: torch.nn.Module, state: list):
             owner_name, _, attr = name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             slots = owner._parameters if attr in owner._parameters else owner._buffers
+            if slots[attr] is not None and slots[attr].shape != t.shape:
+                raise RuntimeError(
+                    f"fastkd::stacked_experts: the module's {name} is {tuple(slots[attr].shape)}, "
+                    f"the graph passed {tuple(t.shape)} (it changed since it was traced)")
             saved.append((slots, attr, slots[attr]))
             slots[attr] = t
         yield module
@@ -1074,7 +1086,7 @@ def _run_experts(module, hidden, top_k_index, top_k_weights, state, autocast_dty
 @torch.library.register_kernel("fastkd::stacked_experts", None)
 def _stacked_experts(hidden, top_k_index, top_k_weights, state, module, autocast_dtype):
     return _run_experts(_live_experts(module), hidden, top_k_index, top_k_weights, state,
-                        autocast_dtype)
+                        autocast_dtype).contiguous()
 
 
 @torch.library.register_kernel("fastkd::stacked_experts_backward", None)
@@ -1089,19 +1101,21 @@ def _stacked_experts_backward(grad_out, hidden, top_k_index, top_k_weights, stat
                            autocast_dtype)
         grads = (torch.autograd.grad(out, wanted, grad_out, allow_unused=True)
                  if wanted and out.requires_grad else [None] * len(wanted))
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
+    # contiguous, as the fake kernel says (autograd may hand back other strides)
+    return [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if g is None else g.contiguous()
+            for t, g in zip(wanted, grads)]
 
 
 @torch.library.register_fake("fastkd::stacked_experts")
 def _stacked_experts_fake(hidden, top_k_index, top_k_weights, state, module, autocast_dtype):
-    return torch.empty_like(hidden)
+    return hidden.new_empty(hidden.shape)
 
 
 @torch.library.register_fake("fastkd::stacked_experts_backward")
 def _stacked_experts_backward_fake(grad_out, hidden, top_k_index, top_k_weights, state, module,
                                    autocast_dtype, needs):
     inputs = [hidden, top_k_weights, *state]
-    return [torch.empty_like(t) for t, need in zip(inputs, needs) if need]
+    return [t.new_empty(t.shape) for t, need in zip(inputs, needs) if need]
 
 
 def _stacked_experts_setup_context(ctx, inputs, output):
@@ -1135,5 +1149,5 @@ def stacked_experts(module, hidden_states: Tensor, top_k_index: Tensor,
     autocast_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                       else None)
     return torch.ops.fastkd.stacked_experts(hidden_states, top_k_index, top_k_weights,
-                                            experts_state(module), module._live_key,
+                                            experts_state(module), module._live_token,
                                             autocast_dtype)

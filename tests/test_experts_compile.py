@@ -90,14 +90,14 @@ def test_opcheck(kind):
     experts = KINDS[kind](_ToyExperts(bias=True))
     x, idx, w = _inputs(n_tokens=6)
     state = _ops.experts_state(experts)
-    args = (x, idx, w, state, experts._live_key, None)
+    args = (x, idx, w, state, experts._live_token, None)
     torch.library.opcheck(torch.ops.fastkd.stacked_experts.default, args)
     torch.library.opcheck(torch.ops.fastkd.stacked_experts.default,
-                          (x.detach(), idx, w.detach(), state, experts._live_key, None))
+                          (x.detach(), idx, w.detach(), state, experts._live_token, None))
     grad = torch.randn(6, 24)
     needs = [True, True] + [t.is_floating_point() for t in state]
     torch.library.opcheck(torch.ops.fastkd.stacked_experts_backward.default,
-                          (grad, x.detach(), idx, w.detach(), state, experts._live_key, None,
+                          (grad, x.detach(), idx, w.detach(), state, experts._live_token, None,
                            needs))
 
 
@@ -105,7 +105,7 @@ def test_second_derivative_through_the_op_raises():
     experts = KINDS["masked"](_ToyExperts(bias=True))
     x, idx, w = _inputs(n_tokens=6)
     out = torch.ops.fastkd.stacked_experts(x, idx, w, _ops.experts_state(experts),
-                                           experts._live_key, None)
+                                           experts._live_token, None)
     (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         gx.sum().backward()
@@ -126,7 +126,7 @@ def test_a_copy_runs_its_own_weights_under_compile():
 def test_a_graph_whose_module_is_gone_raises_clearly():
     experts = KINDS["int8_w8a16"](_ToyExperts())
     x, idx, w = _inputs()
-    key, state = experts._live_key, _ops.experts_state(experts)
+    key, state = experts._live_token, _ops.experts_state(experts)
     del experts
     import gc
 
@@ -212,6 +212,129 @@ def test_gpu_inductor_matches_eager_bf16(kind):
     w = w.to(torch.bfloat16).requires_grad_()
     want, want_grads = _grads(experts, x, idx, w)
     got, got_grads = _grads(torch.compile(experts, fullgraph=True), x, idx, w)
+    torch.testing.assert_close(got, want)
+    for name, g in want_grads.items():
+        if g is not None:
+            torch.testing.assert_close(got_grads[name], g, msg=name)
+
+
+# ------------------------------------------------------------------------------------------
+# What the op's backward (a re-run of the experts' forward) cannot reproduce runs eagerly
+# instead: a graph break (fullgraph=True raises), with eager's results.
+
+
+def _eager_and_compiled(make, x, idx, w):
+    """Outputs and gradients of two equal modules from ``make()``: eager, compiled (no
+    fullgraph: the eager loop is traced around)."""
+    a, b = make(), make()
+    b.load_state_dict(a.state_dict())
+    return _grads(a, x, idx, w), _grads(torch.compile(b, backend="aot_eager"), x, idx, w)
+
+
+def test_dropout_in_training_runs_eagerly():
+    """The re-run drew other dropout masks: gradients of another function than the output."""
+    def make():
+        source = _ToyExperts(bias=True)
+        source.act_fn = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.SiLU())
+        return KINDS["masked"](source).train()
+
+    assert not make()._compiles_as_op() and make().eval()._compiles_as_op()
+    x, idx, w = _inputs()
+    c = torch.linspace(-1, 2, 24)
+    for module in (make(), torch.compile(make(), backend="aot_eager")):
+        w.grad = None
+        out = module(x, idx, w)
+        (out * c).sum().backward()
+        # d sum(out * c) / d w[t, s] is c . h[t, s], so w . grad sums back to the output
+        torch.testing.assert_close((w.detach() * w.grad).sum(-1), (out.detach() * c).sum(-1))
+
+
+def test_hooks_on_the_experts_children_see_what_eager_shows_them():
+    seen = []
+    x, idx, w = _inputs()
+    for compiled in (False, True):
+        experts = KINDS["int8_w8a16"](_ToyExperts(bias=True))
+        experts.act_fn.register_forward_hook(lambda m, i, o: seen.append(o))
+        assert not experts._compiles_as_op()
+        module = torch.compile(experts, backend="aot_eager") if compiled else experts
+        seen.clear()
+        out = module(x, idx, w)
+        n_forward = len(seen)
+        (out.sum() + sum(h.square().sum() for h in seen)).backward()
+        assert all(h.requires_grad for h in seen[:n_forward])  # an auxiliary loss trains
+        assert len(seen) == n_forward  # and the hook did not run again in backward
+
+
+def test_a_data_parallel_replica_runs_eagerly():
+    experts = KINDS["masked"](_ToyExperts(bias=True))
+    replica = experts._replicate_for_data_parallel()
+    assert experts._compiles_as_op() and not replica._compiles_as_op()
+
+
+def test_peft_lora_on_the_experts_weights_trains_as_in_eager():
+    """peft parametrizes the experts' weights for the length of a forward, with adapter
+    parameters the op did not see: the adapters got no gradient under compile."""
+    peft = pytest.importorskip("peft")
+    model = _model("qwen3_moe", intermediate=37).train()
+    fastkd.sparsify_(model, sparsity=0.5, filter_fn=lambda m, name: "experts" in name)
+    try:
+        config = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                 target_parameters=["mlp.experts.down_proj"])
+        wrapped = peft.get_peft_model(model, config)
+    except (TypeError, ValueError) as e:  # a peft without target_parameters
+        pytest.skip(f"this peft cannot put LoRA on parameters: {e}")
+    twin = copy.deepcopy(wrapped)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    torch.compile(twin, backend="aot_eager")(input_ids=ids, labels=ids).loss.backward()
+    lora = 0
+    for (name, p), q in zip(wrapped.named_parameters(), twin.parameters()):
+        if p.requires_grad:
+            assert p.grad is not None and q.grad is not None, name
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+            lora += "experts" in name
+    assert lora  # the experts' adapters were among them
+
+
+def test_one_graph_serves_every_instance():
+    """Compiled layer by layer (regional compilation), each experts module had been a
+    recompile (Dynamo specialised on an int key): fullgraph failed past 8 layers."""
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(lambda m, x, i, w: m(x, i, w), backend=counter, fullgraph=True)
+    x, idx, w = (t.detach() for t in _inputs())
+    for seed in range(10):
+        torch.manual_seed(seed)
+        experts = KINDS["int8_w8a16"](_ToyExperts(bias=True))
+        torch.testing.assert_close(fn(experts, x, idx, w), experts(x, idx, w))
+    assert counter.frame_count == 1
+
+
+def test_keys_are_not_reused():
+    """A graph of a module that is gone raises; it must not bind to a newer module that got
+    the dead one's id."""
+    keys = set()
+    for _ in range(50):
+        experts = KINDS["int8_w8a16"](_ToyExperts())
+        keys.add(experts._live_key)
+        del experts
+    assert len(keys) == 50
+
+
+@pytest.mark.parametrize("what", ["hidden_states", "top_k_weights", "weight"])
+def test_inductor_with_non_contiguous_tensors(what):
+    """The backward's fake kernel kept an input's strides, the real one returned autograd's."""
+    experts = KINDS["masked"](_ToyExperts(bias=True))
+    x, idx, w = _inputs()
+    if what == "hidden_states":
+        x = x.detach().t().contiguous().t().requires_grad_()
+    elif what == "top_k_weights":
+        w = w.detach().t().contiguous().t().requires_grad_()
+    else:
+        with torch.no_grad():
+            experts.down_proj = torch.nn.Parameter(experts.down_proj.transpose(1, 2)
+                                                   .contiguous().transpose(1, 2))
+    want, want_grads = _grads(experts, x, idx, w)
+    got, got_grads = _grads(torch.compile(experts, backend="inductor", fullgraph=True), x, idx, w)
     torch.testing.assert_close(got, want)
     for name, g in want_grads.items():
         if g is not None:

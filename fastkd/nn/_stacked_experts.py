@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
+from torch.nn.utils import parametrize
 
 from .. import _ops
 from ._linear_like import _MODULE_STATE, bare_module, plain_attributes
@@ -89,12 +91,34 @@ class StackedExperts(nn.Module):
                                 if k.startswith("_") and k not in _MODULE_STATE}
         self._gate_fn = type(experts)._apply_gate if experts.has_gate else None
         self.projections = _projections(experts)
-        self._live_key = _ops.register_live_experts(self)
+        _ops.register_live_experts(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         # a copy (copy.deepcopy, pickle) is a module of its own for the compiled op
-        self._live_key = _ops.register_live_experts(self)
+        _ops.register_live_experts(self)
+
+    def _compiles_as_op(self) -> bool:
+        """Whether torch.compile may run this module as one opaque op, whose backward
+        re-runs ``_forward`` on the module. Not when that re-run would differ from the forward
+        or miss what the graph must see, so Dynamo traces the eager loop instead (a graph
+        break; ``fullgraph=True`` then raises): a parametrized weight (peft's LoRA on the
+        experts: applied only during the forward call, with adapter parameters the op would
+        not see), a DataParallel replica (its parameters are not the module's own), hooks on
+        the activation / norm children (they would run inside the op on detached tensors, and
+        again in the backward), or dropout in training (the re-run would draw other masks)."""
+        if getattr(self, "_is_replica", False):
+            return False
+        if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
+            return False
+        for m in self.modules():
+            if parametrize.is_parametrized(m):
+                return False
+            if m is not self and (m._forward_hooks or m._forward_pre_hooks):
+                return False
+            if self.training and isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+                return False
+        return True
 
     def _groups(self, top_k_index: Tensor):
         """``(expert, token, slot)`` for every expert some (token, slot) pair reaches. The pairs
@@ -127,7 +151,7 @@ class StackedExperts(nn.Module):
                 f"{type(self).__name__} cannot be traced with torch.jit.trace: which experts "
                 "run, and on how many tokens, depends on the routing, and a trace would replay "
                 "this batch's routing on every other one; use torch.compile")
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and self._compiles_as_op():
             return _ops.stacked_experts(self, hidden_states, top_k_index, top_k_weights)
         return self._forward(hidden_states, top_k_index, top_k_weights)
 
