@@ -1013,7 +1013,13 @@ class Distiller:
         """The optimizer step, unless a loss since the last one was nan or inf: then raise before
         it, so the student keeps the weights of its last finite step (the check at the end of
         the epoch came after the nan updates). With fp16's GradScaler the step is its to skip.
-        One host sync per optimizer step."""
+        One host sync per optimizer step. Under DDP / FSDP a nan on any process stops every
+        one (a process raising alone would leave the others waiting in a collective)."""
+        if self._averaging is not None and not self.scaler.is_enabled():
+            import torch.distributed as dist
+
+            finite = finite.to(torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self._averaging[0])
         if not self.scaler.is_enabled() and not bool(finite):
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(

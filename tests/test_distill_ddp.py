@@ -72,6 +72,36 @@ def _hint_worker(rank, out_dir):
     os._exit(0)
 
 
+def _nan_worker(rank, out_dir):
+    store = os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        teacher, student = _models()
+        batches = _batches(rank)
+        if rank == 1:
+            batches[2][0][0, 0] = float("nan")  # the second window, on one process only
+        distiller = Distiller(teacher, nn.parallel.DistributedDataParallel(student),
+                              optimizer=_sgd, grad_accum_steps=2, progress=False)
+        try:
+            distiller.fit(batches)
+            outcome = "trained"
+        except FloatingPointError:
+            outcome = "raised"
+        torch.save(outcome, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_a_nan_on_one_process_stops_every_process(tmp_path):
+    """Only the process that saw it raised (before the step); the others stepped with the
+    nan gradients DDP had averaged into theirs, or waited in their next collective."""
+    mp.spawn(_nan_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)] == ["raised"] * WORLD
+
+
 def test_hint_projections_and_discriminator_stay_one_across_processes(tmp_path):
     """They were drawn per process and trained on each process's gradients alone."""
     mp.spawn(_hint_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
