@@ -263,6 +263,30 @@ def _average_gradients(params, averaging) -> None:
         p.grad.div_(world)
 
 
+def _clip_grad_norm(params: list, max_norm: float) -> None:
+    """``clip_grad_norm_`` over one total norm, also when FSDP2's DTensor parameters and plain
+    ones (hint projections) share the optimizer: torch's refuses the mix, so each kind's norm
+    is taken apart and the gradients scaled by the total's coefficient."""
+    kinds: dict = {}
+    for p in params:
+        if p.grad is not None:
+            kinds.setdefault(type(p.grad), []).append(p)
+    if len(kinds) <= 1:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    norms = []
+    for group in kinds.values():  # max_norm inf: the norm only (a scale by 1)
+        n = torch.nn.utils.clip_grad_norm_(group, float("inf"))
+        n = n.full_tensor() if hasattr(n, "full_tensor") else n
+        norms.append(n.float().cpu())
+    total = torch.stack(norms).norm()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for group in kinds.values():
+        for p in group:
+            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype) if not hasattr(p.grad, "full_tensor")
+                        else float(coef))
+
+
 def _reshard_fsdp2(model: nn.Module) -> None:
     """Register FSDP2's sharded parameters (the ones an optimizer must hold) on a student
     under ``fully_shard``: from a forward to its backward, and after a forward without
@@ -1035,7 +1059,7 @@ class Distiller:
         if self.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            _clip_grad_norm(params, self.max_grad_norm)
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -1096,7 +1120,9 @@ class Distiller:
         arguments; training then continues as if it had not stopped."""
         state: dict = {
             "format": 1,
-            "student": self.student.state_dict(),
+            # the model inside a DDP / DataParallel wrapper: a checkpoint saved with one
+            # process loads with several, and back
+            "student": _unwrap(self.student).state_dict(),
             "history": [dict(h) for h in self.history],
             "scaler": self.scaler.state_dict(),
         }
@@ -1121,7 +1147,14 @@ class Distiller:
         """Restore what :meth:`state_dict` saved (see there)."""
         if not isinstance(state, Mapping) or state.get("format") != 1:
             raise ValueError("not a Distiller state (from Distiller.state_dict())")
-        self.student.load_state_dict(state["student"])
+        student = _unwrap(self.student)
+        student_state = dict(state["student"])
+        own = student.state_dict()
+        if (student_state and all(k.startswith("module.") for k in student_state)
+                and not any(k.startswith("module.") for k in own)):
+            # saved from the wrapper itself (before the prefix was left out)
+            student_state = {k[len("module."):]: v for k, v in student_state.items()}
+        student.load_state_dict(student_state)
         if "hint_projections" in state:
             shapes = [tuple(s) for s in state["hint_projections"]["shapes"]]
             if len(shapes) != len(self.hints):
@@ -1253,12 +1286,16 @@ class Distiller:
                     total = window + joined
                     if pending:
                         ratio = window / total.clamp_min(1)
-                        by_device: dict = {}  # a model spread over devices (device_map)
+                        # by device (a model spread over devices: device_map) and by tensor
+                        # type (FSDP2's DTensor gradients and the hint projections' plain
+                        # ones do not mix in one foreach call)
+                        by_device: dict = {}
                         for g in self.optimizer.param_groups:
                             for q in g["params"]:
                                 if q.grad is not None:
-                                    by_device.setdefault(q.grad.device, []).append(q.grad)
-                        for dev, grads in by_device.items():
+                                    key = (q.grad.device, type(q.grad))
+                                    by_device.setdefault(key, []).append(q.grad)
+                        for (dev, _), grads in by_device.items():
                             torch._foreach_mul_(grads, ratio.to(dev))
                     weight = count * (averaging[1] if averaging else 1) / total.clamp_min(1)
                     window = total
@@ -1283,9 +1320,18 @@ class Distiller:
                     self._checked_optimizer_step(finite, epoch, steps)
                 counted = counted.clamp_min(1)
                 train_loss = (loss_sum / counted).item()
-                if not math.isfinite(train_loss):
+                finite_everywhere = math.isfinite(train_loss)
+                if self._averaging is not None:  # one process raising alone hangs the others
+                    import torch.distributed as dist
+
+                    flag = torch.tensor(int(finite_everywhere), device=self.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._averaging[0])
+                    finite_everywhere = bool(flag)
+                if not finite_everywhere:
+                    where = "" if not math.isfinite(train_loss) else " on another process"
                     raise FloatingPointError(
-                        f"training loss became {train_loss} in epoch {epoch}; lower the lr"
+                        f"training loss became {train_loss if where == '' else 'nan or inf'}"
+                        f"{where} in epoch {epoch}; lower the lr"
                     )
                 record = {"epoch": len(self.history) + 1, "train_loss": train_loss}
                 if self.hints:
