@@ -238,7 +238,7 @@ def test_dropout_in_training_runs_eagerly():
         source.act_fn = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.SiLU())
         return KINDS["masked"](source).train()
 
-    assert not make()._compiles_as_op() and make().eval()._compiles_as_op()
+    assert make()._eager_reason() and make().eval()._eager_reason() is None
     x, idx, w = _inputs()
     c = torch.linspace(-1, 2, 24)
     for module in (make(), torch.compile(make(), backend="aot_eager")):
@@ -255,7 +255,7 @@ def test_hooks_on_the_experts_children_see_what_eager_shows_them():
     for compiled in (False, True):
         experts = KINDS["int8_w8a16"](_ToyExperts(bias=True))
         experts.act_fn.register_forward_hook(lambda m, i, o: seen.append(o))
-        assert not experts._compiles_as_op()
+        assert experts._eager_reason()
         module = torch.compile(experts, backend="aot_eager") if compiled else experts
         seen.clear()
         out = module(x, idx, w)
@@ -268,7 +268,10 @@ def test_hooks_on_the_experts_children_see_what_eager_shows_them():
 def test_a_data_parallel_replica_runs_eagerly():
     experts = KINDS["masked"](_ToyExperts(bias=True))
     replica = experts._replicate_for_data_parallel()
-    assert experts._compiles_as_op() and not replica._compiles_as_op()
+    assert experts._eager_reason() is None and "replica" in replica._eager_reason()
+    x, idx, w = (t.detach() for t in _inputs())
+    with pytest.raises(Exception, match="DataParallel replica"):  # fullgraph names why
+        torch.compile(replica, backend="aot_eager", fullgraph=True)(x, idx, w)
 
 
 def test_peft_lora_on_the_experts_weights_trains_as_in_eager():

@@ -98,27 +98,25 @@ class StackedExperts(nn.Module):
         # a copy (copy.deepcopy, pickle) is a module of its own for the compiled op
         _ops.register_live_experts(self)
 
-    def _compiles_as_op(self) -> bool:
-        """Whether torch.compile may run this module as one opaque op, whose backward
-        re-runs ``_forward`` on the module. Not when that re-run would differ from the forward
-        or miss what the graph must see, so Dynamo traces the eager loop instead (a graph
-        break; ``fullgraph=True`` then raises): a parametrized weight (peft's LoRA on the
-        experts: applied only during the forward call, with adapter parameters the op would
-        not see), a DataParallel replica (its parameters are not the module's own), hooks on
-        the activation / norm children (they would run inside the op on detached tensors, and
-        again in the backward), or dropout in training (the re-run would draw other masks)."""
+    def _eager_reason(self):
+        """Why torch.compile must not run this module as one opaque op (whose backward re-runs
+        ``_forward`` on the module), or None. Where that re-run would differ from the forward
+        or miss what the graph must see, Dynamo traces the eager loop instead (a graph break;
+        ``fullgraph=True`` raises, with this reason)."""
         if getattr(self, "_is_replica", False):
-            return False
+            return "a DataParallel replica (its parameters are not the module's own)"
         if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
-            return False
+            return "global module hooks (they would run inside the op, and again in backward)"
         for m in self.modules():
             if parametrize.is_parametrized(m):
-                return False
+                return ("a parametrized weight (peft's LoRA on the experts applies it during the "
+                        "forward call, with adapter parameters the op would not see)")
             if m is not self and (m._forward_hooks or m._forward_pre_hooks):
-                return False
+                return ("hooks on its activation or norm (they would run inside the op on "
+                        "detached tensors, and again in backward)")
             if self.training and isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
-                return False
-        return True
+                return "dropout in training (the backward's re-run would draw other masks)"
+        return None
 
     def _groups(self, top_k_index: Tensor):
         """``(expert, token, slot)`` for every expert some (token, slot) pair reaches. The pairs
@@ -151,8 +149,13 @@ class StackedExperts(nn.Module):
                 f"{type(self).__name__} cannot be traced with torch.jit.trace: which experts "
                 "run, and on how many tokens, depends on the routing, and a trace would replay "
                 "this batch's routing on every other one; use torch.compile")
-        if torch.compiler.is_compiling() and self._compiles_as_op():
-            return _ops.stacked_experts(self, hidden_states, top_k_index, top_k_weights)
+        if torch.compiler.is_compiling():
+            reason = self._eager_reason()
+            if reason is None:
+                return _ops.stacked_experts(self, hidden_states, top_k_index, top_k_weights)
+            torch._dynamo.graph_break(
+                msg=f"fastkd: {type(self).__name__} runs its eager routing loop (data-dependent "
+                    f"sizes) under torch.compile here: {reason}")
         return self._forward(hidden_states, top_k_index, top_k_weights)
 
     def _forward(self, hidden_states: Tensor, top_k_index: Tensor,
