@@ -1091,13 +1091,18 @@ class Distiller:
                 "discriminator was built for the first batch's width"
             )
 
-    def _discriminator_step(self, s: Tensor, t: Tensor, rows: Optional[Tensor]) -> Tensor:
+    def _discriminator_step(self, s: Tensor, t: Tensor, rows: Optional[Tensor],
+                            weight=None) -> Tensor:
+        """One step of the discriminator on this batch. ``weight`` (under DDP / FSDP: this
+        process's counted rows times the processes, over all their counted rows) makes the
+        averaged gradient that of the loss over every process's rows, not a mean of means (a
+        process whose rows are all ignored halved the step of two)."""
         # The student's backward through the generator loss left gradients on the
         # discriminator's parameters: drop them before its own step.
         self.discriminator_optimizer.zero_grad(set_to_none=True)
         d_loss = self.discriminator.discriminator_loss(s.detach(), t.detach().to(s.dtype),
                                                        mask=rows)
-        d_loss.backward()
+        (d_loss if weight is None else d_loss * weight).backward()
         if self._averaging is not None:
             _average_gradients(self.discriminator.parameters(), self._averaging)
         self.discriminator_optimizer.step()
@@ -1306,7 +1311,10 @@ class Distiller:
                         self._checked_optimizer_step(finite, epoch, steps + 1)
                         pending, window = 0, torch.zeros((), device=self.device)
                     if adversarial:
-                        disc_sum += self._discriminator_step(s_out, t_out, rows) * count
+                        d_weight = (None if averaging is None
+                                    else count * averaging[1] / joined.clamp_min(1))
+                        disc_sum += self._discriminator_step(s_out, t_out, rows,
+                                                             d_weight) * count
                     loss_sum += loss.detach().float() * count
                     counted += count
                     steps += 1
