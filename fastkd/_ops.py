@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 import weakref
 from typing import Optional
 
@@ -976,7 +977,7 @@ for _name in ("masked_linear_grad_input", "masked_linear_grad_weight"):
 # its key in _LIVE_EXPERTS: a tensor, not an int, so Dynamo does not specialise the graph on it
 # and one graph serves every layer of a model compiled layer by layer) with its parameters and
 # buffers taken from `state`, so the graph sees every tensor the experts read. Keys count up and
-# are never reused. `autocast_dtype` is the autocast in force where the module was
+# are never reused within a process. `autocast_dtype` is the autocast in force where the module was
 # called (None: off), reapplied inside. Backward recomputes the experts' forward with autograd
 # recording and differentiates it (what activation checkpointing does): compiled training runs
 # the experts' forward twice, eager training once.
@@ -994,7 +995,9 @@ torch.library.define(
 )
 
 _LIVE_EXPERTS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
-_NEXT_KEY = itertools.count(1)
+# from a random start, so a key an exported program carries from another process matches no
+# module here (it raises instead of running another model's experts)
+_NEXT_KEY = itertools.count(int.from_bytes(os.urandom(5), "little") << 16)
 
 
 def register_live_experts(module: torch.nn.Module) -> None:

@@ -349,3 +349,33 @@ def test_inductor_with_non_contiguous_tensors(what):
     for name, g in want_grads.items():
         if g is not None:
             torch.testing.assert_close(got_grads[name], g, msg=name)
+
+
+def test_an_exported_program_run_in_another_process_raises(tmp_path):
+    """Its module key must not match a module of the other process (keys start at random)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    experts = KINDS["int8_w8a16"](_ToyExperts(bias=True))
+    x, idx, w = (t.detach() for t in _inputs(n_tokens=7))
+    torch.export.save(torch.export.export(experts, (x, idx, w)), tmp_path / "p.pt2")
+    torch.save((x, idx, w), tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(__import__("os").path.dirname(__file__))!r})
+        import fastkd
+        from test_experts_compile import KINDS
+        from test_int8_experts import _ToyExperts
+        here = [KINDS["int8_w8a16"](_ToyExperts(bias=True)) for _ in range(5)]
+        program = torch.export.load({str(tmp_path / "p.pt2")!r})
+        x, idx, w = torch.load({str(tmp_path / "inputs.pt")!r})
+        try:
+            program.module()(x, idx, w)
+            print("RAN")
+        except RuntimeError as e:
+            print("RAISED", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert "RAISED" in out.stdout and "no longer exists" in out.stdout, out.stdout + out.stderr
