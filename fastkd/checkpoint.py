@@ -20,6 +20,7 @@ from .nn._linear_like import (
     is_hf_conv1d,
     linear_of_class,
     module_paths,
+    refuse_distributed,
     remember_layout,
     replace_everywhere,
     unpack_layers_,
@@ -323,6 +324,10 @@ def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    refuse_distributed(model, "save_compressed", replaces=False)
+    # the model inside a torch.compile / DataParallel / DDP wrapper: its own names, which a
+    # skeleton of the architecture has (not the wrapper's "module." or "_orig_mod." prefix)
+    model = unwrapped_model(model)
     header = compressed_header(model)
     save_model(model, os.fspath(path), metadata={_META_KEY: json.dumps(header)})
     return header
@@ -455,6 +460,7 @@ def decompress_(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str],
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"decompress_ takes an nn.Module, got {type(model).__name__}")
+    refuse_distributed(model, "decompress_")
     if unwrapped_model(model) is not model:
         decompress_(unwrapped_model(model), filter_fn, dtype=dtype)
         return model

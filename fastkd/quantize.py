@@ -11,11 +11,12 @@ from . import hf
 from .nn._linear_like import (
     _selected,
     adapter_layers,
+    guard_peft_bases,
     is_replaceable_linear,
+    refuse_distributed,
     tied_elsewhere,
     unwrapped_model,
     warn_compressed_left,
-    guard_peft_bases,
     warn_stacked_weights_left,
     warn_untied,
 )
@@ -56,6 +57,7 @@ def quantize_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
+    refuse_distributed(model, "quantize_")
     if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
         quantize_(unwrapped_model(model), mode, filter_fn, backend=backend)  # model's own names
         return model

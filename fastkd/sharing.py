@@ -253,6 +253,7 @@ def share_weights_(
         adapter_layers,
         is_replaceable_linear,
         module_paths,
+        refuse_distributed,
         replace_everywhere,
         shown,
         tied_elsewhere,
@@ -268,6 +269,7 @@ def share_weights_(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    refuse_distributed(model, "share_weights_")
     if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
         return share_weights_(unwrapped_model(model), bits, filter_fn,  # model's own names
                               per_channel, iters, calibration, damp)

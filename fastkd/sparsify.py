@@ -17,6 +17,7 @@ from .nn._linear_like import (
     is_hf_conv1d,
     is_masked_linear,
     is_replaceable_linear,
+    refuse_distributed,
     require_values,
     shown,
     torch_pruned,
@@ -76,6 +77,7 @@ def sparsify_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify_ takes an nn.Module, got {type(model).__name__}")
+    refuse_distributed(model, "sparsify_")
     if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
         sparsify_(unwrapped_model(model), sparsity, pattern, filter_fn,  # model's own names
                   backend=backend, scope=scope)
@@ -227,6 +229,7 @@ def fold_masks_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_masks_ takes an nn.Module, got {type(model).__name__}")
+    refuse_distributed(model, "fold_masks_")
     if unwrapped_model(model) is not model:
         fold_masks_(unwrapped_model(model), filter_fn)
         return model

@@ -56,8 +56,10 @@ from .nn._linear_like import (
     is_hf_conv1d,
     is_masked_linear,
     linear_of_class,
+    refuse_distributed,
     remember_layout,
     shown,
+    unwrapped_model,
 )
 
 __all__ = ["structured_mask", "shrink_"]
@@ -790,6 +792,8 @@ def shrink_(model: nn.Module, *, verbose: bool = False) -> list:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    refuse_distributed(model, "shrink_")
+    model = unwrapped_model(model)  # report names as the model's own (no wrapper prefix)
     report: list = []
     for name, mod in list(model.named_modules()):
         prefix = f"{name}." if name else ""

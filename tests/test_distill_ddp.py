@@ -218,3 +218,72 @@ def test_a_checkpoint_saved_under_a_wrapper_loads_without_it():
     # and one saved with the prefix (before it was left out) still loads
     state["student"] = {f"module.{k}": v for k, v in state["student"].items()}
     Distiller(teacher, _models()[1], progress=False).load_state_dict(state)
+
+
+def _compress_worker(rank, out_dir):
+    """Compressing a DDP-wrapped or FSDP2-sharded model: refused before anything changes."""
+    import fastkd
+
+    store = os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    seen = {}
+    try:
+        _, student = _models()
+        ddp = nn.parallel.DistributedDataParallel(student)
+        for name, call in (("sparsify_", lambda m: fastkd.sparsify_(m, 0.5)),
+                           ("quantize_", lambda m: fastkd.quantize_(m)),
+                           ("share_weights_", lambda m: fastkd.share_weights_(m, bits=3))):
+            try:
+                call(ddp)
+                seen[f"ddp {name}"] = "ran"
+            except ValueError as e:
+                seen[f"ddp {name}"] = "DistributedDataParallel" in str(e)
+        seen["ddp untouched"] = all(type(m) in (nn.Linear, nn.ReLU, nn.Sequential)
+                                    for m in student.modules())
+        from torch.distributed.fsdp import fully_shard
+
+        _, sharded = _models()
+        fully_shard(sharded)
+        for name, call in (("quantize_", lambda m: fastkd.quantize_(m)),
+                           ("fold_masks_", lambda m: fastkd.fold_masks_(m)),
+                           ("decompress_", lambda m: fastkd.decompress_(m)),
+                           ("save_compressed", lambda m: fastkd.save_compressed(
+                               m, os.path.join(out_dir, f"r{rank}.safetensors")))):
+            try:
+                call(sharded)
+                seen[f"fsdp2 {name}"] = "ran"
+            except ValueError as e:
+                seen[f"fsdp2 {name}"] = "sharded" in str(e)
+        torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_compressing_a_ddp_or_sharded_model_is_refused_clearly(tmp_path):
+    """Through a DDP wrapper the swaps left DDP's gradient hooks on the old parameters (ranks
+    drifted apart silently); on FSDP2's DTensor shards they failed with DTensor errors or left a
+    half-sharded model (decompress_), and fold_masks_ did nothing."""
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    mp.spawn(_compress_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert seen and all(v is True for v in seen.values()), seen
+
+
+def test_save_compressed_through_a_wrapper_writes_the_models_own_names(tmp_path):
+    import fastkd
+
+    _, student = _models()
+    fastkd.sparsify_(student, 0.5)
+    header = fastkd.save_compressed(nn.DataParallel(student), tmp_path / "m.safetensors")
+    assert set(header["layers"]) == {"0", "2"}
+    _, skeleton = _models()
+    fastkd.load_compressed(skeleton, tmp_path / "m.safetensors")
+    x = torch.randn(3, 12)
+    assert torch.equal(skeleton(x), student(x))

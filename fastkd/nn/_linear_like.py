@@ -141,6 +141,45 @@ def unwrapped_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def refuse_distributed(model: nn.Module, who: str, *, replaces: bool = True) -> None:
+    """Refuse a model whose weights ``who`` cannot read or replace safely:
+    - inside ``DistributedDataParallel`` (``replaces``: the call swaps layers for new ones with
+      new parameters): DDP's gradient hooks stay on the old parameters, so after the swap
+      gradients were no longer synchronised and the ranks drifted apart without a word (or
+      the next backward hit an internal assert in DDP's reducer);
+    - sharded: FSDP (a ``FullyShardedDataParallel`` wrapper) or DTensor parameters (FSDP2's
+      ``fully_shard``, tensor parallelism): each process holds a part of every weight, and the
+      calls failed with DTensor errors, or left a half-sharded model.
+    """
+    m = model
+    while isinstance(m, nn.Module):
+        if replaces and isinstance(m, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                f"{who} replaces layers and their parameters, but this model is inside "
+                "DistributedDataParallel, whose gradient synchronisation holds the old ones: "
+                "compress model.module (or before wrapping) and wrap the result in a new "
+                "DistributedDataParallel")
+        if type(m).__name__ == "FullyShardedDataParallel":
+            break
+        inner = getattr(m, "_orig_mod", None)
+        if inner is None and isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = m.module
+        if inner is None:
+            break
+        m = inner
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        DTensor = ()
+    sharded = type(m).__name__ == "FullyShardedDataParallel" or (
+        DTensor != () and any(isinstance(p, DTensor) for p in model.parameters()))
+    if sharded:
+        raise ValueError(
+            f"{who} needs whole weights, but this model's parameters are sharded across "
+            "processes (FSDP / fully_shard, or tensor parallel DTensors): compress the model "
+            "before sharding it, or load a full (gathered) state into an unsharded copy first")
+
+
 def bare_module(cls: type, attributes: dict) -> nn.Module:
     """A module of class ``cls`` holding ``attributes`` and nothing else yet, made without the
     class's own ``__init__`` (whose arguments are unknown: a layer rebuilt from a record)."""
