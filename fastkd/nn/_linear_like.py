@@ -128,17 +128,26 @@ def plain_attributes(module: nn.Module, exclude=()) -> dict:
             if k not in _MODULE_STATE and not k.startswith("_") and k not in exclude}
 
 
-def unwrapped_model(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's, DataParallel's and DistributedDataParallel's wrappers
-    (the one its user saves)."""
+def _wrapper_chain(model: nn.Module):
+    """``model``, then each model inside torch.compile's, DataParallel's and
+    DistributedDataParallel's wrappers around it, outermost first."""
     while True:
+        yield model
         inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
         if inner is None and isinstance(model, (nn.DataParallel,
                                                 nn.parallel.DistributedDataParallel)):
             inner = model.module
         if not isinstance(inner, nn.Module):
-            return model
+            return
         model = inner
+
+
+def unwrapped_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's, DataParallel's and DistributedDataParallel's wrappers
+    (the one its user saves)."""
+    for model in _wrapper_chain(model):
+        pass
+    return model
 
 
 def refuse_distributed(model: nn.Module, who: str, *, replaces: bool = True) -> None:
@@ -151,27 +160,18 @@ def refuse_distributed(model: nn.Module, who: str, *, replaces: bool = True) -> 
       ``fully_shard``, tensor parallelism): each process holds a part of every weight, and the
       calls failed with DTensor errors, or left a half-sharded model.
     """
-    m = model
-    while isinstance(m, nn.Module):
-        if replaces and isinstance(m, nn.parallel.DistributedDataParallel):
-            raise ValueError(
-                f"{who} replaces layers and their parameters, but this model is inside "
-                "DistributedDataParallel, whose gradient synchronisation holds the old ones: "
-                "compress model.module (or before wrapping) and wrap the result in a new "
-                "DistributedDataParallel")
-        if type(m).__name__ == "FullyShardedDataParallel":
-            break
-        inner = getattr(m, "_orig_mod", None)
-        if inner is None and isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = m.module
-        if inner is None:
-            break
-        m = inner
+    chain = list(_wrapper_chain(model))
+    if replaces and any(isinstance(m, nn.parallel.DistributedDataParallel) for m in chain):
+        raise ValueError(
+            f"{who} replaces layers and their parameters, but this model is inside "
+            "DistributedDataParallel, whose gradient synchronisation holds the old ones: "
+            "compress model.module (or before wrapping) and wrap the result in a new "
+            "DistributedDataParallel")
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without distributed
         DTensor = ()
-    sharded = type(m).__name__ == "FullyShardedDataParallel" or (
+    sharded = any(type(m).__name__ == "FullyShardedDataParallel" for m in chain) or (
         DTensor != () and any(isinstance(p, DTensor) for p in model.parameters()))
     if sharded:
         raise ValueError(
