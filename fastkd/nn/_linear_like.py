@@ -169,10 +169,12 @@ def refuse_distributed(model: nn.Module, who: str, *, replaces: bool = True) -> 
             "DistributedDataParallel")
     try:
         from torch.distributed.tensor import DTensor
+
+        dtensor: tuple = (DTensor,)
     except ImportError:  # torch without distributed
-        DTensor = ()
-    sharded = any(type(m).__name__ == "FullyShardedDataParallel" for m in chain) or (
-        DTensor != () and any(isinstance(p, DTensor) for p in model.parameters()))
+        dtensor = ()
+    sharded = any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()) or (
+        any(isinstance(p, dtensor) for p in model.parameters()))
     if sharded:
         raise ValueError(
             f"{who} needs whole weights, but this model's parameters are sharded across "
