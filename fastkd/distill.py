@@ -287,6 +287,15 @@ def _clip_grad_norm(params: list, max_norm: float) -> None:
                         else float(coef))
 
 
+def _sum_across(tensors: list, averaging) -> list:
+    """The sums over the processes of a few scalar tallies, in one ``all_reduce``."""
+    import torch.distributed as dist
+
+    packed = torch.stack([t.double() for t in tensors])
+    dist.all_reduce(packed, group=averaging[0])
+    return list(packed.unbind())
+
+
 def _reshard_fsdp2(model: nn.Module) -> None:
     """Register FSDP2's sharded parameters (the ones an optimizer must hold) on a student
     under ``fully_shard``: from a forward to its backward, and after a forward without
@@ -1326,20 +1335,20 @@ class Distiller:
                     raise ValueError("train_loader produced no batches")
                 if pending:  # the epoch's last, partial accumulation
                     self._checked_optimizer_step(finite, epoch, steps)
+                here_finite = bool(torch.isfinite(loss_sum))
+                if self._averaging is not None:
+                    # the epoch's figures over every process's counted rows; a nan on one
+                    # makes them nan on all, so every process raises below (one raising alone
+                    # would leave the others waiting in a collective)
+                    loss_sum, counted, hint_sum, gen_sum, disc_sum = _sum_across(
+                        [loss_sum, counted, hint_sum, gen_sum, disc_sum], self._averaging)
                 counted = counted.clamp_min(1)
                 train_loss = (loss_sum / counted).item()
-                finite_everywhere = math.isfinite(train_loss)
-                if self._averaging is not None:  # one process raising alone hangs the others
-                    import torch.distributed as dist
-
-                    flag = torch.tensor(int(finite_everywhere), device=self.device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._averaging[0])
-                    finite_everywhere = bool(flag)
-                if not finite_everywhere:
-                    where = "" if not math.isfinite(train_loss) else " on another process"
+                if not math.isfinite(train_loss):
+                    where = "" if not here_finite else " on another process"
                     raise FloatingPointError(
-                        f"training loss became {train_loss if where == '' else 'nan or inf'}"
-                        f"{where} in epoch {epoch}; lower the lr"
+                        f"training loss became {train_loss}{where} in epoch {epoch}; lower "
+                        "the lr"
                     )
                 record = {"epoch": len(self.history) + 1, "train_loss": train_loss}
                 if self.hints:
@@ -1377,7 +1386,8 @@ class Distiller:
         teacher's) and ``accuracy`` (when batches carry targets); rows marked ``ignore_index``
         (or left out by an ``attention_mask``) count in neither, and a metric no row counts in
         is absent. With hints and built projections, ``hint_loss`` too. The student's
-        train/eval mode is restored afterwards."""
+        train/eval mode is restored afterwards. With a DDP / FSDP student every process calls it
+        on its own loader, and each gets the metrics over all of their rows."""
         _nonempty(loader, "loader")
         was_training = self.student.training
         self.student.eval()
@@ -1392,6 +1402,7 @@ class Distiller:
         agree = torch.zeros((), dtype=torch.float64, device=self.device)
         rows = torch.zeros((), dtype=torch.float64, device=self.device)
         batches = 0
+        averaging = _gradient_averaging_group(self.student)
         try:
             for batch in loader:
                 with self._student_context():
@@ -1428,6 +1439,11 @@ class Distiller:
                 s_cap.remove()
                 t_cap.remove()
             self.student.train(was_training)
+        if averaging is not None:  # the metrics over every process's rows (one all_reduce)
+            loss_sum, count, hint_sum, correct, labelled, agree, rows, batches = _sum_across(
+                [loss_sum, count, hint_sum, correct, labelled, agree, rows,
+                 torch.tensor(float(batches), device=self.device)], averaging)
+            batches = int(batches)
         if batches == 0:
             raise ValueError("loader produced no batches")
         metrics = {"loss": (loss_sum / count.clamp_min(1)).item()}

@@ -148,12 +148,14 @@ def _worker(rank, out_dir, wrapper):
         # leaves unsharded stand-ins registered, which the optimizer was built over
         batches = _batches(rank)
         distiller.evaluate(batches[:1])
-        distiller.fit(batches, epochs=2, eval_loader=batches[:1])
+        history = distiller.fit(batches, epochs=2, eval_loader=batches[:1])
         params = [p.full_tensor() if hasattr(p, "full_tensor") else p
                   for p in student.parameters()]
         if distiller.discriminator is not None:
             params += list(distiller.discriminator.parameters())
-        torch.save([p.detach() for p in params], os.path.join(out_dir, f"rank{rank}.pt"))
+        metrics = distiller.evaluate(batches[:2])
+        torch.save(([p.detach() for p in params], history, metrics),
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
     # as tests/test_kd_parallel.py: leave without the interpreter's teardown (gloo's threads
@@ -188,7 +190,8 @@ def test_accumulation_steps_as_one_process_on_every_ranks_batches(tmp_path, wrap
         accumulate = 2 * WORLD
     reference = Distiller(teacher, student, optimizer=_sgd, grad_accum_steps=accumulate,
                           alpha=0.5, progress=False, **OPTIONS[wrapper])
-    reference.fit(batches, epochs=2)
+    want_history = reference.fit(batches, epochs=2)
+    want_metrics = reference.evaluate([b for r in range(WORLD) for b in per_rank[r][:2]])
     want = list(student.parameters())
     if reference.discriminator is not None:
         want += list(reference.discriminator.parameters())
@@ -197,10 +200,17 @@ def test_accumulation_steps_as_one_process_on_every_ranks_batches(tmp_path, wrap
     # lr-sized steps on a few elements (8e-6 seen; a mean of the ranks' means was off by 3e-3
     # on nearly all of them)
     atol = 1e-4 if "adversarial" in wrapper else 1e-6
-    for rank_params in got:
+    for rank_params, history, metrics in got:
         assert len(rank_params) == len(want)
         for p, q in zip(rank_params, want):
             torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=atol)
+        # the history and evaluate are over every process's rows (they were per process: an
+        # early stop or a best-checkpoint choice could branch differently on each)
+        for h, w in zip(history, want_history):
+            assert h["train_loss"] == pytest.approx(w["train_loss"], rel=1e-4), (h, w)
+        assert metrics.keys() == want_metrics.keys()
+        for k, v in want_metrics.items():
+            assert metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (k, metrics, want_metrics)
 
 
 def test_a_checkpoint_saved_under_a_wrapper_loads_without_it():
