@@ -50,6 +50,7 @@ from collections.abc import Mapping
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -219,8 +220,6 @@ def _data_parallel_inner(model: nn.Module) -> Optional[nn.Module]:
 def _gradient_averaging_group(model: nn.Module):
     """``(group, size)`` of the processes over which the student's gradients are averaged
     (DistributedDataParallel, FSDP, FSDP2's fully_shard), or None: one process's gradients."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return None
     if isinstance(model, nn.parallel.DistributedDataParallel) or (
@@ -242,8 +241,6 @@ def _gradient_averaging_group(model: nn.Module):
 def _broadcast_parameters(module: nn.Module, averaging) -> None:
     """Give every process the first one's initial parameters of a module fit builds itself
     (hint projections, the discriminator: each process drew its own)."""
-    import torch.distributed as dist
-
     group = averaging[0]
     src = 0 if group is None else dist.get_global_rank(group, 0)
     for p in module.parameters():
@@ -253,8 +250,6 @@ def _broadcast_parameters(module: nn.Module, averaging) -> None:
 def _average_gradients(params, averaging) -> None:
     """Average the gradients of ``params`` over the processes, as the student's wrapper does
     for its own (a missing gradient counts as zeros, so every process joins each call)."""
-    import torch.distributed as dist
-
     group, world = averaging
     for p in params:
         if p.grad is None:
@@ -289,8 +284,6 @@ def _clip_grad_norm(params: list, max_norm: float) -> None:
 
 def _sum_across(tensors: list, averaging) -> list:
     """The sums over the processes of a few scalar tallies, in one ``all_reduce``."""
-    import torch.distributed as dist
-
     packed = torch.stack([t.double() for t in tensors])
     dist.all_reduce(packed, group=averaging[0])
     return list(packed.unbind())
@@ -1049,8 +1042,6 @@ class Distiller:
         One host sync per optimizer step. Under DDP / FSDP a nan on any process stops every
         one (a process raising alone would leave the others waiting in a collective)."""
         if self._averaging is not None and not self.scaler.is_enabled():
-            import torch.distributed as dist
-
             finite = finite.to(torch.int32)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self._averaging[0])
         if not self.scaler.is_enabled() and not bool(finite):
@@ -1293,8 +1284,6 @@ class Distiller:
                     # weighted means is the mean over all their counted rows.
                     joined = count
                     if averaging is not None:
-                        import torch.distributed as dist
-
                         joined = count.detach().float().clone()
                         dist.all_reduce(joined, group=averaging[0])
                     total = window + joined
