@@ -1020,13 +1020,14 @@ def _live_experts(token: Tensor) -> torch.nn.Module:
     return module
 
 
+def _named_state(module: torch.nn.Module) -> list:
+    """``(name, tensor)`` of the module's parameters, then its buffers."""
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
 def experts_state(module: torch.nn.Module) -> list:
     """What the op passes as ``state``: the module's parameters, then its buffers."""
-    return [t for _, t in module.named_parameters()] + [t for _, t in module.named_buffers()]
-
-
-def _state_names(module: torch.nn.Module) -> list:
-    return [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+    return [t for _, t in _named_state(module)]
 
 
 @contextlib.contextmanager
@@ -1034,7 +1035,7 @@ def _substituted(module: torch.nn.Module, state: list):
     """``module`` reading ``state`` in place of its own parameters and buffers (no hooks run,
     unlike torch.func.functional_call: the compiled graph ran them where the module was
     called)."""
-    names = _state_names(module)
+    names = [n for n, _ in _named_state(module)]
     if len(names) != len(state):
         raise RuntimeError(
             f"fastkd::stacked_experts: the module holds {len(names)} parameters and buffers, the "
@@ -1129,9 +1130,7 @@ def _stacked_experts_setup_context(ctx, inputs, output):
 
 def _stacked_experts_autograd_backward(ctx, grad_out):
     hidden, top_k_index, top_k_weights, *state = ctx.saved_tensors
-    need_hidden, _, need_weights, need_state = ctx.needs_input_grad[:4]
-    if isinstance(need_state, bool):  # torch gives one flag per list element; be safe
-        need_state = [need_state] * len(state)
+    need_hidden, _, need_weights, need_state = ctx.needs_input_grad[:4]  # one per state
     needs = [bool(need_hidden), bool(need_weights), *(bool(n) for n in need_state)]
     grads = iter(torch.ops.fastkd.stacked_experts_backward(
         grad_out, hidden, top_k_index, top_k_weights, state, *ctx.settings, needs))

@@ -226,11 +226,7 @@ def _gradient_averaging_group(model: nn.Module):
             type(model).__name__ == "FullyShardedDataParallel"):
         group = getattr(model, "process_group", None)
     else:
-        try:
-            from torch.distributed.fsdp import FSDPModule
-        except ImportError:
-            return None
-        if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        if not _fsdp2_modules(model):
             return None
         # FSDP2 averages over its mesh's data-parallel dimension; counting over every process
         # is the same weighting when the others (tensor parallel) see the same batch
@@ -274,12 +270,12 @@ def _clip_grad_norm(params: list, max_norm: float) -> None:
         n = torch.nn.utils.clip_grad_norm_(group, float("inf"))
         n = n.full_tensor() if hasattr(n, "full_tensor") else n
         norms.append(n.float().cpu())
-    total = torch.stack(norms).norm()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    # as clip_grad_norm_: a nan or inf total norm turns the gradients nan (the step is then
+    # refused or skipped), it does not leave them unclipped
+    scale = float((max_norm / (torch.stack(norms).norm() + 1e-6)).clamp(max=1.0))
     for group in kinds.values():
         for p in group:
-            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype) if not hasattr(p.grad, "full_tensor")
-                        else float(coef))
+            p.grad.mul_(scale)
 
 
 def _sum_across(tensors: list, averaging) -> list:
@@ -289,18 +285,22 @@ def _sum_across(tensors: list, averaging) -> list:
     return list(packed.unbind())
 
 
+def _fsdp2_modules(model: nn.Module) -> list:
+    """The submodules of ``model`` that FSDP2's ``fully_shard`` manages."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 def _reshard_fsdp2(model: nn.Module) -> None:
     """Register FSDP2's sharded parameters (the ones an optimizer must hold) on a student
     under ``fully_shard``: from a forward to its backward, and after a forward without
     gradients until the next one, the module holds unsharded stand-ins, and an optimizer built
     over those trained copies that FSDP throws away."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
+    for m in _fsdp2_modules(model):
+        m.reshard()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
