@@ -334,6 +334,11 @@ def _language_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _in_dtype(dtype: torch.dtype, *tensors):
+    """The tensors (None passes) cast to ``dtype``; a cast stays differentiable."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def _lm_head_weight(model: nn.Module, who: str):
     """(weight (V, H), bias or None) of a Hugging Face model's lm head, as a tensor whose
     gradient is the head's own: an ``nn.Linear``'s weight; a ``MaskedLinear``'s ``W o M``
@@ -800,9 +805,12 @@ class Distiller:
         h_t = self._teacher_forward(
             lambda m: _last_hidden(_language_model(m).base_model(**kwargs)), raw=True)
         h_s = _last_hidden(_language_model(self.student).base_model(**kwargs))
-        if h_t.dtype != w_t.dtype:  # a teacher under autocast: its head runs in that dtype too
-            w_t = w_t.to(h_t.dtype)
-            b_t = None if b_t is None else b_t.to(h_t.dtype)
+        # Each head computes in the dtype its model's own forward would: the autocast dtype of
+        # that model (autocast / teacher_autocast), else its weight's. The caller runs the fused
+        # loss with autocast off, so a teacher_autocast=False head stays in fp32 inside a bf16
+        # student's autocast, as it does unfused.
+        h_s, w_s, b_s = _in_dtype(self._student_autocast or w_s.dtype, h_s, w_s, b_s)
+        h_t, w_t, b_t = _in_dtype(self._autocast_dtype or w_t.dtype, h_t, w_t, b_t)
         # hidden states pair with targets and masks position by position, as logits do
         h_s, h_t, target = self._align(h_s, h_t, target, slice_outputs=True)
         keep = self._soft_rows(h_s, target, attention_mask)
@@ -814,13 +822,14 @@ class Distiller:
         the rows that count in it (see _counted)."""
         h_s, w_s, b_s, h_t, w_t, b_t, target, keep = self._fused_inputs(batch, target,
                                                                          attention_mask)
-        loss = fkd_functional.fused_linear_kd_loss(
-            h_s, w_s, h_t, w_t, target, student_bias=b_s, teacher_bias=b_t,
-            temperature=self.temperature, alpha=self.alpha,
-            ignore_index=self.loss_fn.ignore_index,
-            reduction="mean" if keep is None else "none", backend=self.backend,
-            divergence=self.loss_fn.divergence, beta=self.loss_fn.beta,
-        )
+        with torch.autocast(self.device.type, enabled=False):  # dtypes set by _fused_inputs
+            loss = fkd_functional.fused_linear_kd_loss(
+                h_s, w_s, h_t, w_t, target, student_bias=b_s, teacher_bias=b_t,
+                temperature=self.temperature, alpha=self.alpha,
+                ignore_index=self.loss_fn.ignore_index,
+                reduction="mean" if keep is None else "none", backend=self.backend,
+                divergence=self.loss_fn.divergence, beta=self.loss_fn.beta,
+            )
         if keep is not None:
             loss = torch.where(keep, loss, 0.0).sum() / keep.sum().clamp_min(1)
         return loss, self._counted(h_s, target, keep)
@@ -839,7 +848,9 @@ class Distiller:
         step = default_chunk_rows(n_rows, w_s.shape[0])
         for r0 in range(0, n_rows, step):
             r1 = min(n_rows, r0 + step)
-            yield (F.linear(h_s[r0:r1], w_s, b_s), F.linear(h_t[r0:r1], w_t, b_t),
+            with torch.autocast(self.device.type, enabled=False):  # dtypes set by _fused_inputs
+                s_logits, t_logits = F.linear(h_s[r0:r1], w_s, b_s), F.linear(h_t[r0:r1], w_t, b_t)
+            yield (s_logits, t_logits,
                    None if target is None else target[r0:r1],
                    None if keep is None else keep[r0:r1])
 

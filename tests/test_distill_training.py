@@ -217,6 +217,32 @@ def test_fused_lm_head_under_autocast_matches_the_unfused_path():
                                atol=0)
 
 
+@pytest.mark.parametrize("teacher_autocast, teacher_dtype", [(None, torch.bfloat16),
+                                                             (False, torch.float32)])
+def test_fused_lm_head_computes_each_head_in_its_models_dtype(monkeypatch, teacher_autocast,
+                                                              teacher_dtype):
+    """Inside a bf16 student's autocast, teacher_autocast=False keeps the teacher's lm head in
+    fp32 in the fused path too (as its unfused forward does); the student's head is bf16."""
+    import fastkd.functional as fkd_functional
+
+    seen = []
+    real = fkd_functional.fused_linear_kd_loss
+
+    def spy(h_s, w_s, h_t, w_t, *args, **kwargs):
+        # the dtype each matmul computes in: autocast's when it is on, else the inputs'
+        cast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        seen.append((cast or h_s.dtype, cast or h_t.dtype))
+        return real(h_s, w_s, h_t, w_t, *args, **kwargs)
+
+    monkeypatch.setattr(fkd_functional, "fused_linear_kd_loss", spy)
+    ids = torch.randint(0, 61, (4, 12), generator=torch.Generator().manual_seed(0))
+    d = Distiller(_gpt2(0, 2), _gpt2(1, 1), autocast=True, teacher_autocast=teacher_autocast,
+                  fused_lm_head=True, optimizer=_sgd(0.1), progress=False, backend="torch")
+    d.fit([{"input_ids": ids, "labels": ids}], epochs=1)
+    assert seen == [(torch.bfloat16, teacher_dtype)]
+    assert all(p.dtype == torch.float32 for p in d.student.parameters())
+
+
 def test_bad_training_options():
     teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
     for kwargs, err, match in [
