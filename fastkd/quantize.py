@@ -47,7 +47,7 @@ def quantize_(
 
     The experts of a Mixture-of-Experts block, which transformers holds in 3-D parameters
     (Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss: a module built with
-    ``use_experts_implementation``), become :class:`fastkd.nn.Int8Experts` (int8 codes per
+    ``use_experts_implementation``; Llama 4's experts), become :class:`fastkd.nn.Int8Experts` (int8 codes per
     expert and output channel; the filter sees the experts module, and one that fails on it,
     written for linears, does not leave it out). Routers stay float.
 

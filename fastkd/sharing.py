@@ -225,7 +225,7 @@ def share_weights_(
     pruned weights become the fixed zero cluster.
 
     The experts of a Mixture-of-Experts block, which transformers holds in 3-D parameters (its
-    ``use_experts_implementation`` modules: Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss), become
+    ``use_experts_implementation`` modules: Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss; and Llama 4's), become
     :class:`fastkd.nn.SharedExperts` (each expert's matrix clustered the same way; they keep
     nearest-centroid rounding under ``calibration``, and are listed as uncalibrated).
 

@@ -66,7 +66,7 @@ def sparsify_(
 
     The experts of a Mixture-of-Experts block, which transformers holds in 3-D parameters (the
     modules built with its ``use_experts_implementation``: Mixtral, Qwen-MoE, DeepSeek-V3,
-    gpt-oss), become :class:`fastkd.nn.MaskedExperts`: each expert's matrices pruned by the same
+    gpt-oss; and Llama 4's), become :class:`fastkd.nn.MaskedExperts`: each expert's matrices pruned by the same
     pattern (``scope="global"`` ranks them with everything else), pruned further on the next call.
 
     ``name`` is the module's qualified name (``"encoder.layer.0.attention.self.query"``). For N:M

@@ -65,7 +65,7 @@ class Int8Experts(StackedExperts):
                         "Int8Experts needs the experts' weights, but they are on the meta device")
                 for e in range(w.shape[0]):  # an expert at a time: fp32 temporaries of one
                     w_e = w[e].detach()          # matrix (DeepSeek-V3 holds 256 per layer)
-                    q, s = F.quantize_weight(w_e.t() if experts.is_transposed else w_e)
+                    q, s = F.quantize_weight(w_e.t() if self.is_transposed else w_e)
                     codes[e].copy_(q)
                     scale[e].copy_(s)
             self.register_buffer(p, codes)

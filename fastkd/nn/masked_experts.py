@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as TF
 
 from ..prune import magnitude_mask, pruned_again
-from ._stacked_experts import StackedExperts, _projections, is_stacked_experts
+from ._stacked_experts import StackedExperts, _flags, _projections, is_stacked_experts
 
 __all__ = ["MaskedExperts"]
 
@@ -136,9 +136,10 @@ def check_expert_pattern(experts: nn.Module, sparsity: Optional[float],
     experts module or a MaskedExperts: a dimension an N:M group or a block does not divide, a
     bad sparsity), touching nothing: it prunes a copy of the first expert's (they share
     shapes)."""
+    transposed = _flags(experts)["is_transposed"]
     for p in _projections(experts):
         w = experts._parameters[p][0].detach()
-        magnitude_mask(w.t() if experts.is_transposed else w, sparsity, pattern)
+        magnitude_mask(w.t() if transposed else w, sparsity, pattern)
 
 
 def is_experts_to_prune(module) -> bool:
