@@ -173,7 +173,8 @@ def _kd_loss_fwd_kernel(
         new_m_s = tl.maximum(m_s, bm_s)
         new_m_t = tl.maximum(m_t, bm_t)
         new_m_1 = tl.maximum(m_1, bm_1)
-        # While a row has seen only -inf its max stays -inf: shift by 0 then (all terms are 0).
+        # While a row has seen only -inf its max stays -inf: shift by 0 then (all terms are 0;
+        # the rescale of the zero sums, exp2(-inf - shift), is 0).
         sh_s = tl.where(new_m_s == neg_inf, 0.0, new_m_s)
         sh_t = tl.where(new_m_t == neg_inf, 0.0, new_m_t)
         sh_1 = tl.where(new_m_1 == neg_inf, 0.0, new_m_1)
@@ -220,9 +221,11 @@ def _kd_loss_fwd_kernel(
             d_s += b_s
             d_1 += b_1
             acc += b_acc
-        m_s = sh_s
-        m_t = sh_t
-        m_1 = sh_1
+        # the running max, -inf while the row has seen only -inf: were it the shift (0), a
+        # later block with every logit / T far below 0 would underflow against it
+        m_s = new_m_s
+        m_t = new_m_t
+        m_1 = new_m_1
     if REDUCE == 2:
         d_t = tl.sum(d_t, 0)
         d_s = tl.sum(d_s, 0)

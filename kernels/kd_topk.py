@@ -117,13 +117,13 @@ def _kd_topk_fwd_kernel(
             # is compared against the one block it falls in)
             is_id, ptr, nid = _ids_in_block(sorted_row, ptr, nid, k_read, start, cols, BLOCK_V)
             d_tail = d_tail * rescale + tl.sum(tl.where(is_id, 0.0, e_s), 0)
-        m_s = sh
+        m_s = new_m  # the running max (-inf while all -inf), not the shift: see kd_loss
         if SEPARATE_CE:
             s1 = s * 1.4426950408889634
             new_m1 = tl.maximum(m_1, tl.max(s1, 0))
             sh1 = tl.where(new_m1 == neg_inf, 0.0, new_m1)
             d_1 = d_1 * tl.exp2(m_1 - sh1) + tl.sum(tl.exp2(s1 - sh1), 0)
-            m_1 = sh1
+            m_1 = new_m1
     # A nan or +inf logit leaves d_s nan, and so the row (as kd_loss does); a student with no
     # mass (every logit -inf) has d_s = 0 and lse = -inf: its row is made nan below, and the
     # backward's exponentials of it are nan. Ignored rows read nothing; the selects drop them.
@@ -158,7 +158,7 @@ def _kd_topk_fwd_kernel(
             new_t = tl.maximum(m_t, tl.max(s2, 0))
             sh_t = tl.where(new_t == neg_inf, 0.0, new_t)
             d_t = d_t * tl.exp2(m_t - sh_t) + tl.sum(tl.exp2(s2 - sh_t), 0)
-            m_t = sh_t
+            m_t = new_t
         log2_tail = tl.where(n_redo > 0, m_t - m_s + tl.log2(d_t), log2_tail)
         p_tail = tl.maximum(1.0 - p_sum, 0.0)
         # log Q_tail = log(tail sum / sum): -inf when the student gives the tail no mass (the
