@@ -241,7 +241,8 @@ def fused_linear_kd_loss(
         ``torch.autocast`` hidden states, weights and biases are cast to the autocast dtype first,
         as the lm-head ``F.linear`` would be (gradients reach fp32 weights in fp32).
     """
-    from .functional import KD_LOSS_BACKENDS, _autocast_dtype, check_divergence
+    from .functional import (KD_LOSS_BACKENDS, _autocast_dtype, check_divergence,
+                             computed_divergence)
 
     for x, name in ((student_hidden, "student_hidden"), (student_weight, "student_weight"),
                     (teacher_hidden, "teacher_hidden"), (teacher_weight, "teacher_weight")):
@@ -299,6 +300,7 @@ def fused_linear_kd_loss(
     ignore_index = check_int(ignore_index, "ignore_index")
     reduction = check_reduction(reduction)
     divergence, beta = check_divergence(divergence, beta)
+    divergence = computed_divergence(divergence, beta)
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     n_rows = sh.shape[0]

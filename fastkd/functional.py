@@ -47,6 +47,16 @@ def check_divergence(divergence, beta) -> tuple:
     return divergence, check_number(beta, "beta", low=0.0, high=1.0)
 
 
+def computed_divergence(divergence: str, beta: float) -> str:
+    """The divergence the kernels compute for (divergence, beta): "jsd" at beta = 0 is forward
+    KL and at beta = 1 reverse KL, exactly, and is computed as those. The jsd gradient's
+    q * n / m term there is p (beta = 0, m = q) or 0 (beta = 1, m = p); evaluated as jsd it is
+    0 where q underflows, or 0 * inf = nan where p does."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "kl" if beta == 0.0 else "reverse_kl"
+    return divergence
+
+
 KD_LOSS_BACKENDS = register_triton_op("kd_loss")
 
 
@@ -135,6 +145,7 @@ def kd_loss(
     ignore_index = check_int(ignore_index, "ignore_index")
     reduction = check_reduction(reduction)
     divergence, beta = check_divergence(divergence, beta)
+    divergence = computed_divergence(divergence, beta)
 
     n_classes = student_logits.shape[-1]
     lead = student_logits.shape[:-1]

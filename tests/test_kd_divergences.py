@@ -165,6 +165,56 @@ def test_jsd_endpoints_are_the_two_kls(backend):
     assert (a - b).abs() > 1e-3
 
 
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_triton_a_masked_first_block_before_far_negative_logits(monkeypatch, divergence, beta):
+    """The online softmax's running max stays -inf through a block of -inf logits: shifting the
+    later blocks (all logits / T far below 0) by 0 instead underflowed the row to nan."""
+    from fastkd.kernels import kd_loss as kk
+
+    monkeypatch.setattr(kk, "_launch_config", lambda n_cols: (32, 4))
+    g = torch.Generator().manual_seed(6)
+    s, t = torch.randn(3, 77, generator=g) - 30, torch.randn(3, 77, generator=g) - 30
+    s[:, :40] = t[:, :40] = float("-inf")  # the first block and some of the second
+    target = torch.tensor([50, 76, 41])
+    outs = []
+    for backend in ("torch", "triton"):
+        sv = s.to(device_for(backend)).requires_grad_()
+        loss = kd_loss(sv, t.to(sv.device), target.to(sv.device), temperature=0.25,
+                       divergence=divergence, beta=beta, backend=backend, reduction="none")
+        loss.sum().backward()
+        outs.append((loss.detach().cpu(), sv.grad.cpu()))
+    assert torch.isfinite(outs[1][0]).all() and torch.isfinite(outs[1][1]).all()
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_jsd_endpoints_match_the_kls_where_a_probability_underflows(backend):
+    """Where p or q underflows fp32 (a logit gap over ~88 nats), the jsd formula's gradient
+    term q * n / m is 0 * inf (beta = 1) or drops p (beta = 0); the endpoints are the KLs."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(4)
+    wide_s, wide_t = torch.randn(6, 33, generator=g) * 10, torch.randn(6, 33, generator=g) * 10
+    cases = [(torch.tensor([[0.0, -110.0]]), torch.tensor([[0.0, 0.0]]), 1.0),
+             (torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, -110.0]]), 1.0),
+             (wide_s, wide_t, 0.5)]
+    for s, t, temperature in cases:
+        s, t = s.to(dev), t.to(dev)
+        for beta, same in ((0.0, "kl"), (1.0, "reverse_kl")):
+            outs = []
+            for div, b in (("jsd", beta), (same, 0.5)):
+                sv = s.clone().requires_grad_()
+                kd_loss(sv, t, temperature=temperature, divergence=div, beta=b,
+                        backend=backend).backward()
+                outs.append(sv.grad)
+            assert torch.isfinite(outs[0]).all()
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    # jsd just inside the endpoints stays finite and near them
+    s, t = wide_s.to(dev).requires_grad_(), wide_t.to(dev)
+    kd_loss(s, t, temperature=0.5, divergence="jsd", beta=1 - 1e-6, backend=backend).backward()
+    assert torch.isfinite(s.grad).all()
+
+
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
 def test_backends_agree_and_save_four_stats(divergence):
     # both backends on the same inputs, where the Triton kernels run
