@@ -104,6 +104,12 @@ class VocabParallelKDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is coming
+            raise RuntimeError(
+                "kd_loss(group=...) has no second derivative: its backward treats the row "
+                "statistics gathered across the group as constants, so differentiating a "
+                "gradient taken with create_graph=True (a gradient penalty, Hessian-vector "
+                "products) would be wrong; it is not supported")
         s, t, target, stats = ctx.saved_tensors
         temperature, alpha, ignore_index, divergence, beta, offset = ctx.cfg
         n_rows, n_cols = s.shape

@@ -82,6 +82,17 @@ def _worker(rank, world, splits, out_dir):
             out = kd_loss(part, t_bad[..., lo:hi], y, group=dist.group.WORLD, **kw)
             out.nansum().backward()
             undefined.append((ref.detach(), out.detach(), full.grad[..., lo:hi], part.grad))
+        # a second derivative is refused (its backward holds the gathered statistics constant,
+        # which gave a wrong Hessian-vector product)
+        part = s[..., lo:hi].clone().requires_grad_()
+        out = kd_loss(part, t[..., lo:hi], y, group=dist.group.WORLD, backend="torch")
+        try:
+            (g,) = torch.autograd.grad(out, part, create_graph=True)
+            g.pow(2).sum().backward()
+            refused = ""
+        except RuntimeError as err:
+            refused = str(err)
+        undefined.append(refused)
         vp.dist.all_gather = real_gather
         # the shard sizes are gathered once (a host sync), then remembered for this group
         results.append(len(gathers))
@@ -108,6 +119,8 @@ def test_vocab_parallel_matches_unsharded(tmp_path, splits):
             assert torch.isfinite(out).all() and torch.isfinite(g_out).all()
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
+        *undefined, refused = undefined
+        assert "no second derivative" in refused
         for ref, out, g_ref, g_out in undefined:
             bad = torch.zeros_like(out, dtype=torch.bool)
             bad[2, 3] = bad[2, 4] = bad[1, 0] = True
