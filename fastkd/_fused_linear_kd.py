@@ -79,12 +79,14 @@ def _accumulate(dlog, h, sw, r0, r1, grad_h, grad_w, grad_b, need_h, need_w, nee
         grad_b.add_(dlog.float().sum(0))
 
 
-def forward_chunks(sh, sw, sb, th, tw, tb, target, temperature, alpha, ignore_index, backend,
-                   divergence, beta, chunk, need_h, need_w, need_b):
-    """Row losses (N,) and, for the flags set, the gradients of their sum: d/d student_hidden
-    (N, H), d/d student_weight (V, H, in the weight's dtype) and d/d student_bias (V,) fp32; an
-    unset flag's gradient is an empty tensor. The body of ``fastkd::fused_linear_kd_forward``
-    (registered in fastkd/_ops.py)."""
+def forward_chunks(sh, sw, sb, th, tw, tb, target, row_scale, temperature, alpha, ignore_index,
+                   backend, divergence, beta, chunk, need_h, need_w, need_b):
+    """Row losses (N,) and, for the flags set, the gradients of their sum weighted by
+    ``row_scale`` ((1,) fp32, or None for 1): d/d student_hidden (N, H), d/d student_weight (V,
+    H, in the weight's dtype) and d/d student_bias (V,) fp32; an unset flag's gradient is an
+    empty tensor. The body of ``fastkd::fused_linear_kd_forward`` (registered in
+    fastkd/_ops.py). The weight goes in per row, before the sum: a mean's gradient summed
+    unscaled over N rows and divided afterwards overflowed an fp16 weight gradient."""
     n_rows = sh.shape[0]
     chunk = chunk or default_chunk_rows(n_rows, sw.shape[0])
     kw = {"divergence": divergence, "beta": beta}
@@ -100,8 +102,9 @@ def forward_chunks(sh, sw, sb, th, tw, tb, target, temperature, alpha, ignore_in
         )
         rows_out[r0:r1] = rows
         if need_h or need_w or need_b:
-            # gradients of sum(rows); the backward multiplies by the (common) row weight
-            g_rows = torch.ones(1, dtype=torch.float32, device=sh.device).expand(r1 - r0)
+            # gradients of sum(row_scale * rows); the backward multiplies by the upstream one
+            g_rows = (torch.ones(1, dtype=torch.float32, device=sh.device) if row_scale is None
+                      else row_scale.float().reshape(1)).expand(r1 - r0)
             dlog = torch.ops.fastkd.kd_loss_backward(
                 g_rows, s_log, t_log, tgt, stats, temperature, alpha, ignore_index, backend, **kw,
             )
@@ -141,16 +144,21 @@ class FusedLinearKDFunction(torch.autograd.Function):
     step sees one opaque call whatever N is (no unrolled loop to specialise on it)."""
 
     @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, target, cfg):
+    def forward(ctx, sh, sw, sb, th, tw, tb, target, row_scale, cfg):
         # cfg: (temperature, alpha, ignore_index, backend, divergence, beta, chunk, precompute)
+        # With precompute, the rows come back weighted by row_scale (their sum is the loss) and
+        # the forward computes the gradients of that sum; the backward scales them by the
+        # upstream gradient, which is then the same for every row.
         precompute = cfg[-1]
         op_args = (*cfg[:-1],)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 sb is not None and ctx.needs_input_grad[2])
         grads = need if precompute else (False, False, False)
         rows, grad_sh, grad_sw, grad_sb = torch.ops.fastkd.fused_linear_kd_forward(
-            sh, sw, sb, th, tw, tb, target, *op_args, *grads
+            sh, sw, sb, th, tw, tb, target, row_scale if precompute else None, *op_args, *grads
         )
+        if precompute:
+            rows = rows * row_scale
         ctx.cfg = cfg
         ctx.need = need
         ctx.w_dtype = sw.dtype
@@ -172,7 +180,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
         precompute = ctx.cfg[-1]
         need_h, need_w, need_b = ctx.need
         if precompute:
-            # The caller's loss is scale * sum_i rows_i: every row's incoming gradient is equal.
+            # The loss is the sum of the rows (weighted by row_scale in the forward, as the
+            # precomputed gradients are): every row's incoming gradient is equal.
             # They are scaled in place and handed over: a scaled copy of the V x H weight gradient
             # was the largest buffer of the whole step (1 GB for a 128k x 4096 head, measured on
             # the H200 as twice the unfused path's extra memory at N = 1024). The price: a second
@@ -199,7 +208,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
             out_b = out_b if need_b else None
         if out_b is not None:
             out_b = out_b.to(ctx.b_dtype)
-        return out_h, out_w, out_b, None, None, None, None, None
+        return out_h, out_w, out_b, None, None, None, None, None, None
 
 
 def fused_linear_kd_loss(
@@ -326,12 +335,12 @@ def fused_linear_kd_loss(
     with torch.autocast(sh.device.type, enabled=False):
         rows = FusedLinearKDFunction.apply(
             sh, student_weight, student_bias, th, teacher_weight.detach(),
-            None if teacher_bias is None else teacher_bias.detach(), target, cfg,
+            None if teacher_bias is None else teacher_bias.detach(), target, scale, cfg,
         )
     if reduction == "none":
         return rows.reshape(lead)
-    # The Function precomputed the gradients of sum(rows); every row gets the same weight here.
-    return (rows * scale).sum()
+    # The Function weighted the rows by scale and precomputed the gradients of their sum.
+    return rows.sum()
 
 
 __all__ = ["fused_linear_kd_loss", "FusedLinearKDFunction"]

@@ -564,10 +564,12 @@ no_double_backward("fastkd::kd_loss_topk_backward", "fastkd's top-k KD loss (kd_
 # Fused linear KD: the chunk loops (bodies in fastkd/_fused_linear_kd.py; autograd there, in
 # FusedLinearKDFunction, which calls these ops with requires-grad off)
 #   fused_linear_kd_forward(sh (N,Hs), sw (V,Hs), sb (V,)?, th (N,Ht), tw (V,Ht), tb (V,)?,
-#       target (N,)?, T, alpha, ignore_index, backend, divergence, beta, chunk_rows (0: default),
-#       grad_h, grad_w, grad_b)
-#     -> (rows (N,) fp32, d sum(rows)/d sh (N,Hs), d/d sw (V,Hs) fp32 for fp32 weights else
-#         sw's dtype, d/d sb (V,) fp32); a gradient not asked for is an empty (0,) tensor
+#       target (N,)?, row_scale (1,)?, T, alpha, ignore_index, backend, divergence, beta,
+#       chunk_rows (0: default), grad_h, grad_w, grad_b)
+#     -> (rows (N,) fp32, d sum(row_scale * rows)/d sh (N,Hs), d/d sw (V,Hs) fp32 for fp32
+#         weights else sw's dtype, d/d sb (V,) fp32); a gradient not asked for is an empty (0,)
+#         tensor; no row_scale is 1 (the scale goes in before the sum: a mean's gradient summed
+#         over N rows unscaled overflows an fp16 weight gradient)
 #   fused_linear_kd_backward(grad_rows (N,), sh, sw, sb?, th, tw, tb?, target?, <the same
 #       settings>) -> d sum(grad_rows * rows) / d (sh, sw in sw's dtype, sb fp32), empty if unasked
 # One call whatever N, so a compiled step with a dynamic row count is not specialised on it.
@@ -580,7 +582,7 @@ _FLKD_SETTINGS = (
 _FLKD_TENSORS = "Tensor sh, Tensor sw, Tensor? sb, Tensor th, Tensor tw, Tensor? tb, Tensor? target"
 torch.library.define(
     "fastkd::fused_linear_kd_forward",
-    f"({_FLKD_TENSORS}, {_FLKD_SETTINGS}) -> (Tensor, Tensor, Tensor, Tensor)",
+    f"({_FLKD_TENSORS}, Tensor? row_scale, {_FLKD_SETTINGS}) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.define(
     "fastkd::fused_linear_kd_backward",
@@ -611,7 +613,7 @@ def _flkd_grad_fakes(sh, sw, grad_h, grad_w, grad_b, w_dtype):
 
 
 @torch.library.register_fake("fastkd::fused_linear_kd_forward")
-def _fused_linear_kd_forward_fake(sh, sw, sb, th, tw, tb, target, temperature, alpha,
+def _fused_linear_kd_forward_fake(sh, sw, sb, th, tw, tb, target, row_scale, temperature, alpha,
                                   ignore_index, backend, divergence, beta, chunk_rows, grad_h,
                                   grad_w, grad_b):
     w_dtype = torch.float32 if sw.dtype == torch.float32 else sw.dtype

@@ -160,16 +160,35 @@ def test_compile_dynamic_rows_compiles_once_and_matches_eager(reduction):
     assert graphs == 1, f"{graphs} compilations for 3 row counts"
 
 
+def test_fp16_mean_weight_gradient_does_not_overflow():
+    """The mean's gradient over many rows in an fp16 weight: its rows are weighted by 1/N before
+    they are summed into the weight gradient (summed unscaled, 8192 rows of ~30 overflowed to
+    inf, where lm-head + kd_loss is finite)."""
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 8192, 4, 8
+    sh = (torch.randn(n, h, generator=g) * 0.1 + 30).half()
+    sw = (torch.randn(v, h, generator=g) * 0.01).half()
+    th, tw = torch.randn(n, h, generator=g).half(), torch.randn(v, h, generator=g).half()
+    y = torch.zeros(n, dtype=torch.long)
+    w = sw.clone().requires_grad_()
+    fused_linear_kd_loss(sh, w, th, tw, y, backend="torch", chunk_rows=1024).backward()
+    w_ref = sw.float().requires_grad_()
+    kd_loss(sh.float() @ w_ref.t(), th.float() @ tw.float().t(), y, backend="torch").backward()
+    assert torch.isfinite(w.grad).all()
+    torch.testing.assert_close(w.grad.float(), w_ref.grad, rtol=2e-2, atol=2e-2)
+
+
 def test_ops_opcheck():
     sh, sw, sb, th, tw, tb, y = _make()
     settings = (2.0, 0.3, -100, "torch", "jsd", 0.4, 4)
     for grads in [(True, True, True), (False, True, False)]:
         torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_forward.default,
-                              (sh, sw, sb, th, tw, tb, y, *settings, *grads))
+                              (sh, sw, sb, th, tw, tb, y, torch.tensor([0.25]), *settings, *grads))
         torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_backward.default,
                               (torch.rand(13), sh, sw, sb, th, tw, tb, y, *settings, *grads))
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_forward.default,
-                          (sh, sw, None, th, tw, None, None, *settings[:-1], 0, True, True, False))
+                          (sh, sw, None, th, tw, None, None, None, *settings[:-1], 0, True, True,
+                           False))
 
 
 def test_validation():
