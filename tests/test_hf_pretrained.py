@@ -43,6 +43,10 @@ def _build(arch, seed=0):
         "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(**_ATT)),  # nn.Linear subclass
         "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(  # stacked experts
             **_ATT, intermediate_size=40, num_key_value_heads=2, num_local_experts=5)),
+        # stacked experts fed expert by expert, without transformers' layout flags
+        "llama4": lambda: T.Llama4ForCausalLM(T.Llama4TextConfig(
+            **_ATT, intermediate_size=40, intermediate_size_mlp=37, num_key_value_heads=2,
+            head_dim=6, num_local_experts=5, num_experts_per_tok=1, interleave_moe_layer_step=1)),
         # lm_head, encoder and decoder embeddings tied to one weight
         "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(
             vocab_size=VOCAB, d_model=24, d_ff=37, num_layers=2, num_heads=4, d_kv=6)),
@@ -93,12 +97,14 @@ STEPS = {
 }
 CASES = [("llama", s) for s in STEPS] + [
     ("gpt2", "w8a16"), ("gpt2", "shared"), ("falcon", "w8a8"), ("mixtral", "w8a8"),
-    ("mixtral", "sparse"), ("mixtral", "shared"),
+    ("mixtral", "sparse"), ("mixtral", "shared"), ("llama4", "w8a8"), ("llama4", "sparse"),
     ("t5", "w8a16"), ("t5", "sparse"), ("bert", "shared")]
 
 
 @pytest.mark.parametrize("arch,step", CASES)
 def test_save_pretrained_from_pretrained_round_trip(tmp_path, arch, step):
+    if arch == "llama4" and not hasattr(transformers, "Llama4TextConfig"):
+        pytest.skip("this transformers has no Llama 4")
     model = _build(arch)
     swap, kind = STEPS[step]
     _quiet(swap, model)
@@ -110,7 +116,7 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path, arch, step):
 
     loaded = type(model).from_pretrained(tmp_path).eval()
     assert any(isinstance(m, kind) for m in loaded.modules())
-    if arch == "mixtral":
+    if arch in ("mixtral", "llama4"):
         experts = {Int8Linear: Int8Experts, MaskedLinear: MaskedExperts,
                    SharedLinear: SharedExperts}[kind]
         assert any(isinstance(m, experts) for m in loaded.modules())

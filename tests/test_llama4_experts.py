@@ -116,6 +116,33 @@ def test_zero_rows_are_left_out_and_gradients_match_the_class():
                                    getattr(reference, p).grad * mask, rtol=1e-5, atol=1e-6)
 
 
+def _rows_through_experts(model, ids):
+    rows = []
+    hooks = [m.act_fn.register_forward_hook(lambda mod, i, o: rows.append(i[0].shape[0]))
+             for m in model.modules() if isinstance(m, MaskedExperts)]
+    with torch.no_grad():
+        out = model(ids).logits
+    for h in hooks:
+        h.remove()
+    return sum(rows), out
+
+
+def test_a_model_loaded_with_from_pretrained_still_leaves_out_the_zero_rows(tmp_path):
+    """from_pretrained builds the stand-ins under the meta device: whether act(0) = 0 is still
+    decided on the CPU, so the loaded model runs the routed rows only, as the saved one."""
+    model = _model()
+    fastkd.sparsify_(model, sparsity=0.5)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    (n_saved, out), (n_loaded, out_loaded) = (_rows_through_experts(m, ids)
+                                              for m in (model, loaded))
+    assert n_loaded == n_saved == 2 * ids.numel()  # one routed expert per token, two layers
+    assert torch.equal(out_loaded, out)
+    with torch.device("meta"):
+        assert MaskedExperts(_all_experts(_model())[0])._zero_skip
+
+
 def test_an_activation_nonzero_at_zero_keeps_every_row():
     """Sigmoid(0) = 1/2: a zero row's output is still zero (no bias) but its input gradient is
     not, so no row is left out."""

@@ -111,7 +111,8 @@ def _zero_at_zero(act_fn) -> bool:
     """Whether ``act_fn(0) == 0`` (SiLU, GELU, ReLU), checked on a CPU scalar."""
     try:
         with torch.no_grad():
-            zero = act_fn(torch.zeros(1))
+            # on the CPU whatever the default device (from_pretrained builds under meta)
+            zero = act_fn(torch.zeros(1, device="cpu"))
         return bool(torch.is_tensor(zero) and (zero == 0).all())
     except Exception:  # an activation that cannot run on a CPU scalar: keep every row
         return False
