@@ -12,6 +12,7 @@ from .nn._linear_like import (
     _selected,
     adapter_layers,
     guard_peft_bases,
+    refuse_peft_wrapped_experts,
     is_replaceable_linear,
     refuse_distributed,
     tied_elsewhere,
@@ -80,12 +81,13 @@ def quantize_(
         if is_replaceable_linear(module, pruned=True) and name and name not in adapters
         and (filter_fn is None or filter_fn(module, name))
     ]
-    warn_untied("quantize_", tied_elsewhere(model, targets))
-    guard_peft_bases("quantize_", model, [name for name, _ in targets])
     # a Mixture-of-Experts block's experts, held in 3-D parameters by transformers
     # (pruned ones, MaskedExperts, quantized from W o M: their pruned weights become code 0)
     experts = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
                if name and is_experts_to_prune(module) and _selected(filter_fn, module, name)]
+    refuse_peft_wrapped_experts("quantize_", model, [name for name, _ in experts])
+    warn_untied("quantize_", tied_elsewhere(model, targets))
+    guard_peft_bases("quantize_", model, [name for name, _ in targets])
     warn_stacked_weights_left(
         "quantize_", model,
         lambda m, n: not is_experts_to_prune(m) and (filter_fn is None or filter_fn(m, n)))

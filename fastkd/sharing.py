@@ -260,6 +260,7 @@ def share_weights_(
         unwrapped_model,
         warn_compressed_left,
         guard_peft_bases,
+        refuse_peft_wrapped_experts,
         warn_stacked_weights_left,
         warn_untied,
     )
@@ -283,6 +284,7 @@ def share_weights_(
     # MaskedExperts, clustered from W o M)
     experts = [(n, m) for n, m in model.named_modules()
                if n and is_experts_to_prune(m) and _selected(filter_fn, m, n)]
+    refuse_peft_wrapped_experts("share_weights_", model, [n for n, _ in experts])
     warn_stacked_weights_left(
         "share_weights_", model,
         lambda m, n: not is_experts_to_prune(m) and (filter_fn is None or filter_fn(m, n)))

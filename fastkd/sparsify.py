@@ -14,6 +14,7 @@ from .nn._linear_like import (
     adapter_layers,
     as_linear,
     guard_peft_bases,
+    refuse_peft_wrapped_experts,
     is_hf_conv1d,
     is_masked_linear,
     is_replaceable_linear,
@@ -96,6 +97,9 @@ def sparsify_(
     # a Mixture-of-Experts block's experts, held in 3-D parameters by transformers
     experts = [(name, m) for name, m in model.named_modules()
                if name and is_experts_to_prune(m) and _selected(filter_fn, m, name)]
+    # (pruned experts under LoRA on their weights prune further in place: the adapters stay)
+    refuse_peft_wrapped_experts("sparsify_", model, [n for n, m in experts
+                                                     if not isinstance(m, MaskedExperts)])
     for name, m in experts:  # before anything is pruned
         if scope == "layer":
             check_expert_pattern(m, sparsity, pattern)

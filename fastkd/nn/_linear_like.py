@@ -404,6 +404,27 @@ def guard_peft_bases(who: str, model: nn.Module, names) -> None:
             "so a merge into them fails or is silently wrong.", stacklevel=3)
 
 
+def refuse_peft_wrapped_experts(who: str, model: nn.Module, names) -> None:
+    """Raise before ``who`` replaces MoE experts that a PEFT tuner layer wraps as its
+    ``base_layer`` (LoRA on the experts' own 3-D weights: peft's ``target_parameters``). peft
+    re-parametrizes the base's weight by name at every forward; a stand-in holds int8 codes in
+    another layout or a codebook under that name (the forward fails or computes the delta on the
+    codes), or masks the delta away. Nothing has been changed when it raises."""
+    wrapped = []
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        if attr == "base_layer" and _is_tuner_layer(model.get_submodule(parent)):
+            wrapped.append(name)
+    if wrapped:
+        raise ValueError(
+            f"{who} cannot replace {len(wrapped)} Mixture-of-Experts experts module(s) wrapped "
+            f"by PEFT adapters on their own weights ({shown(wrapped)}; peft's "
+            "target_parameters): the adapters re-parametrize the float weights, which the "
+            "compressed experts do not hold. Compress before adding such adapters (LoRA on "
+            "pruned experts works: sparsify_ keeps their weights as Parameters), or leave these "
+            "experts out with filter_fn. Nothing was changed.")
+
+
 def shown(names: list, limit: int = 3) -> str:
     """The first ``limit`` names, comma-separated, with ", ..." when there are more: for
     warnings that name layers."""
