@@ -24,10 +24,10 @@ _SIDE_DEPTH_ATTRS = {"decoder": ("num_decoder_layers", "decoder_layers"),
                      "encoder": ("encoder_layers", "num_layers", "num_hidden_layers")}
 # per-layer config lists that must follow the kept layers: one entry per layer (sliding/full
 # attention, SmolLM3's RoPE or not, Gemma3n's activation sparsity), and lists of layer indices
-# (Qwen-MoE's dense-MLP layers, Mllama's cross-attention layers)
+# (Qwen-MoE's dense-MLP layers, Mllama's cross-attention layers, Llama 4's MoE layers)
 _PER_LAYER_ATTRS = ("layer_types", "mlp_layer_types", "no_rope_layers",
                     "activation_sparsity_pattern")
-_LAYER_INDEX_ATTRS = ("mlp_only_layers", "cross_attention_layers")
+_LAYER_INDEX_ATTRS = ("mlp_only_layers", "cross_attention_layers", "moe_layers")
 
 
 def _normalise_keep(keep_layers, n: int) -> list:

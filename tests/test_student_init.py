@@ -133,6 +133,9 @@ def _reloads_as_itself(student, tmp_path, **inputs):
                          first_k_dense_replace=2, kv_lora_rank=8, q_lora_rank=8,
                          qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
                          topk_group=1)),
+    # MoE layers by index (moe_layers, here every second layer)
+    ("llama4_text", dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=48,
+                         head_dim=8, interleave_moe_layer_step=2)),
 ])
 @pytest.mark.parametrize("keep", [[0, 3], [1, 2]])
 def test_per_layer_config_follows_the_kept_layers(arch, extra, keep, tmp_path):
@@ -142,8 +145,11 @@ def test_per_layer_config_follows_the_kept_layers(arch, extra, keep, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing left that the config does not describe
         student = student_from_teacher(teacher, keep).eval()
-    assert ([type(layer.mlp).__name__ for layer in student.model.layers]
-            == [type(teacher.model.layers[i].mlp).__name__ for i in keep])
+    def ffn(layer):  # Llama 4 calls it feed_forward
+        return type(getattr(layer, "mlp", None) or layer.feed_forward).__name__
+
+    assert ([ffn(layer) for layer in student.model.layers]
+            == [ffn(teacher.model.layers[i]) for i in keep])
     _reloads_as_itself(student, tmp_path, input_ids=torch.randint(3, 60, (1, 7)))
 
 
