@@ -334,6 +334,19 @@ def _language_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _body(model: nn.Module):
+    """The transformer body whose last hidden state a causal LM's head reads: its
+    ``base_model``, or, where that is the model itself, its ``model`` child (Llama 4's causal
+    LM names its prefix ``language_model`` but holds its body as ``.model``); None if neither.
+    The first batch checks that the head of this body's output gives the model's logits."""
+    model = _language_model(model)
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        inner = getattr(model, "model", None)
+        base = inner if isinstance(inner, nn.Module) and inner is not model else None
+    return base
+
+
 def _in_dtype(dtype: torch.dtype, *tensors):
     """The tensors (None passes) cast to ``dtype``; a cast stays differentiable."""
     return tuple(None if t is None else t.to(dtype) for t in tensors)
@@ -350,10 +363,10 @@ def _lm_head_weight(model: nn.Module, who: str):
     from .nn.shared_linear import SharedLinear
 
     model = _language_model(model)
-    base = getattr(model, "base_model", None)
+    base = _body(model)
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if base is None or base is model or head is None:
+    if base is None or head is None:
         raise ValueError(
             f"fused_lm_head needs a Hugging Face language model ({who}): a base_model and an "
             f"output embedding; got {type(model).__name__} with head {type(head).__name__}")
@@ -765,7 +778,7 @@ class Distiller:
                 model.eval()  # the same function twice: no dropout
                 try:
                     logits = _output_tensor(model(**one), who).float()
-                    hidden = _last_hidden(_language_model(model).base_model(**one))
+                    hidden = _last_hidden(_body(model)(**one))
                 finally:
                     model.train(was_training)
                 if type(head) is nn.Linear:
@@ -803,8 +816,8 @@ class Distiller:
         w_s, b_s = _lm_head_weight(self.student, "student")
         w_t, b_t = _lm_head_weight(self.teacher, "teacher")
         h_t = self._teacher_forward(
-            lambda m: _last_hidden(_language_model(m).base_model(**kwargs)), raw=True)
-        h_s = _last_hidden(_language_model(self.student).base_model(**kwargs))
+            lambda m: _last_hidden(_body(m)(**kwargs)), raw=True)
+        h_s = _last_hidden(_body(self.student)(**kwargs))
         # Each head computes in the dtype its model's own forward would: the autocast dtype of
         # that model (autocast / teacher_autocast), else its weight's. The caller runs the fused
         # loss with autocast off, so a teacher_autocast=False head stays in fp32 inside a bf16

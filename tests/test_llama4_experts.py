@@ -222,3 +222,26 @@ def test_bad_input():
         masked(torch.randn(2, N_EXPERTS, HIDDEN))
     with pytest.raises(TypeError, match="top_k_weights"):
         masked(torch.randn(N_EXPERTS, HIDDEN), torch.zeros(N_EXPERTS, 1, dtype=torch.long))
+
+
+def test_distiller_fused_lm_head_trains_a_pruned_llama4_student_like_the_unfused_loss():
+    """fused_lm_head runs the body and hands its hidden states to the fused loss: Llama 4's
+    causal LM has no base_model of its own (its prefix names a language_model it does not
+    hold); its body is .model."""
+    teacher = _model(seed=0)
+    student = _model(seed=1)
+    fastkd.sparsify_(student, sparsity=0.5)
+    g = torch.Generator().manual_seed(4)
+    batches = [{"input_ids": ids, "labels": ids}
+               for ids in torch.randint(0, 61, (2, 3, 9), generator=g)]
+    losses, states = [], []
+    for fused in (False, True):
+        s = copy.deepcopy(student)
+        d = fastkd.Distiller(teacher, s, fused_lm_head=fused, progress=False, backend="torch",
+                             optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+        losses.append([h["train_loss"] for h in d.fit(batches, epochs=2)])
+        states.append(s.state_dict())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-6)
+    for name in states[0]:
+        torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-3, atol=1e-5,
+                                   msg=name)
