@@ -8,6 +8,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint import FORMAT, decompress_, rebuild_compressed
 from .hf import QUANT_METHOD, record
+from .nn.int8_linear import align_int8_codes
 
 
 class FastkdConfig(QuantizationConfigMixin):
@@ -97,6 +98,7 @@ class FastkdHfQuantizer(HfQuantizer):
         # and train as they did before saving: not "quantized" in transformers' sense, which
         # would refuse both
         model.is_quantized = False
+        align_int8_codes(model)  # the checkpoint's tensors are views at 8-byte offsets
         return model
 
     def get_state_dict_and_metadata(self, model, *args, **kwargs):

@@ -395,6 +395,8 @@ def _load_assigning(skeleton: nn.Module, path, device: torch.device) -> None:
     ``device``) instead of copying into the skeleton's. A tensor tied under several names is
     stored under one (safetensors keeps one name per shared tensor): every name gets it, and
     the names stay one Parameter."""
+    from .nn.int8_linear import align_int8_codes
+
     load_file = _safetensors().torch.load_file
 
     state = load_file(os.fspath(path), device=str(device))
@@ -413,6 +415,7 @@ def _load_assigning(skeleton: nn.Module, path, device: torch.device) -> None:
         raise ValueError(f"checkpoint and skeleton do not match: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     skeleton.load_state_dict(state, strict=True, assign=True)
+    align_int8_codes(skeleton)  # the file's tensors are views at 8-byte offsets
     for names in tied.values():  # assign made one Parameter per name: tie them again
         first_mod, first_attr = _owner(skeleton, names[0])
         for n in names[1:]:

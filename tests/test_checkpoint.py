@@ -207,6 +207,37 @@ def test_meta_skeleton_of_a_tied_lm_loads_without_its_float_weights(tmp_path):
             assert torch.equal(out(ids).logits, ref)
 
 
+@pytest.mark.parametrize("how", ["load_compressed", "from_pretrained"])
+def test_loaded_int8_codes_are_aligned_for_the_cpu_kernel(tmp_path, how):
+    """A checkpoint's tensors are views at 8-byte offsets into the mapped file. Assigned as the
+    int8 codes of a bf16 w8a16 model, they sent aten's int8 weight-only kernel off aligned
+    memory (a segfault); the codes are copied to aligned memory once, on load, and the loaded
+    model computes what the saved one did."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    fastkd.quantize_(model, mode="w8a16")
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        ref = model(ids).logits
+    if how == "load_compressed":
+        fastkd.save_compressed(model, tmp_path / "m")
+        skeleton = _meta_parameters(transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval())
+        loaded = fastkd.load_compressed(skeleton, tmp_path / "m")
+    else:
+        model.save_pretrained(tmp_path)
+        loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+        # transformers keeps the rotary frequencies in fp32 on load: as the saved model's
+        loaded.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.clone()
+    codes = [b for b in loaded.buffers() if b.dtype == torch.int8]
+    assert codes and all(b.data_ptr() % 64 == 0 for b in codes)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+
+
 def test_meta_skeleton_needs_its_non_persistent_buffers(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=53, hidden_size=24, intermediate_size=37,

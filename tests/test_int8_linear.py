@@ -189,6 +189,43 @@ def test_cpu_int8pack_is_never_called_where_it_crashed_or_loses(monkeypatch):
     ref.int8_linear_w8a16(torch.randn(17, 64).bfloat16(), w64, s64, None)  # M > 16: bf16 GEMMs
 
 
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` whose data starts 8 bytes past a 64-byte boundary (as a view into a
+    memory-mapped safetensors file can)."""
+    nbytes = t.numel() * t.element_size()
+    raw = torch.empty(nbytes + 128, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % 64 + 8
+    out = raw[start:start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 64 == 8
+    return out
+
+
+def test_cpu_int8pack_gets_aligned_tensors_only(monkeypatch):
+    """aten's kernel crashed the process on a weight off a 16-byte boundary and on an x off a
+    32-byte one: a misaligned weight takes the other route, a misaligned x is copied."""
+    monkeypatch.setattr(ref, "_cpu_int8pack_fast", True)
+    seen = []
+    real = ref._aten_int8pack_mm
+
+    def spy(x, w, s):  # the pointers aten's kernel gets
+        seen.append((x.data_ptr() % 64, w.data_ptr() % 64))
+        return real(x, w, s)
+
+    monkeypatch.setattr(ref, "_aten_int8pack_mm", spy)
+    g = _gen(8)
+    w = torch.randint(-127, 128, (24, 64), generator=g, dtype=torch.int8)
+    s = torch.rand(24, generator=g) * 0.02 + 1e-3
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    expected = ref._w8a16_chunked(x, w, s, None)
+    out = ref.int8_linear_w8a16(x, _misaligned(w), s, None)
+    assert seen == []  # the misaligned weight took the chunked route
+    torch.testing.assert_close(out, expected)
+    out = ref.int8_linear_w8a16(_misaligned(x), w, s, None)
+    assert seen == [(0, 0)]
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("route,flag,probe", [
     ("_int8pack", "_cpu_int8pack_fast", "_cpu_int8pack_is_fast"),
     ("_w8a16_bf16_gemm", "_cpu_bf16_gemm_fast", "_cpu_bf16_gemm_is_fast")])

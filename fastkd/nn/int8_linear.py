@@ -141,3 +141,20 @@ class Int8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, mode={self.mode!r}, backend={self.backend!r}"
         )
+
+
+def align_int8_codes(model: nn.Module) -> None:
+    """Copy, once, the int8 codes of ``model``'s Int8Linear / Int8Experts layers that lie on
+    the CPU off a 64-byte boundary: views into a memory-mapped safetensors file, as
+    load_compressed and from_pretrained assign them (its tensors start 8-byte aligned). The
+    CPU's fast int8 weight-only kernel needs aligned codes and takes a slower route for others
+    (fastkd/reference/int8_linear.py), so a loaded model would decode slower, and round
+    differently, than the one that was saved."""
+    from .int8_experts import Int8Experts
+
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int8Experts)):
+            for name, buf in m._buffers.items():
+                if (buf is not None and buf.dtype == torch.int8 and buf.device.type == "cpu"
+                        and buf.data_ptr() % 64):
+                    m._buffers[name] = buf.clone()
