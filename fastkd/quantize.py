@@ -99,14 +99,6 @@ def quantize_(
     switch = [m for name, m in model.named_modules()
               if isinstance(m, (Int8Linear, Int8Experts)) and m.mode != mode
               and _selected(filter_fn, m, name)]
-    if mode == "w8a8":
-        too_wide = [m for m in switch
-                    if (m.in_features if isinstance(m, Int8Linear) else m.widest_input())
-                    > F._INT8_MAX_K_W8A8]
-        if too_wide:
-            raise ValueError(f"w8a8 accumulates in int32, which can overflow for K > "
-                             f"{F._INT8_MAX_K_W8A8}: {len(too_wide)} w8a16 layer(s) are that "
-                             "wide; leave them out with filter_fn")
     swapped: dict = {}  # a linear shared under several names becomes one shared Int8Linear
     for _, module in targets:  # every layer first: a bad one leaves the model untouched
         if id(module) not in swapped:
@@ -115,6 +107,15 @@ def quantize_(
         if id(module) not in swapped:
             dense = module.to_experts() if isinstance(module, MaskedExperts) else module
             swapped[id(module)] = Int8Experts.from_experts(dense, mode=mode, backend=backend)
+    if mode == "w8a8":  # here, not at the first forward of a model already swapped
+        too_wide = [m for m in [*swapped.values(), *switch]
+                    if (m.in_features if isinstance(m, Int8Linear) else m.widest_input())
+                    > F._INT8_MAX_K_W8A8]
+        if too_wide:
+            raise ValueError(f"w8a8 accumulates in int32, which can overflow for K > "
+                             f"{F._INT8_MAX_K_W8A8}: {len(too_wide)} layer(s) are that wide; "
+                             "quantize them with mode='w8a16', or leave them out with filter_fn "
+                             "(nothing was changed)")
     for name, module in targets + experts:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

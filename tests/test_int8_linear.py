@@ -690,6 +690,17 @@ def test_functional_bad_inputs():
     assert F.int8_linear(torch.zeros(1, k), big_w, torch.ones(1), mode="w8a16").shape == (1, 1)
 
 
+def test_quantize_refuses_w8a8_layers_too_wide_for_int32_before_changing_anything():
+    """It said so only at the first forward of the swapped model (a mode switch was already
+    refused up front)."""
+    model = nn.Sequential(nn.Linear(ref.MAX_K_W8A8 + 1, 2), nn.Linear(2, 3))
+    with pytest.raises(ValueError, match="overflow.*w8a16"):
+        fastkd.quantize_(model, mode="w8a8")
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+    fastkd.quantize_(model, mode="w8a16")
+    assert type(model[0]) is Int8Linear
+
+
 @pytest.mark.skipif(CUDA, reason="checks the CPU interpreter's limits")
 def test_explicit_triton_bf16_in_interpreter_raises_with_reason():
     x = torch.randn(2, 8).bfloat16()
