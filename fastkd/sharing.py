@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hf
+from ._validate import check_int
 
 __all__ = ["kmeans_1d", "calibrated_assign", "share_weights_"]
 
@@ -49,6 +50,8 @@ def kmeans_1d(
     float64 prefix sum makes a Lloyd step cost O(k log L) per row (a ``searchsorted`` of the k - 1
     midpoints into the sorted row, then differences of the prefix sums) instead of O(L).
     """
+    if check_int(iters, "iters") < 1:
+        raise ValueError(f"iters must be at least 1, got {iters}")
     v = values.detach().float()
     r, n = v.shape
     dev = v.device
@@ -270,6 +273,10 @@ def share_weights_(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(per_channel, bool):  # "no" would have meant True
+        raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
+    if check_int(iters, "iters") < 1:  # -1 ran no Lloyd step at all
+        raise ValueError(f"iters must be at least 1, got {iters}")
     refuse_distributed(model, "share_weights_")
     if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
         return share_weights_(unwrapped_model(model), bits, filter_fn,  # model's own names

@@ -422,6 +422,15 @@ def test_bad_inputs():
         SharedLinear.from_linear(bad)
     with pytest.raises(TypeError):
         fastkd.share_weights_("model")
+    # accepted before: iters=-1 ran no Lloyd step, per_channel="no" meant per channel
+    model = nn.Sequential(nn.Linear(8, 4))
+    for kwargs, err in (({"iters": -1}, ValueError), ({"iters": 2.5}, TypeError),
+                        ({"per_channel": "no"}, TypeError)):
+        with pytest.raises(err, match=next(iter(kwargs))):
+            fastkd.share_weights_(model, **kwargs)
+        assert type(model[0]) is nn.Linear
+    with pytest.raises(ValueError, match="iters"):
+        SharedLinear.from_linear(nn.Linear(3, 3), iters=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
