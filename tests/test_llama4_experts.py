@@ -245,3 +245,22 @@ def test_distiller_fused_lm_head_trains_a_pruned_llama4_student_like_the_unfused
     for name in states[0]:
         torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-3, atol=1e-5,
                                    msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["int8_w8a16", "int8_w8a8", "masked", "shared"])
+def test_gpu_bf16_stand_ins_match_the_class_forward(kind):
+    """On the GPU in bf16 (the Triton / CUDA kernels behind each stand-in): the class's own
+    forward on the weights each computes with, to bf16 rounding."""
+    experts = _all_experts(_model())[0]
+    stand_in = _swaps()[kind](copy.deepcopy(experts)).cuda().to(torch.bfloat16)
+    weights = stand_in.to_experts().cuda().to(torch.bfloat16)
+    x = _routed_rows(tokens=37).cuda().to(torch.bfloat16)
+    out, ref = stand_in(x), weights(x)
+    assert out.dtype == torch.bfloat16
+    if kind.startswith("int8"):  # the class rounds its dequantized weights to bf16 first
+        sqnr = 10 * torch.log10(ref.float().pow(2).sum() / (out - ref).float().pow(2).sum())
+        assert sqnr > (30 if kind == "int8_w8a8" else 38), float(sqnr)  # CPU: 37.0 / 44.3 dB
+    else:
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
