@@ -222,6 +222,21 @@ def pattern_name(pattern: Pattern) -> str:
     return f"block{arg[0]}x{arg[1]}"
 
 
+def prune_further(weight: Tensor, mask: Tensor, sparsity: Optional[float],
+                  pattern: Pattern = "unstructured") -> Tensor:
+    """The keep-mask of gradual pruning: ``mask`` (in force) pruned further by ``pattern`` on
+    ``|W o M|``, so what is pruned stays pruned and counts toward the pattern. A kept weight
+    that is exactly 0 ranks just above the pruned ones (it tied with them: a stable sort could
+    keep a pruned zero in its place and drop it, pruning more than asked)."""
+    mask = mask.to(weight.device) != 0
+    # in fp32, as magnitude_mask ranks: the smallest fp32 subnormal is above every pruned 0
+    scores = torch.where(mask, weight.detach().abs().float(), 0)
+    tiny = torch.nextafter(torch.zeros((), device=scores.device),
+                           torch.ones((), device=scores.device))
+    scores = torch.where(mask & (scores == 0), tiny, scores)
+    return mask & magnitude_mask(scores, sparsity, pattern)
+
+
 def pruned_again(before: Optional[str], pattern) -> str:
     """What a mask pruned further with ``pattern`` was made by: ``"unstructured then 2:4"``
     (the repr said ``'unstructured'`` of a mask that a 2:4 pass had pruned again)."""

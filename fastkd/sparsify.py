@@ -32,8 +32,9 @@ from .nn.masked_linear import MaskedLinear
 from .prune import (
     check_fits,
     global_magnitude_masks,
-    magnitude_mask,
+    _check_sparsity,
     parse_pattern,
+    prune_further,
     pruned_again,
 )
 
@@ -148,6 +149,7 @@ def sparsify_(
         _check_prunable(child, name, sparsity if scope == "layer" else None,
                         pattern if scope == "layer" else None)
     if scope == "global":
+        _check_sparsity(sparsity)  # before any layer is swapped
         layers = []
         for parent, child_name, child in targets:
             if not isinstance(child, MaskedLinear):  # all kept, or a torch.nn.utils.prune mask
@@ -174,7 +176,7 @@ def sparsify_(
         if isinstance(child, MaskedLinear):
             # gradual pruning: prune further in place (the module, and the parameters an
             # optimizer holds, stay); already pruned weights are zeros of W o M, pruned first
-            child.set_mask_(child.mask & magnitude_mask(child.masked_weight(), sparsity, pattern))
+            child.set_mask_(prune_further(child.weight, child.mask, sparsity, pattern))
             child.pattern = pruned_again(child.pattern, pattern)
             continue
         masked = MaskedLinear.from_linear(child, sparsity=sparsity, pattern=pattern, backend=backend)

@@ -965,3 +965,79 @@ def test_sparsify_pretrained_minilm_equals_dense_masked_and_round_trips(tmp_path
     again.load_state_dict(safetensors_torch.load_file(str(file)))
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).last_hidden_state, ours)
+
+
+# --------------------------------------------------------------------------------------------
+# Found by an audit: set_mask_ under torch.compile, gradual pruning past kept zeros, invalid
+# global sparsity, empty layers on the sparse backend, a meta repr.
+# --------------------------------------------------------------------------------------------
+
+
+def test_set_mask_builds_the_map_a_compiled_module_reads():
+    """set_mask_ (the documented remedy, and what gradual sparsify_ calls) dropped the map and a
+    compiled call then raised: it could not build one. It is built at once now."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = MaskedLinear(8, 6, backend="triton")
+    x = torch.randn(3, 8)
+    m(x)
+    f = torch.compile(m, fullgraph=True, backend="aot_eager")
+    f(x)
+    mask = torch.rand(6, 8) > 0.5
+    m.set_mask_(mask)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), Fn.linear(x, m.weight * mask, m.bias))
+    fresh = MaskedLinear(8, 6, backend="triton")  # never run eagerly
+    fresh.set_mask_(mask)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fresh, fullgraph=True, backend="aot_eager")(x),
+                                   Fn.linear(x, fresh.weight * mask, fresh.bias))
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.25), ("2:4", None)])
+def test_pruning_further_with_kept_exact_zeros_prunes_what_is_asked(pattern, sparsity):
+    """A kept weight that is exactly 0 tied with the pruned zeros of W o M: ranked first by
+    position, it took a pruned entry's place and both went (2 pruned of 8 where 1 was asked)."""
+    weights = torch.arange(16.0, 0.0, -1.0).reshape(2, 8)  # the smallest last in their rows
+    lin = nn.Linear(8, 2)
+    with torch.no_grad():
+        lin.weight.copy_(weights)
+    model = nn.Sequential(lin)
+    fastkd.sparsify_(model, sparsity, pattern)
+    layer = model[0]
+    before = layer.mask.clone()
+    with torch.no_grad():  # a kept weight, earlier in its row than the pruned ones, now 0
+        first_kept = int(before[0].nonzero()[0])
+        layer.weight[0, first_kept] = 0.0
+    fastkd.sparsify_(model, sparsity, pattern)
+    assert torch.equal(layer.mask, before)
+    # the same for a layer pruned with torch.nn.utils.prune, pruned further by from_linear
+    lin = nn.Linear(8, 2)
+    with torch.no_grad():
+        lin.weight.copy_(weights)
+    torch_prune.custom_from_mask(lin, "weight", before.float())
+    with torch.no_grad():
+        lin.weight_orig[0, first_kept] = 0.0
+    assert torch.equal(MaskedLinear.from_linear(lin, sparsity=sparsity, pattern=pattern).mask,
+                       before)
+
+
+def test_global_scope_checks_the_sparsity_before_swapping_anything():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    for bad in (1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="sparsity"):
+            fastkd.sparsify_(model, bad, scope="global")
+        assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+
+
+def test_a_layer_without_inputs_or_outputs_runs_on_the_sparse_backend():
+    for n_in, n_out in ((0, 4), (4, 0)):
+        m = MaskedLinear(n_in, n_out, backend="triton")
+        x = torch.randn(3, n_in)
+        torch.testing.assert_close(m(x), Fn.linear(x, m.weight, m.bias))
+
+
+def test_a_meta_layer_prints():
+    m = MaskedLinear(8, 6, device="meta")
+    assert "density=nan" in repr(m)
+    assert m(torch.empty(2, 8, device="meta")).shape == (2, 6)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as TF
 
-from ..prune import magnitude_mask, pruned_again
+from ..prune import magnitude_mask, prune_further, pruned_again
 from ._stacked_experts import StackedExperts, _flags, _projections, is_stacked_experts
 
 __all__ = ["MaskedExperts"]
@@ -71,8 +71,8 @@ class MaskedExperts(StackedExperts):
             weight, mask = getattr(self, p), getattr(self, f"{p}_mask")
             new = torch.empty_like(mask)
             for e in range(weight.shape[0]):  # an expert at a time: no fp32 copy of the stack
-                w = self._matrix(torch.where(mask[e], weight[e], 0))
-                keep = magnitude_mask(w, sparsity, pattern) & self._matrix(mask[e])
+                keep = prune_further(self._matrix(weight[e]), self._matrix(mask[e]), sparsity,
+                                     pattern)
                 new[e] = self._matrix(keep)
             masks.append(new)
         for p, mask in zip(self.projections, masks):

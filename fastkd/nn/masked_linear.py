@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .._backend import check_backend
 from ._linear_like import as_linear, remember_layout, require_values, torch_pruned
-from ..prune import magnitude_mask, pattern_name
+from ..prune import magnitude_mask, pattern_name, prune_further
 from ..reference.masked_linear import MaskTiles, build_tile_map
 
 
@@ -23,8 +23,12 @@ class MaskedLinear(nn.Module):
     Where a sparse kernel runs (backend "cuda" or "triton", or "auto" where it picks one), the tile
     map of the mask (which 64x64 weight tiles hold a kept entry) is built once, cached and passed
     to it; it is rebuilt when the mask changes (an in-place edit, ``load_state_dict``, ``.to()``),
-    or explicitly with :meth:`set_mask_`. Under ``torch.compile`` the cached map is used as it is:
-    call ``set_mask_`` (or run once eagerly) after changing the mask.
+    or explicitly with :meth:`set_mask_`. The change is seen through the mask tensor's version
+    counter, which writes through ``mask.data`` or a numpy view bypass: edit the mask itself
+    (``layer.mask[i, j] = False`` under ``torch.no_grad()``) or call ``set_mask_``; otherwise the
+    kernel may read a tile it still thinks fully kept without its mask. Under ``torch.compile``
+    the cached map is used as it is: call ``set_mask_`` (which builds the new map at once) after
+    changing the mask.
     """
 
     def __init__(
@@ -108,8 +112,7 @@ class MaskedLinear(nn.Module):
         elif sparsity is not None or is_nm:
             require_values(weight, "MaskedLinear.from_linear with a sparsity (a magnitude mask)")
             if pruned_by_torch:  # pruned further: what torch.nn.utils.prune pruned stays pruned
-                torch_mask = linear.weight_mask.detach() != 0
-                mask = torch_mask & magnitude_mask(weight * torch_mask, sparsity, pattern)
+                mask = prune_further(weight, linear.weight_mask.detach(), sparsity, pattern)
             else:
                 mask = magnitude_mask(weight, sparsity, pattern)
             made_by = pattern_name(pattern)
@@ -142,13 +145,16 @@ class MaskedLinear(nn.Module):
     @torch.no_grad()
     def set_mask_(self, mask: Tensor) -> "MaskedLinear":
         """Replace the mask (bool or 0/1, the weight's shape), zero the newly pruned weights and
-        rebuild the tile map on next use."""
+        rebuild the tile map (where a sparse kernel will read one)."""
         if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(self.weight.shape):
             raise ValueError(f"mask must be a tensor of shape {tuple(self.weight.shape)}")
         self.mask.copy_(mask.to(self.mask.device) != 0)
         self.weight.masked_fill_(~self.mask, 0)
+        had_map = self._tiles is not None
         self._tiles = None
         self._tiles_key = None
+        if (had_map or self._tiles_wanted()) and self.mask.numel():
+            self.tile_map()  # now, not on next use: a compiled call cannot build it
         return self
 
     def to_linear(self) -> nn.Linear:
@@ -165,8 +171,10 @@ class MaskedLinear(nn.Module):
 
     @property
     def density(self) -> float:
-        """Fraction of weights kept (reads the mask: one device sync)."""
+        """Fraction of weights kept (reads the mask: one device sync); nan on the meta device."""
         n = self.mask.numel()
+        if self.mask.is_meta:
+            return math.nan
         return float(self.mask.sum().item()) / n if n else 1.0
 
     def tile_map(self) -> MaskTiles:
@@ -177,20 +185,30 @@ class MaskedLinear(nn.Module):
             self._tiles_key = key
         return self._tiles
 
+    def _sparse_kernel_for(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether masked_linear would run a sparse kernel (which reads the tile map) here."""
+        if device.type == "meta" or self.mask.numel() == 0:
+            return False  # meta shapes, or masked_linear's empty-weight shortcut: no map
+        try:
+            impl = F.MASKED_LINEAR_BACKENDS.select(
+                self.backend, device, F.masked_linear_reasons(dtype)
+            )
+        except RuntimeError:
+            return False  # masked_linear raises with the reason
+        return impl in F.MASKED_SPARSE_BACKENDS
+
+    def _tiles_wanted(self) -> bool:
+        """Whether a forward on the module's own device and dtype would read the tile map."""
+        return self._sparse_kernel_for(self.weight.device, self.weight.dtype)
+
     def _tiles_for(self, x: Tensor) -> Optional[MaskTiles]:
         # Only the sparse kernels (cuda, triton) read the map; the dense path never pays for it.
-        if not isinstance(x, Tensor) or x.device.type in ("meta",):
+        if not isinstance(x, Tensor) or x.device.type == "meta":
             return None  # masked_linear says what is wrong with x, or runs the meta shapes
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             dtype = torch.get_autocast_dtype(x.device.type)  # what masked_linear will compute in
-        try:
-            impl = F.MASKED_LINEAR_BACKENDS.select(
-                self.backend, x.device, F.masked_linear_reasons(dtype)
-            )
-        except RuntimeError:
-            return None  # masked_linear raises with the reason
-        if impl not in F.MASKED_SPARSE_BACKENDS:
+        if not self._sparse_kernel_for(x.device, dtype):
             return None
         if torch.compiler.is_compiling():
             return self._tiles
