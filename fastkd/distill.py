@@ -347,6 +347,14 @@ def _body(model: nn.Module):
     return base
 
 
+def _mse(a: Tensor, b: Tensor, reduction: str) -> Tensor:
+    """F.mse_loss, whose mean over no elements is 0 rather than nan: an empty batch (a ragged
+    last one) has weight 0 in the epoch, and 0 * nan stopped fit with a nan loss."""
+    if reduction == "mean":
+        return F.mse_loss(a, b, reduction="sum") / max(a.numel(), 1)
+    return F.mse_loss(a, b, reduction=reduction)
+
+
 def _in_dtype(dtype: torch.dtype, *tensors):
     """The tensors (None passes) cast to ``dtype``; a cast stays differentiable."""
     return tuple(None if t is None else t.to(dtype) for t in tensors)
@@ -907,7 +915,7 @@ class Distiller:
             )
             return self._reduce_rows(rows, target, reduction, rows_mask)
         t = t.to(s.dtype)
-        teacher_term = F.mse_loss(s, t, reduction=reduction)
+        teacher_term = _mse(s, t, reduction)
         if target is None or self.alpha == 1.0:
             loss = teacher_term
         else:
@@ -917,9 +925,7 @@ class Distiller:
                     f"regression target shape {tuple(target.shape)} does not match the output "
                     f"shape {tuple(s.shape)}"
                 )
-            loss = self.alpha * teacher_term + (1 - self.alpha) * F.mse_loss(
-                s, target, reduction=reduction
-            )
+            loss = self.alpha * teacher_term + (1 - self.alpha) * _mse(s, target, reduction)
         return loss, (s.numel() if reduction == "sum" else None)
 
     def _counted(self, s: Tensor, target: Optional[Tensor], keep: Optional[Tensor]):
@@ -980,8 +986,8 @@ class Distiller:
                 keep = (attention_mask != 0)[..., None]
                 term = (torch.where(keep, err, 0.0).sum()
                         / (keep.sum() * err.shape[-1]).clamp_min(1))
-            else:
-                term = err.mean()
+            else:  # a batch of no rows is 0 (its weight is 0), not the nan of an empty mean
+                term = err.sum() / max(err.numel(), 1)
             total = term if total is None else total + term
         return total
 
@@ -1023,6 +1029,16 @@ class Distiller:
             self.optimizer = self.scheduler = None
             self._ensure_optimizer(trainable)
             return
+        new_student = [p for p in trainable if id(p) not in have]
+        if new_student:  # unfrozen or added since the optimizer was made: never trained else
+            lr = self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else self.lr
+            warnings.warn(
+                f"{len(new_student)} trainable parameter(s) of the student are not in its "
+                "optimizer (unfrozen or added since it was made): they join it as a new "
+                f"parameter group at lr={lr:g} (a scheduler made before does not drive it)",
+                stacklevel=3)
+            self.optimizer.add_param_group({"params": new_student, "lr": lr})
+            have |= {id(p) for p in new_student}
         missing = [p for p in proj_params if id(p) not in have]
         if missing:
             self.optimizer.add_param_group({"params": missing, "lr": self.lr})
@@ -1093,6 +1109,14 @@ class Distiller:
         if self.scheduler is not None and not skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _per_sample(self, out: Tensor) -> Tensor:
+        """Outputs as the discriminator scores them, one row per sample: a regression model's
+        (N,) outputs are N samples of width 1 (read as one sample of width N, the discriminator
+        mixed the batch, and a short last batch changed its width)."""
+        if self.task != "classification" and out.dim() == 1:
+            return out[:, None]
+        return out
 
     def _ensure_discriminator(self, s: Tensor) -> None:
         if s.dim() < 1 or s.shape[-1] < 1:
@@ -1288,10 +1312,11 @@ class Distiller:
                             loss = loss + self.hint_weight * hint
                         if adversarial:  # over the rows that count, as the KD term
                             fresh = self.discriminator is None
-                            self._ensure_discriminator(s_out)
+                            self._ensure_discriminator(self._per_sample(s_out))
                             if fresh and averaging is not None:
                                 _broadcast_parameters(self.discriminator, averaging)
-                            gen = self.discriminator.generator_loss(s_out, mask=rows)
+                            gen = self.discriminator.generator_loss(self._per_sample(s_out),
+                                                                    mask=rows)
                             gen_sum += gen.detach() * count
                             loss = loss + self.adversarial_weight * gen
                     if self.optimizer is None or steps == 0:
@@ -1335,7 +1360,8 @@ class Distiller:
                     if adversarial:
                         d_weight = (None if averaging is None
                                     else count * averaging[1] / joined.clamp_min(1))
-                        disc_sum += self._discriminator_step(s_out, t_out, rows,
+                        disc_sum += self._discriminator_step(self._per_sample(s_out),
+                                                             self._per_sample(t_out), rows,
                                                              d_weight) * count
                     loss_sum += loss.detach().float() * count
                     counted += count
@@ -1426,6 +1452,7 @@ class Distiller:
                         pieces = self._fused_eval_chunks(batch, target, attention_mask)
                     else:
                         pieces = [self._outputs(call, target, attention_mask, topk)]
+                    counted_before = count.clone()
                     for s_out, t_out, target, keep in pieces:
                         total, n = self._output_loss(s_out, t_out, target, reduction="sum",
                                                      rows_mask=keep)
@@ -1443,9 +1470,9 @@ class Distiller:
                                 keep = valid if keep is None else keep & valid
                             agree += (same & keep).sum() if keep is not None else same.sum()
                             rows += keep.sum() if keep is not None else pred.numel()
-                    if s_cap is not None:
-                        hint_sum += self._hint_loss(s_cap.take(), t_cap.take(),
-                                                    attention_mask).double()
+                    if s_cap is not None:  # weighted by the batch's counted rows, as fit's
+                        hint_sum += (self._hint_loss(s_cap.take(), t_cap.take(), attention_mask)
+                                     .double() * (count - counted_before))
                 batches += 1
         finally:
             if s_cap is not None:
@@ -1465,6 +1492,6 @@ class Distiller:
                 metrics["accuracy"] = (correct / labelled).item()
             if rows.item() > 0:  # as accuracy: absent, rather than 0, when no row counted
                 metrics["agreement"] = (agree / rows).item()
-        if s_cap is not None:
-            metrics["hint_loss"] = (hint_sum / batches).item()
+        if s_cap is not None and count.item() > 0:
+            metrics["hint_loss"] = (hint_sum / count).item()
         return metrics

@@ -294,3 +294,24 @@ def test_padding_counts_in_neither_the_adversarial_nor_the_hint_term(labels, ter
         record = d.fit([batch])[0]
         runs.append((record["train_loss"], record[key]))
     assert runs[0] == pytest.approx(runs[1], rel=1e-6, abs=1e-7)
+
+
+def test_regression_outputs_of_one_dimension_are_samples_of_width_one():
+    """(N,) regression outputs: the discriminator was built N wide, scored the whole batch as
+    one sample, and a short last batch raised 'output width changed'."""
+
+    class Scalar(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            self.net = _mlp(8, 16, 1, seed)
+
+        def forward(self, x):
+            return self.net(x).squeeze(-1)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 8, generator=g), torch.randn(20, generator=g)
+    d = Distiller(Scalar(0), Scalar(1), task="regression", adversarial_weight=0.1,
+                  adversarial_hidden=4, progress=False)
+    history = d.fit([(x[i:i + 8], y[i:i + 8]) for i in range(0, 20, 8)], epochs=1)
+    assert d.discriminator.dim == 1
+    assert math.isfinite(history[0]["train_adv_discriminator_loss"])

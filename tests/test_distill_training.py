@@ -4,6 +4,7 @@ accumulation, gradient clipping and learning-rate schedulers (CPU, small models)
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -446,3 +447,63 @@ def test_a_nan_loss_stops_training_before_its_optimizer_step():
         d.fit(batches)
     assert all(torch.isfinite(p).all() for p in student.parameters())
     assert d.optimizer.param_groups[0]["params"][0].grad is None
+
+
+# Found by an audit of the Distiller
+
+
+def test_a_layer_unfrozen_between_fits_joins_the_optimizer():
+    """Gradual unfreezing: the unfrozen layer was never in the optimizer, so it never trained
+    (its gradient piled up, never cleared)."""
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    student[0].requires_grad_(False)
+    d = Distiller(teacher, student, progress=False, lr=1e-2)
+    batches = _batches()
+    d.fit(batches, epochs=1)
+    student[0].requires_grad_(True)
+    before = student[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match="not in its optimizer"):
+        d.fit(batches, epochs=1)
+    assert not torch.equal(student[0].weight, before)
+    assert any(p is student[0].weight for g in d.optimizer.param_groups for p in g["params"])
+
+
+def test_evaluate_weighs_the_hint_loss_by_rows_whatever_the_batching():
+    """It averaged the batches' means: 21 rows as 20 + 1 gave another figure than as 21."""
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    d = Distiller(teacher, student, hints=[("0", "0")], progress=False, lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(21, 12, generator=g), torch.randint(0, 5, (21,), generator=g)
+    d.fit([(x, y)], epochs=1)
+    whole = d.evaluate([(x, y)])["hint_loss"]
+    split = d.evaluate([(x[:20], y[:20]), (x[20:], y[20:])])["hint_loss"]
+    assert split == pytest.approx(whole, rel=1e-6)
+    with torch.no_grad():
+        proj = d.hint_projections[0]
+        direct = (proj(student[0](x)) - teacher[0](x)).square().mean().item()
+    assert whole == pytest.approx(direct, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["regression", "hints"])
+def test_an_empty_batch_leaves_the_loss_finite(kind):
+    """A batch of no rows (a ragged last one) has weight 0; its mean squared error over no
+    elements was nan, and 0 * nan stopped fit with a FloatingPointError."""
+    g = torch.Generator().manual_seed(4)
+    if kind == "regression":
+        teacher, student = _mlp(12, 32, 3, seed=0), _mlp(12, 16, 3, seed=1)
+        x, y = torch.randn(16, 12, generator=g), torch.randn(16, 3, generator=g)
+        d = Distiller(teacher, student, task="regression", progress=False, lr=1e-2)
+    else:
+        teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+        x, y = torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
+        d = Distiller(teacher, student, hints=[("0", "0")], progress=False, lr=1e-2)
+    full = [(x[:8], y[:8]), (x[8:], y[8:])]
+    reference = copy.deepcopy(d)
+    torch.manual_seed(5)  # the hint projection is drawn at the first batch
+    history = d.fit(full + [(x[:0], y[:0])], epochs=1)
+    assert math.isfinite(history[0]["train_loss"])
+    # the empty batch changes nothing: the same training as without it
+    torch.manual_seed(5)
+    assert history[0]["train_loss"] == pytest.approx(reference.fit(full, epochs=1)[0]["train_loss"])
+    metrics = d.evaluate(full + [(x[:0], y[:0])])
+    assert all(math.isfinite(v) for v in metrics.values())
