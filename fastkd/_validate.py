@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -30,7 +31,8 @@ def check_same_device(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
 
 
 def check_number(value, name: str, low=None, high=None, low_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: numpy's scalars too (a temperature read from a config as np.float32)
+    if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     # x - x == 0 exactly for finite x, and is nan for inf and nan. Unlike math.isfinite it also

@@ -303,10 +303,20 @@ def _reshard_fsdp2(model: nn.Module) -> None:
         m.reshard()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _wrapped_inner(model: nn.Module) -> Optional[nn.Module]:
+    """The module inside a data-parallel wrapper (see _data_parallel_inner) or torch.compile's
+    OptimizedModule, or None."""
     inner = _data_parallel_inner(model)
+    if inner is None and type(model).__name__ == "OptimizedModule":
+        inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / FSDP (v1) and torch.compile wrappers."""
+    inner = _wrapped_inner(model)
     while inner is not None:
-        model, inner = inner, _data_parallel_inner(inner)
+        model, inner = inner, _wrapped_inner(inner)
     return model
 
 
@@ -620,7 +630,9 @@ class Distiller:
         self.discriminator_optimizer: Optional[torch.optim.Optimizer] = None
         self.task = task
         self.backend = backend
-        self.progress = bool(progress)
+        if not isinstance(progress, bool):  # "no" would have meant True
+            raise TypeError(f"progress must be a bool, got {progress!r}")
+        self.progress = progress
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise TypeError(f"shift_labels must be None or a bool, got {shift_labels!r}")
         # a data-parallel wrapper hides the model's config (and so its label convention)
@@ -1173,8 +1185,8 @@ class Distiller:
         arguments; training then continues as if it had not stopped."""
         state: dict = {
             "format": 1,
-            # the model inside a DDP / DataParallel wrapper: a checkpoint saved with one
-            # process loads with several, and back
+            # the model inside a DDP / DataParallel / torch.compile wrapper: a checkpoint saved
+            # with one process loads with several, a compiled student's into a plain one, and back
             "student": _unwrap(self.student).state_dict(),
             "history": [dict(h) for h in self.history],
             "scaler": self.scaler.state_dict(),
@@ -1203,10 +1215,12 @@ class Distiller:
         student = _unwrap(self.student)
         student_state = dict(state["student"])
         own = student.state_dict()
-        if (student_state and all(k.startswith("module.") for k in student_state)
-                and not any(k.startswith("module.") for k in own)):
-            # saved from the wrapper itself (before the prefix was left out)
-            student_state = {k[len("module."):]: v for k, v in student_state.items()}
+        for prefix in ("module.", "_orig_mod.", "module."):
+            if (student_state and all(k.startswith(prefix) for k in student_state)
+                    and not any(k.startswith(prefix) for k in own)):
+                # saved from the wrapper itself (DDP's module., torch.compile's _orig_mod.),
+                # before the prefixes were left out
+                student_state = {k[len(prefix):]: v for k, v in student_state.items()}
         student.load_state_dict(student_state)
         if "hint_projections" in state:
             shapes = [tuple(s) for s in state["hint_projections"]["shapes"]]

@@ -507,3 +507,36 @@ def test_an_empty_batch_leaves_the_loss_finite(kind):
     assert history[0]["train_loss"] == pytest.approx(reference.fit(full, epochs=1)[0]["train_loss"])
     metrics = d.evaluate(full + [(x[:0], y[:0])])
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_a_compiled_students_checkpoint_resumes_an_uncompiled_one_and_back():
+    """state_dict kept torch.compile's _orig_mod. prefix: the two did not load into each other."""
+    torch._dynamo.reset()
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    batches = _batches()
+    compiled = Distiller(teacher, torch.compile(copy.deepcopy(student), backend="eager"),
+                         progress=False, lr=1e-2)
+    compiled.fit(batches, epochs=1)
+    state = compiled.state_dict()
+    assert not any(k.startswith("_orig_mod.") for k in state["student"])
+    plain = Distiller(teacher, copy.deepcopy(student), progress=False, lr=1e-2)
+    plain.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(plain.student.state_dict().values(),
+                                                 state["student"].values()))
+    # a checkpoint written with the prefix (before) loads too
+    old = dict(state, student={f"_orig_mod.{k}": v for k, v in state["student"].items()})
+    Distiller(teacher, copy.deepcopy(student), progress=False, lr=1e-2).load_state_dict(old)
+    again = Distiller(teacher, torch.compile(copy.deepcopy(student), backend="eager"),
+                      progress=False, lr=1e-2)
+    again.load_state_dict(plain.state_dict())
+
+
+def test_loose_arguments_are_checked_when_the_distiller_is_made():
+    teacher, student = _mlp(12, 32, 5, seed=0), _mlp(12, 16, 5, seed=1)
+    with pytest.raises(TypeError, match="progress"):
+        Distiller(teacher, student, progress="no")
+    with pytest.raises(ValueError, match="no 'cuda' backend"):  # failed at the first loss
+        Distiller(teacher, student, backend="cuda")
+    np = pytest.importorskip("numpy")
+    d = Distiller(teacher, student, temperature=np.float32(2.0), progress=False)
+    assert d.temperature == 2.0

@@ -39,6 +39,9 @@ class FusedLinearKDLoss(nn.Module):
             raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
         self.chunk_rows = chunk_rows
         check_backend(backend)
+        if backend != "auto" and backend not in F.KD_LOSS_BACKENDS.names():
+            raise ValueError(f"the KD loss has no {backend!r} backend; it has "
+                             f"{F.KD_LOSS_BACKENDS.names()} (or 'auto')")
         self.backend = backend
 
     def forward(

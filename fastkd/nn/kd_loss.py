@@ -33,6 +33,9 @@ class KDLoss(nn.Module):
         self.ignore_index = check_int(ignore_index, "ignore_index")  # not int(): -100.5
         self.reduction = check_reduction(reduction)
         check_backend(backend)
+        if backend != "auto" and backend not in F.KD_LOSS_BACKENDS.names():
+            raise ValueError(f"the KD loss has no {backend!r} backend; it has "
+                             f"{F.KD_LOSS_BACKENDS.names()} (or 'auto')")
         self.backend = backend
         self.divergence, self.beta = F.check_divergence(divergence, beta)
 
