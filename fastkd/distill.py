@@ -1438,7 +1438,9 @@ class Distiller:
         and for classification ``agreement`` (fraction of rows whose arg-max matches the
         teacher's) and ``accuracy`` (when batches carry targets); rows marked ``ignore_index``
         (or left out by an ``attention_mask``) count in neither, and a metric no row counts in
-        is absent. With hints and built projections, ``hint_loss`` too. The student's
+        is absent (but ``loss``, which is then 0, as ``kd_loss``'s mean over no counted rows).
+        With hints and built projections, ``hint_loss`` too, weighted by counted rows as the
+        loss is. The student's
         train/eval mode is restored afterwards. With a DDP / FSDP student every process calls it
         on its own loader, and each gets the metrics over all of their rows."""
         _nonempty(loader, "loader")
