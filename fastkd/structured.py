@@ -830,6 +830,13 @@ def _warn_if_dead_left(model: nn.Module, removed: bool = False) -> None:
             "could not prove removable "
             "(fastkd.structured lists the patterns it knows; nn.Linear subclasses are sliced only "
             "where they compute x W^T + b and hold nothing else)", stacklevel=3)
+    compressed = _compressed_with_dead_neurons(model)
+    if compressed:
+        warnings.warn(
+            f"shrink_ removes neurons from float and pruned (MaskedLinear) layers only: "
+            f"{len(compressed)} quantized or weight-shared layer(s) have all-zero weight rows "
+            f"or columns ({shown(compressed)}), left as they are. Call shrink_ before "
+            "quantize_ / share_weights_ (or decompress_ first)", stacklevel=3)
     experts = _experts_with_dead_neurons(model)
     if experts:
         warnings.warn(
@@ -837,6 +844,28 @@ def _warn_if_dead_left(model: nn.Module, removed: bool = False) -> None:
             f"module(s) have all-zero rows or columns in an expert's matrices "
             f"({shown(experts)}), left as they are (their width is one for all the experts)",
             stacklevel=3)
+
+
+def _compressed_with_dead_neurons(model: nn.Module) -> list:
+    """Names of Int8Linear / SharedLinear layers (which shrink_ does not slice) whose weight
+    has a whole row or column at zero: int8 codes, or the looked-up weights."""
+    from .nn.int8_linear import Int8Linear
+    from .nn.shared_linear import SharedLinear
+
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Linear):
+            w = m.weight
+        elif isinstance(m, SharedLinear):
+            w = m.dequantized_weight()
+        else:
+            continue
+        if w.is_meta or not w.numel():
+            continue
+        zero = w == 0
+        if bool(zero.all(dim=1).any()) or bool(zero.all(dim=0).any()):
+            found.append(name)
+    return found
 
 
 def _experts_with_dead_neurons(model: nn.Module) -> list:

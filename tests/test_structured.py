@@ -690,3 +690,23 @@ def test_dead_expert_neurons_are_named_not_left_silently():
         experts.down_proj[1, :, 3] = 0  # expert 1's intermediate neuron 3
     with pytest.warns(UserWarning, match="does not shrink Mixture-of-Experts"):
         assert shrink_(model) == []
+
+
+@pytest.mark.parametrize("compress", ["quantize_", "share_weights_"])
+def test_shrink_after_quantize_or_share_says_it_leaves_their_dead_neurons(compress):
+    """shrink_ returned [] without a word on a model pruned and then quantized (or shared):
+    it slices float and masked linears only."""
+    import fastkd
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    _mask_(model[0], 0.5, 0)
+    getattr(fastkd, compress)(model)
+    with pytest.warns(UserWarning, match="before quantize_ / share_weights_"):
+        assert shrink_(model) == []
+    # and a compressed model without dead neurons gets no such warning
+    clean = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    getattr(fastkd, compress)(clean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert shrink_(clean) == []
