@@ -52,9 +52,13 @@ def kmeans_1d(
     """
     if check_int(iters, "iters") < 1:
         raise ValueError(f"iters must be at least 1, got {iters}")
+    if check_int(k, "k") < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
     v = values.detach().float()
     r, n = v.shape
     dev = v.device
+    if n == 0:  # a layer without inputs: nothing to cluster (the codebook is never read)
+        return (torch.zeros(r, k, device=dev), torch.zeros(r, 0, dtype=torch.int64, device=dev))
     if valid is None:
         valid = torch.ones_like(v, dtype=torch.bool)
     if weight is not None and weight.shape != v.shape:
@@ -82,6 +86,23 @@ def kmeans_1d(
     pos = torch.minimum(pos, last)
     cent = torch.gather(srt, 1, pos)
     cent = torch.where(torch.isfinite(cent), cent, torch.zeros_like(cent)).double()
+    # A row with at most k distinct values gets exactly those (padded with its largest): the
+    # density init above piles several centroids onto a tied value (its spread is 0), an empty
+    # one never moves, and values it had room for were merged (re-sharing int8-dequantized or
+    # ternary weights).
+    first = inrow.clone()
+    first[:, 1:] &= srt[:, 1:] != srt[:, :-1]
+    n_distinct = first.sum(1)
+    exact = (n_distinct <= k) & (n_distinct > 0)
+    if bool(exact.any()):
+        rank = torch.where(first, first.long().cumsum(1) - 1, k)  # k: a column for the rest
+        table = torch.zeros(r, k + 1, dtype=torch.float64, device=dev)
+        table.scatter_(1, rank, torch.where(first, srt, 0.0).double())
+        table = table[:, :k]
+        largest = table.gather(1, (n_distinct - 1).clamp_min(0)[:, None])
+        table = torch.where(torch.arange(k, device=dev)[None, :] < n_distinct[:, None], table,
+                            largest)
+        cent = torch.where(exact[:, None], table, cent)
     zero = torch.zeros(r, 1, dtype=torch.long, device=dev)
     bounds = None
     for _ in range(iters):
@@ -277,6 +298,8 @@ def share_weights_(
         raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
     if check_int(iters, "iters") < 1:  # -1 ran no Lloyd step at all
         raise ValueError(f"iters must be at least 1, got {iters}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")  # before calibrating
     refuse_distributed(model, "share_weights_")
     if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
         return share_weights_(unwrapped_model(model), bits, filter_fn,  # model's own names
@@ -331,22 +354,26 @@ def share_weights_(
                           "rounding", stacklevel=2)
     tied = set(tied_elsewhere(model, targets))
     warn_untied("share_weights_", sorted(tied))
-    layers = {}
-    paths = module_paths(model)  # a layer shared under several names stays one shared layer
+    # every layer is clustered before any is replaced: one that fails (NaN weights) leaves the
+    # model as it was, not half shared with the float weights of the other half gone
+    built = []
     for name, lin in targets:
         shared = SharedLinear.from_linear(lin, bits=bits, per_channel=per_channel, iters=iters,
                                           input_moment=moments.get(name), damp=damp)
-        replace_everywhere(model, paths, lin, shared)
         # a tied weight stays in the model (its other module keeps it): nothing freed there
         before = sum(p.numel() * p.element_size() for pn, p in lin.named_parameters()
                      if not (name in tied and pn == "weight"))
-        layers[name] = (before, shared.nbytes())
+        built.append((name, lin, shared, before))
     for name, module in experts:
         before = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
         dense = module.to_experts() if isinstance(module, MaskedExperts) else module
         shared = SharedExperts.from_experts(dense, bits=bits, per_channel=per_channel,
                                             iters=iters)
-        replace_everywhere(model, paths, module, shared)
+        built.append((name, module, shared, before))
+    layers = {}
+    paths = module_paths(model)  # a layer shared under several names stays one shared layer
+    for name, old, shared, before in built:
+        replace_everywhere(model, paths, old, shared)
         layers[name] = (before, shared.nbytes())
     hf.record(model)
     return {

@@ -470,3 +470,55 @@ def test_codes_past_the_codebook_are_refused_under_compile_too():
     idx[4, 36] = 8
     with pytest.raises(RuntimeError, match="past the 8 entries of a 3-bit codebook"):
         fn(x, pack_indices(idx, 3))
+
+
+# Found by an audit of weight sharing
+
+
+def test_kmeans_fits_rows_with_no_more_distinct_values_than_clusters_exactly():
+    """Tied values have no spread: the init piled centroids onto them, an empty one never moved,
+    and values there was room for were merged (-0.01 and 0.14 into 0.065 at 2 bits)."""
+    lin = nn.Linear(7, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[-0.59] * 5 + [-0.01, 0.14]]))
+    shared = SharedLinear.from_linear(lin, bits=2)
+    torch.testing.assert_close(shared.dequantized_weight(), lin.weight.detach(), rtol=0, atol=0)
+    # int8-dequantized weights re-shared at 8 bits: at most 255 distinct values per channel
+    torch.manual_seed(0)
+    w = torch.randn(6, 300)
+    q, s = FK.quantize_weight(w)
+    codes_w = q.float() * s[:, None]
+    cent, assign = kmeans_1d(codes_w, 255)
+    torch.testing.assert_close(cent.gather(1, assign), codes_w, rtol=0, atol=0)
+    # with more distinct values than clusters nothing changes: still <= k values
+    cent, assign = kmeans_1d(torch.randn(3, 50), 4)
+    assert all(len(torch.unique(r)) <= 4 for r in cent.gather(1, assign))
+
+
+def test_share_weights_changes_nothing_when_a_layer_cannot_be_clustered():
+    """The NaN check came inside the replacement loop: the layers before the bad one were
+    already shared, their float weights gone."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="inf or NaN"):
+        fastkd.share_weights_(model, bits=4)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+    calls = []
+    with pytest.raises(ValueError, match="bits"):  # before the calibration runs the model
+        fastkd.share_weights_(nn.Sequential(nn.Linear(4, 4)), bits=9,
+                              calibration=lambda m: calls.append(1))
+    assert calls == []
+
+
+def test_a_layer_without_inputs_is_shared():
+    model = nn.Sequential(nn.Linear(0, 3))
+    fastkd.share_weights_(model, bits=4)
+    assert type(model[0]) is SharedLinear
+    x = torch.randn(2, 0)
+    torch.testing.assert_close(model(x), model[0].bias.detach().expand(2, 3))
+
+
+def test_shared_linear_takes_per_channel_as_a_bool_only():
+    with pytest.raises(TypeError, match="per_channel"):
+        SharedLinear(4, 3, per_channel="no")

@@ -67,6 +67,8 @@ class SharedLinear(nn.Module):
         super().__init__()
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
             raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+        if not isinstance(per_channel, bool):  # "no" would have meant True
+            raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
         for v, nm in ((in_features, "in_features"), (out_features, "out_features")):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{nm} must be a non-negative int, got {v!r}")
