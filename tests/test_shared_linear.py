@@ -522,3 +522,26 @@ def test_a_layer_without_inputs_is_shared():
 def test_shared_linear_takes_per_channel_as_a_bool_only():
     with pytest.raises(TypeError, match="per_channel"):
         SharedLinear(4, 3, per_channel="no")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_the_looked_up_weight_is_differentiable_at_every_width(bits, per_channel):
+    """At 1-4 bits the lookup read the codebook's bit patterns: layer.weight had no gradient, so
+    a regulariser on it raised (or silently did nothing)."""
+    torch.manual_seed(0)
+    layer = SharedLinear.from_linear(nn.Linear(9, 5), bits=bits, per_channel=per_channel)
+    w = layer.weight
+    assert w.requires_grad
+    w.square().sum().backward()
+    idx = unpack_indices(layer.indices, 9, bits)
+    looked_up = layer.dequantized_weight().detach()
+    cb = layer.codebook.detach()
+    expected = torch.zeros_like(cb)
+    rows = expected if per_channel else expected[None]
+    rows.scatter_add_(1, idx if per_channel else idx.reshape(1, -1),
+                      (2 * looked_up).reshape(rows.shape[0], -1))
+    expected[..., 0] = 0  # the pruned cluster reads as 0 whatever its entry
+    torch.testing.assert_close(layer.codebook.grad, expected)
+    with torch.no_grad():  # and the fast lookup, where no gradient is wanted, agrees
+        torch.testing.assert_close(layer.dequantized_weight(), looked_up)

@@ -57,6 +57,12 @@ def shared_dequantize(indices: Tensor, codebook: Tensor, in_features: int, bits:
     n = indices.shape[0]
     cb = codebook.float().clone()
     cb[..., 0] = 0.0  # the pruned-weight cluster reads as exactly 0
+    if bits <= 4 and cb.requires_grad:
+        # a weight to differentiate (layer.weight in a regulariser): the table below holds the
+        # entries' bit patterns, which carry no gradient, so gather the unpacked indices (the
+        # ops run without grad mode and keep the table)
+        idx = unpack_indices(indices, in_features, bits)
+        return cb[idx] if cb.dim() == 1 else cb.gather(1, idx)
     if bits <= 4:
         cb = F.pad(cb, (0, 16 - cb.shape[-1]))  # fewer than 4 bits: nibbles still index 16
         pattern = cb.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
