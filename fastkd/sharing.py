@@ -201,15 +201,15 @@ def _input_moments(model: nn.Module, targets, calibration) -> dict:
     sums: dict = {}
 
     def hook(name):
-        def fn(mod, args, out):
-            x = args[0].detach()
+        def fn(mod, args, kwargs, out):  # the input by position, or by name (lin(input=x))
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
             x = x.reshape(-1, x.shape[-1]).float()
             acc = x.T @ x
             s, cnt = sums.get(name, (0, 0))
             sums[name] = (acc.double() + s, cnt + x.shape[0])
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in targets]
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in targets]
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()

@@ -236,3 +236,24 @@ def test_cpu_batches_calibrate_a_gpu_model():
     # float64 on two devices: the same indices up to rounding near a few cluster boundaries
     same = net.a.indices.cpu() == ref.a.indices
     assert same.float().mean() > 0.95
+
+
+def test_calibration_reads_an_input_passed_by_name():
+    """A linear called as lin(input=x) raised IndexError in the calibration hook."""
+    from torch import nn
+
+    class ByName(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.a(input=x)
+
+    torch.manual_seed(0)
+    by_name, by_position = ByName(), nn.Sequential(nn.Linear(5, 5))
+    by_position[0].load_state_dict(by_name.a.state_dict())
+    batches = [torch.randn(16, 5)]
+    fastkd.share_weights_(by_name, bits=2, calibration=batches)
+    fastkd.share_weights_(by_position, bits=2, calibration=batches)
+    assert torch.equal(by_name.a.indices, by_position[0].indices)
