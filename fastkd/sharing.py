@@ -63,6 +63,9 @@ def kmeans_1d(
         valid = torch.ones_like(v, dtype=torch.bool)
     if weight is not None and weight.shape != v.shape:
         raise ValueError(f"weight must have the shape of values {tuple(v.shape)}, got {tuple(weight.shape)}")
+    if not bool(torch.isfinite(v if valid is None else v[valid.bool()]).all()):
+        raise ValueError("values has NaN or infinite entries (where valid); k-means cannot "
+                         "place centroids among them")
     # sort each row's valid entries; invalid ones are pushed to +inf, past the valid count
     srt, order = torch.where(valid, v, torch.full_like(v, float("inf"))).sort(dim=1)
     cnt = valid.sum(1, keepdim=True)  # (R, 1)

@@ -933,3 +933,11 @@ def test_fp16_input_gradient_is_as_accurate_as_an_fp16_linear(backend, mode):
             return ((t.double() - truth).abs().max() / truth.abs().max()).item()
 
         assert rel(x.grad) <= 3 * rel(plain.grad) + 1e-4, (grad_size, rel(x.grad), rel(plain.grad))
+
+
+def test_double_is_refused_rather_than_breaking_every_forward():
+    layer = Int8Linear.from_linear(nn.Linear(8, 4))
+    with pytest.raises(TypeError, match="fp32, fp16 or bf16"):
+        layer.double()
+    layer.half()  # the supported conversions still work, scales stay fp32
+    assert layer.bias.dtype == torch.float16 and layer.weight_scale.dtype == torch.float32

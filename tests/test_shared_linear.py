@@ -545,3 +545,16 @@ def test_the_looked_up_weight_is_differentiable_at_every_width(bits, per_channel
     torch.testing.assert_close(layer.codebook.grad, expected)
     with torch.no_grad():  # and the fast lookup, where no gradient is wanted, agrees
         torch.testing.assert_close(layer.dequantized_weight(), looked_up)
+
+
+def test_loose_construction_arguments_are_refused():
+    with pytest.raises(ValueError, match="no 'cuda' backend"):  # failed at the first forward
+        SharedLinear(4, 3, backend="cuda")
+    with pytest.raises(ValueError, match="NaN or infinite"):  # gave NaN centroids
+        kmeans_1d(torch.tensor([[0.1, float("nan"), 0.3]]), 2)
+    with pytest.raises(ValueError, match="k must be"):
+        kmeans_1d(torch.randn(2, 5), 0)
+    # entries left out of the fit may hold anything
+    cent, _ = kmeans_1d(torch.tensor([[0.1, float("nan"), 0.3]]), 2,
+                        valid=torch.tensor([[True, False, True]]))
+    assert torch.isfinite(cent).all()

@@ -134,6 +134,11 @@ class Int8Linear(nn.Module):
         moved = self.weight_scale
         if moved.dtype != torch.float32:
             self.weight_scale = scale.to(device=moved.device)
+        if self.bias is not None and self.bias.dtype not in (torch.float32, torch.float16,
+                                                             torch.bfloat16):
+            # .double(): every later forward failed on the bias ("must be one of float16, ...")
+            raise TypeError(f"Int8Linear computes in fp32, fp16 or bf16; its bias cannot become "
+                            f"{self.bias.dtype} (model.double() on a quantized model)")
         return self
 
     def extra_repr(self) -> str:
