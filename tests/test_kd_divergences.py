@@ -165,6 +165,29 @@ def test_jsd_endpoints_are_the_two_kls(backend):
     assert (a - b).abs() > 1e-3
 
 
+def masked_first_block_case():
+    """Rows whose first 40 logits (a 32-wide block and part of the next) are -inf in both
+    models and the rest near -30: at T = 0.25 every logit / T is far below 0."""
+    g = torch.Generator().manual_seed(6)
+    s, t = torch.randn(3, 77, generator=g) - 30, torch.randn(3, 77, generator=g) - 30
+    s[:, :40] = t[:, :40] = float("-inf")
+    return s, t, torch.tensor([50, 76, 41])
+
+
+def assert_triton_matches_torch(loss_of, s):
+    """``loss_of(student, backend)`` (per-row losses) on both backends: the Triton rows and
+    student gradients are finite and equal the reference's."""
+    outs = []
+    for backend in ("torch", "triton"):
+        sv = s.to(device_for(backend)).requires_grad_()
+        loss = loss_of(sv, backend)
+        loss.sum().backward()
+        outs.append((loss.detach().cpu(), sv.grad.cpu()))
+    assert torch.isfinite(outs[1][0]).all() and torch.isfinite(outs[1][1]).all()
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
 def test_triton_a_masked_first_block_before_far_negative_logits(monkeypatch, divergence, beta):
     """The online softmax's running max stays -inf through a block of -inf logits: shifting the
@@ -172,20 +195,11 @@ def test_triton_a_masked_first_block_before_far_negative_logits(monkeypatch, div
     from fastkd.kernels import kd_loss as kk
 
     monkeypatch.setattr(kk, "_launch_config", lambda n_cols: (32, 4))
-    g = torch.Generator().manual_seed(6)
-    s, t = torch.randn(3, 77, generator=g) - 30, torch.randn(3, 77, generator=g) - 30
-    s[:, :40] = t[:, :40] = float("-inf")  # the first block and some of the second
-    target = torch.tensor([50, 76, 41])
-    outs = []
-    for backend in ("torch", "triton"):
-        sv = s.to(device_for(backend)).requires_grad_()
-        loss = kd_loss(sv, t.to(sv.device), target.to(sv.device), temperature=0.25,
-                       divergence=divergence, beta=beta, backend=backend, reduction="none")
-        loss.sum().backward()
-        outs.append((loss.detach().cpu(), sv.grad.cpu()))
-    assert torch.isfinite(outs[1][0]).all() and torch.isfinite(outs[1][1]).all()
-    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-5)
+    s, t, target = masked_first_block_case()
+    assert_triton_matches_torch(
+        lambda sv, backend: kd_loss(sv, t.to(sv.device), target.to(sv.device), temperature=0.25,
+                                    divergence=divergence, beta=beta, backend=backend,
+                                    reduction="none"), s)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
