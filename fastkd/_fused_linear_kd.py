@@ -41,6 +41,7 @@ from ._validate import (
     check_reduction,
     check_same_device,
     check_tensor,
+    refuse_create_graph,
 )
 
 # Logits per chunk: 128M (256 MiB per bf16 buffer; 1046 rows of a 128256 vocabulary). Each chunk
@@ -171,12 +172,9 @@ class FusedLinearKDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
-        if torch.is_grad_enabled():  # create_graph=True: a second derivative is coming
-            raise RuntimeError(
-                "fused_linear_kd_loss has no second derivative: its gradients come from the "
-                "chunk loops, so a backward with create_graph=True (a gradient penalty, "
-                "Hessian-vector products) is not supported: compute that term from the "
-                "lm-head products with a plain torch loss")
+        refuse_create_graph("fused_linear_kd_loss", "its gradients come from the chunk loops "
+                            "(compute such a term from the lm-head products with a plain torch "
+                            "loss)")
         precompute = ctx.cfg[-1]
         need_h, need_w, need_b = ctx.need
         if precompute:

@@ -128,3 +128,13 @@ def reduce_rows(rows: Tensor, target: Optional[Tensor], ignore_index: int, reduc
     if target is None:
         return total / max(rows.numel(), 1)
     return total / (target != ignore_index).sum().clamp_min(1)
+
+
+def refuse_create_graph(what: str, why: str) -> None:
+    """In an autograd.Function's backward: raise when a second derivative is coming (the
+    backward runs with grad mode on only under create_graph=True), saying why ``what`` has
+    none. A backward that is not differentiable would otherwise give a wrong one silently."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{what} has no second derivative: {why}, so a backward with create_graph=True (a "
+            "gradient penalty, Hessian-vector products) is not supported")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._validate import check_class_targets
+from ._validate import check_class_targets, refuse_create_graph
 from .reference.kd_loss import _divergence_terms, _row_chunk, _undefined_to_nan, mix_rows
 
 _NEG_INF = float("-inf")
@@ -104,12 +104,9 @@ class VocabParallelKDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
-        if torch.is_grad_enabled():  # create_graph=True: a second derivative is coming
-            raise RuntimeError(
-                "kd_loss(group=...) has no second derivative: its backward treats the row "
-                "statistics gathered across the group as constants, so differentiating a "
-                "gradient taken with create_graph=True (a gradient penalty, Hessian-vector "
-                "products) would be wrong; it is not supported")
+        refuse_create_graph("kd_loss(group=...)", "its backward holds the row statistics "
+                            "gathered across the group constant (a second derivative through "
+                            "it would be wrong)")
         s, t, target, stats = ctx.saved_tensors
         temperature, alpha, ignore_index, divergence, beta, offset = ctx.cfg
         n_rows, n_cols = s.shape
