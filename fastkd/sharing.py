@@ -98,11 +98,13 @@ def kmeans_1d(
     n_distinct = first.sum(1)
     exact = (n_distinct <= k) & (n_distinct > 0)
     if bool(exact.any()):
-        rank = torch.where(first, first.long().cumsum(1) - 1, k)  # k: a column for the rest
+        rank = first.long().cumsum(1) - 1
+        # column k takes the rest: repeats, and the values of rows with more than k (not used)
+        rank = torch.where(first & (rank < k), rank, k)
         table = torch.zeros(r, k + 1, dtype=torch.float64, device=dev)
         table.scatter_(1, rank, torch.where(first, srt, 0.0).double())
         table = table[:, :k]
-        largest = table.gather(1, (n_distinct - 1).clamp_min(0)[:, None])
+        largest = table.gather(1, (n_distinct - 1).clamp(0, k - 1)[:, None])
         table = torch.where(torch.arange(k, device=dev)[None, :] < n_distinct[:, None], table,
                             largest)
         cent = torch.where(exact[:, None], table, cent)

@@ -490,9 +490,14 @@ def test_kmeans_fits_rows_with_no_more_distinct_values_than_clusters_exactly():
     codes_w = q.float() * s[:, None]
     cent, assign = kmeans_1d(codes_w, 255)
     torch.testing.assert_close(cent.gather(1, assign), codes_w, rtol=0, atol=0)
-    # with more distinct values than clusters nothing changes: still <= k values
-    cent, assign = kmeans_1d(torch.randn(3, 50), 4)
+    # with more distinct values than clusters nothing changes: still <= k values; rows of both
+    # kinds together (per-channel sharing) each get theirs
+    mixed = torch.randn(3, 50)
+    mixed[1] = torch.tensor([0.5, -0.2] * 25)
+    cent, assign = kmeans_1d(mixed, 4)
     assert all(len(torch.unique(r)) <= 4 for r in cent.gather(1, assign))
+    torch.testing.assert_close(cent.gather(1, assign)[1], mixed[1], rtol=0, atol=0)
+    torch.testing.assert_close(kmeans_1d(mixed[[0, 2]], 4)[0], cent[[0, 2]])
 
 
 def test_share_weights_changes_nothing_when_a_layer_cannot_be_clustered():
