@@ -47,6 +47,13 @@ def check_number(value, name: str, low=None, high=None, low_open=False) -> float
     return value
 
 
+def check_bits(bits) -> int:
+    """A weight-sharing width: an int in [1, 8] (2**bits codebook entries)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+    return bits
+
+
 def check_reduction(reduction) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -27,6 +27,7 @@ from ._backend import (
     register_triton_op,
 )
 from ._validate import (
+    check_bits,
     check_class_target,
     check_codes_fit,
     check_float_dtype,
@@ -244,8 +245,7 @@ def _shared_linear(x, indices, codebook, bias, *, in_features, bits, backend, ch
     check_tensor(codebook, "codebook")
     check_float_dtype(x, "x")
     x = _in_autocast_dtype(x)
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+    check_bits(bits)
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 0:
         raise ValueError(f"in_features must be a non-negative int, got {in_features!r}")
     if indices.dtype != torch.uint8 or indices.dim() != 2:

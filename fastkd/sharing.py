@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hf
-from ._validate import check_int
+from ._validate import check_bits, check_int
 
 __all__ = ["kmeans_1d", "calibrated_assign", "share_weights_"]
 
@@ -59,13 +59,13 @@ def kmeans_1d(
     dev = v.device
     if n == 0:  # a layer without inputs: nothing to cluster (the codebook is never read)
         return (torch.zeros(r, k, device=dev), torch.zeros(r, 0, dtype=torch.int64, device=dev))
+    if not bool(torch.isfinite(v if valid is None else v[valid.bool()]).all()):
+        raise ValueError("values has NaN or infinite entries (where valid); k-means cannot "
+                         "place centroids among them")
     if valid is None:
         valid = torch.ones_like(v, dtype=torch.bool)
     if weight is not None and weight.shape != v.shape:
         raise ValueError(f"weight must have the shape of values {tuple(v.shape)}, got {tuple(weight.shape)}")
-    if not bool(torch.isfinite(v if valid is None else v[valid.bool()]).all()):
-        raise ValueError("values has NaN or infinite entries (where valid); k-means cannot "
-                         "place centroids among them")
     # sort each row's valid entries; invalid ones are pushed to +inf, past the valid count
     srt, order = torch.where(valid, v, torch.full_like(v, float("inf"))).sort(dim=1)
     cnt = valid.sum(1, keepdim=True)  # (R, 1)
@@ -303,8 +303,7 @@ def share_weights_(
         raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
     if check_int(iters, "iters") < 1:  # -1 ran no Lloyd step at all
         raise ValueError(f"iters must be at least 1, got {iters}")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")  # before calibrating
+    check_bits(bits)  # before calibrating
     refuse_distributed(model, "share_weights_")
     if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
         return share_weights_(unwrapped_model(model), bits, filter_fn,  # model's own names

@@ -41,14 +41,15 @@ _EXPERT_MAJOR_FLAGS = {"has_gate": True, "has_bias": False, "is_transposed": Tru
 def _is_expert_major(module: nn.Module) -> bool:
     """Llama 4's layout (see the module's docstring): no flags, ``gate_up_proj`` and
     ``down_proj`` only, an ``act_fn`` child, and ``forward(hidden_states)``."""
-    if any(hasattr(module, f) for f in _FLAGS):
+    # the dict checks first: every module of a model scanned for experts comes here
+    if (set(module._parameters) != {"gate_up_proj", "down_proj"}
+            or set(module._modules) != {"act_fn"} or any(hasattr(module, f) for f in _FLAGS)):
         return False
     try:
         args = list(inspect.signature(type(module).forward).parameters)
     except (TypeError, ValueError):
         return False
-    return (args[1:] == ["hidden_states"] and set(module._modules) == {"act_fn"}
-            and set(module._parameters) == {"gate_up_proj", "down_proj"})
+    return args[1:] == ["hidden_states"]
 
 
 def _flags(module: nn.Module):

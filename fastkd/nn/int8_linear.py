@@ -155,11 +155,12 @@ def align_int8_codes(model: nn.Module) -> None:
     CPU's fast int8 weight-only kernel needs aligned codes and takes a slower route for others
     (fastkd/reference/int8_linear.py), so a loaded model would decode slower, and round
     differently, than the one that was saved."""
+    from ..reference.int8_linear import INT8PACK_ALIGN
     from .int8_experts import Int8Experts
 
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int8Experts)):
             for name, buf in m._buffers.items():
                 if (buf is not None and buf.dtype == torch.int8 and buf.device.type == "cpu"
-                        and buf.data_ptr() % 64):
+                        and buf.data_ptr() % INT8PACK_ALIGN):
                     m._buffers[name] = buf.clone()

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
+from .._validate import check_bits
 from ..reference.shared_linear import shared_dequantize
 from ._stacked_experts import StackedExperts, _out_in
 from .shared_linear import refuse_bad_indices
@@ -40,8 +41,7 @@ class SharedExperts(StackedExperts):
         super().__init__(experts)
         from .shared_linear import SharedLinear
 
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+        check_bits(bits)
         check_backend(backend)
         self.bits, self.per_channel, self.backend = bits, bool(per_channel), backend
         self._in_features = {}

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
+from .._validate import check_bits
 from ..reference.shared_linear import highest_code, pack_indices, shared_dequantize
 from ._linear_like import (
     as_linear,
@@ -66,8 +67,7 @@ class SharedLinear(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+        check_bits(bits)
         if not isinstance(per_channel, bool):  # "no" would have meant True
             raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
         check_backend(backend)

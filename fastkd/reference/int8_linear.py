@@ -224,7 +224,7 @@ _INT8PACK_MAX_M = 16
 # boundary (a view into a memory-mapped safetensors file, as load_compressed / from_pretrained
 # give) or an x off a 32-byte one crashed the process (segfault, torch 2.15). A misaligned weight
 # takes the other route (no per-call copy of it); a misaligned x (M <= 16 rows) is copied.
-_INT8PACK_ALIGN = 64
+INT8PACK_ALIGN = 64
 _cpu_int8pack_fast: Optional[bool] = None
 _cpu_bf16_gemm_fast: Optional[bool] = None
 
@@ -232,7 +232,7 @@ _cpu_bf16_gemm_fast: Optional[bool] = None
 def _int8pack_applies(x: Tensor, weight: Tensor) -> bool:
     m, k = x.shape
     return (m <= _INT8PACK_MAX_M and k % _INT8PACK_K_MULTIPLE == 0
-            and weight.is_contiguous() and weight.data_ptr() % _INT8PACK_ALIGN == 0)
+            and weight.is_contiguous() and weight.data_ptr() % INT8PACK_ALIGN == 0)
 
 
 def _aten_int8pack_mm(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
@@ -241,7 +241,7 @@ def _aten_int8pack_mm(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
 
 def _int8pack(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     x = x.contiguous()
-    if x.data_ptr() % _INT8PACK_ALIGN:
+    if x.data_ptr() % INT8PACK_ALIGN:
         x = x.clone()  # a fresh CPU allocation is 64-byte aligned
     y = _aten_int8pack_mm(x, weight, weight_scale.to(torch.bfloat16))
     if bias is not None:
