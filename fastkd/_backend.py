@@ -69,6 +69,14 @@ class OpBackends:
     def names(self) -> list:
         return [b.name for b in self.backends]
 
+    def check(self, requested) -> str:
+        """``requested`` if it is "auto" or a backend this op has (a module's setting, checked
+        when it is made rather than at its first call), else ValueError."""
+        check_backend(requested)
+        if requested != "auto":
+            self._get(requested)
+        return requested
+
     def _get(self, name: str) -> Backend:
         for b in self.backends:
             if b.name == name:

@@ -5,7 +5,6 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._backend import check_backend
 from .._validate import check_int, check_number, check_reduction
 
 
@@ -38,11 +37,7 @@ class FusedLinearKDLoss(nn.Module):
                                        or chunk_rows < 1):
             raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
         self.chunk_rows = chunk_rows
-        check_backend(backend)
-        if backend != "auto" and backend not in F.KD_LOSS_BACKENDS.names():
-            raise ValueError(f"the KD loss has no {backend!r} backend; it has "
-                             f"{F.KD_LOSS_BACKENDS.names()} (or 'auto')")
-        self.backend = backend
+        self.backend = F.KD_LOSS_BACKENDS.check(backend)
 
     def forward(
         self,

@@ -5,7 +5,6 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._backend import check_backend
 from .._validate import check_int, check_number, check_reduction
 
 
@@ -32,11 +31,7 @@ class KDLoss(nn.Module):
         self.alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
         self.ignore_index = check_int(ignore_index, "ignore_index")  # not int(): -100.5
         self.reduction = check_reduction(reduction)
-        check_backend(backend)
-        if backend != "auto" and backend not in F.KD_LOSS_BACKENDS.names():
-            raise ValueError(f"the KD loss has no {backend!r} backend; it has "
-                             f"{F.KD_LOSS_BACKENDS.names()} (or 'auto')")
-        self.backend = backend
+        self.backend = F.KD_LOSS_BACKENDS.check(backend)
         self.divergence, self.beta = F.check_divergence(divergence, beta)
 
     def forward(

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._backend import check_backend
 from .._validate import check_bits
 from ..reference.shared_linear import highest_code, pack_indices, shared_dequantize
 from ._linear_like import (
@@ -70,10 +69,7 @@ class SharedLinear(nn.Module):
         check_bits(bits)
         if not isinstance(per_channel, bool):  # "no" would have meant True
             raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
-        check_backend(backend)
-        if backend != "auto" and backend not in F.SHARED_LINEAR_BACKENDS.names():
-            raise ValueError(f"shared_linear has no {backend!r} backend; it has "
-                             f"{F.SHARED_LINEAR_BACKENDS.names()} (or 'auto')")
+        F.SHARED_LINEAR_BACKENDS.check(backend)
         for v, nm in ((in_features, "in_features"), (out_features, "out_features")):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{nm} must be a non-negative int, got {v!r}")
