@@ -23,6 +23,7 @@ PyMODINIT_FUNC PyInit__C(void) {
       {"build_nvcc_version", FASTKD_BUILD_NVCC_VERSION},
       {"build_cuda_arch_list", FASTKD_BUILD_CUDA_ARCH_LIST},
       {"build_cuda_ops", FASTKD_BUILD_CUDA_OPS},
+      {"build_cuda_arch_flags", FASTKD_BUILD_CUDA_ARCH_FLAGS},
   };
   for (const auto& fact : facts) {
     if (PyModule_AddStringConstant(m, fact[0], fact[1]) < 0) {

@@ -4,6 +4,7 @@ one contract."""
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -225,6 +226,8 @@ def shared_linear(
         codebook: fp32 ``(2**bits,)`` (per layer) or ``(N, 2**bits)`` (per output channel).
         bias: optional ``(N,)``.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        in_features: (keyword-only, required) ``K``, which the packed indices do not carry.
+        bits: (keyword-only, required) the codebook's width, 1-8: ``2**bits`` entries.
 
     Returns ``(..., N)`` in x's dtype (the autocast dtype inside ``torch.autocast``, as
     ``F.linear``). Gradients reach x, the codebook (the sum of the weight gradients of each
@@ -453,7 +456,7 @@ def quantize_weight(weight: Tensor) -> tuple:
 import os  # noqa: E402
 
 from . import _extension  # noqa: E402
-from .reference.masked_linear import MaskTiles, build_tile_map  # noqa: E402
+from .reference.masked_linear import TILE as MASK_TILE, MaskTiles, build_tile_map  # noqa: E402
 
 MASKED_MM_OPS = ("masked_mm", "masked_mm_grad_input", "masked_mm_grad_weight")
 MASKED_HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -502,12 +505,30 @@ MASKED_LINEAR_BACKENDS = register(
 )
 
 
-def masked_linear_reasons(dtype: torch.dtype):
-    """`extra` for MASKED_LINEAR_BACKENDS.select: why a backend cannot take inputs of `dtype`."""
+@functools.lru_cache(maxsize=None)
+def _masked_cuda_arch_reason(device_index: int):
+    """Why the masked-matmul kernels cannot run on CUDA device ``device_index`` (once per
+    device): bf16 WMMA needs compute capability 8.0, and fastkd._C must hold code for it."""
+    capability = torch.cuda.get_device_capability(device_index)
+    if capability < (8, 0):
+        return (f"the masked-matmul CUDA kernels need compute capability 8.0 or later, this GPU "
+                f"has {capability[0]}.{capability[1]}")
+    return _extension.arch_unavailable_reason(capability)
+
+
+def masked_linear_reasons(dtype: torch.dtype, device: Optional[torch.device] = None):
+    """`extra` for MASKED_LINEAR_BACKENDS.select: why a backend cannot take inputs of `dtype`
+    (on `device`: the CUDA kernels need machine code or PTX for its architecture)."""
 
     def extra(name):
         if name == "cuda" and dtype not in MASKED_HALF_DTYPES:
             return [f"the CUDA kernel takes float16/bfloat16, got {dtype}"]
+        if (name == "cuda" and device is not None and device.type == "cuda"
+                and _extension.loaded() and not torch.compiler.is_compiling()):
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            why = _masked_cuda_arch_reason(index)
+            if why:
+                return [why]
         if name == "triton" and dtype == torch.bfloat16 and _interpreting():
             return ["the Triton interpreter runs on numpy, which has no bfloat16"]
         return []
@@ -522,6 +543,15 @@ def _check_mask_tiles(tile_map, mask: Tensor) -> None:
         raise ValueError(
             f"tile_map was built for a {tile_map.shape} mask on {tile_map.data.device}, "
             f"not this {tuple(mask.shape)} mask on {mask.device}"
+        )
+    grid = tuple(-(-d // MASK_TILE) for d in mask.shape)
+    if (tile_map.n_tiles, tile_map.k_tiles) != grid or tile_map.data.numel() != tile_map.layout.size:
+        # the kernels read a map of 64 x 64 tiles; another tile size's map is longer, and the
+        # CUDA kernels would walk it with the wrong offsets
+        raise ValueError(
+            f"tile_map has a {tile_map.n_tiles} x {tile_map.k_tiles} tile grid, the kernels "
+            f"need {grid[0]} x {grid[1]} tiles of {MASK_TILE} x {MASK_TILE}: build it with "
+            "build_tile_map(mask) (the default tile)"
         )
 
 
@@ -552,6 +582,11 @@ def masked_linear(
             ``AUTO_PICKS_TRITON_KERNEL``, ``AUTO_SPARSE_MAX_TILE_DENSITY``), else ``torch``.
         tile_map: the mask's :class:`MaskTiles`; built here (one device sync) when a sparse kernel
             runs without one (under ``torch.compile`` it must be given). ``MaskedLinear`` caches it.
+
+    Non-finite inputs: the sparse kernels never read a weight tile with no kept entry, so a nan
+    or inf in ``x`` (or, in the backward, in the output gradient) that meets only such tiles
+    does not reach the result, where the dense ``torch`` path gives nan (``0 * nan``). Inside a
+    partly kept tile it does, as on the dense path.
 
     Returns:
         ``(..., N)`` in the dtype of ``x`` (the autocast dtype inside ``torch.autocast``).
@@ -589,7 +624,9 @@ def masked_linear(
     if tile_map is not None:
         _check_mask_tiles(tile_map, mask)
 
-    impl = MASKED_LINEAR_BACKENDS.select(backend, x.device, masked_linear_reasons(x.dtype))
+    impl = MASKED_LINEAR_BACKENDS.select(
+        backend, x.device, masked_linear_reasons(x.dtype, x.device)
+    )
     chosen_by_auto = backend == "auto" and os.environ.get(ENV_VAR, "auto") in ("", "auto")
     lead = x.shape[:-1]
     if weight.numel() == 0:  # no weights: the bias alone (as F.linear), no reshape by 0

@@ -19,6 +19,15 @@ def _version(dist: str):
         return None
 
 
+def _auto_pick(entry, device_type: str) -> str:
+    """What ``backend="auto"`` resolves to for this op on ``device_type``, FASTKD_BACKEND
+    included (it overrides auto for the ops that have the backend it names)."""
+    try:
+        return entry.select("auto", torch.device(device_type))
+    except (RuntimeError, ValueError):
+        return f"{os.environ.get(ENV_VAR)} (refused)"
+
+
 def info() -> dict:
     """A dict describing versions, the CUDA extension and the backend choices per op."""
     from . import __version__
@@ -28,7 +37,7 @@ def info() -> dict:
     for name, entry in sorted(REGISTRY.items()):
         ops[name] = {
             "backends": entry.names(),
-            "auto": {dev: entry.auto(dev) for dev in ("cpu", "cuda")},
+            "auto": {dev: _auto_pick(entry, dev) for dev in ("cpu", "cuda")},
             "unavailable": {
                 dev: {b: r for b in entry.names() if (r := entry.reasons(b, dev))}
                 for dev in ("cpu", "cuda")
@@ -48,6 +57,11 @@ def info() -> dict:
         "device": torch.cuda.get_device_name() if cuda_available else "cpu",
         "cuda_extension": _extension.loaded(),
         "cuda_extension_error": _extension.LOAD_ERROR,
+        # a build without machine code or PTX for this GPU loads, then fails at every launch
+        "cuda_extension_arch_error": (
+            _extension.arch_unavailable_reason(torch.cuda.get_device_capability())
+            if cuda_available and _extension.loaded() else None
+        ),
         "cuda_extension_build": _extension.build_info(),
         "cuda_ops": cuda_ops,
         "backend_override": os.environ.get(ENV_VAR),
@@ -63,6 +77,8 @@ def format_info(data: dict) -> str:
         lines.append(f"{key:<22} {data[key]}")
     ext = "loaded" if data["cuda_extension"] else f"not loaded ({data['cuda_extension_error']})"
     lines.append(f"{'cuda_extension':<22} {ext}")
+    if data.get("cuda_extension_arch_error"):
+        lines.append(f"  {'cannot run here':<20} {data['cuda_extension_arch_error']}")
     for k, v in data["cuda_extension_build"].items():
         lines.append(f"  {k:<20} {v}")
     lines.append(f"{'cuda_ops':<22} {', '.join(data['cuda_ops']) or '(none)'}")

@@ -903,6 +903,7 @@ def test_gpu_module_caches_tiles_and_auto_is_correct():
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
+@pytest.mark.timeout(400)  # (pytest-timeout's mark) Triton compiles under memcheck: slow
 def test_gpu_compute_sanitizer_memcheck():
     script = (
         "import torch, fastkd\n"
@@ -923,6 +924,9 @@ def test_gpu_compute_sanitizer_memcheck():
         timeout=600,
         env={**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
     )
+    if "Device not supported" in proc.stdout + proc.stderr:
+        # gVisor machines: the sanitizer refuses the device (KINDS.md of the device tool)
+        pytest.skip("compute-sanitizer does not support this device (sandboxed runtime)")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
@@ -1041,3 +1045,103 @@ def test_a_meta_layer_prints():
     m = MaskedLinear(8, 6, device="meta")
     assert "density=nan" in repr(m)
     assert m(torch.empty(2, 8, device="meta")).shape == (2, 6)
+
+
+def test_a_tile_map_of_another_tile_size_is_refused():
+    """build_tile_map(mask, tile=32) passed the shape check; the CUDA kernels (which only check
+    that the map is long enough) would have walked it with 64-tile offsets: wrong values."""
+    x, w, b, mask = _triton_case((3, 45, 67), "unstructured", torch.float32)
+    with pytest.raises(ValueError, match="tile grid"):
+        masked_linear(x, w, mask, backend="triton", tile_map=build_tile_map(mask, tile=32))
+    y = masked_linear(x, w, mask, backend="triton", tile_map=build_tile_map(mask))
+    torch.testing.assert_close(y, Fn.linear(x, w * mask), rtol=1e-4, atol=1e-4)
+
+
+def test_a_layer_built_under_inference_mode_runs_a_sparse_backend():
+    """The tile-map cache keyed on mask._version, which an inference tensor does not have: a
+    MaskedLinear made (or moved) under torch.inference_mode raised on every sparse forward."""
+    torch.manual_seed(0)
+    lin = nn.Linear(68, 45)
+    with torch.inference_mode():
+        m = MaskedLinear.from_linear(lin, sparsity=0.9, pattern=(5, 17))
+        m.backend = "triton"
+        assert m.mask.is_inference()
+        x = torch.randn(3, 68)
+        y = m(x)
+        torch.testing.assert_close(y, Fn.linear(x, lin.weight * m.mask, lin.bias),
+                                   rtol=1e-4, atol=1e-4)
+        # a new mask through set_mask_ reaches the kernel (the map is rebuilt)
+        new = m.mask.clone()
+        first = int(new.any(1).nonzero()[0])
+        new[first:first + 5] = False  # prune one more block row of kept weights
+        assert new.any() and not torch.equal(new, m.mask)
+        m.set_mask_(new)
+        # (set_mask_ zeroes newly pruned weights; weights pruned before stay zero)
+        want = Fn.linear(x, m.weight * new, lin.bias)
+        assert m.weight[new].abs().sum() > 0
+        torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4)  # and outside inference mode
+
+
+@pytest.mark.parametrize("flags, runs_on, refused_on", [
+    # the default without a GPU: sm_80 code runs on 8.x, its PTX on every later GPU
+    ("-gencode=arch=compute_80,code=compute_80 -gencode=arch=compute_80,code=sm_80",
+     [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)], [(7, 5), (7, 0)]),
+    # machine code only: its major, minors from its own up
+    ("-gencode=arch=compute_90,code=sm_90", [(9, 0)], [(8, 0), (8, 9), (10, 0), (12, 0)]),
+    ("-gencode=arch=compute_86,code=sm_86", [(8, 6), (8, 9)], [(8, 0), (9, 0)]),
+    # arch-specific code runs on exactly that architecture
+    ("-gencode=arch=compute_90a,code=sm_90a", [(9, 0)], [(10, 0), (8, 0)]),
+    ("-gencode=arch=compute_100,code=sm_100 -gencode=arch=compute_90,code=compute_90",
+     [(9, 0), (10, 0), (12, 0)], [(8, 0)]),
+])
+def test_which_gpus_the_built_kernels_run_on(monkeypatch, flags, runs_on, refused_on):
+    """Built off-GPU for 9.0 only, the kernels failed on an A100 or an RTX 50xx with CUDA's
+    generic 'no kernel image' at launch while info() and backend choice called them available."""
+    monkeypatch.setattr(_extension, "build_info",
+                        lambda: {"build_cuda_arch_flags": flags, "build_cuda_arch_list": "x"})
+    for cap in runs_on:
+        assert _extension.arch_unavailable_reason(cap) is None, cap
+    for cap in refused_on:
+        why = _extension.arch_unavailable_reason(cap)
+        assert why and f"{cap[0]}.{cap[1]}" in why, cap
+    # a build that recorded no flags (an older one): nothing is claimed either way
+    monkeypatch.setattr(_extension, "build_info", lambda: {})
+    assert _extension.arch_unavailable_reason((7, 0)) is None
+
+
+def test_backend_cuda_is_refused_on_a_gpu_the_build_has_no_code_for(monkeypatch):
+    monkeypatch.setattr(_extension, "build_info", lambda: {
+        "build_cuda_arch_flags": "-gencode=arch=compute_90,code=sm_90",
+        "build_cuda_arch_list": "9.0"})
+    monkeypatch.setattr(_extension, "loaded", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    F._masked_cuda_arch_reason.cache_clear()
+    try:
+        extra = F.masked_linear_reasons(torch.float16, torch.device("cuda", 0))
+        (why,) = extra("cuda")
+        assert "sm_90" in why and "8.0" in why and "TORCH_CUDA_ARCH_LIST" in why
+        assert extra("triton") == [] and extra("torch") == []
+        # CPU tensors: no capability to ask for
+        assert F.masked_linear_reasons(torch.float16, torch.device("cpu"))("cuda") == []
+    finally:
+        F._masked_cuda_arch_reason.cache_clear()
+
+
+def test_the_build_records_the_architectures_it_compiled_for():
+    if not _extension.loaded():
+        pytest.skip("fastkd._C is not built here")
+    flags = _extension.build_info().get("build_cuda_arch_flags", "")
+    assert "-gencode" in flags, _extension.build_info()
+    assert _extension._compiled_archs() is not None
+
+
+def test_backend_cuda_names_the_capability_it_needs(monkeypatch):
+    monkeypatch.setattr(_extension, "loaded", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    F._masked_cuda_arch_reason.cache_clear()
+    try:
+        (why,) = F.masked_linear_reasons(torch.float16, torch.device("cuda", 0))("cuda")
+        assert "8.0 or later" in why and "7.5" in why
+    finally:
+        F._masked_cuda_arch_reason.cache_clear()

@@ -63,6 +63,7 @@ class MaskedLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Initialise as ``nn.Linear`` does (the mask is left as it is)."""
         # nn.Linear's initialisation, so a fresh MaskedLinear with a full mask is an nn.Linear.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
@@ -179,7 +180,11 @@ class MaskedLinear(nn.Module):
 
     def tile_map(self) -> MaskTiles:
         """The cached tile map of the mask, rebuilt when the mask changed."""
-        key = (self.mask._version, self.mask.data_ptr(), self.mask.device)
+        mask = self.mask
+        # An inference tensor (a layer built or moved under torch.inference_mode) has no version
+        # counter: its map is keyed on storage alone, so edit such a mask through set_mask_.
+        version = None if mask.is_inference() else mask._version
+        key = (version, mask.data_ptr(), mask.device)
         if self._tiles is None or self._tiles_key != key:
             self._tiles = build_tile_map(self.mask)
             self._tiles_key = key
@@ -191,7 +196,7 @@ class MaskedLinear(nn.Module):
             return False  # meta shapes, or masked_linear's empty-weight shortcut: no map
         try:
             impl = F.MASKED_LINEAR_BACKENDS.select(
-                self.backend, device, F.masked_linear_reasons(dtype)
+                self.backend, device, F.masked_linear_reasons(dtype, device)
             )
         except RuntimeError:
             return False  # masked_linear raises with the reason
