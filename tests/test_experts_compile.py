@@ -48,7 +48,7 @@ def _grads(module, x, idx, w):
     for t in (x, w, *module.parameters()):
         t.grad = None
     out = module(x, idx, w)
-    (out.square() * torch.linspace(-1, 2, out.shape[-1])).sum().backward()
+    (out.square() * torch.linspace(-1, 2, out.shape[-1], device=out.device, dtype=out.dtype)).sum().backward()
     grads = {"x": x.grad, "w": w.grad}
     inner = getattr(module, "_orig_mod", module)  # a compiled module's names carry a prefix
     grads.update({n: p.grad for n, p in inner.named_parameters()})
