@@ -91,7 +91,7 @@ def kd_loss_topk(
     **Temperature.** The stored log-probabilities are taken as the teacher distribution as they
     are; ``temperature`` divides the student logits only (and scales by ``T**2``). Produce them with
     ``fastkd.teacher_topk(teacher_logits, k, temperature=T)`` at the ``T`` you train with. With
-    ``k = V`` the loss equals ``kd_loss(s, t, temperature=T)`` exactly. Without a tail
+    ``k = V`` the loss equals ``kd_loss(s, t, temperature=T)`` to rounding. Without a tail
     (``k = V``) there is no tail bucket.
 
     Args:

@@ -249,3 +249,6 @@ def pruned_again(before: Optional[str], pattern) -> str:
 # Structured (row/column) masks live in fastkd/structured.py, which imports only torch, so this
 # re-export cannot form an import cycle; issue 6 names it fastkd.prune.structured_mask.
 from .structured import structured_mask  # noqa: E402,F401
+
+__all__ = ["magnitude_mask", "global_magnitude_masks", "structured_mask", "prune_further",
+           "check_fits", "parse_pattern", "pattern_name"]

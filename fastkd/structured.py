@@ -37,8 +37,7 @@ and it goes too. Nothing else is removed, so the shrunk model's output equals th
 (to rounding). ``MaskedLinear`` layers count as linears: a sliced one keeps the rest of its mask,
 or becomes a plain ``nn.Linear`` when none of it is left.
 
-(This module holds what the issue calls ``fastkd.prune.structured_mask``; it lives here to stay
-clear of ``fastkd/prune.py`` being written on another branch, and is re-exported from there later.)
+``structured_mask`` is public as ``fastkd.prune.structured_mask``.
 """
 
 from __future__ import annotations

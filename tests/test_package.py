@@ -26,6 +26,22 @@ def test_info_has_the_promised_keys():
         assert data["cuda_ops"] == [] and data["cuda_extension_error"]
 
 
+def test_info_auto_columns_follow_fastkd_backend(monkeypatch):
+    """info() showed the plain auto choice while FASTKD_BACKEND made the ops take (or refuse)
+    another backend."""
+    monkeypatch.setenv("FASTKD_BACKEND", "torch")
+    assert fastkd.info()["ops"]["kd_loss"]["auto"] == {"cpu": "torch", "cuda": "torch"}
+    monkeypatch.setenv("FASTKD_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors need the interpreter
+    auto = fastkd.info()["ops"]["kd_loss"]["auto"]
+    assert auto["cpu"] == "triton (refused)"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fastkd.functional.kd_loss(torch.randn(2, 3), torch.randn(2, 3))
+    # an op without the named backend keeps its own auto choice, as the ops do
+    monkeypatch.setenv("FASTKD_BACKEND", "cuda")
+    assert fastkd.info()["ops"]["kd_loss"]["auto"]["cpu"] == "torch"
+
+
 def test_cli_info_text_and_json():
     out = subprocess.run([sys.executable, "-m", "fastkd", "info"], capture_output=True, text=True,
                          check=True).stdout

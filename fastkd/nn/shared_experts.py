@@ -116,6 +116,7 @@ class SharedExperts(StackedExperts):
                                  self._in_features[projection], self.bits)
 
     def nbytes(self) -> int:
+        """Bytes of the experts' own state (indices, codebooks, biases)."""
         return sum(t.numel() * t.element_size()
                    for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)))
 

@@ -168,6 +168,7 @@ class SharedLinear(nn.Module):
         return float_linear(self, self.dequantized_weight(), dtype)
 
     def nbytes(self) -> int:
+        """Bytes of the layer's state: packed indices, codebook and bias."""
         tensors = [self.indices, self.codebook] + ([self.bias] if self.bias is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -162,6 +162,7 @@ class MaskTiles:
 
     @property
     def layout(self) -> TileMapLayout:
+        """Offsets of the sections of ``data``."""
         return TileMapLayout(self.n_tiles, self.k_tiles)
 
 
