@@ -391,3 +391,51 @@ def test_missing_safetensors_gets_an_install_hint(monkeypatch, tmp_path):
         fastkd.save_compressed(torch.nn.Linear(2, 2), tmp_path / "m.safetensors")
     with pytest.raises(ImportError, match="pip install safetensors"):
         fastkd.load_compressed(torch.nn.Linear(2, 2), tmp_path / "m.safetensors")
+
+
+def _assign_kinds():
+    from test_int8_experts import _ToyExperts
+
+    from fastkd.nn import Int8Experts, SharedExperts
+
+    def linear():
+        return nn.Linear(20, 7)
+
+    return {
+        "int8_linear": (lambda: fastkd.nn.Int8Linear.from_linear(linear(), mode="w8a16"),
+                        lambda: torch.randn(3, 20)),
+        "shared_linear": (lambda: fastkd.nn.SharedLinear.from_linear(linear(), bits=4),
+                          lambda: torch.randn(3, 20)),
+        "int8_experts": (lambda: Int8Experts.from_experts(_ToyExperts(), mode="w8a16"), None),
+        "shared_experts": (lambda: SharedExperts.from_experts(_ToyExperts(), bits=3), None),
+    }
+
+
+@pytest.mark.parametrize("kind", ["int8_linear", "shared_linear", "int8_experts",
+                                  "shared_experts"])
+def test_assign_load_of_a_half_checkpoint_keeps_the_fp32_state(kind):
+    """load_state_dict(assign=True) of a checkpoint whose scales / codebooks were saved in
+    fp16 (a .half() state dict) installed them as fp16, and every forward then refused them."""
+    from test_int8_experts import _routing
+
+    make, inputs = _assign_kinds()[kind]
+    torch.manual_seed(0)
+    source = make()
+    half = {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    torch.manual_seed(1)
+    target = make()
+    target.load_state_dict(half, assign=True)
+    fp32 = {k: v for k, v in target.state_dict().items() if "scale" in k or "codebook" in k}
+    assert fp32 and all(v.dtype == torch.float32 for v in fp32.values())
+    # what a copy-load of the same checkpoint gives (it casts into the fp32 buffers)
+    torch.manual_seed(1)
+    copied = make()
+    copied.load_state_dict(half)
+    if inputs is None:  # experts: (tokens, hidden), routing
+        x = torch.randn(5, 24)
+        idx, w = _routing(5, 5)
+        args = (x, idx, w)
+    else:
+        args = (inputs(),)
+    torch.testing.assert_close(target(*args), copied(*args))
+    assert half[next(iter(fp32))].dtype == torch.float16  # the caller's dict is left alone

@@ -348,6 +348,19 @@ def adapter_layers(model: nn.Module) -> set:
     return owned
 
 
+def fp32_state(state_dict, prefix: str, names) -> None:
+    """For ``_load_from_state_dict``: the fp32 state (int8 scales, codebooks) arrives fp32 even
+    from a checkpoint saved after ``.half()`` elsewhere. A copy into the layer casts anyway, but
+    ``load_state_dict(assign=True)`` installs the tensor as it is, and every later forward
+    refused its fp16 scales. (``state_dict`` is load_state_dict's own shallow copy: the
+    caller's dict is not changed.)"""
+    for name in names:
+        value = state_dict.get(prefix + name)
+        if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and value.dtype != torch.float32):
+            state_dict[prefix + name] = value.float()
+
+
 def refuse_float_codes(module: nn.Module, state_dict, prefix: str, codes: dict,
                        error_msgs: list) -> bool:
     """For ``_load_from_state_dict`` of a layer holding integer codes (``codes``: name -> dtype):

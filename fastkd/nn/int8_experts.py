@@ -12,7 +12,7 @@ from .. import _ops
 from .. import functional as F
 from .._backend import check_backend
 from .._validate import check_float_dtype, check_tensor
-from ._linear_like import refuse_float_codes
+from ._linear_like import fp32_state, refuse_float_codes
 from ._stacked_experts import StackedExperts, _out_in, is_stacked_experts
 from .int8_linear import _check_mode
 
@@ -131,6 +131,7 @@ class Int8Experts(StackedExperts):
         codes = {p: torch.int8 for p in self.projections}
         if not refuse_float_codes(self, state_dict, prefix, codes, error_msgs):
             return
+        fp32_state(state_dict, prefix, [f"{p}_scale" for p in self.projections])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from ._linear_like import as_linear, float_linear, refuse_float_codes, remember_layout
+from ._linear_like import (as_linear, float_linear, fp32_state, refuse_float_codes,
+                           remember_layout)
 
 
 def _check_mode(mode) -> str:
@@ -124,6 +125,7 @@ class Int8Linear(nn.Module):
         if not refuse_float_codes(self, state_dict, prefix, {"weight": torch.int8},
                                   error_msgs):
             return
+        fp32_state(state_dict, prefix, ("weight_scale",))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

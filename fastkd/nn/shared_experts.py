@@ -12,6 +12,7 @@ from .. import functional as F
 from .._backend import check_backend
 from .._validate import check_bits
 from ..reference.shared_linear import shared_dequantize
+from ._linear_like import fp32_state
 from ._stacked_experts import StackedExperts, _out_in
 from .shared_linear import refuse_bad_indices
 
@@ -93,6 +94,7 @@ class SharedExperts(StackedExperts):
                                   [f"{p}_indices" for p in self.projections], self.bits,
                                   error_msgs):
             return
+        fp32_state(state_dict, prefix, [f"{p}_codebook" for p in self.projections])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -13,6 +13,7 @@ from ..reference.shared_linear import highest_code, pack_indices, shared_dequant
 from ._linear_like import (
     as_linear,
     float_linear,
+    fp32_state,
     refuse_float_codes,
     remember_layout,
     require_values,
@@ -132,6 +133,7 @@ class SharedLinear(nn.Module):
                               unexpected_keys, error_msgs):
         if not refuse_bad_indices(self, state_dict, prefix, ("indices",), self.bits, error_msgs):
             return
+        fp32_state(state_dict, prefix, ("codebook",))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
