@@ -12,6 +12,7 @@ from .nn._linear_like import (
     _selected,
     adapter_layers,
     guard_peft_bases,
+    one_answer_per_layer,
     refuse_peft_wrapped_experts,
     is_replaceable_linear,
     refuse_distributed,
@@ -65,6 +66,7 @@ def quantize_(
     _check_mode(mode)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable as filter_fn(module, name) -> bool")
+    filter_fn = one_answer_per_layer("quantize_", model, filter_fn)
     if is_replaceable_linear(model, pruned=True):
         raise ValueError(
             "quantize_ replaces submodules in place and cannot replace the model itself; "

@@ -282,6 +282,7 @@ def share_weights_(
         adapter_layers,
         is_replaceable_linear,
         module_paths,
+        one_answer_per_layer,
         refuse_distributed,
         replace_everywhere,
         shown,
@@ -308,6 +309,9 @@ def share_weights_(
     if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
         return share_weights_(unwrapped_model(model), bits, filter_fn,  # model's own names
                               per_channel, iters, calibration, damp)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("filter_fn must be callable as filter_fn(module, name) -> bool")
+    filter_fn = one_answer_per_layer("share_weights_", model, filter_fn)
     # nn.Linear, Hugging Face Conv1D and subclasses computing the same product, whatever the
     # filter: nn.MultiheadAttention's out_proj is read by its parent as a float weight.
     adapters = adapter_layers(model)  # PEFT's LoRA weights stay float and trainable

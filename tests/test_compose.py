@@ -382,3 +382,21 @@ def test_a_swap_run_again_with_other_settings_does_what_it_says_or_says_why_not(
     model = _pruned(sparsity=0.5, dims=(44, 68, 32, 12))
     fastkd.sparsify_(model, None, pattern="2:4")
     assert "pattern='unstructured then 2:4'" in repr(model[0])
+
+
+@pytest.mark.parametrize("step", ["quantize_", "share_weights_"])
+@pytest.mark.parametrize("rejected", ["a.0", "b.0"])
+def test_a_filter_rejecting_one_name_of_a_shared_layer_leaves_it_whole(step, rejected):
+    """quantize_ asked filter_fn per name and swapped a shared layer only where it said yes: an
+    int8 and a float copy, untied, without a word; share_weights_ asked under the first name
+    only. Now: one answer per layer (every name must be accepted), and a warning."""
+    model = _SharedBlock()
+    x = torch.randn(3, 16)
+    out = model(x)
+    with pytest.warns(UserWarning, match="registered under"):
+        getattr(fastkd, step)(model, filter_fn=lambda m, name: name != rejected)
+    _one_layer(model, nn.Linear)
+    torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+    # a filter accepting every name compresses it, once, under both
+    getattr(fastkd, step)(model, filter_fn=lambda m, name: name in ("a.0", "b.0"))
+    _one_layer(model, Int8Linear if step == "quantize_" else SharedLinear)

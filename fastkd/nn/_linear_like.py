@@ -306,6 +306,36 @@ def module_paths(model: nn.Module) -> dict:
     return paths
 
 
+def one_answer_per_layer(who: str, model: nn.Module, filter_fn):
+    """``filter_fn`` asked once per layer rather than once per name: a layer registered under
+    several names (a block reused, ALBERT-style) is selected only when ``filter_fn`` accepts it
+    under every one. A filter accepting one name and rejecting another cannot be followed (it
+    is one layer); such a layer stays as it is, with a warning (``quantize_`` had split it into
+    an int8 and a float copy, untied; ``share_weights_`` asked under its first name only)."""
+    if filter_fn is None:
+        return None
+    paths = module_paths(model)
+    verdicts: dict = {}
+
+    def selected(module, name) -> bool:
+        key = id(module)
+        if key not in verdicts:
+            names = paths.get(key) or [name]
+            answers = [bool(filter_fn(module, n)) for n in names]
+            verdicts[key] = all(answers)
+            if any(answers) and not all(answers):
+                import warnings
+
+                kept = [n for n, a in zip(names, answers) if not a]
+                warnings.warn(
+                    f"{who} leaves {type(module).__name__} {names[0]!r} as it is: it is one "
+                    f"layer registered under {names}, and filter_fn rejects it as {kept}; "
+                    "accept or reject every name to change it", UserWarning, stacklevel=3)
+        return verdicts[key]
+
+    return selected
+
+
 def replace_everywhere(model: nn.Module, paths: dict, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` at every path of ``old`` (``paths`` from :func:`module_paths`), so a layer
     shared under several names stays one shared layer."""
