@@ -26,7 +26,8 @@ def row_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
         raise ValueError(f"logit rows must be (N, V) or (B, L, V), got shape {tuple(shape)}")
     out = [max(shape[-2], 1)]
     for x in tensors:
-        if x.shape != shape or x.stride(-1) != 1:
+        # (a single class is read at column 0 whatever its stride; .contiguous() keeps it)
+        if x.shape != shape or (x.stride(-1) != 1 and shape[-1] != 1):
             raise ValueError("row tensors must share a shape and have unit column stride")
         out += [x.stride(0), x.stride(1)] if x.dim() == 3 else [0, x.stride(0)]
     return tuple(out)

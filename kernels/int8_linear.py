@@ -419,6 +419,9 @@ def _tuned_kernel(a_int8: bool, bucket: int, swapped: bool = False):
 def _launch_gemm(a, a_scale, w, w_scale, bias, out, a_int8: bool) -> None:
     m, k = a.shape
     n = w.shape[0]
+    # the kernels read the per-row / per-channel vectors as ptr + index: unit stride (a column
+    # of a packed tensor would be read wrongly)
+    a_scale, w_scale, bias = (None if v is None else v.contiguous() for v in (a_scale, w_scale, bias))
     args = (
         a,
         a_scale if a_scale is not None else w_scale,  # unused placeholder in W8A16

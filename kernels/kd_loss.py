@@ -419,6 +419,8 @@ def kd_loss_forward(
         return loss, stats
     block, num_warps = _launch_config(n_cols)
     has_target = target is not None
+    if has_target:  # read as target_ptr + row: a column of a label table has another stride
+        target = target.contiguous()
     _kd_loss_fwd_kernel[(n_rows,)](
         student,
         teacher,
@@ -466,6 +468,8 @@ def kd_loss_backward(
         return grad
     block, num_warps = _launch_config(n_cols)
     has_target = target is not None
+    if has_target:  # read as target_ptr + row: a column of a label table has another stride
+        target = target.contiguous()
     stats = stats.contiguous()
     _kd_loss_bwd_kernel[(n_rows,)](
         grad_rows,

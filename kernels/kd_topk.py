@@ -329,6 +329,8 @@ def kd_loss_topk_forward(
         return loss, stats
     block, num_warps = _launch_config(n_cols)
     has_target = target is not None
+    if has_target:  # read as target_ptr + row: a column of a label table has another stride
+        target = target.contiguous()
     has_tail = k < n_cols
     sorted_ids = ids.sort(dim=1).values if has_tail else ids
     _kd_topk_fwd_kernel[(n_rows,)](
@@ -365,6 +367,8 @@ def kd_loss_topk_backward(
         return grad
     block, num_warps = _launch_config(n_cols)
     has_target = target is not None
+    if has_target:  # read as target_ptr + row: a column of a label table has another stride
+        target = target.contiguous()
     stats = stats.contiguous()
     c_kl = alpha * temperature if has_target else temperature
     common = dict(HAS_TARGET=has_target, SEPARATE_CE=has_target and temperature != 1.0)

@@ -251,6 +251,7 @@ def _masked_mm(a, w, w_strides, mask, m_strides, bias, out, tile_map, tile_list,
         return out
     block_m, block_o, warps, stages = _mm_config(M, a.dtype, tiles_per_program, a.device.type)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(n_out, block_o),)
+    bias = None if bias is None else bias.contiguous()  # read as ptr + n
     _masked_mm_kernel[grid](
         a, w, mask, bias if bias is not None else out, out, tile_map,
         M, n_out, red,

@@ -460,6 +460,7 @@ def shared_linear_forward(
         x = x.contiguous()
     indices = indices.contiguous()
     codebook = codebook.float().contiguous()
+    bias = None if bias is None else bias.contiguous()  # read as ptr + n
     variant = resolve_variant(variant, M, x.dtype)
     if variant == "v2_dequant":
         if x.dtype == torch.float32:
