@@ -28,6 +28,7 @@ specialised the compiled step on N: one compilation per distinct batch length.)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -91,7 +92,7 @@ def forward_chunks(sh, sw, sb, th, tw, tb, target, row_scale, temperature, alpha
     n_rows = sh.shape[0]
     chunk = chunk or default_chunk_rows(n_rows, sw.shape[0])
     kw = {"divergence": divergence, "beta": beta}
-    grads = (torch.empty_like(sh) if need_h else sh.new_empty(0),
+    grads = (sh.new_empty(sh.shape) if need_h else sh.new_empty(0),  # contiguous, as the fake
              torch.zeros(sw.shape if need_w else 0, dtype=sw.dtype, device=sw.device),
              torch.zeros(sw.shape[0] if need_b else 0, dtype=torch.float32, device=sw.device))
     rows_out = torch.empty(n_rows, dtype=torch.float32, device=sh.device)
@@ -123,7 +124,7 @@ def backward_chunks(grad_rows, sh, sw, sb, th, tw, tb, target, temperature, alph
     n_rows = sh.shape[0]
     chunk = chunk or default_chunk_rows(n_rows, sw.shape[0])
     kw = {"divergence": divergence, "beta": beta}
-    grads = (torch.empty_like(sh) if need_h else sh.new_empty(0),
+    grads = (sh.new_empty(sh.shape) if need_h else sh.new_empty(0),  # contiguous, as the fake
              torch.zeros(sw.shape if need_w else 0, dtype=sw.dtype, device=sw.device),
              torch.zeros(sw.shape[0] if need_b else 0, dtype=torch.float32, device=sw.device))
     for r0 in range(0, n_rows, chunk):
@@ -330,7 +331,10 @@ def fused_linear_kd_loss(
     precompute = reduction != "none"
     cfg = (temperature, alpha, ignore_index, impl, divergence, beta, chunk_rows, precompute)
     # Inputs are in their compute dtype now (cast above under autocast): nothing inside is recast.
-    with torch.autocast(sh.device.type, enabled=False):
+    # (Entered only under autocast: an unconditional autocast region left a node strict
+    # torch.export could not save.)
+    with (torch.autocast(sh.device.type, enabled=False)
+          if torch.is_autocast_enabled(sh.device.type) else contextlib.nullcontext()):
         rows = FusedLinearKDFunction.apply(
             sh, student_weight, student_bias, th, teacher_weight.detach(),
             None if teacher_bias is None else teacher_bias.detach(), target, scale, cfg,

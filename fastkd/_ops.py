@@ -117,6 +117,16 @@ def no_double_backward(qualname: str, what: str) -> None:
     fallback (one generic warning) and came out wrong (the Triton kernels' as zeros, the
     reference's with its saved statistics held constant). First-order backward with
     ``create_graph=True`` still works; only the second differentiation raises, naming the op."""
+    refuse_backward(qualname, (
+        f"{what} has no second derivative: differentiating a gradient taken with "
+        "create_graph=True (a gradient penalty, Hessian-vector products) is not supported "
+        "through it"))
+
+
+def refuse_backward(qualname: str, message: str) -> None:
+    """An autograd kernel for an op that is not differentiated through: it runs as usual, and a
+    backward that reaches it raises ``message``. Without one, eager autograd differentiated the
+    Python implementation's aten ops (a meaningless gradient) while a compiled call gave none."""
     namespace, name = qualname.split("::")
     op = getattr(getattr(torch.ops, namespace), name).default
     after_autograd = torch._C._after_autograd_keyset
@@ -131,12 +141,9 @@ def no_double_backward(qualname: str, what: str) -> None:
 
         @staticmethod
         def backward(ctx, *grads):
-            raise RuntimeError(
-                f"{what} has no second derivative: differentiating a gradient taken with "
-                "create_graph=True (a gradient penalty, Hessian-vector products) is not "
-                "supported through it")
+            raise RuntimeError(message)
 
-    _Refuse.__name__ = f"{name}_no_double_backward"
+    _Refuse.__name__ = f"{name}_refuse_backward"
 
     def autograd_kernel(keyset, *args, **kwargs):
         if torch.is_grad_enabled() and _any_requires_grad(args):
@@ -561,6 +568,35 @@ no_double_backward("fastkd::kd_loss_topk_backward", "fastkd's top-k KD loss (kd_
 
 
 # --------------------------------------------------------------------------------------------
+# Top-k teacher (the offline store; fastkd/_topk.py holds the body)
+#   teacher_topk(rows (N,V) or (B,L,V), k, temperature) -> (ids (N,k) int64, logprobs (N,k) fp32)
+# One call whatever N: the chunk loop inside, traced, specialised compiled programs on N.
+# --------------------------------------------------------------------------------------------
+
+torch.library.define(
+    "fastkd::teacher_topk", "(Tensor rows, int k, float temperature) -> (Tensor, Tensor)"
+)
+
+
+@_kernel("fastkd::teacher_topk")
+def _teacher_topk(rows, k, temperature):
+    from ._topk import topk_rows
+
+    return topk_rows(rows, k, temperature)
+
+
+@torch.library.register_fake("fastkd::teacher_topk")
+def _teacher_topk_fake(rows, k, temperature):
+    n = _n_rows(rows)
+    return rows.new_empty((n, k), dtype=torch.long), rows.new_empty((n, k), dtype=torch.float32)
+
+
+refuse_backward("fastkd::teacher_topk",
+                "fastkd::teacher_topk has no derivative (it stores a teacher: top-k ids and "
+                "their log-probabilities, computed without a gradient)")
+
+
+# --------------------------------------------------------------------------------------------
 # Fused linear KD: the chunk loops (bodies in fastkd/_fused_linear_kd.py; autograd there, in
 # FusedLinearKDFunction, which calls these ops with requires-grad off)
 #   fused_linear_kd_forward(sh (N,Hs), sw (V,Hs), sb (V,)?, th (N,Ht), tw (V,Ht), tb (V,)?,
@@ -626,6 +662,12 @@ def _fused_linear_kd_backward_fake(grad_rows, sh, sw, sb, th, tw, tb, target, te
                                    ignore_index, backend, divergence, beta, chunk_rows, grad_h,
                                    grad_w, grad_b):
     return _flkd_grad_fakes(sh, sw, grad_h, grad_w, grad_b, sw.dtype)
+
+
+for _name in ("fused_linear_kd_forward", "fused_linear_kd_backward"):
+    refuse_backward(f"fastkd::{_name}",
+                    f"fastkd::{_name} computes gradients itself and is not differentiated "
+                    "through: call fastkd.functional.fused_linear_kd_loss, whose autograd runs it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -745,6 +787,11 @@ def _int8_linear_w8a16(x, weight, weight_scale, bias, backend):
 def _quantize_per_token_fake(x, backend):
     m, k = x.shape
     return x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+
+
+refuse_backward("fastkd::quantize_per_token",
+                "fastkd::quantize_per_token has no derivative (it rounds to int8); the int8 "
+                "linear ops carry the gradient of a quantized layer (int8_linear, Int8Linear)")
 
 
 @torch.library.register_fake("fastkd::int8_mm_scaled")

@@ -49,9 +49,19 @@ def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tens
     temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
     lead = logits.shape[:-1]
     rows = as_rows(logits)  # a sliced (B, L, V) batch stays a view: its (L, V) blocks are read
-    n_rows = rows.numel() // n_classes
-    ids = torch.empty(n_rows, k, dtype=torch.long, device=logits.device)
-    lps = torch.empty(n_rows, k, dtype=torch.float32, device=logits.device)
+    # one op call (fastkd/_ops.py) whatever the row count: its chunk loop, traced, specialised a
+    # compiled or exported program on the number of rows
+    ids, lps = torch.ops.fastkd.teacher_topk(rows.detach(), k, temperature)
+    return ids.reshape(*lead, k), lps.reshape(*lead, k)
+
+
+def topk_rows(rows: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
+    """The body of ``fastkd::teacher_topk``: ``(ids, logprobs)`` ``(N, k)`` of ``(N, V)`` or
+    ``(B, L, V)`` rows, in row chunks (fp32 copies of a chunk at a time)."""
+    n_classes = rows.shape[-1]
+    n_rows = rows.numel() // n_classes if n_classes else 0
+    ids = torch.empty(n_rows, k, dtype=torch.long, device=rows.device)
+    lps = torch.empty(n_rows, k, dtype=torch.float32, device=rows.device)
     step = max(1, _TOPK_CHUNK_ELEMENTS // n_classes)
     out = 0
     for block in (rows,) if rows.dim() == 2 else rows.unbind(0):
@@ -62,7 +72,7 @@ def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tens
             lps[out:r1] = top - torch.logsumexp(z, dim=-1, keepdim=True)
             ids[out:r1] = idx
             out = r1
-    return ids.reshape(*lead, k), lps.reshape(*lead, k)
+    return ids, lps
 
 
 def kd_loss_topk(

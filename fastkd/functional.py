@@ -249,6 +249,9 @@ def _shared_linear(x, indices, codebook, bias, *, in_features, bits, backend, ch
     check_float_dtype(x, "x")
     x = _in_autocast_dtype(x)
     check_bits(bits)
+    # an int a compiled caller passed in is a SymInt to Dynamo: the layout depends on it, so
+    # specialise (torch 2.11 could not trace the f-strings formatting it)
+    bits = int(bits)
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 0:
         raise ValueError(f"in_features must be a non-negative int, got {in_features!r}")
     if indices.dtype != torch.uint8 or indices.dim() != 2:
