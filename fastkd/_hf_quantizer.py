@@ -29,15 +29,43 @@ class FastkdConfig(QuantizationConfigMixin):
         return {"format": self.format, "layers": self.layers, "shapes": self.shapes}
 
 
+def _key_renamer(model):
+    """transformers' own renaming of checkpoint keys for ``model``'s class (a ``CLIPModel``
+    checkpoint loaded as ``CLIPVisionModel`` drops its ``vision_model.`` prefix), as a function
+    of one key; None where this transformers has no such renaming for it."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (WeightConverter, WeightRenaming,
+                                                     rename_source_key)
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # older/newer transformers: the prefix logic below is all there is
+        return None
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return None
+
+    def rename(key):
+        try:
+            return rename_source_key(key, renamings, converters)[0]
+        except Exception:
+            return key
+
+    return rename
+
+
 def _translated(model, header: dict) -> dict:
     """The header's module paths as ``model`` names them: a checkpoint saved from a model with
-    a head (``model.layers.0...``) loads into its base model (``layers.0...``) and back, as
-    transformers does for the weights; paths of modules ``model`` does not have (the head, for a
-    base model) are dropped, as transformers drops their weights."""
+    a head (``model.layers.0...``) loads into its base model (``layers.0...``) and back, and a
+    class whose weights transformers renames while loading (CLIP's vision and text towers) gets
+    the same renaming, as transformers does for the weights; paths of modules ``model`` does not
+    have (the head, for a base model) are dropped, as transformers drops their weights."""
     names = {name for name, _ in model.named_modules()}
     prefix = getattr(model, "base_model_prefix", "") or ""
+    rename = _key_renamer(model)
 
-    def where(path):
+    def placed(path):
         if path in names:
             return path
         if prefix and path.startswith(prefix + ".") and path[len(prefix) + 1:] in names:
@@ -45,6 +73,15 @@ def _translated(model, header: dict) -> dict:
         if prefix and f"{prefix}.{path}" in names:
             return f"{prefix}.{path}"
         return None
+
+    def where(path):
+        found = placed(path)
+        if found is None and rename is not None:
+            # a layer's weight key, renamed as transformers renames it, names the module
+            renamed = rename(f"{path}.weight")
+            if renamed != f"{path}.weight" and renamed.endswith(".weight"):
+                found = placed(renamed[: -len(".weight")])
+        return found
 
     def mapped(table):
         out = {}

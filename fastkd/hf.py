@@ -170,7 +170,22 @@ def record(model: nn.Module, *, shrunk: bool = False) -> None:
         return
     config = FastkdConfig(**header, shrunk=shrunk or was_shrunk)
     model.config.quantization_config = config
+    # A composite model's towers load alone from the same checkpoint (CLIPVisionModel from a
+    # CLIPModel's), reading only their own sub-config: without the header there, transformers
+    # never called the quantizer and read int8 codes as float weights. The paths stay the
+    # composite's; the quantizer renames them as transformers renames the weights.
+    for sub in _sub_configs(model.config):
+        sub.quantization_config = config
     model.hf_quantizer = FastkdHfQuantizer(config, pre_quantized=True)
+
+
+def _sub_configs(config) -> list:
+    """The nested configs of a composite model's config (``text_config``, ``vision_config``)."""
+    names = getattr(config, "sub_configs", None)
+    if not isinstance(names, dict):
+        return []
+    subs = [getattr(config, name, None) for name in names]
+    return [s for s in subs if s is not None and hasattr(s, "to_dict") and s is not config]
 
 
 def _outermost_transformers_models(model: nn.Module) -> list:
@@ -216,6 +231,9 @@ def forget(model: nn.Module) -> None:
     if _ours(getattr(model, "hf_quantizer", None)):
         del model.hf_quantizer
     config = getattr(model, "config", None)
-    qc = getattr(config, "quantization_config", None)
-    if qc is not None and getattr(qc, "quant_method", None) == QUANT_METHOD:
-        del config.quantization_config
+    for c in ([config] + _sub_configs(config)) if config is not None else []:
+        qc = getattr(c, "quantization_config", None)
+        # a loaded sub-config keeps it as the JSON's dict
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if method == QUANT_METHOD:
+            del c.quantization_config

@@ -304,6 +304,45 @@ def test_base_model_loads_from_a_checkpoint_with_a_head_and_back(tmp_path):
     assert type(with_head.lm_head) is nn.Linear  # not in that checkpoint: a new float head
 
 
+def _clip():
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=48, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=48, image_size=16, patch_size=8),
+        projection_dim=16)
+    return transformers.CLIPModel(cfg).eval()
+
+
+def test_a_tower_of_a_composite_model_loads_alone(tmp_path):
+    """CLIPVisionModel / CLIPTextModel from a compressed CLIPModel checkpoint read only their
+    sub-config, which had no quantization_config: transformers never called the quantizer and
+    read the int8 codes as float weights (outputs off by ~4e5), silently."""
+    model = _clip()
+    _quiet(fastkd.quantize_, model, mode="w8a16")
+    model.save_pretrained(tmp_path)
+    px, ids = torch.randn(2, 3, 16, 16), torch.randint(0, 97, (2, 7))
+    vision = _quiet(transformers.CLIPVisionModel.from_pretrained, tmp_path).eval()
+    text = _quiet(transformers.CLIPTextModel.from_pretrained, tmp_path).eval()
+    assert any(isinstance(m, Int8Linear) for m in vision.modules())
+    assert any(isinstance(m, Int8Linear) for m in text.modules())
+    with torch.no_grad():
+        assert torch.equal(vision(pixel_values=px).last_hidden_state,
+                           model.vision_model(pixel_values=px).last_hidden_state)
+        assert torch.equal(text(input_ids=ids).last_hidden_state,
+                           model.text_model(input_ids=ids).last_hidden_state)
+    # the composite itself still round-trips, and decompress_ leaves no config behind in the
+    # sub-configs either (a loaded sub-config holds it as the JSON's dict)
+    whole = _quiet(transformers.CLIPModel.from_pretrained, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(whole(input_ids=ids, pixel_values=px).logits_per_image,
+                           model(input_ids=ids, pixel_values=px).logits_per_image)
+    fastkd.decompress_(whole)
+    whole.save_pretrained(tmp_path / "float")
+    assert "quantization_config" not in json.dumps(_saved_config(tmp_path / "float"))
+
+
 def test_student_of_a_compressed_teacher(tmp_path):
     teacher = _build("llama")
     _quiet(fastkd.quantize_, teacher, mode="w8a16")
