@@ -70,14 +70,46 @@ class LoraCompressedLinear(_PeftLoraLinear):
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
 
-def register_lora_layers(config):
+def register_lora_layers(config, model=None):
     """Let ``config`` (a ``peft.LoraConfig``) put LoRA adapters on fastkd's ``Int8Linear``,
     ``MaskedLinear`` and ``SharedLinear`` layers; returns ``config``. Pass it to
     ``get_peft_model``, or as ``config=`` to ``PeftModel.from_pretrained`` (peft does not save
-    the registration with the adapter)."""
+    the registration with the adapter).
+
+    ``target_modules="all-linear"`` needs ``model``: peft expands that shorthand to ``nn.Linear``
+    and ``Conv1D`` layers only, which skipped every compressed layer (the adapters went to the
+    few float linears left, a MoE router, or nowhere). With ``model`` it is expanded here to
+    every linear layer, fastkd's included, leaving out the output embeddings (the lm head), as
+    peft does."""
     register = getattr(config, "_register_custom_module", None)
     if register is None:
         raise TypeError("register_lora_layers takes a peft.LoraConfig of a peft with custom "
                         f"LoRA modules (peft >= 0.14), got {type(config).__name__}")
+    target = getattr(config, "target_modules", None)
+    if isinstance(target, str) and target.lower() == "all-linear":
+        if model is None:
+            raise ValueError(
+                "target_modules='all-linear' takes the model here: peft expands it to nn.Linear "
+                "and Conv1D layers only, which leaves out fastkd's compressed layers; call "
+                "register_lora_layers(config, model), or list the module names")
+        config.target_modules = _all_linear_names(model)
     register({cls: LoraCompressedLinear for cls in _layer_types()})
     return config
+
+
+def _all_linear_names(model) -> set:
+    """Names of the linear layers of ``model`` (nn.Linear, transformers' Conv1D, fastkd's
+    compressed layers) without its output embeddings."""
+    import torch.nn as nn
+
+    from .nn._linear_like import _is_tuner_layer, is_replaceable_linear
+
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    # no adapters on adapters: what sits inside peft's tuner layers stays out
+    tuners = [name for name, m in model.named_modules() if name and _is_tuner_layer(m)]
+    names = {name for name, m in model.named_modules()
+             if name and m is not head and not any(name.startswith(t + ".") for t in tuners)
+             and (isinstance(m, (nn.Linear, *_layer_types())) or is_replaceable_linear(m))}
+    if not names:
+        raise ValueError("target_modules='all-linear': the model has no linear layers")
+    return names

@@ -298,3 +298,23 @@ def test_lora_on_the_experts_own_weights_is_refused_and_nothing_changes(arch, st
     # leaving the wrapped experts out compresses the rest
     getattr(fastkd, step)(model, filter_fn=lambda m, name: "experts" not in name)
     assert any(type(m) is STEPS[step][1] for m in model.modules())
+
+
+@pytest.mark.filterwarnings("ignore:.*tied embeddings")
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_all_linear_targets_the_compressed_layers(step):
+    """peft expands target_modules='all-linear' to nn.Linear / Conv1D only: on a compressed
+    model the adapters went to whatever float linear was left (or peft found nothing)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = _tiny_llama(transformers)
+    swap, kind = STEPS[step]
+    swap(model)
+    with pytest.raises(ValueError, match="takes the model"):
+        fastkd.register_lora_layers(peft.LoraConfig(r=4, target_modules="all-linear"))
+    config = fastkd.register_lora_layers(peft.LoraConfig(r=4, target_modules="all-linear"), model)
+    wrapped = {name: mod for name, mod in peft.get_peft_model(model, config).named_modules()
+               if hasattr(mod, "lora_A") and hasattr(mod, "base_layer")}
+    bases = {type(mod.base_layer) for mod in wrapped.values()}
+    assert len(wrapped) == 7 and bases == {kind}, (sorted(wrapped), bases)  # q k v o gate up down
+    assert not any(name.endswith("lm_head") for name in wrapped)
