@@ -126,6 +126,8 @@ def student_from_teacher(
     n = len(layers)
     keep = _normalise_keep(keep_layers, n)
     kept = [layers[i] for i in keep]
+    if kept and keep[0] != 0:
+        _move_position_bias(layers[0], kept[0])
     new_stack = type(layers)(kept) if isinstance(layers, nn.ModuleList) else nn.Sequential(*kept)
     setattr(parent, attr, new_stack)
     for new_idx, block in enumerate(kept):
@@ -139,6 +141,23 @@ def student_from_teacher(
     _warn_if_config_builds_another_model(student)
     hf.record(student)  # a compressed teacher's layers, at their new paths
     return student
+
+
+def _move_position_bias(first: nn.Module, new_first: nn.Module) -> None:
+    """T5-style stacks hold their relative position bias in block 0 alone (attention modules
+    with ``has_relative_attention_bias``), and every later block reuses what block 0 computed.
+    A student without block 0 had no position information at all, and a reload gave its new
+    block 0 a random bias: the table moves to the block that is first now."""
+    for name, mod in first.named_modules():
+        if getattr(mod, "has_relative_attention_bias", False) is not True:
+            continue
+        try:
+            target = new_first.get_submodule(name)
+        except AttributeError:
+            continue
+        if getattr(target, "has_relative_attention_bias", None) is False:
+            target.relative_attention_bias = copy.deepcopy(mod.relative_attention_bias)
+            target.has_relative_attention_bias = True
 
 
 def _is_config(obj) -> bool:

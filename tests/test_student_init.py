@@ -182,6 +182,33 @@ def test_encoder_decoder_stack_sets_its_own_sides_depth(arch, stack, depth_attr,
     _reloads_as_itself(student, tmp_path, input_ids=ids, decoder_input_ids=ids)
 
 
+@pytest.mark.parametrize("stack", ["encoder.block", "decoder.block"])
+def test_t5_without_its_first_block_keeps_the_position_bias(stack, tmp_path):
+    """T5 holds its relative position bias in block 0 alone: a student keeping [1, 2] had no
+    position information (its encoder was permutation-invariant) and reloaded with a random
+    bias table in its new block 0."""
+    T = transformers
+    torch.manual_seed(0)
+    teacher = T.T5ForConditionalGeneration(T.T5Config(
+        vocab_size=61, d_model=24, d_ff=37, num_layers=3, num_heads=4, d_kv=6)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        student = student_from_teacher(teacher, [1, 2], stack=stack).eval()
+    side = stack.split(".")[0]
+    attn = getattr(student, side).block[0].layer[0].SelfAttention
+    source = getattr(teacher, side).block[0].layer[0].SelfAttention
+    assert attn.has_relative_attention_bias
+    assert torch.equal(attn.relative_attention_bias.weight, source.relative_attention_bias.weight)
+    ids = torch.randint(3, 60, (1, 7))
+    if side == "encoder":  # positions matter again: reversing the tokens changes the output
+        rev = ids.flip(1)
+        with torch.no_grad():
+            a = student.encoder(input_ids=ids).last_hidden_state
+            b = student.encoder(input_ids=rev).last_hidden_state.flip(1)
+        assert not torch.allclose(a, b, atol=1e-5)
+    _reloads_as_itself(student, tmp_path, input_ids=ids, decoder_input_ids=ids)
+
+
 def test_a_config_the_kept_layers_do_not_match_gets_a_warning():
     """Jamba places its attention layers by period and offset, which a subset of layers need
     not follow: the student is right in memory, but its config builds another model."""
