@@ -280,6 +280,24 @@ def test_a_step_that_leaves_stacked_expert_weights_float_says_so(step):
         run(model(), filter_fn=lambda mod, name: mod.in_features >= 16)
 
 
+@pytest.mark.parametrize("step", ["quantize_", "share_weights_"])
+def test_vit_tokens_and_position_tables_are_not_taken_for_experts(step):
+    """ViT's cls_token (1, 1, H) and position_embeddings (1, T, H) are 3-D: every quantize_ of a
+    ViT warned that it left 'weights stacked in 3-D parameters' (experts) float."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=24, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32,
+        image_size=16, patch_size=8)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        {"quantize_": lambda m: fastkd.quantize_(m, mode="w8a16"),
+         "share_weights_": lambda m: fastkd.share_weights_(m, bits=6)}[step](vit)
+    vit(pixel_values=torch.randn(1, 3, 16, 16))
+
+
 @pytest.mark.parametrize("step", ["quantize_", "sparsify_", "share_weights_"])
 def test_t5_whose_mlp_reads_wo_weight_runs_after_every_step(step):
     """T5's MLP reads ``wo.weight.dtype`` in its forward: a SharedLinear, which holds no float

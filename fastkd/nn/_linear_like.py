@@ -544,7 +544,10 @@ def warn_stacked_weights_left(who: str, model: nn.Module, filter_fn) -> None:
         total += sum(p.numel() for _, p in own)
         if isinstance(m, nn.modules.conv._ConvNd):
             continue
-        stacked = [(pn, p) for pn, p in own if p.dim() >= 3 and p.is_floating_point()]
+        # a stack of matrices: several along the first dimension (ViT's cls_token (1, 1, H) and
+        # position_embeddings (1, T, H) are single tables, not experts)
+        stacked = [(pn, p) for pn, p in own if p.dim() >= 3 and p.is_floating_point()
+                   and p.shape[0] > 1 and min(p.shape[-2:]) > 1]
         if stacked and _selected(filter_fn, m, name):
             left.append(f"{name or type(m).__name__} ({', '.join(pn for pn, _ in stacked)})")
             numel += sum(p.numel() for _, p in stacked)
