@@ -130,6 +130,11 @@ def student_from_teacher(
         _move_position_bias(layers[0], kept[0])
     new_stack = type(layers)(kept) if isinstance(layers, nn.ModuleList) else nn.Sequential(*kept)
     setattr(parent, attr, new_stack)
+    for key, value in list(vars(parent).items()):
+        # the stack owner's own copy of the depth (DistilBERT's Transformer.n_layers)
+        if (type(value) is int and value == n and "layer" in key.lower()
+                and not key.startswith("_")):
+            setattr(parent, key, len(keep))
     for new_idx, block in enumerate(kept):
         for mod in block.modules():
             if isinstance(getattr(mod, "layer_idx", None), int):
@@ -138,7 +143,7 @@ def student_from_teacher(
     path = stack if stack is not None else next(
         name for name, m in student.named_modules() if m is new_stack)
     _update_configs(student, parent, path, n, keep)
-    _warn_if_config_builds_another_model(student)
+    _warn_if_config_builds_another_model(student, path)
     hf.record(student)  # a compressed teacher's layers, at their new paths
     return student
 
@@ -222,11 +227,14 @@ def _dense_layers_by_index(config, n: int, keep: list) -> None:
                 config.moe_layer_freq = 1
 
 
-def _warn_if_config_builds_another_model(student: nn.Module) -> None:
+def _warn_if_config_builds_another_model(student: nn.Module, stack: str) -> None:
     """Build the student's architecture from its config (on the meta device) and compare: a
     config setting the copy does not follow (a per-layer scheme fastkd does not know: DeepSeek's
     first dense layers, interleaved MoE steps) makes ``from_pretrained`` build another model,
-    with other layer kinds or flags, than the student in memory."""
+    with other layer kinds or flags, than the student in memory. Layer kinds are compared
+    everywhere, settings within the layer stack (outside it, a module may derive a setting it
+    never uses from the new layer list: Gemma 3's rotary scaling for full-attention layers when
+    only sliding ones were kept)."""
     if not hf._is_transformers_model(student):
         return
     import torch
@@ -251,6 +259,8 @@ def _warn_if_config_builds_another_model(student: nn.Module) -> None:
         if other is None or type(other) is not type(mod):
             differ.append(f"{name}: {type(mod).__name__} vs "
                           f"{type(other).__name__ if other is not None else 'nothing'}")
+            continue
+        if not f"{name}.".startswith(f"{stack}."):
             continue
         for key, value in vars(mod).items():
             if (key.startswith("_") or key in widths or key == "training"

@@ -223,3 +223,29 @@ def test_a_config_the_kept_layers_do_not_match_gets_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         student_from_teacher(teacher, [0, 1])  # the period and offset still hold
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "gemma3"])
+def test_no_false_warning_where_the_config_does_describe_the_student(arch, tmp_path):
+    """DistilBERT's Transformer keeps its own n_layers (left at the teacher's depth); Gemma 3's
+    rotary embedding derives a full-attention scaling it never uses once only sliding layers
+    are kept: both made student_from_teacher warn that the config builds another model."""
+    T = transformers
+    torch.manual_seed(0)
+    if arch == "distilbert":
+        teacher = T.DistilBertModel(T.DistilBertConfig(vocab_size=61, dim=24, n_layers=3,
+                                                       n_heads=4, hidden_dim=37))
+    else:
+        teacher = T.Gemma3ForCausalLM(T.Gemma3TextConfig(
+            vocab_size=61, hidden_size=24, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=37, head_dim=6, sliding_window_pattern=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        student = student_from_teacher(teacher.eval(), [0, 2]).eval()
+    if arch == "distilbert":
+        assert student.transformer.n_layers == 2 == student.config.n_layers
+    ids = torch.randint(3, 60, (1, 7))
+    student.save_pretrained(tmp_path)
+    again = type(student).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids)[0], student(ids)[0])
