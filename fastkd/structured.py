@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from . import hf
 from .nn._linear_like import (
+    as_linear,
     computes_linear,
     in_original_layout,
     is_hf_conv1d,
@@ -58,6 +59,7 @@ from .nn._linear_like import (
     refuse_distributed,
     remember_layout,
     shown,
+    torch_pruned,
     unwrapped_model,
 )
 
@@ -534,12 +536,25 @@ def _slice_conv1d(layer: nn.Module, keep: Tensor, dim: int) -> nn.Module:
 def _shrink_conv1d_mlp(mlp: nn.Module, report: list, prefix: str) -> bool:
     a, b = getattr(mlp, "c_fc", None), getattr(mlp, "c_proj", None)
     act = getattr(mlp, "act", None)
+    # one side pruned (a MaskedLinear made from its Conv1D), the other still a Conv1D: the Conv1D
+    # takes part as the nn.Linear it computes and gets its own layout back after
+    conv = {side: layer for side, layer in (("a", a), ("b", b))
+            if is_hf_conv1d(layer) and not torch_pruned(layer)}
+    if len(conv) == 1 and all(_plain_linear(x) or is_hf_conv1d(x) for x in (a, b)):
+        a, b = (as_linear(x, "shrink_") if is_hf_conv1d(x) else x for x in (a, b))
+    else:
+        conv = {}
     if _plain_linear(a) and _plain_linear(b) and a.out_features == b.in_features and act:
         # GPT-2's MLP after sparsify_ (its Conv1D layers became MaskedLinear)
         dead, bias_b = _dead_or_constant(a, b, act, frozen=True)
         n_dead = int(dead.sum())
         if n_dead and _check_keep(a.out_features - n_dead, prefix):
-            (mlp.c_fc,), mlp.c_proj = _shrink_pair([a], b, dead, bias_b)
+            (new_a,), new_b = _shrink_pair([a], b, dead, bias_b)
+            if "a" in conv:
+                new_a = in_original_layout(remember_layout(new_a, conv["a"]), new_a)
+            if "b" in conv:
+                new_b = in_original_layout(remember_layout(new_b, conv["b"]), new_b)
+            mlp.c_fc, mlp.c_proj = new_a, new_b
             report.append((f"{prefix}c_fc/c_proj", a.out_features, a.out_features - n_dead))
         return True
     if not (is_hf_conv1d(a) and is_hf_conv1d(b)) or a.weight.shape[1] != b.weight.shape[0]:

@@ -445,6 +445,37 @@ def test_gpt2_mlp_after_sparsify_shrinks():
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pruned_side", ["c_fc", "c_proj"])
+def test_gpt2_mlp_with_one_side_pruned_shrinks(pruned_side):
+    """One of c_fc / c_proj a MaskedLinear, the other still a Conv1D (sparsify_ with a filter
+    naming one of them): shrink_ removed nothing, with the 'removed nothing' warning."""
+    import fastkd
+    from fastkd.nn import MaskedLinear
+
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=24, vocab_size=53, n_positions=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(4)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    fastkd.sparsify_(model, sparsity=0.3, filter_fn=lambda m, n: n.endswith(pruned_side))
+    mlp = model.transformer.h[0].mlp
+    layer = getattr(mlp, pruned_side)
+    assert isinstance(layer, MaskedLinear)
+    with torch.no_grad():  # 40 of the 96 hidden neurons go: c_fc's rows or c_proj's columns
+        layer.mask &= structured_mask(layer.weight, 40 / 96, dim=0 if pruned_side == "c_fc" else 1)
+        if pruned_side == "c_fc":
+            layer.bias[~layer.mask.any(1)] = 0  # a dead neuron outputs act(0) = 0
+    ids = torch.randint(0, 53, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = shrink_(model)
+    assert [r[1:] for r in report] == [(96, 56)]
+    other = mlp.c_proj if pruned_side == "c_fc" else mlp.c_fc
+    assert type(other).__name__ == "Conv1D"  # its own layout, narrower
+    assert 56 in tuple(other.weight.shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
 # Tiny versions of architectures whose MLPs use other names; hidden 24, MLP width 37 (odd).
 # (builder, input kwargs, where the MLP producers live)
 def _hf_cases():
