@@ -123,9 +123,19 @@ def _baselines(k: int, n: int, w_bf16, bias, wq, ws, device, backend: str) -> di
                 if not hasattr(tq, cfg_name):
                     skipped[name] = f"torchao {_versions()['torchao']} has no {cfg_name}"
                     continue
+                config_cls = getattr(tq, cfg_name)
+                try:  # left as it is, quantize_ sets process-wide Inductor options (and TF32
+                    # matmuls) that would change every later compiled or fp32 figure
+                    config = config_cls(set_inductor_config=False)
+                except TypeError:
+                    config = config_cls()
                 mod = torch.nn.Sequential(copy.deepcopy(base))
-                tq.quantize_(mod, getattr(tq, cfg_name)())
+                tq.quantize_(mod, config)
                 impls[name] = (mod, wq.numel() + ws.numel() * 4)
+                # torchao's documented setting: quantize_ then torch.compile (one dynamic
+                # compilation for every M; the first call, untimed, compiles)
+                impls[f"{name}_compiled"] = (torch.compile(mod, dynamic=True),
+                                             wq.numel() + ws.numel() * 4)
         except Exception as exc:  # noqa: BLE001 - report why, keep benchmarking
             skipped["torchao"] = f"{type(exc).__name__}: {exc}"
         try:

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -24,7 +25,15 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    import importlib.metadata
+
     import fastkd
+
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {
@@ -35,15 +44,34 @@ def environment() -> dict:
         "triton": triton_version,
         "fastkd": fastkd.__version__,
         "cuda_extension": fastkd.info()["cuda_extension"],
+        # the peers the figures are compared with, and how each was timed
+        "peers": {d: version(d) for d in ("liger-kernel", "torchao", "bitsandbytes",
+                                          "transformers")},
+        "timing": {"do_bench_min_samples": MIN_SAMPLES, "default_rep_ms": 100},
     }
+
+
+MIN_SAMPLES = 10
+
+
+def _do_bench(fn, warmup_ms, rep_ms, **kw):
+    """triton.testing.do_bench with at least MIN_SAMPLES timed calls: it repeats
+    rep_ms / (its estimate of one call) times, so a call over rep_ms / 2 was timed once and its
+    20th and 80th percentiles were that one sample. A slow call gets a longer rep instead."""
+    from triton.testing import do_bench
+
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    estimate_ms = (time.perf_counter() - t0) * 1e3
+    rep = max(rep_ms, min(MIN_SAMPLES * estimate_ms, 5000))
+    return do_bench(fn, warmup=warmup_ms, rep=rep, **kw)
 
 
 def time_ms(fn, device: str, warmup_ms: int = 25, rep_ms: int = 100, cpu_reps: int = 5) -> float:
     """Median milliseconds of fn()."""
     if device == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        return float(_do_bench(fn, warmup_ms, rep_ms, return_mode="median"))
     fn()
     samples = []
     for _ in range(cpu_reps):
@@ -61,10 +89,8 @@ def time_stats(fn, device: str, warmup_ms: int = 25, rep_ms: int = 100, cpu_reps
     tensors whose .grad is cleared before every call, outside the timed region.
     """
     if device == "cuda":
-        from triton.testing import do_bench
-
-        med, lo, hi = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8],
-                               grad_to_none=grad_to_none)
+        med, lo, hi = _do_bench(fn, warmup_ms, rep_ms, quantiles=[0.5, 0.2, 0.8],
+                                grad_to_none=grad_to_none)
         return {"ms": float(med), "ms_p20": float(lo), "ms_p80": float(hi)}
 
     def clear():
@@ -102,7 +128,9 @@ def is_oom(exc: BaseException) -> bool:
 
 def write_json(records: list, path: str, extra: dict | None = None) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    payload = {"environment": environment(), **(extra or {}), "results": records}
+    # the command line says which sweep it was (--quick, shapes given by hand)
+    payload = {"environment": environment(), "argv": sys.argv[1:], **(extra or {}),
+               "results": records}
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:  # then rename: a run killed mid-write leaves the previous file
         json.dump(payload, f, indent=2)

@@ -122,7 +122,11 @@ def run_benchmarks(
                     entry["skipped"] = f"supports {', '.join(devices)}, not {dev.type}"
                     continue
                 log(f"running {family} on {dev} ({'quick' if quick else 'full'}) ...")
-                rows = run(str(dev), quick)
+                # the benchmarks compare device == "cuda": "cuda:1" made them take CPU shapes
+                # and CPU timers; the index selects the current device instead
+                if dev.type == "cuda" and dev.index is not None:
+                    torch.cuda.set_device(dev)
+                rows = run(dev.type, quick)
                 if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                     raise TypeError(f"run() must return a list of dicts, got {type(rows).__name__}")
                 entry["rows"] = rows
