@@ -70,6 +70,13 @@ def _nvidia_wheel_includes(cuda_home=None):
     for i, d in enumerate(dirs):
         shim = os.path.join(ROOT, "build", "nvidia-include-shim", str(i))
         os.makedirs(shim, exist_ok=True)
+        # a link left by an earlier plan made against another include dir (torch's /usr/local
+        # guess, say) would shadow this toolkit's own header: every later build failed with
+        # "CUDA compiler and CUDA toolkit headers are incompatible" until build/ was deleted
+        for name in os.listdir(shim):
+            link = os.path.join(shim, name)
+            if name in present or os.path.realpath(link) != os.path.join(os.path.realpath(d), name):
+                os.remove(link)
         for name in os.listdir(d):
             link = os.path.join(shim, name)
             if name in present or os.path.lexists(link):

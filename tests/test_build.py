@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def setup_module(monkeypatch):
+def setup_module(monkeypatch, tmp_path):
     for var in ("FASTKD_SKIP_CUDA_BUILD", "FASTKD_FORCE_CUDA", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS",
                 "CUDA_HOME", "CUDA_PATH"):
         monkeypatch.delenv(var, raising=False)
@@ -21,7 +21,34 @@ def setup_module(monkeypatch):
     spec.loader.exec_module(mod)  # not __main__: defines the helpers without calling setup()
     # planning only: leave csrc/_build_info.h (compiled into the real build) untouched
     monkeypatch.setattr(mod, "_write_build_info", lambda *a, **k: None)
+    # and the header shims under build/ too: a plan made in this process (where torch may have
+    # guessed CUDA_HOME=/usr/local before setup.py could say otherwise) must not leave links
+    # that the next real build picks up
+    monkeypatch.setattr(mod, "ROOT", str(tmp_path / "root"))
     return mod
+
+
+def _wheel_include_dirs():
+    import glob
+    import sys
+
+    return sorted({d for site in sys.path for d in glob.glob(f"{site}/nvidia/cu*/include")
+                   if os.path.isfile(f"{d}/cublas_v2.h")})
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/local/cuda/include") or not _wheel_include_dirs(),
+                    reason="needs the toolkit's include dir and torch's nvidia wheels")
+def test_header_shims_drop_links_a_plan_against_another_dir_left(setup_module):
+    """A plan made against an include dir without CUDA's headers (torch's /usr/local guess)
+    linked every wheel header, cccl and the runtime's included; those links stayed, and every
+    later build failed with 'CUDA compiler and CUDA toolkit headers are incompatible' until
+    build/ was deleted by hand."""
+    (shim,) = setup_module._nvidia_wheel_includes("/usr/local")  # no include/ of CUDA's there
+    assert os.path.lexists(os.path.join(shim, "cccl"))  # what that plan exposed
+    (shim,) = setup_module._nvidia_wheel_includes("/usr/local/cuda")
+    names = set(os.listdir(shim))
+    assert not names & set(os.listdir("/usr/local/cuda/include"))  # the toolkit's own win
+    assert "cublas_v2.h" in names  # what the toolkit lacks is still there
 
 
 def test_skip_switch_builds_nothing(setup_module, monkeypatch, capsys):
