@@ -71,7 +71,7 @@ class VocabParallelKDFunction(torch.autograd.Function):
         sums = torch.stack(
             [(zs - m_s).exp().sum(-1), e_t.sum(-1), (s32 - m_1).exp().sum(-1), cross,
              torch.zeros(n_rows, device=s.device)], 1)
-        if target is not None:
+        if target is not None and n_cols:  # (a shard with no classes holds no target logit)
             local = target - offset
             mine = (target != ignore_index) & (local >= 0) & (local < n_cols)
             s_y = s32.gather(1, torch.where(mine, local, 0)[:, None]).squeeze(1)
@@ -113,6 +113,8 @@ class VocabParallelKDFunction(torch.autograd.Function):
         inv_t = 1.0 / temperature
         c_kl = temperature if target is None else alpha * temperature
         grad = torch.empty_like(s)
+        if n_cols == 0:  # a shard with no classes: nothing to differentiate
+            return grad, None, None, None, None, None, None, None, None, None
         step = _row_chunk(n_rows, n_cols)
         for r0 in range(0, n_rows, step):
             r1 = min(n_rows, r0 + step)

@@ -151,7 +151,9 @@ def kd_loss(
 
     n_classes = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
-    if n_classes == 0:
+    if n_classes == 0 and group is None:
+        # (a rank of a vocabulary-parallel group may hold no classes: the others hold them all;
+        # refusing there left the other ranks waiting in the collective)
         raise ValueError("logits need at least one class (last dimension is 0)")
     if target is not None:
         # with a group, targets are global ids (checked against the total vocabulary there)
@@ -162,8 +164,9 @@ def kd_loss(
     if group is not None:  # vocabulary-parallel (fastkd/_vocab_parallel.py)
         from ._vocab_parallel import vocab_parallel_kd_rows
 
-        student = student_logits.reshape(-1, n_classes)
-        teacher = teacher_logits.detach().reshape(-1, n_classes)
+        n_rows = lead.numel()  # (reshape(-1, 0) cannot infer the rows of a shard with no classes)
+        student = student_logits.reshape(n_rows, n_classes)
+        teacher = teacher_logits.detach().reshape(n_rows, n_classes)
         rows = vocab_parallel_kd_rows(
             student, teacher, target, temperature, alpha, ignore_index, divergence, beta, group
         )
