@@ -42,6 +42,7 @@ from ._validate import (
     check_reduction,
     check_same_device,
     check_tensor,
+    check_temperature,
     refuse_create_graph,
 )
 
@@ -303,7 +304,7 @@ def fused_linear_kd_loss(
             if b.dtype != w.dtype:
                 raise TypeError(f"{name} must have its weight's dtype {w.dtype}, got {b.dtype}")
             check_same_device(student_hidden, b, "student_hidden", name)
-    temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+    temperature = check_temperature(temperature)
     alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
     ignore_index = check_int(ignore_index, "ignore_index")
     reduction = check_reduction(reduction)

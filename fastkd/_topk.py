@@ -20,6 +20,7 @@ from ._validate import (
     check_reduction,
     check_same_device,
     check_tensor,
+    check_temperature,
     reduce_rows,
 )
 
@@ -46,7 +47,7 @@ def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tens
     n_classes = logits.shape[-1]
     if not 1 <= k <= n_classes:
         raise ValueError(f"k must lie in [1, {n_classes}], got {k}")
-    temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+    temperature = check_temperature(temperature)
     lead = logits.shape[:-1]
     rows = as_rows(logits)  # a sliced (B, L, V) batch stays a view: its (L, V) blocks are read
     # one op call (fastkd/_ops.py) whatever the row count: its chunk loop, traced, specialised a
@@ -142,7 +143,7 @@ def kd_loss_topk(
         raise ValueError(f"the teacher must give k in [1, {n_classes}] classes per row, got {k}")
     check_same_device(student_logits, teacher_ids, "student_logits", "teacher_ids")
     check_same_device(student_logits, teacher_logprobs, "student_logits", "teacher_logprobs")
-    temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+    temperature = check_temperature(temperature)
     alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
     ignore_index = check_int(ignore_index, "ignore_index")
     reduction = check_reduction(reduction)

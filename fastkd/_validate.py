@@ -47,6 +47,21 @@ def check_number(value, name: str, low=None, high=None, low_open=False) -> float
     return value
 
 
+# fp32 statistics: outside this range T**2, logits / T or their exponentials leave fp32 (nan at
+# T = 2e19 on one backend and a number on the other; already at T = 1e5 the soft term was off by
+# 20x from cancellation). Real temperatures lie in [0.1, 100].
+TEMPERATURE_RANGE = (1e-4, 1e4)
+
+
+def check_temperature(value) -> float:
+    low, high = TEMPERATURE_RANGE
+    value = check_number(value, "temperature", low=0.0, low_open=True)
+    if not low <= value <= high:
+        raise ValueError(f"temperature must lie in [{low:g}, {high:g}] (fp32 statistics), got "
+                         f"{value:g}")
+    return value
+
+
 def check_bits(bits) -> int:
     """A weight-sharing width: an int in [1, 8] (2**bits codebook entries)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:

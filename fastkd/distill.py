@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as fkd_functional
-from ._validate import check_number
+from ._validate import check_number, check_temperature
 from .nn._linear_like import shown
 from .nn.adversarial import AdversarialKDLoss
 from .nn.kd_loss import KDLoss
@@ -172,6 +172,13 @@ def _split_batch(batch):
     if isinstance(batch, (tuple, list)):
         if len(batch) == 0:
             raise ValueError("a batch is an empty tuple/list")
+        if len(batch) > 2:
+            # (input_ids, attention_mask, labels) from a TensorDataset: the mask was taken for
+            # the labels (right shape, values in range) and the labels dropped, silently
+            raise ValueError(
+                f"a batch tuple is (inputs,) or (inputs, target), got {len(batch)} elements; "
+                "pass other model inputs as a mapping ({'input_ids': ..., 'attention_mask': "
+                "..., 'labels': ...}) or as a tuple of positional inputs ((ids, mask), labels)")
         inputs = batch[0]
         target = batch[1] if len(batch) > 1 else None
         if isinstance(inputs, Mapping):  # (tokenizer output, labels): keyword inputs
@@ -443,6 +450,9 @@ def _autocast_dtype(device: torch.device, setting, name: str) -> Optional[torch.
 def _nonempty(loader, name: str) -> None:
     if loader is None:
         raise ValueError(f"{name} is None")
+    if isinstance(loader, Tensor):  # iterated, it gives one unbatched, unlabelled row a step
+        raise TypeError(f"{name} is a bare tensor, which would be iterated row by row: pass a "
+                        "DataLoader or a list of batches")
     try:
         n = len(loader)
     except TypeError:
@@ -606,7 +616,7 @@ class Distiller:
             raise ValueError("teacher and student must be different modules")
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+        self.temperature = check_temperature(temperature)
         self.alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
         self.lr = check_number(lr, "lr", low=0.0, low_open=True)
         self.hint_weight = check_number(hint_weight, "hint_weight", low=0.0)
@@ -683,6 +693,9 @@ class Distiller:
                 first = next(iter(student.buffers()), None)
             device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device)
+        if self.device.type == "meta":  # .to("meta") would drop both models' weights
+            raise ValueError("Distiller trains on real weights: device='meta' (or a student on "
+                             "the meta device) holds none; load the weights first")
         self.teacher = None if self.offline else teacher.to(self.device)
         self.student = student.to(self.device)
         self._student_autocast = _autocast_dtype(self.device, autocast, "autocast")

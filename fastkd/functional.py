@@ -37,6 +37,7 @@ from ._validate import (
     check_reduction,
     check_same_device,
     check_tensor,
+    check_temperature,
     reduce_rows,
 )
 
@@ -142,7 +143,7 @@ def kd_loss(
             f"{tuple(teacher_logits.shape)} must have the same shape{hint}"
         )
     check_same_device(student_logits, teacher_logits, "student_logits", "teacher_logits")
-    temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+    temperature = check_temperature(temperature)
     alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
     ignore_index = check_int(ignore_index, "ignore_index")
     reduction = check_reduction(reduction)
@@ -162,6 +163,11 @@ def kd_loss(
 
     impl = KD_LOSS_BACKENDS.select(backend, student_logits.device)
     if group is not None:  # vocabulary-parallel (fastkd/_vocab_parallel.py)
+        import torch.distributed as dist
+
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed ProcessGroup (dist.group.WORLD, "
+                            f"dist.new_group(...)), got {type(group).__name__}")
         from ._vocab_parallel import vocab_parallel_kd_rows
 
         n_rows = lead.numel()  # (reshape(-1, 0) cannot infer the rows of a shard with no classes)

@@ -85,6 +85,8 @@ def register_lora_layers(config, model=None):
     if register is None:
         raise TypeError("register_lora_layers takes a peft.LoraConfig of a peft with custom "
                         f"LoRA modules (peft >= 0.14), got {type(config).__name__}")
+    if model is not None and not hasattr(model, "named_modules"):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     target = getattr(config, "target_modules", None)
     if isinstance(target, str) and target.lower() == "all-linear":
         if model is None:

@@ -228,6 +228,9 @@ def prune_further(weight: Tensor, mask: Tensor, sparsity: Optional[float],
     ``|W o M|``, so what is pruned stays pruned and counts toward the pattern. A kept weight
     that is exactly 0 ranks just above the pruned ones (it tied with them: a stable sort could
     keep a pruned zero in its place and drop it, pruning more than asked)."""
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"mask must be a tensor of the weight's shape {tuple(weight.shape)}, "
+                         f"got {tuple(mask.shape) if isinstance(mask, Tensor) else type(mask)}")
     mask = mask.to(weight.device) != 0
     # in fp32, as magnitude_mask ranks: the smallest fp32 subnormal is above every pruned 0
     scores = torch.where(mask, weight.detach().abs().float(), 0)

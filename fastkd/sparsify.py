@@ -13,6 +13,7 @@ from .nn._linear_like import (
     _selected,
     adapter_layers,
     as_linear,
+    check_compute_dtype,
     guard_peft_bases,
     refuse_peft_wrapped_experts,
     is_hf_conv1d,
@@ -201,13 +202,14 @@ def _check_prunable(child: nn.Module, name: str, sparsity, pattern) -> None:
         if is_hf_conv1d(child):
             weight = weight.t()
     try:
+        check_compute_dtype(weight.dtype, "MaskedLinear")
         if pattern is not None:
             check_fits(tuple(weight.shape), sparsity, pattern)
         require_values(weight, "sparsify_")
         if weight.numel() and not bool(torch.isfinite(weight.detach()).all()):
             raise ValueError("its weight has NaN or infinite entries, which no magnitude ranks")
-    except ValueError as e:
-        raise ValueError(f"sparsify_ cannot prune {name!r}: {e} (nothing was pruned)") from None
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"sparsify_ cannot prune {name!r}: {e} (nothing was pruned)") from None
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

@@ -91,7 +91,7 @@ def structured_mask(weight: Tensor, sparsity: float, dim: int = 0) -> Tensor:
         raise TypeError(f"sparsity must be a number, got {type(sparsity).__name__}")
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
-    if isinstance(dim, bool) or dim not in (0, 1, -1, -2):
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim not in (0, 1, -1, -2):
         raise ValueError(f"dim must be 0 (output neurons) or 1 (input channels), got {dim}")
     dim = dim % 2
     n = weight.shape[dim]

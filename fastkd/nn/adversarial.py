@@ -47,8 +47,8 @@ class AdversarialKDLoss(nn.Module):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.dtype.is_floating_point:
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"{name} has last dimension {x.shape[-1]}, expected {self.dim}")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"{name} must be (..., {self.dim}), got shape {tuple(x.shape)}")
         return x.reshape(-1, self.dim)
 
     def logits(self, x: Tensor) -> Tensor:
@@ -61,8 +61,8 @@ class AdversarialKDLoss(nn.Module):
     def _mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
         """Mean over rows, or over the rows ``mask`` keeps (0 when it keeps none): padding and
         ignored positions of a sequence batch count for nothing."""
-        if mask is None:
-            return x.mean()
+        if mask is None:  # (0 over no rows, as with a mask keeping none; not nan)
+            return x.sum() / max(x.numel(), 1)
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.numel() != x.numel():
             raise ValueError(f"mask must be a bool tensor with one entry per row ({x.numel()}), "
                              f"got {mask.dtype if isinstance(mask, Tensor) else type(mask)}")

@@ -5,7 +5,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._validate import check_int, check_number, check_reduction
+from .._validate import check_int, check_number, check_reduction, check_temperature
 
 
 class KDLoss(nn.Module):
@@ -27,7 +27,7 @@ class KDLoss(nn.Module):
     ):
         super().__init__()
         # Checked here too, so a bad setting fails when the loss is built, not mid-training.
-        self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
+        self.temperature = check_temperature(temperature)
         self.alpha = check_number(alpha, "alpha", low=0.0, high=1.0)
         self.ignore_index = check_int(ignore_index, "ignore_index")  # not int(): -100.5
         self.reduction = check_reduction(reduction)

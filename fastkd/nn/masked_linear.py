@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from ._linear_like import as_linear, remember_layout, require_values, torch_pruned
+from ._linear_like import (as_linear, check_compute_dtype, remember_layout, require_values,
+                           torch_pruned)
 from ..prune import magnitude_mask, pattern_name, prune_further
 from ..reference.masked_linear import MaskTiles, build_tile_map
 
@@ -42,6 +43,7 @@ class MaskedLinear(nn.Module):
     ):
         super().__init__()
         check_backend(backend)
+        check_compute_dtype(dtype, "MaskedLinear")
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")

@@ -12,6 +12,7 @@ from .._validate import check_bits
 from ..reference.shared_linear import highest_code, pack_indices, shared_dequantize
 from ._linear_like import (
     as_linear,
+    check_compute_dtype,
     float_linear,
     fp32_state,
     refuse_float_codes,
@@ -68,6 +69,7 @@ class SharedLinear(nn.Module):
     ):
         super().__init__()
         check_bits(bits)
+        check_compute_dtype(dtype, "SharedLinear")
         if not isinstance(per_channel, bool):  # "no" would have meant True
             raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
         F.SHARED_LINEAR_BACKENDS.check(backend)
@@ -101,6 +103,8 @@ class SharedLinear(nn.Module):
 
         original, linear = linear, as_linear(linear, "SharedLinear.from_linear")
         w = linear.weight.detach()
+        # its forward computes in the bias's (and the input's) dtype
+        check_compute_dtype(w.dtype if linear.bias is None else linear.bias.dtype, "SharedLinear")
         require_values(w, "SharedLinear.from_linear (k-means over the weights)")
         if not torch.isfinite(w).all():
             raise ValueError("the weight contains inf or NaN; cannot cluster it")

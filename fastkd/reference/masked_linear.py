@@ -199,6 +199,10 @@ def _ell_list(nonempty: Tensor, full: Tensor) -> Tensor:
 def build_tile_map(mask: Tensor, tile: int = TILE) -> MaskTiles:
     """Build the tile map of a bool (N, K) mask. Syncs with the device once (nonzero counts);
     build it once per mask and cache it (fastkd.nn.MaskedLinear does)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a 2-D bool tensor, got {type(mask).__name__}")
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be a positive int, got {tile!r}")
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise ValueError(f"mask must be a 2-D bool tensor, got {mask.dtype} of dim {mask.dim()}")
     n, k = mask.shape
