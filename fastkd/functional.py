@@ -110,7 +110,9 @@ def kd_loss(
             (even an infinite divergence or an undefined row), at ``alpha = 1`` the CE (even an
             infinite one, a student logit of ``-inf`` at the target).
         target: optional ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
-        temperature: ``T > 0``. alpha: in ``[0, 1]``; unused without a target.
+        temperature: ``T`` in ``[1e-4, 1e4]`` (beyond it fp32 statistics do not hold ``T**2``,
+            ``logits / T`` or their exponentials). alpha: in ``[0, 1]``; unused without a
+            target.
         ignore_index: rows whose target equals it contribute 0 and leave the mean's denominator.
         reduction: ``"mean"`` (over counted rows; 0 with zero gradient when none count),
             ``"sum"``, or ``"none"`` (per-row loss, shape ``(...)``).
