@@ -373,7 +373,7 @@ def int8_linear(
         x: ``(..., K)`` fp32, fp16 or bf16.
         weight: ``(N, K)`` int8 codes (see :func:`quantize_weight`).
         weight_scale: ``(N,)`` fp32 per-output-channel scales.
-        bias: optional ``(N,)`` float of any float dtype (added in fp32).
+        bias: optional ``(N,)`` in fp32, fp16 or bf16 (added in fp32).
         mode: ``"w8a8"`` or ``"w8a16"``.
         backend: ``"auto"`` (Triton on CUDA, the torch reference elsewhere; ``FASTKD_BACKEND``
             overrides), ``"torch"`` or ``"triton"``.
