@@ -25,6 +25,16 @@ def check_float_dtype(x: Tensor, name: str, allowed=LOGIT_DTYPES) -> None:
         raise TypeError(f"{name} must be one of {kinds}; got {str(x.dtype).replace('torch.', '')}")
 
 
+def check_compute_dtype(dtype, who: str) -> None:
+    """A layer's compute dtype (``None``: torch's default) is one of LOGIT_DTYPES: a float64 (or
+    other) layer was made, and then every forward refused its weight or bias (the model already
+    swapped, in place)."""
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{who} computes in float32, float16 or bfloat16, not {dtype}: convert "
+                        "the layer (or model) first, e.g. model.float()")
+
+
 def check_same_device(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     if a.device != b.device:
         raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")

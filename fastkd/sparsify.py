@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from . import hf
+from ._validate import check_compute_dtype
 from .nn._linear_like import (
     _selected,
     adapter_layers,
     as_linear,
-    check_compute_dtype,
     guard_peft_bases,
     refuse_peft_wrapped_experts,
     is_hf_conv1d,

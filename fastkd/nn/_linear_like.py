@@ -378,18 +378,6 @@ def adapter_layers(model: nn.Module) -> set:
     return owned
 
 
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_compute_dtype(dtype, who: str) -> None:
-    """fastkd's layers compute in fp32, fp16 or bf16: a float64 (or other) layer was made, and
-    then every forward refused its weight or bias (the model already swapped, in place)."""
-    dtype = torch.get_default_dtype() if dtype is None else dtype
-    if dtype not in COMPUTE_DTYPES:
-        raise TypeError(f"{who} computes in float32, float16 or bfloat16, not {dtype}: convert "
-                        "the layer (or model) first, e.g. model.float()")
-
-
 def fp32_state(state_dict, prefix: str, names) -> None:
     """For ``_load_from_state_dict``: the fp32 state (int8 scales, codebooks) arrives fp32 even
     from a checkpoint saved after ``.half()`` elsewhere. A copy into the layer casts anyway, but

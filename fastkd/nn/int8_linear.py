@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
+from .._validate import LOGIT_DTYPES, check_compute_dtype
 from ._linear_like import (as_linear, float_linear, fp32_state, refuse_float_codes,
                            remember_layout)
 
@@ -54,8 +55,7 @@ class Int8Linear(nn.Module):
         check_backend(backend)
         self.backend = backend
         dtype = dtype if dtype is not None else torch.get_default_dtype()
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"dtype (of the bias and activations) must be a float dtype, got {dtype}")
+        check_compute_dtype(dtype, "Int8Linear")  # (of its bias and activations)
         self.register_buffer(
             "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
@@ -74,8 +74,7 @@ class Int8Linear(nn.Module):
         original, linear = linear, as_linear(linear, "Int8Linear.from_linear")
         _check_mode(mode)
         w = linear.weight
-        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"the linear's weight must be fp32/fp16/bf16, got {w.dtype}")
+        check_compute_dtype(w.dtype, "Int8Linear")
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -136,8 +135,7 @@ class Int8Linear(nn.Module):
         moved = self.weight_scale
         if moved.dtype != torch.float32:
             self.weight_scale = scale.to(device=moved.device)
-        if self.bias is not None and self.bias.dtype not in (torch.float32, torch.float16,
-                                                             torch.bfloat16):
+        if self.bias is not None and self.bias.dtype not in LOGIT_DTYPES:
             # .double(): every later forward failed on the bias ("must be one of float16, ...")
             raise TypeError(f"Int8Linear computes in fp32, fp16 or bf16; its bias cannot become "
                             f"{self.bias.dtype} (model.double() on a quantized model)")

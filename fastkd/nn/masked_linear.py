@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._backend import check_backend
-from ._linear_like import (as_linear, check_compute_dtype, remember_layout, require_values,
-                           torch_pruned)
+from .._validate import check_compute_dtype
+from ._linear_like import as_linear, remember_layout, require_values, torch_pruned
 from ..prune import magnitude_mask, pattern_name, prune_further
 from ..reference.masked_linear import MaskTiles, build_tile_map
 

@@ -8,11 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._validate import check_bits
+from .._validate import check_bits, check_compute_dtype
 from ..reference.shared_linear import highest_code, pack_indices, shared_dequantize
 from ._linear_like import (
     as_linear,
-    check_compute_dtype,
     float_linear,
     fp32_state,
     refuse_float_codes,
