@@ -482,6 +482,8 @@ MASKED_SPARSE_BACKENDS = ("cuda", "triton")
 # K = N = 4096): the WMMA kernel ran at 0.04x-0.17x of dense F.linear at every point of the sweep
 # (M 16 and 2048; 64x64 blocks at 75 % sparsity, 2:4, unstructured 50 %), so `auto` stays on the
 # dense path until a kernel version beats cuBLAS there; backend="cuda" still runs it on request.
+# That version copied its tiles element by element; the one in csrc/ since 2026-12-02 (16-byte
+# cp.async copies, double-buffered) has not run on a GPU yet.
 # When it does, the thresholds below decide (64x64 weight tiles are what the kernel skips, so the
 # fraction of tiles with a kept entry is what matters, not the fraction of kept weights).
 AUTO_PICKS_SPARSE_KERNEL = False

@@ -770,7 +770,9 @@ def test_extension_built_and_registered_cuda_kernels():
 # GPU: the CUDA kernels against the reference (skipped without a GPU)
 # --------------------------------------------------------------------------------------------
 
-GPU_SHAPES = [(1, 45, 67), (37, 130, 67), (129, 200, 333), (300, 64, 128)]  # (M, N, K)
+# (M, N, K): odd K (element copies throughout), K and N multiples of 8 but not of 64 (16-byte
+# copies with short edge tiles), and whole tiles.
+GPU_SHAPES = [(1, 45, 67), (37, 130, 67), (129, 200, 333), (70, 136, 200), (300, 64, 128)]
 GPU_PATTERNS = [
     ("unstructured", 0.0),
     ("unstructured", 0.5),
@@ -874,6 +876,61 @@ def test_gpu_triton_matches_reference(dtype, tiles_per_program, shape, pattern, 
         ref_err = (low.double() - truth).abs().max().item()
         assert err <= 2 * ref_err + slack, f"{name}: triton err {err} vs torch {dtype} err {ref_err}"
     assert (w.grad[~mask] == 0).all()
+
+
+def _offset_view(t):
+    """t's values in a contiguous tensor whose data starts one element past an allocation: rows
+    that are not 16-byte aligned, so the CUDA kernels must take their element copies."""
+    buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.is_contiguous() and out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_kernel_unaligned_operands_match_aligned():
+    """K and N multiples of 8 take 16-byte copies; the same values at an odd address must not
+    (a misaligned cp.async faults), and both must agree."""
+    if not _extension.loaded():
+        pytest.fail(f"fastkd._C not loaded on a GPU machine: {_extension.LOAD_ERROR}")
+    torch.manual_seed(0)
+    m, n, k = 70, 136, 200
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    mask = _gpu_mask("unstructured", 0.5, n, k, "cuda")
+    g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+
+    def run(xv, wv, maskv, gv):
+        xv, wv = xv.detach().requires_grad_(True), wv.detach().requires_grad_(True)
+        y = masked_linear(xv, wv, maskv, None, backend="cuda")
+        y.backward(gv)
+        return y, xv.grad, wv.grad
+
+    aligned = run(x, w, mask, g)
+    shifted = run(_offset_view(x), _offset_view(w), _offset_view(mask), _offset_view(g))
+    for name, a, b in zip(("y", "dx", "dw"), aligned, shifted):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    ref = Fn.linear(x.float(), w.float() * mask)
+    torch.testing.assert_close(aligned[0].float(), ref, atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_op_refuses_a_tile_map_of_another_length():
+    """The CUDA ops check the map's length exactly, as the Python side does (a longer map is one
+    built for another shape)."""
+    if not _extension.loaded():
+        pytest.fail(f"fastkd._C not loaded on a GPU machine: {_extension.LOAD_ERROR}")
+    x = torch.randn(5, 70, device="cuda", dtype=torch.float16)
+    w = torch.randn(9, 70, device="cuda", dtype=torch.float16)
+    mask = torch.ones(9, 70, dtype=torch.bool, device="cuda")
+    tiles = build_tile_map(mask).data
+    torch.ops.fastkd.masked_mm(x, w, mask, None, tiles)  # the right map works
+    longer = torch.cat([tiles, torch.zeros(3, dtype=tiles.dtype, device=tiles.device)])
+    with pytest.raises(RuntimeError, match="does not match"):
+        torch.ops.fastkd.masked_mm(x, w, mask, None, longer)
 
 
 @pytest.mark.gpu
