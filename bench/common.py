@@ -164,11 +164,27 @@ def host_us(fn, reps: int = 50) -> float:
     return spent
 
 
-def graph_stats(fn, rep_ms: int = 100, calls: int = 10) -> dict:
-    """CUDA: {"graph_ms", "graph_ms_p20", "graph_ms_p80"} of one fn() replayed from a CUDA graph
-    holding `calls` of them: the GPU time of the call, without Python or launch overhead (which an
-    eager do_bench includes once it exceeds the work). Raises if fn cannot be captured."""
+def graph_stats(fn, rep_ms: int = 100, calls: int = 10, cold: bool = True) -> dict:
+    """CUDA: the GPU time of one fn() replayed from CUDA graphs of `calls` of them, without Python
+    or launch overhead (which an eager do_bench includes once it exceeds the work). Raises if fn
+    cannot be captured.
+
+    graph_ms (p20 / p80 too): back-to-back calls on the same buffers, so whatever of them fits in
+    L2 stays there (a decode step's weights often do): a cache-warm figure. graph_cold_ms (with
+    cold): each call after a write over twice the L2, as the next layer's work would leave it;
+    measured as (flush + fn) - (flush alone), both replayed from graphs."""
     from triton.testing import do_bench
+
+    def replay_ms(body) -> tuple:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                body()
+        torch.cuda.synchronize()
+        out = do_bench(graph.replay, warmup=max(10, rep_ms // 4), rep=rep_ms,
+                       quantiles=[0.5, 0.2, 0.8])
+        del graph
+        return tuple(float(v) / calls for v in out)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -176,13 +192,19 @@ def graph_stats(fn, rep_ms: int = 100, calls: int = 10) -> dict:
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
+    med, lo, hi = replay_ms(fn)
+    rec = {"graph_ms": med, "graph_ms_p20": lo, "graph_ms_p80": hi}
+    if cold:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        l2 = int(getattr(props, "L2_cache_size", 0) or 64 << 20)
+        scratch = torch.empty(2 * l2 // 4, dtype=torch.int32, device="cuda")
+
+        def flushed():
+            scratch.zero_()
             fn()
-    torch.cuda.synchronize()
-    med, lo, hi = do_bench(graph.replay, warmup=max(10, rep_ms // 4), rep=rep_ms,
-                           quantiles=[0.5, 0.2, 0.8])
-    del graph
-    return {"graph_ms": float(med) / calls, "graph_ms_p20": float(lo) / calls,
-            "graph_ms_p80": float(hi) / calls}
+
+        flush_ms = replay_ms(scratch.zero_)[0]
+        rec["graph_cold_ms"] = max(replay_ms(flushed)[0] - flush_ms, 0.0)
+        rec["graph_flush_ms"] = flush_ms
+        del scratch
+    return rec
