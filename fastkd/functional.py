@@ -123,7 +123,8 @@ def kd_loss(
         group: a ``torch.distributed`` process group over which the classes are sharded
             (vocabulary parallelism): each rank passes its contiguous slice of the classes, in rank
             order, and the global ``target``; only a few floats per row are exchanged and every rank
-            gets the full loss and its shard's gradient. Local work uses the torch reference.
+            gets the full loss and its shard's gradient. Local work uses the torch reference
+            (``backend="triton"`` is refused with a group).
 
     Returns:
         fp32 loss: a scalar, or ``(...)`` with ``reduction="none"``. The student gradient comes back
@@ -170,6 +171,11 @@ def kd_loss(
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"group must be a torch.distributed ProcessGroup (dist.group.WORLD, "
                             f"dist.new_group(...)), got {type(group).__name__}")
+        if backend not in ("auto", "torch"):
+            raise ValueError(
+                f"kd_loss(group=...) computes each rank's shard with the torch reference (its "
+                f"statistics cross ranks between the passes, which the fused kernel keeps inside "
+                f"one); backend must be 'auto' or 'torch', got {backend!r}")
         from ._vocab_parallel import vocab_parallel_kd_rows
 
         n_rows = lead.numel()  # (reshape(-1, 0) cannot infer the rows of a shard with no classes)
@@ -453,11 +459,14 @@ def quantize_weight(weight: Tensor) -> tuple:
     check_float_dtype(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
-    if not weight.is_meta and not bool(torch.isfinite(weight).all()):
-        raise ValueError(
-            "weight contains inf or NaN: its channel's scale would be inf/NaN and every weight of "
-            "that output channel would be lost; clean the weight first"
-        )
+    if not weight.is_meta:
+        msg = ("weight contains inf or NaN: its channel's scale would be inf/NaN and every weight "
+               "of that output channel would be lost; clean the weight first")
+        finite = torch.isfinite(weight).all()
+        if torch.compiler.is_compiling():  # reading the flag would break the graph
+            torch._assert_async(finite, msg)
+        elif not bool(finite):  # a one-time weight transform: a host sync is fine here
+            raise ValueError(msg)
     from .reference.int8_linear import quantize_weight as _quantize_weight
 
     return _quantize_weight(weight)

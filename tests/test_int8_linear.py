@@ -855,6 +855,11 @@ def test_torch_compile_fullgraph(mode):
     q, s = fn(x)
     q_r, s_r = F.quantize_per_token(x, backend="torch")
     assert torch.equal(q, q_r) and torch.equal(s, s_r)
+    # the weight quantizer: its finiteness check is an async assert while compiling
+    w = torch.randn(10, 24)
+    wq, ws = torch.compile(F.quantize_weight, fullgraph=True, backend="inductor")(w)
+    wq_r, ws_r = F.quantize_weight(w)
+    assert torch.equal(wq, wq_r) and torch.equal(ws, ws_r)
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,6 +93,13 @@ def _worker(rank, world, splits, out_dir):
         except RuntimeError as err:
             refused = str(err)
         undefined.append(refused)
+        # an explicit Triton backend is refused (the shards run the torch reference; it was
+        # ignored without a word)
+        try:
+            kd_loss(part, t[..., lo:hi], y, group=dist.group.WORLD, backend="triton")
+            undefined.append("")
+        except ValueError as err:
+            undefined.append(str(err))
         vp.dist.all_gather = real_gather
         # the shard sizes are gathered once (a host sync), then remembered for this group
         results.append(len(gathers))
@@ -121,8 +128,9 @@ def test_vocab_parallel_matches_unsharded(tmp_path, splits):
             assert torch.isfinite(out).all() and torch.isfinite(g_out).all()
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
-        *undefined, refused = undefined
+        *undefined, refused, triton_refused = undefined
         assert "no second derivative" in refused
+        assert "backend must be 'auto' or 'torch'" in triton_refused
         for ref, out, g_ref, g_out in undefined:
             bad = torch.zeros_like(out, dtype=torch.bool)
             bad[2, 3] = bad[2, 4] = bad[1, 0] = True

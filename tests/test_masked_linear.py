@@ -111,11 +111,19 @@ def test_one_dim_and_empty_inputs():
     "make_opt",
     [
         lambda p: torch.optim.SGD(p, lr=0.1),
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
         lambda p: torch.optim.Adam(p, lr=0.01),
+        lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1),
+        lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, amsgrad=True),
         lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=False),
     ],
-    ids=["sgd", "momentum", "adam", "adamw-wd"],
+    # weight decay is coupled (added to the gradient) in SGD and Adam, decoupled in AdamW: a
+    # pruned weight at exactly zero gets zero from either
+    ids=["sgd", "sgd-wd", "momentum-wd", "nesterov-wd", "adam", "adam-wd", "amsgrad-wd",
+         "adamw-wd", "adamw-wd-loop"],
 )
 def test_pruned_weights_stay_exactly_zero_under_optimizers(make_opt):
     torch.manual_seed(0)
@@ -780,6 +788,8 @@ GPU_PATTERNS = [
     ("unstructured", 1.0),
     ("block64", 0.5),
     ("block64", 0.9),
+    ("block16", 0.75),  # blocks smaller than a tile: partly kept tiles with block structure
+    ("2:4", 0.5),  # N:M (only where K is a multiple of 4)
     ("rows", 0.5),
 ]
 
@@ -789,10 +799,15 @@ def _gpu_mask(kind, sparsity, n, k, device):
         return torch.rand(n, k, device=device) >= sparsity
     if kind == "rows":  # whole output rows pruned: partly kept tiles along the edges
         return (torch.rand(n, 1, device=device) >= sparsity).expand(n, k).contiguous()
-    # 64x64 blocks over the padded grid, cut to shape: empty, full and short tiles mixed
-    nt, kt = -(-n // 64), -(-k // 64)
+    if ":" in kind:
+        if k % int(kind.split(":")[1]):
+            pytest.skip(f"{kind} needs K divisible by its group, K = {k}")
+        return magnitude_mask(torch.randn(n, k, device=device), sparsity, pattern=kind)
+    # b x b blocks over the padded grid, cut to shape: empty, full and short tiles mixed
+    b = int(kind.removeprefix("block"))
+    nt, kt = -(-n // b), -(-k // b)
     blocks = torch.rand(nt, kt, device=device) >= sparsity
-    return blocks.repeat_interleave(64, 0).repeat_interleave(64, 1)[:n, :k].contiguous()
+    return blocks.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k].contiguous()
 
 
 @pytest.mark.gpu
