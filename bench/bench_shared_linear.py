@@ -11,6 +11,9 @@ L2 is flushed before every call, so the weights come from HBM):
   shared_v2_fused    CUDA only: the fused v2 kernel (vectorised index bytes, per-program lookup
                      tables, K split for small M); "config" gives its tiles and split
   shared_v2_dequant  CUDA only: the v2 dequantize kernel, then cuBLAS (fp16/bf16)
+  int8_w8a16         fastkd.nn.Int8Linear of the same dense layer (backend auto), the other way to
+  int8_w8a8          shrink a layer's weight (to 0.5x bf16 where 4-bit sharing reaches ~0.25x);
+                     their error is against the dense layer (rel_err_vs_fp32_dense), not the codebook
 Each record has speedup_vs_dense (dense ms / impl ms, > 1 is faster), the bytes of weight it reads
 and their ratio to a bf16 weight, achieved GB/s (weight + x + y bytes over the time) and TFLOP/s,
 and for the shared implementations the relative error against x @ W_dequant.T in fp32. On CUDA also
@@ -43,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from fastkd import functional as FK  # noqa: E402
-from fastkd.nn import SharedLinear  # noqa: E402
+from fastkd.nn import Int8Linear, SharedLinear  # noqa: E402
 
 GPU_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096), (1024, 11008, 4096),
               (4096, 4096, 4096)]
@@ -96,7 +99,11 @@ def _sweep_configs(kernels, m, n, k, device, dtype):
     return [kernels.fused_config(m, n, k, device, dtype, tiles=t) for t in tiles]
 
 
-def _impls(x, sl, w_dense, k, bits, backend, variants, sweep):
+def _int8_bytes(layer) -> int:
+    return sum(t.numel() * t.element_size() for t in (layer.weight, layer.weight_scale))
+
+
+def _impls(x, sl, lin, w_dense, k, bits, backend, variants, sweep):
     """name -> (fn, weight bytes, extra record fields)."""
     impls = {
         "dense_linear": (lambda: F.linear(x, w_dense), w_dense.numel() * w_dense.element_size(),
@@ -105,6 +112,10 @@ def _impls(x, sl, w_dense, k, bits, backend, variants, sweep):
             x, sl.indices, sl.codebook, in_features=k, bits=bits, backend=backend),
             sl.nbytes(), {"backend": backend}),
     }
+    if not (x.device.type == "cpu" and variants):  # (the interpreter's fp16 check run: no int8)
+        for mode in ("w8a16", "w8a8"):
+            q = Int8Linear.from_linear(lin, mode=mode)
+            impls[f"int8_{mode}"] = (lambda q=q: q(x), _int8_bytes(q), {"backend": q.backend})
     if not variants:
         return impls
     from fastkd.kernels import shared_linear as kernels
@@ -155,14 +166,18 @@ def run(device: str = "cuda", quick: bool = False, *, shapes=None, configs=None,
         w_dense = lin.weight.detach().to(dtype)
         ref = F.linear(x.float(), sl.dequantized_weight())
         base_ms = base_graph_ms = None
-        for name, (fn, weight_bytes, extra) in _impls(x, sl, w_dense, k, bits, backend, variants,
-                                                     sweep).items():
+        dense_ref = F.linear(x.float(), lin.weight.detach().float())
+        for name, (fn, weight_bytes, extra) in _impls(x, sl, lin, w_dense, k, bits, backend,
+                                                     variants, sweep).items():
             rec = {"op": "shared_linear", "impl": name, "m": m, "n": n, "k": k, "bits": bits,
                    "per_channel": per_channel, "dtype": str(dtype)[6:], "device": device, **extra}
             try:
                 with torch.no_grad():
                     y = fn()
-                    if name != "dense_linear":
+                    if name.startswith("int8_"):
+                        rec["rel_err_vs_fp32_dense"] = (
+                            (y.float() - dense_ref).norm() / dense_ref.norm()).item()
+                    elif name != "dense_linear":
                         rec["rel_err_vs_fp32_dequant"] = (
                             (y.float() - ref).norm() / ref.norm()).item()
                     rec["peak_extra_mb"] = (
@@ -194,7 +209,7 @@ def run(device: str = "cuda", quick: bool = False, *, shapes=None, configs=None,
                 print(f"  {name:<44} M={m:<5} N={n:<6} K={k:<5} bits={bits} pc={per_channel!s:<5} "
                       f"{rec['ms']:.4f} ms x{rec['speedup_vs_dense'] or 0:.3f} | graph "
                       f"{g_ms:.4f} ms x{g_x:.3f} | host {rec.get('host_us', 0):.0f} us", flush=True)
-        del lin, sl, x, w_dense, ref
+        del lin, sl, x, w_dense, ref, dense_ref
         if on_cuda:
             torch.cuda.empty_cache()
     return records
@@ -212,7 +227,8 @@ def main(argv=None):
     common.print_table(records, ["impl", "variant", "m", "n", "k", "bits", "per_channel", "dtype",
                                  "ms", "ms_p20", "ms_p80", "speedup_vs_dense", "graph_ms",
                                  "graph_speedup_vs_dense", "host_us", "GBps", "TFLOPs",
-                                 "weight_mem_vs_bf16", "rel_err_vs_fp32_dequant", "error"])
+                                 "weight_mem_vs_bf16", "rel_err_vs_fp32_dequant",
+                                 "rel_err_vs_fp32_dense", "error"])
     if args.out:
         print("wrote", common.write_json(records, args.out, {"benchmark": "shared_linear",
                                                              "kmeans_iters": args.iters}))
