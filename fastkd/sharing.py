@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hf
+from ._calibration import check_calibration, observe_inputs
 from ._validate import check_bits, check_int
 
 __all__ = ["kmeans_1d", "calibrated_assign", "share_weights_"]
@@ -198,42 +199,14 @@ def calibrated_assign(
 
 def _input_moments(model: nn.Module, targets, calibration) -> dict:
     """E[x x^T] (float64, on each layer's device) of the inputs each target layer receives while
-    ``calibration`` runs: a callable given the model, or an iterable of batches read as the
-    Distiller reads them (a tensor: ``model(batch)``; a tuple ``(inputs, target, ...)``:
-    ``model(inputs)``, or ``model(*inputs)`` when inputs is a tuple; a mapping (a tokenizer's
-    BatchEncoding too): ``model(**batch)`` without ``labels``), moved to the model's device.
-    The model runs in eval mode under ``torch.no_grad()``; its train/eval flags are restored."""
+    ``calibration`` runs (fastkd._calibration.observe_inputs)."""
     sums: dict = {}
 
-    def hook(name):
-        def fn(mod, args, kwargs, out):  # the input by position, or by name (lin(input=x))
-            x = (args[0] if args else next(iter(kwargs.values()))).detach()
-            x = x.reshape(-1, x.shape[-1]).float()
-            acc = x.T @ x
-            s, cnt = sums.get(name, (0, 0))
-            sums[name] = (acc.double() + s, cnt + x.shape[0])
-        return fn
+    def observe(name, x):
+        s, cnt = sums.get(name, (0, 0))
+        sums[name] = ((x.T @ x).double() + s, cnt + x.shape[0])
 
-    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in targets]
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            if callable(calibration):
-                calibration(model)
-            else:
-                from .distill import _split_batch, _to_device  # the Distiller's convention
-
-                first = next(iter(model.parameters()), None)
-                for batch in calibration:
-                    if first is not None:  # a CPU loader for a GPU model, as the Distiller
-                        batch = _to_device(batch, first.device)
-                    _split_batch(batch)[0](model)
-    finally:
-        for hd in handles:
-            hd.remove()
-        for m, t in flags:
-            m.training = t
+    observe_inputs(model, targets, calibration, observe)
     return {n: s / cnt for n, (s, cnt) in sums.items() if cnt > 0}
 
 
@@ -343,12 +316,7 @@ def share_weights_(
     moments, uncalibrated = {}, []
     if calibration is not None:
         _check_damp(damp)
-        if isinstance(calibration, torch.Tensor):
-            raise TypeError("calibration: pass a list of batches ([tensor]) or a callable taking "
-                            "the model, not a bare tensor (it would be iterated row by row)")
-        if not (callable(calibration) or hasattr(calibration, "__iter__")):
-            raise TypeError("calibration must be a callable taking the model, or an iterable of "
-                            f"batches, got {type(calibration).__name__}")
+        check_calibration(calibration)
         moments = _input_moments(model, targets, calibration)
         for n, h in moments.items():  # before any layer is replaced
             if not torch.isfinite(h).all():
