@@ -76,14 +76,14 @@ def _int8_linear_spec():
         return {
             "in_features": m.in_features, "out_features": m.out_features,
             "bias": m.bias is not None, "mode": m.mode, "backend": m.backend,
-            "dtype": _dtype_name(m.bias),
+            "dtype": _dtype_name(m.bias), "smooth": m.smooth_scale is not None,
         }
 
     def build(s, skeleton):
         return Int8Linear(
             s["in_features"], s["out_features"], bias=s["bias"], mode=s["mode"],
             backend=s.get("backend", "auto"), dtype=getattr(torch, s["dtype"]),
-            device=_device_of(skeleton),
+            device=_device_of(skeleton), smooth=bool(s.get("smooth", False)),
         )
 
     register_compressed_layer(Int8Linear, settings, build)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import numbers
+import warnings
+from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 from . import functional as F
 from . import hf
+from ._calibration import check_calibration, observe_inputs
 from .nn._linear_like import (
     _selected,
     adapter_layers,
+    as_linear,
+    shown,
     guard_peft_bases,
     one_answer_per_layer,
     refuse_peft_wrapped_experts,
@@ -35,6 +41,8 @@ def quantize_(
     filter_fn: Optional[FilterFn] = None,
     *,
     backend: str = "auto",
+    smooth: Optional[float] = None,
+    calibration: Any = None,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` in ``model`` for which ``filter_fn(module, name)``
     is true (all of them without a filter) by ``Int8Linear.from_linear(module, mode)``. Hugging
@@ -53,6 +61,19 @@ def quantize_(
     expert and output channel; the filter sees the experts module, and one that fails on it,
     written for linears, does not leave it out). Routers stay float.
 
+    ``smooth`` (``"w8a8"`` only; with ``calibration``): SmoothQuant (Xiao et al. 2023) with
+    migration strength ``smooth`` = alpha in ``(0, 1]``. The float model first runs
+    ``calibration`` (a callable taking the model, or an iterable of batches in the Distiller's
+    convention, as ``share_weights_`` takes it); per input channel k of each selected linear,
+    ``s_k = max|x_k|^alpha / max_n |W_nk|^(1 - alpha)``, the codes quantize ``W diag(s)`` and
+    the layer divides its input by s (an extra elementwise pass over x; the product is the
+    same). Outlier channels of the activations, which set each token's int8 scale, shrink
+    towards the weight's range: on all-MiniLM-L6-v2 with short inputs (1-3 words, where the
+    special tokens dominate) the embedding cosine went from 0.975 to 0.995 at alpha = 0.5
+    (tests/test_int8_linear.py). A layer the calibration never runs, a layer that was already
+    an ``Int8Linear`` and the Mixture-of-Experts experts are not smoothed (a warning names the
+    first kind).
+
     ``name`` is the module's qualified name in ``model`` (``"encoder.layer.0.attention.self.query"``).
     ``model`` itself may be an ``nn.Linear``; then it cannot be replaced in place and a
     ``ValueError`` says to use ``Int8Linear.from_linear``. Returns ``model``.
@@ -61,9 +82,11 @@ def quantize_(
         raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
     refuse_distributed(model, "quantize_")
     if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
-        quantize_(unwrapped_model(model), mode, filter_fn, backend=backend)  # model's own names
+        quantize_(unwrapped_model(model), mode, filter_fn, backend=backend,  # model's own names
+                  smooth=smooth, calibration=calibration)
         return model
     _check_mode(mode)
+    _check_smoothing(mode, smooth, calibration)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable as filter_fn(module, name) -> bool")
     filter_fn = one_answer_per_layer("quantize_", model, filter_fn)
@@ -101,10 +124,12 @@ def quantize_(
     switch = [m for name, m in model.named_modules()
               if isinstance(m, (Int8Linear, Int8Experts)) and m.mode != mode
               and _selected(filter_fn, m, name)]
+    factors = _smooth_scales(model, targets, smooth, calibration) if smooth is not None else {}
     swapped: dict = {}  # a linear shared under several names becomes one shared Int8Linear
-    for _, module in targets:  # every layer first: a bad one leaves the model untouched
+    for name, module in targets:  # every layer first: a bad one leaves the model untouched
         if id(module) not in swapped:
-            swapped[id(module)] = Int8Linear.from_linear(module, mode=mode, backend=backend)
+            swapped[id(module)] = Int8Linear.from_linear(
+                module, mode=mode, backend=backend, smooth_scale=factors.get(name))
     for _, module in experts:
         if id(module) not in swapped:
             dense = module.to_experts() if isinstance(module, MaskedExperts) else module
@@ -126,3 +151,53 @@ def quantize_(
         m.mode = mode
     hf.record(model)
     return model
+
+
+def _check_smoothing(mode: str, smooth, calibration) -> None:
+    if smooth is None:
+        if calibration is not None:
+            raise ValueError("quantize_: calibration is used by smooth=alpha (SmoothQuant); "
+                             "pass smooth too, or leave calibration out")
+        return
+    if mode != "w8a8":
+        raise ValueError(f"smooth (SmoothQuant) applies to mode='w8a8': it eases the activations' "
+                         f"quantization, and mode={mode!r} keeps activations float")
+    if isinstance(smooth, bool) or not isinstance(smooth, numbers.Real) \
+            or not 0.0 < float(smooth) <= 1.0:
+        raise ValueError(f"smooth (the migration strength alpha) must be a number in (0, 1], "
+                         f"got {smooth!r}")
+    if calibration is None:
+        raise ValueError("smooth needs calibration: representative inputs (a callable taking "
+                         "the model, or an iterable of batches) to measure each layer's "
+                         "activation range")
+    check_calibration(calibration)
+
+
+def _smooth_scales(model: nn.Module, targets, alpha: float, calibration) -> dict:
+    """name -> SmoothQuant factors s (fp32, (in_features,)) for the targets the calibration ran:
+    s_k = max|x_k|^alpha / max_n |W_nk|^(1 - alpha), 1 where a channel's input was always 0."""
+    amax: dict = {}
+
+    def observe(name, x):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"the calibration inputs of {name!r} are not finite (inf/NaN "
+                             "activations): their range cannot set smoothing factors")
+        a = x.abs().amax(0) if x.shape[0] else x.new_zeros(x.shape[1])
+        amax[name] = torch.maximum(amax[name], a) if name in amax else a
+
+    observe_inputs(model, targets, calibration, observe)
+    alpha = float(alpha)
+    factors = {}
+    for name, module in targets:
+        if name not in amax:
+            continue
+        w = as_linear(module, "quantize_").weight.detach().float()
+        w_max = w.abs().amax(0).clamp_min(1e-5)
+        a = amax[name].to(w.device)
+        s = a.clamp_min(1e-5).pow(alpha) / w_max.pow(1.0 - alpha)
+        factors[name] = torch.where(a > 0, s, torch.ones_like(s))
+    missed = [n for n, _ in targets if n not in amax]
+    if missed:
+        warnings.warn(f"quantize_: the calibration never ran {len(missed)} layer(s) "
+                      f"({shown(missed)}); they are quantized without smoothing", stacklevel=3)
+    return factors

@@ -54,6 +54,24 @@ def test_roundtrip_in_fresh_process(tmp_path):
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
 
 
+def test_smoothquant_factors_round_trip(tmp_path):
+    model = _model()
+    calib = [torch.randn(6, 13) * torch.linspace(0.1, 20.0, 13)]  # uneven channel ranges
+    fastkd.quantize_(model, mode="w8a8", smooth=0.5, calibration=calib,
+                     filter_fn=lambda m, n: n in ("0", "2"))
+    header = fastkd.save_compressed(model, tmp_path / "m.safetensors")
+    assert header["layers"]["0"]["settings"]["smooth"] is True
+    torch.manual_seed(5)
+    skel = nn.Sequential(nn.Linear(13, 21), nn.ReLU(), nn.Linear(21, 9), nn.LayerNorm(9),
+                         nn.Linear(9, 3), nn.ReLU(), nn.Linear(3, 7))
+    fastkd.load_compressed(skel, tmp_path / "m.safetensors")
+    for i in (0, 2):
+        assert torch.equal(skel[i].smooth_scale, model[i].smooth_scale)
+        assert not torch.equal(model[i].smooth_scale, torch.ones_like(model[i].smooth_scale))
+    x = torch.randn(4, 13)
+    assert torch.equal(skel(x), model(x))
+
+
 def test_bf16_model_loads_with_every_tensor_in_its_dtype(tmp_path):
     """A bf16 SharedLinear's bias came back fp32 (its settings had no dtype)."""
     model = _model().to(torch.bfloat16)

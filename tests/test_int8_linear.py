@@ -814,6 +814,178 @@ def test_quantize_real_pretrained_transformer():
 
 
 # --------------------------------------------------------------------------------------------
+# SmoothQuant (quantize_(smooth=alpha, calibration=...), Int8Linear.from_linear(smooth_scale=))
+# --------------------------------------------------------------------------------------------
+
+
+def _outlier_inputs(m, k, seed=0):
+    """Activations with a few channels 50x the rest, as transformers' residual streams have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, [3, 17, 40]] *= 50.0
+    return x
+
+
+def test_smoothed_layer_computes_the_same_product():
+    torch.manual_seed(0)
+    lin = nn.Linear(61, 23)
+    s = torch.rand(61) * 4 + 0.05
+    q = Int8Linear.from_linear(lin, mode="w8a16", smooth_scale=s)
+    assert torch.equal(q.smooth_scale, s) and "smoothed=True" in repr(q)
+    # the codes quantize W diag(s); the layer applies them to x / s
+    codes, scale = F.quantize_weight(lin.weight.detach() * s)
+    assert torch.equal(q.weight, codes) and torch.equal(q.weight_scale, scale)
+    torch.testing.assert_close(q.dequantized_weight(), (codes.float() * scale[:, None]) / s)
+    x = torch.randn(7, 61, requires_grad=True)
+    y = q(x)
+    expect = torch.nn.functional.linear(x.detach().double(), q.dequantized_weight().double(),
+                                        lin.bias.detach().double())
+    torch.testing.assert_close(y.double(), expect, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)  # the input gradient goes through the division too
+    torch.testing.assert_close(x.grad.double(), g.double() @ q.dequantized_weight().double(),
+                               rtol=1e-4, atol=1e-5)
+    # to_linear keeps the product
+    torch.testing.assert_close(q.to_linear()(x.detach()), y.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_smoothing_rescues_w8a8_on_outlier_channels():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    calib = [_outlier_inputs(32, 64, seed=1)]
+    x = _outlier_inputs(16, 64, seed=2)  # held out
+    plain = copy.deepcopy(nn.Sequential(lin))
+    fastkd.quantize_(plain, mode="w8a8")
+    smoothed = copy.deepcopy(nn.Sequential(lin))
+    fastkd.quantize_(smoothed, mode="w8a8", smooth=0.5, calibration=calib)
+    s = smoothed[0].smooth_scale
+    amax = calib[0].abs().amax(0)
+    wmax = lin.weight.detach().abs().amax(0)
+    torch.testing.assert_close(s, amax.sqrt() / wmax.sqrt())  # alpha = 0.5
+    ref_y = lin(x).detach()
+    with torch.no_grad():
+        gain = _sqnr_db(ref_y, smoothed(x)) - _sqnr_db(ref_y, plain(x))
+    assert gain >= 6, gain
+
+
+def test_smoothed_layer_state_dtype_and_compile(tmp_path):
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(24, 10), mode="w8a8",
+                               smooth_scale=torch.rand(24) + 0.5, backend="torch")
+    x = torch.randn(3, 24)
+    y = q(x)
+    # a fresh layer built without factors takes them from the state dict, bit-exact
+    fresh = Int8Linear(24, 10, mode="w8a8", backend="torch")
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh(x), y)
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf)["smooth_scale"], q.smooth_scale)
+    # a layer built with factors refuses a state dict without them (missing key)
+    unsmoothed = {k: v for k, v in q.state_dict().items() if k != "smooth_scale"}
+    with pytest.raises(RuntimeError, match="smooth_scale"):
+        Int8Linear(24, 10, smooth=True).load_state_dict(unsmoothed)
+    half = copy.deepcopy(q).half()  # the factors stay fp32, as the scales
+    assert half.smooth_scale.dtype == torch.float32 and torch.equal(half.smooth_scale,
+                                                                    q.smooth_scale)
+    torch._dynamo.reset()
+    compiled = torch.compile(q, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_smoothquant_bad_input():
+    model = nn.Sequential(nn.Linear(8, 4))
+    calib = [torch.randn(3, 8)]
+    for bad in (0, 0.0, 1.5, -0.5, True, "0.5", float("nan")):
+        with pytest.raises(ValueError, match="alpha"):
+            fastkd.quantize_(copy.deepcopy(model), smooth=bad, calibration=calib)
+    with pytest.raises(ValueError, match="needs calibration"):
+        fastkd.quantize_(copy.deepcopy(model), smooth=0.5)
+    with pytest.raises(ValueError, match="w8a8"):
+        fastkd.quantize_(copy.deepcopy(model), mode="w8a16", smooth=0.5, calibration=calib)
+    with pytest.raises(ValueError, match="pass smooth too"):
+        fastkd.quantize_(copy.deepcopy(model), calibration=calib)
+    with pytest.raises(TypeError, match="bare tensor"):
+        fastkd.quantize_(copy.deepcopy(model), smooth=0.5, calibration=calib[0])
+    nan_calib = [torch.full((2, 8), float("nan"))]
+    kept = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="not finite"):
+        fastkd.quantize_(kept, smooth=0.5, calibration=nan_calib)
+    assert type(kept[0]) is nn.Linear  # nothing was swapped
+    lin = nn.Linear(8, 4)
+    for bad, err in ((torch.ones(7), ValueError), (torch.zeros(8), ValueError),
+                     (torch.full((8,), float("inf")), ValueError), (torch.ones(8, dtype=torch.int64), TypeError),
+                     ([1.0] * 8, TypeError)):
+        with pytest.raises(err):
+            Int8Linear.from_linear(lin, smooth_scale=bad)
+    with pytest.raises(TypeError, match="smooth must be a bool"):
+        Int8Linear(8, 4, smooth=1)
+
+
+def test_smoothquant_layers_the_calibration_skips_are_left_unsmoothed():
+    model = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)})
+
+    def run(m):  # only "a" sees inputs
+        m["a"](torch.randn(4, 8))
+
+    with pytest.warns(UserWarning, match="never ran 1 layer"):
+        fastkd.quantize_(model, smooth=0.5, calibration=run)
+    assert model["a"].smooth_scale is not None and model["b"].smooth_scale is None
+    # a channel the calibration never saw non-zero keeps factor 1 (no division by ~0)
+    lin = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(5, 4)
+    x[:, 2] = 0
+    fastkd.quantize_(lin, smooth=0.5, calibration=[x])
+    assert lin[0].smooth_scale[2].item() == 1.0
+
+
+# Inputs of one to three words: the special tokens dominate the mean-pooled embedding, and their
+# activation outliers set each token's int8 scale (per-token w8a8 fell to cosine 0.975 on "Yes.")
+SHORT = ["hi", "ok", "Yes.", "No!!!", "42", "!!!???...", "The the the the"]
+CALIBRATION = ["A man is eating food.", "The weather is nice today.", "fastkd prunes models",
+               "What time is it?", "Thanks!", "Send the report by Friday."]
+
+
+@pytest.mark.slow
+def test_smoothquant_keeps_short_inputs_of_a_real_transformer():
+    """quantize_(smooth=0.5, calibration=...) on all-MiniLM-L6-v2: held-out short inputs keep
+    cosine >= 0.99 under w8a8 where plain per-token w8a8 falls below 0.98; longer sentences stay
+    where they were; the smoothed model round-trips through a state dict into a fresh skeleton."""
+    st_model = _load_minilm()
+    texts = SHORT + SENTENCES
+    with torch.no_grad():
+        ref = st_model.encode(texts, convert_to_tensor=True).float()
+
+    def cosines(model):
+        with torch.no_grad():
+            emb = model.encode(texts, convert_to_tensor=True).float()
+        return torch.nn.functional.cosine_similarity(emb, ref, dim=-1)
+
+    plain = copy.deepcopy(st_model)
+    fastkd.quantize_(plain, mode="w8a8")
+    smoothed = copy.deepcopy(st_model)
+    fastkd.quantize_(smoothed, mode="w8a8", smooth=0.5,
+                     calibration=lambda m: m.encode(CALIBRATION))
+    layers = [m for m in smoothed.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m.smooth_scale is not None for m in layers)
+    c_plain, c_smooth = cosines(plain), cosines(smoothed)
+    short = slice(0, len(SHORT))
+    assert c_plain[short].min().item() < 0.98  # what smoothing is for
+    assert c_smooth[short].min().item() >= 0.99, c_smooth
+    assert c_smooth.min().item() >= 0.99 and c_smooth[len(SHORT):].min().item() >= 0.997
+    # the weight-only mode needs no smoothing: its short-input floor
+    w8a16 = copy.deepcopy(st_model)
+    fastkd.quantize_(w8a16, mode="w8a16")
+    assert cosines(w8a16).min().item() >= 0.995
+    # a skeleton quantized without smoothing takes the smoothed state (its factors included)
+    fresh = copy.deepcopy(st_model)
+    fastkd.quantize_(fresh, mode="w8a8")
+    fresh.load_state_dict(smoothed.state_dict())
+    torch.testing.assert_close(cosines(fresh), c_smooth, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
 # opcheck and torch.compile
 # --------------------------------------------------------------------------------------------
 

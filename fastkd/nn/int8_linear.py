@@ -28,6 +28,11 @@ class Int8Linear(nn.Module):
         ``weight_scale``: buffer ``(out_features,)`` fp32, one symmetric scale per output channel.
             It stays fp32 under ``module.half()`` / ``.to(dtype)``.
         ``bias``: parameter ``(out_features,)`` in the activation dtype, or ``None``.
+        ``smooth_scale``: ``None``, or (SmoothQuant, Xiao et al. 2023) a buffer ``(in_features,)``
+            fp32 of per-input-channel factors s: the codes hold ``W diag(s)`` and the input is
+            divided by s before it is quantized, so the product is unchanged while activation
+            outliers move into the weight (``quantize_(..., smooth=alpha, calibration=...)`` or
+            ``from_linear(..., smooth_scale=s)``). Stays fp32, as ``weight_scale``.
 
     Modes: ``"w8a8"`` quantizes activations per token at run time and multiplies int8 x int8 with
     int32 accumulation; ``"w8a16"`` keeps activations in their dtype and dequantizes the weight
@@ -44,6 +49,7 @@ class Int8Linear(nn.Module):
         device=None,
         dtype=None,
         backend: str = "auto",
+        smooth: bool = False,
     ):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -66,15 +72,27 @@ class Int8Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        if not isinstance(smooth, bool):
+            raise TypeError(f"smooth must be a bool, got {smooth!r}")
+        self.register_buffer(
+            "smooth_scale",
+            torch.ones(in_features, dtype=torch.float32, device=device) if smooth else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", backend: str = "auto"):
+    def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", backend: str = "auto", *,
+                    smooth_scale: Optional[Tensor] = None):
         """Quantize ``linear``'s weight per output channel; the bias keeps its values and dtype.
-        ``linear`` is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's layers)."""
+        ``linear`` is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's layers).
+
+        ``smooth_scale`` (optional, ``(in_features,)``, finite and > 0): SmoothQuant factors s;
+        the codes quantize ``W diag(s)`` and the layer divides its input by s (see the class
+        docstring; :func:`fastkd.quantize_` computes them from calibration inputs)."""
         original, linear = linear, as_linear(linear, "Int8Linear.from_linear")
         _check_mode(mode)
         w = linear.weight
         check_compute_dtype(w.dtype, "Int8Linear")
+        if smooth_scale is not None:
+            smooth_scale = check_smooth_scale(smooth_scale, linear.in_features, w.device)
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -83,8 +101,13 @@ class Int8Linear(nn.Module):
             device=w.device,
             dtype=w.dtype,
             backend=backend,
+            smooth=smooth_scale is not None,
         )
-        codes, scale = F.quantize_weight(w.detach())
+        if smooth_scale is None:
+            codes, scale = F.quantize_weight(w.detach())
+        else:
+            codes, scale = F.quantize_weight(w.detach().float() * smooth_scale)
+            layer.smooth_scale.copy_(smooth_scale)
         layer.weight.copy_(codes)
         layer.weight_scale.copy_(scale)
         if linear.bias is not None:
@@ -102,13 +125,19 @@ class Int8Linear(nn.Module):
                 f"Int8Linear(in_features={self.in_features}) got input of shape "
                 f"{tuple(x.shape)}: its last dimension must be {self.in_features}"
             )
+        if self.smooth_scale is not None:  # (one elementwise pass; the product is unchanged)
+            x = (x / self.smooth_scale).to(x.dtype)
         return F.int8_linear(
             x, self.weight, self.weight_scale, self.bias, mode=self.mode, backend=self.backend
         )
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """A float copy ``weight * weight_scale[:, None]`` (for inspection; forward never makes it)."""
+        """A float copy ``weight * weight_scale[:, None]`` (divided by ``smooth_scale`` along the
+        input channels when the layer has one): the weight the layer applies to its input. For
+        inspection; forward never makes it."""
         w = self.weight.float() * self.weight_scale[:, None]
+        if self.smooth_scale is not None:
+            w = w / self.smooth_scale
         return w if dtype is None else w.to(dtype)
 
     def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
@@ -124,17 +153,24 @@ class Int8Linear(nn.Module):
         if not refuse_float_codes(self, state_dict, prefix, {"weight": torch.int8},
                                   error_msgs):
             return
-        fp32_state(state_dict, prefix, ("weight_scale",))
+        fp32_state(state_dict, prefix, ("weight_scale", "smooth_scale"))
+        smooth = state_dict.get(prefix + "smooth_scale")
+        if self.smooth_scale is None and isinstance(smooth, Tensor):
+            # a layer quantized with SmoothQuant scales, loaded into one built without them
+            self.smooth_scale = torch.ones(self.in_features, dtype=torch.float32,
+                                           device=self.weight.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     def _apply(self, fn, *args, **kwargs):
         # module.half() / .to(bfloat16) would round the fp32 scales: keep them fp32, move device.
-        scale = self.weight_scale
+        kept = {n: getattr(self, n) for n in ("weight_scale", "smooth_scale")
+                if getattr(self, n) is not None}
         super()._apply(fn, *args, **kwargs)
-        moved = self.weight_scale
-        if moved.dtype != torch.float32:
-            self.weight_scale = scale.to(device=moved.device)
+        for n, before in kept.items():
+            moved = getattr(self, n)
+            if moved.dtype != torch.float32:
+                setattr(self, n, before.to(device=moved.device))
         if self.bias is not None and self.bias.dtype not in LOGIT_DTYPES:
             # .double(): every later forward failed on the bias ("must be one of float16, ...")
             raise TypeError(f"Int8Linear computes in fp32, fp16 or bf16; its bias cannot become "
@@ -145,7 +181,22 @@ class Int8Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, mode={self.mode!r}, backend={self.backend!r}"
+            + (", smoothed=True" if self.smooth_scale is not None else "")
         )
+
+
+def check_smooth_scale(smooth_scale, in_features: int, device) -> Tensor:
+    """SmoothQuant factors: a float tensor ``(in_features,)``, finite and > 0; returned fp32 on
+    ``device``."""
+    if not isinstance(smooth_scale, Tensor) or not smooth_scale.is_floating_point():
+        raise TypeError(f"smooth_scale must be a float tensor, got {smooth_scale!r}"[:200])
+    if tuple(smooth_scale.shape) != (in_features,):
+        raise ValueError(f"smooth_scale must have shape ({in_features},) (one factor per input "
+                         f"channel), got {tuple(smooth_scale.shape)}")
+    s = smooth_scale.detach().to(device=device, dtype=torch.float32)
+    if not s.is_meta and not bool((torch.isfinite(s) & (s > 0)).all()):
+        raise ValueError("smooth_scale must be finite and > 0 (the input is divided by it)")
+    return s
 
 
 def align_int8_codes(model: nn.Module) -> None:
