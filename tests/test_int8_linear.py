@@ -904,8 +904,9 @@ def test_smoothquant_bad_input():
         fastkd.quantize_(copy.deepcopy(model), smooth=0.5)
     with pytest.raises(ValueError, match="w8a8"):
         fastkd.quantize_(copy.deepcopy(model), mode="w8a16", smooth=0.5, calibration=calib)
-    with pytest.raises(ValueError, match="pass smooth too"):
-        fastkd.quantize_(copy.deepcopy(model), calibration=calib)
+    for bad in (0, -1.0, float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="damp"):
+            fastkd.quantize_(copy.deepcopy(model), calibration=calib, damp=bad)
     with pytest.raises(TypeError, match="bare tensor"):
         fastkd.quantize_(copy.deepcopy(model), smooth=0.5, calibration=calib[0])
     nan_calib = [torch.full((2, 8), float("nan"))]
@@ -923,13 +924,48 @@ def test_smoothquant_bad_input():
         Int8Linear(8, 4, smooth=1)
 
 
+def _correlated_inputs(m, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=torch.Generator().manual_seed(99)) / k**0.5
+    return torch.randn(m, k, generator=g) @ mix * torch.linspace(0.2, 3.0, k)
+
+
+@pytest.mark.parametrize("mode,smooth", [("w8a16", None), ("w8a8", None), ("w8a8", 0.5)])
+def test_calibrated_codes_cut_the_output_error_of_held_out_inputs(mode, smooth):
+    """quantize_(calibration=...) picks the codes for the output error (GPTQ): on held-out
+    inputs of the calibration's distribution the error falls; the scales are unchanged, codes
+    stay on the int8 grid, and a pruned (zero) weight keeps code 0."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    with torch.no_grad():
+        lin.weight[:, :5] = 0.0  # pruned input channels
+        lin.weight[3, 50] = 0.0
+    calib = [_correlated_inputs(512, 96, seed=1)]
+    held_out = _correlated_inputs(256, 96, seed=2)
+    plain, tuned = nn.Sequential(copy.deepcopy(lin)), nn.Sequential(copy.deepcopy(lin))
+    fastkd.quantize_(plain, mode=mode, smooth=smooth, calibration=calib if smooth else None)
+    if smooth:  # the same factors both ways; only the rounding differs
+        fastkd.quantize_(tuned, mode=mode, smooth=smooth, calibration=calib)
+        plain[0] = Int8Linear.from_linear(lin, mode=mode, smooth_scale=tuned[0].smooth_scale)
+    else:
+        fastkd.quantize_(tuned, mode=mode, calibration=calib)
+    a, b = plain[0], tuned[0]
+    assert torch.equal(a.weight_scale, b.weight_scale) and not torch.equal(a.weight, b.weight)
+    assert b.weight.abs().max() <= 127 and (b.weight[:, :5] == 0).all() and b.weight[3, 50] == 0
+    ref_y = lin(held_out).detach()
+    with torch.no_grad():
+        gain = _sqnr_db(ref_y, tuned(held_out)) - _sqnr_db(ref_y, plain(held_out))
+    # w8a8's error is mostly its activations' rounding, which the codes cannot change
+    assert gain >= (1.0 if mode == "w8a16" else 0.2), gain
+
+
 def test_smoothquant_layers_the_calibration_skips_are_left_unsmoothed():
     model = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)})
 
     def run(m):  # only "a" sees inputs
         m["a"](torch.randn(4, 8))
 
-    with pytest.warns(UserWarning, match="never ran 1 layer"):
+    with pytest.warns(UserWarning, match="never ran 1 layer.*plain rounding and no smoothing"):
         fastkd.quantize_(model, smooth=0.5, calibration=run)
     assert model["a"].smooth_scale is not None and model["b"].smooth_scale is None
     # a channel the calibration never saw non-zero keeps factor 1 (no division by ~0)
@@ -948,10 +984,11 @@ CALIBRATION = ["A man is eating food.", "The weather is nice today.", "fastkd pr
 
 
 @pytest.mark.slow
-def test_smoothquant_keeps_short_inputs_of_a_real_transformer():
+def test_calibrated_int8_keeps_short_inputs_of_a_real_transformer():
     """quantize_(smooth=0.5, calibration=...) on all-MiniLM-L6-v2: held-out short inputs keep
-    cosine >= 0.99 under w8a8 where plain per-token w8a8 falls below 0.98; longer sentences stay
-    where they were; the smoothed model round-trips through a state dict into a fresh skeleton."""
+    cosine >= 0.99 under w8a8 where plain per-token w8a8 falls below 0.98, and >= 0.998 under
+    w8a16 with calibrated codes; longer sentences stay where they were; the smoothed model
+    round-trips through a state dict into a fresh skeleton."""
     st_model = _load_minilm()
     texts = SHORT + SENTENCES
     with torch.no_grad():
@@ -974,10 +1011,18 @@ def test_smoothquant_keeps_short_inputs_of_a_real_transformer():
     assert c_plain[short].min().item() < 0.98  # what smoothing is for
     assert c_smooth[short].min().item() >= 0.99, c_smooth
     assert c_smooth.min().item() >= 0.99 and c_smooth[len(SHORT):].min().item() >= 0.997
-    # the weight-only mode needs no smoothing: its short-input floor
+    # the weight-only mode: rounded to nearest its short inputs fall below 0.998; with codes
+    # chosen for the output error on the calibration sentences (GPTQ) they stay above
     w8a16 = copy.deepcopy(st_model)
     fastkd.quantize_(w8a16, mode="w8a16")
-    assert cosines(w8a16).min().item() >= 0.995
+    c_rtn = cosines(w8a16)
+    assert 0.995 <= c_rtn.min().item() < 0.998
+    gptq = copy.deepcopy(st_model)
+    fastkd.quantize_(gptq, mode="w8a16", calibration=lambda m: m.encode(CALIBRATION))
+    assert cosines(gptq).min().item() >= 0.998, cosines(gptq)
+    both = copy.deepcopy(st_model)  # smoothing and calibrated codes together
+    fastkd.quantize_(both, mode="w8a8", smooth=0.5, calibration=lambda m: m.encode(CALIBRATION))
+    assert cosines(both).min().item() >= 0.99
     # a skeleton quantized without smoothing takes the smoothed state (its factors included)
     fresh = copy.deepcopy(st_model)
     fastkd.quantize_(fresh, mode="w8a8")

@@ -80,13 +80,20 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", backend: str = "auto", *,
-                    smooth_scale: Optional[Tensor] = None):
+                    smooth_scale: Optional[Tensor] = None, input_moment: Optional[Tensor] = None,
+                    damp: float = 0.1):
         """Quantize ``linear``'s weight per output channel; the bias keeps its values and dtype.
         ``linear`` is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's layers).
 
         ``smooth_scale`` (optional, ``(in_features,)``, finite and > 0): SmoothQuant factors s;
         the codes quantize ``W diag(s)`` and the layer divides its input by s (see the class
-        docstring; :func:`fastkd.quantize_` computes them from calibration inputs)."""
+        docstring; :func:`fastkd.quantize_` computes them from calibration inputs).
+
+        ``input_moment`` (optional, ``(in_features, in_features)``): E[x x^T] of the layer's
+        inputs on calibration data. The scales stay ``max|w| / 127`` per channel; the codes are
+        then chosen for the output error on those inputs rather than rounded one by one (GPTQ,
+        Frantar et al. 2023: ``fastkd.sharing.calibrated_assign`` on the int8 grid, damped by
+        ``damp`` relative to the mean input power). Weights at exactly 0 (pruned) stay 0."""
         original, linear = linear, as_linear(linear, "Int8Linear.from_linear")
         _check_mode(mode)
         w = linear.weight
@@ -103,11 +110,12 @@ class Int8Linear(nn.Module):
             backend=backend,
             smooth=smooth_scale is not None,
         )
-        if smooth_scale is None:
-            codes, scale = F.quantize_weight(w.detach())
-        else:
-            codes, scale = F.quantize_weight(w.detach().float() * smooth_scale)
+        target = w.detach() if smooth_scale is None else w.detach().float() * smooth_scale
+        codes, scale = F.quantize_weight(target)
+        if smooth_scale is not None:
             layer.smooth_scale.copy_(smooth_scale)
+        if input_moment is not None:
+            codes = _calibrated_codes(target, scale, input_moment, smooth_scale, damp)
         layer.weight.copy_(codes)
         layer.weight_scale.copy_(scale)
         if linear.bias is not None:
@@ -183,6 +191,29 @@ class Int8Linear(nn.Module):
             f"bias={self.bias is not None}, mode={self.mode!r}, backend={self.backend!r}"
             + (", smoothed=True" if self.smooth_scale is not None else "")
         )
+
+
+def _calibrated_codes(weight: Tensor, scale: Tensor, moment: Tensor,
+                      smooth_scale: Optional[Tensor], damp: float) -> Tensor:
+    """int8 codes of ``weight`` (N, K) on the per-row grids ``scale[n] * {-127..127}`` that
+    minimise the output error for inputs of second moment ``moment`` (of the input before any
+    smoothing: the layer's int8 product sees x / s, whose moment is H / (s s^T))."""
+    from ..sharing import calibrated_assign
+
+    k = weight.shape[1]
+    if tuple(moment.shape) != (k, k):
+        raise ValueError(f"input_moment must be ({k}, {k}) (E[x x^T] of the layer's inputs), "
+                         f"got {tuple(moment.shape)}")
+    h = moment.detach().to(device=weight.device, dtype=torch.float64)
+    if smooth_scale is not None:
+        s = smooth_scale.double()
+        h = h / (s[:, None] * s[None, :])
+    grid = torch.arange(-127, 128, dtype=torch.float64, device=weight.device)
+    live = torch.isfinite(scale) & (scale > 0)  # (a row of zeros keeps codes 0)
+    cent = torch.where(live, scale, 1.0).double()[:, None] * grid[None, :]
+    idx = calibrated_assign(weight.float(), cent, h, weight != 0, damp=damp)
+    codes = torch.where(idx >= 0, idx - 127, 0)
+    return torch.where(live[:, None], codes, 0).to(torch.int8)
 
 
 def check_smooth_scale(smooth_scale, in_features: int, device) -> Tensor:
