@@ -116,6 +116,71 @@ def test_reference_kl_paths_agree(monkeypatch, T, with_target, dtype):
     torch.testing.assert_close(grad_a, grad_b, equal_nan=True, **tol)
 
 
+def _chunked_runs(monkeypatch, s, t, y, chunks, **kw):
+    """(loss, grad, upstream gradient) of the reference under each _CHUNK_ELEMENTS in `chunks`
+    (reduction "none", a different upstream gradient per row)."""
+    from fastkd.reference import kd_loss as ref_kd
+
+    results = []
+    for chunk in chunks:
+        monkeypatch.setattr(ref_kd, "_CHUNK_ELEMENTS", chunk)
+        results.append(run(s, t, y, "torch", "none", **kw))
+    return results
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_reference_many_row_chunks_equal_one_chunk(monkeypatch, divergence):
+    # Past _CHUNK_ELEMENTS logits (4M) the reference loops over row chunks, and each chunk must
+    # read its own rows of the upstream gradient, targets and statistics (the backward once
+    # read the first chunk's upstream gradient for every chunk). _CHUNK_ELEMENTS = 600 on a
+    # (9, 300) input gives chunks of 2 rows and a last one of 1: the same per-row loss and
+    # gradient as one chunk, and as the float64 oracle for "kl".
+    s, t, y = make_inputs((9, 300), ignored=0, seed=21)
+    y[3] = -100  # an ignored row that is not its chunk's first
+    for target, alpha in ((y, 0.0), (y, 0.4), (None, 0.4)):
+        for T in (1.0, 2.0):
+            kw = dict(temperature=T, alpha=alpha, divergence=divergence, beta=0.3)
+            (one, g_one, gs), (many, g_many, _) = _chunked_runs(monkeypatch, s, t, target,
+                                                                (1 << 22, 600), **kw)
+            assert torch.isfinite(many).all() and torch.isfinite(g_many).all()
+            torch.testing.assert_close(many, one, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(g_many, g_one, rtol=1e-6, atol=1e-7)
+            if target is not None:
+                assert many[3] == 0 and (g_many[3] == 0).all()
+            if divergence == "kl":
+                s64 = s.double().requires_grad_()
+                ref = oracle(s64, t, target, T, alpha, reduction="none")
+                (ref * gs.double()).sum().backward()
+                torch.testing.assert_close(many.double(), ref.detach(), **FP32_TOL["loss"])
+                torch.testing.assert_close(g_many.double(), s64.grad, **FP32_TOL["grad"])
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("with_target", [True, False])
+def test_reference_kl_large_row_chunks_match_oracle(monkeypatch, T, with_target):
+    # Row chunks of more than _SMALL_ELEMENTS logits take _kl_backward_chunk (the gradient read
+    # off the saved statistics; at T = 1 the student's softmax doubles as the CE's), the last,
+    # smaller chunk _kl_backward_small. _SMALL_ELEMENTS = 500 and _CHUNK_ELEMENTS = 600 on a
+    # (9, 300) input: chunks of 2 rows (600 > 500 logits) and a last one of 1 (300), each
+    # scaled by its own rows' upstream gradient, against the float64 oracle and one chunk.
+    from fastkd.reference import kd_loss as ref_kd
+
+    monkeypatch.setattr(ref_kd, "_SMALL_ELEMENTS", 500)
+    s, t, y = make_inputs((9, 300), with_target=with_target, ignored=0, seed=22)
+    if with_target:
+        y[5] = -100
+    kw = dict(temperature=T, alpha=0.4)
+    (one, g_one, gs), (many, g_many, _) = _chunked_runs(monkeypatch, s, t, y, (1 << 22, 600),
+                                                        **kw)
+    torch.testing.assert_close(many, one, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_many, g_one, rtol=1e-6, atol=1e-7)
+    s64 = s.double().requires_grad_()
+    ref = oracle(s64, t, y, T, 0.4, reduction="none")
+    (ref * gs.double()).sum().backward()
+    torch.testing.assert_close(many.double(), ref.detach(), **FP32_TOL["loss"])
+    torch.testing.assert_close(g_many.double(), s64.grad, **FP32_TOL["grad"])
+
+
 @needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("T", [1.0, 2.0, 4.0])

@@ -64,6 +64,25 @@ def _worker(rank, world, splits, out_dir):
             out = kd_loss(part, tt[..., lo:hi], tgt, group=dist.group.WORLD, **kw)
             (out * w).sum().backward()
             results.append((ref.detach(), out.detach(), full.grad[..., lo:hi], part.grad))
+        # targets on every non-empty shard's first and last class: a target one past a shard's
+        # last class (the next shard's first) is not that shard's (random targets never landed
+        # on a boundary)
+        edges = [c for i, n in enumerate(splits) if n
+                 for c in (sum(splits[:i]), sum(splits[:i]) + n - 1)]
+        assert 2 not in edges  # not the padded class
+        y_edge = torch.tensor(edges).repeat(15)[:15].reshape(3, 5)
+        y_edge[2, 0] = -100
+        for div in ("kl", "jsd"):
+            kw = dict(temperature=1.5, alpha=0.4, reduction="none", divergence=div, beta=0.5,
+                      backend="torch")
+            full = s.clone().requires_grad_()
+            ref = kd_loss(full, t, y_edge, **kw)
+            w = torch.linspace(0.5, 2.0, ref.numel()).reshape(ref.shape)
+            (ref * w).sum().backward()
+            part = s[..., lo:hi].clone().requires_grad_()
+            out = kd_loss(part, t[..., lo:hi], y_edge, group=dist.group.WORLD, **kw)
+            (out * w).sum().backward()
+            results.append((ref.detach(), out.detach(), full.grad[..., lo:hi], part.grad))
         # rows whose distribution is undefined (a student with no mass, a nan teacher logit or
         # a +inf student logit in the last shard) are nan in the loss and in every shard's
         # gradient, as unsharded (reverse KL gave 0 for them, and +inf left the other shards'

@@ -98,6 +98,18 @@ def test_padded_slots(backend):
     _check(backend, torch.float32, (6, 53), 9, 1.5, 0.5, "none", True, pad=True)
 
 
+@pytest.mark.parametrize("T,alpha,with_target,reduction", CASES)
+def test_reference_many_row_chunks(monkeypatch, T, alpha, with_target, reduction):
+    # The reference loops over row chunks of _CHUNK_ELEMENTS logits (fastkd.reference.kd_loss's,
+    # read by _row_chunk; 4M, so no other test has more than one): each chunk must read its
+    # own rows of the stored log-probabilities (the backward once read the first chunk's for
+    # every chunk). 61 * 2 gives chunks of 2 rows and a last one of 1 on 9 distinct rows.
+    from fastkd.reference import kd_loss as ref_kd
+
+    monkeypatch.setattr(ref_kd, "_CHUNK_ELEMENTS", 61 * 2)
+    _check("torch", torch.float32, (9, 61), 7, T, alpha, reduction, with_target, seed=3)
+
+
 def test_triton_many_blocks(monkeypatch):
     from fastkd.kernels import kd_loss as kk
 

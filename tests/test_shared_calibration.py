@@ -257,3 +257,53 @@ def test_calibration_reads_an_input_passed_by_name():
     fastkd.share_weights_(by_name, bits=2, calibration=batches)
     fastkd.share_weights_(by_position, bits=2, calibration=batches)
     assert torch.equal(by_name.a.indices, by_position[0].indices)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_block_size_does_not_change_the_calibrated_indices(per_channel):
+    # Columns are rounded in blocks of `block`, each block's error pushed onto the later columns
+    # by one rank-`block` update (w[:, b1:] -= err @ u[b0:b1, b1:]). Every other test has
+    # K < 128 (one block, where only the in-block updates run): with several blocks, any block
+    # size gives the indices of a single block holding every column.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(31, 40, generator=g) * 0.1
+    w[w.abs() < 0.01] = 0.0  # a few pruned weights
+    x = _correlated_inputs(40, 200, seed=1)
+    h = x.T @ x / len(x)
+    cent = torch.linspace(-0.3, 0.3, 15)[None]
+    if per_channel:
+        cent = cent * torch.linspace(0.5, 1.5, 31)[:, None]
+    keep = w != 0
+    one_block = calibrated_assign(w, cent, h, keep, block=128)
+    nearest = calibrated_assign(w, cent, h, keep, damp=1e12)
+    assert (one_block != nearest).sum() > 20  # the error feedback matters on these inputs
+    for block in (1, 8, 16):
+        assert torch.equal(calibrated_assign(w, cent, h, keep, block=block), one_block), block
+
+
+def test_weighted_kmeans_centroids_are_the_weighted_means_of_their_clusters():
+    # kmeans_1d(weight=) sorts each row and must carry every entry's weight along with its
+    # value: at convergence each centroid is the weighted mean of the (unsorted) entries
+    # assigned to it, a weighted Lloyd fixed point, checked here in float64 on uneven weights.
+    from fastkd.sharing import kmeans_1d
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(3, 60, generator=g)
+    weight = torch.rand(3, 60, generator=g) ** 4 * 10
+    weight[:, ::7] = 0.0  # entries that do not count
+    cent, assign = kmeans_1d(v, 5, weight=weight, iters=1000)
+    v64, w64 = v.double(), weight.double()
+    checked = 0
+    for r in range(3):
+        for j in range(5):
+            mine = assign[r] == j
+            total = w64[r][mine].sum()
+            if total > 0:
+                mean = (w64[r][mine] * v64[r][mine]).sum() / total
+                assert abs(cent[r, j].item() - mean.item()) <= 1e-5, (r, j)
+                checked += 1
+    assert checked >= 12
+    # unit weights are the unweighted fit
+    ones = kmeans_1d(v, 5, weight=torch.ones_like(v), iters=1000)
+    unweighted = kmeans_1d(v, 5, iters=1000)
+    assert torch.equal(ones[0], unweighted[0]) and torch.equal(ones[1], unweighted[1])
