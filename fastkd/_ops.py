@@ -734,7 +734,8 @@ register_autograd(
 #   int8_mm_scaled(x_q (M,K) int8, x_scale (M,), weight (N,K) int8, weight_scale (N,), bias (N,)?,
 #                  out_dtype, backend) -> (M,N) out_dtype, exact int32 accumulation
 #   int8_linear_w8a8 / int8_linear_w8a16(x (M,K) float, weight (N,K) int8, weight_scale (N,) fp32,
-#                  bias (N,)?, backend) -> (M,N) in x.dtype
+#                  bias (N,)?, backend) -> (M,N) in x.dtype; w8a8 takes smooth (K,) fp32? too
+#                  (SmoothQuant: x / smooth is what gets quantized, inside the quantization pass)
 # Autograd (both linears): dX = (dY * weight_scale) @ float(weight), computed by the W8A16 op on the
 # transposed int8 weight (no float weight copy; the scales normalised by their largest, which the
 # op applies to the fp32 sum); for W8A8 this is the straight-through estimator of
@@ -751,7 +752,8 @@ torch.library.define(
 )
 torch.library.define(
     "fastkd::int8_linear_w8a8",
-    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, str backend) -> Tensor",
+    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, str backend, "
+    "Tensor? smooth=None) -> Tensor",
 )
 torch.library.define(
     "fastkd::int8_linear_w8a16",
@@ -774,8 +776,8 @@ def _int8_mm_scaled(x_q, x_scale, weight, weight_scale, bias, out_dtype, backend
 
 
 @_impl("int8_linear_w8a8")
-def _int8_linear_w8a8(x, weight, weight_scale, bias, backend):
-    return _int8_impl(backend).int8_linear_w8a8(x, weight, weight_scale, bias)
+def _int8_linear_w8a8(x, weight, weight_scale, bias, backend, smooth=None):
+    return _int8_impl(backend).int8_linear_w8a8(x, weight, weight_scale, bias, smooth)
 
 
 @_impl("int8_linear_w8a16")
@@ -800,7 +802,7 @@ def _int8_mm_scaled_fake(x_q, x_scale, weight, weight_scale, bias, out_dtype, ba
 
 
 @torch.library.register_fake("fastkd::int8_linear_w8a8")
-def _int8_linear_w8a8_fake(x, weight, weight_scale, bias, backend):
+def _int8_linear_w8a8_fake(x, weight, weight_scale, bias, backend, smooth=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -810,15 +812,16 @@ def _int8_linear_w8a16_fake(x, weight, weight_scale, bias, backend):
 
 
 def _int8_linear_setup_context(ctx, inputs, output):
-    x, weight, weight_scale, bias, backend = inputs
-    ctx.save_for_backward(weight, weight_scale)
+    x, weight, weight_scale, bias, backend, *smooth = inputs  # (w8a8 has the smoothing factors)
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(weight, weight_scale, smooth[0] if smooth else None)
     ctx.x_dtype = x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.backend = backend
 
 
 def _int8_linear_autograd_backward(ctx, grad_out):
-    weight, weight_scale = ctx.saved_tensors
+    weight, weight_scale, smooth = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         # dX[m, k] = s_max * sum_n (dY[m, n] * s[n] / s_max) * q[n, k]: a W8A16 product with the
@@ -833,9 +836,11 @@ def _int8_linear_autograd_backward(ctx, grad_out):
         g = (grad_out.float() * (scale / s_max)).to(ctx.x_dtype)
         columns = s_max.reshape(1).expand(weight.shape[1]).contiguous()
         grad_x = torch.ops.fastkd.int8_linear_w8a16(g, weight.t(), columns, None, ctx.backend)
+        if smooth is not None:  # the product saw x / s
+            grad_x = (grad_x.float() / smooth).to(ctx.x_dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         grad_bias = grad_out.float().sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, grad_bias, None
+    return (grad_x, None, None, grad_bias, None) + (None,) * (ctx.n_inputs - 5)
 
 
 for _name in ("fastkd::int8_linear_w8a8", "fastkd::int8_linear_w8a16"):

@@ -365,6 +365,7 @@ def int8_linear(
     *,
     mode: str = "w8a8",
     backend: str = "auto",
+    smooth_scale: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Linear layer with symmetric int8 weights: ``y = x @ (weight * weight_scale[:, None]).T + bias``.
 
@@ -383,11 +384,16 @@ def int8_linear(
         mode: ``"w8a8"`` or ``"w8a16"``.
         backend: ``"auto"`` (Triton on CUDA, the torch reference elsewhere; ``FASTKD_BACKEND``
             overrides), ``"torch"`` or ``"triton"``.
+        smooth_scale: optional ``(K,)`` fp32 SmoothQuant factors s (``Int8Linear.smooth_scale``):
+            the layer computes on ``x / s`` (its weight codes hold ``W diag(s)``). Under
+            ``"w8a8"`` the division is done in fp32 inside the quantization pass; under
+            ``"w8a16"`` it is one elementwise pass first.
 
     Returns:
         ``(..., N)`` in ``x.dtype`` (the autocast dtype inside ``torch.autocast``, as ``F.linear``).
 
-    Gradients: ``x`` receives ``dY @ (weight * weight_scale[:, None])`` (for ``"w8a8"`` this is the
+    Gradients: ``x`` receives ``dY @ (weight * weight_scale[:, None])`` (divided by s with
+    ``smooth_scale``) (for ``"w8a8"`` this is the
     straight-through estimator of the activation rounding) and ``bias`` the sum of ``dY``; the
     int8 weight and its scale receive none.
     """
@@ -412,6 +418,13 @@ def int8_linear(
         if tuple(bias.shape) != (n_out,):
             raise ValueError(f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
         check_same_device(x, bias, "x", "bias")
+    if smooth_scale is not None:
+        check_tensor(smooth_scale, "smooth_scale")
+        if smooth_scale.dtype != torch.float32 or tuple(smooth_scale.shape) != (k,):
+            raise ValueError(f"smooth_scale must be float32 of shape ({k},), got "
+                             f"{str(smooth_scale.dtype).replace('torch.', '')} "
+                             f"{tuple(smooth_scale.shape)}")
+        check_same_device(x, smooth_scale, "x", "smooth_scale")
     if mode == "w8a8" and k > _INT8_MAX_K_W8A8:
         raise ValueError(
             f"w8a8 accumulates in int32, which can overflow for K = {k} > {_INT8_MAX_K_W8A8}; "
@@ -423,8 +436,11 @@ def int8_linear(
     # dynamic batch or sequence sizes would recompile per size); K = 0 cannot be inferred from -1
     x2 = x.reshape(-1, k) if k else x.reshape(lead.numel(), 0)
     if mode == "w8a8":
-        y = _ops.call("int8_linear_w8a8", x2, weight, weight_scale, bias, impl)
+        smooth = () if smooth_scale is None else (smooth_scale,)
+        y = _ops.call("int8_linear_w8a8", x2, weight, weight_scale, bias, impl, *smooth)
     else:
+        if smooth_scale is not None:
+            x2 = (x2 / smooth_scale).to(x2.dtype)
         y = _ops.call("int8_linear_w8a16", x2, weight, weight_scale, bias, impl)
     return y.reshape(*lead, n_out)
 

@@ -5,7 +5,8 @@ strides (a transposed view works, which the backward uses), weight scales w_s (N
 bias (N,) of any float dtype. Outputs are (M, N), contiguous, in the requested dtype. Every M, N, K
 is allowed (M = 1, K = 100 ...): tails are masked with zeros, which add nothing to a dot product.
 
-_quantize_per_token_kernel (one program per row):
+_quantize_per_token_kernel (one program per row; x[m, k] / smooth[k] in place of x with
+SmoothQuant factors):
     amax = max_k |x[m, k]|;  x_s[m] = max(amax, 1e-30) / 127
     x_q[m, k] = clamp(rint(x[m, k] / x_s[m]), -127, 127)
   A nan in the row makes amax and x_s nan (a nan-propagating max), so the GEMM's output row is nan.
@@ -69,16 +70,28 @@ def _row_scale(amax):
 
 
 @triton.jit
+def _load_smoothed(x_row, smooth_ptr, cols, stride_xk, mask, HAS_SMOOTH: tl.constexpr):
+    """x[m, cols] in fp32, divided by the SmoothQuant factors smooth[cols] (IEEE division, as
+    the reference's tensor / tensor) where the layer has them."""
+    v = tl.load(x_row + cols * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        v = tl.math.div_rn(v, tl.load(smooth_ptr + cols, mask=mask, other=1.0))
+    return v
+
+
+@triton.jit
 def _quantize_per_token_kernel(
     x_ptr,
     q_ptr,
     s_ptr,
+    smooth_ptr,
     stride_xm,
     stride_xk,
     stride_qm,
     K,
     BLOCK_K: tl.constexpr,
     ONE_PASS: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
@@ -86,7 +99,7 @@ def _quantize_per_token_kernel(
     cols = tl.arange(0, BLOCK_K)
     if ONE_PASS:
         mask = cols < K
-        v = tl.load(x_row + cols * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        v = _load_smoothed(x_row, smooth_ptr, cols, stride_xk, mask, HAS_SMOOTH)
         amax = tl.reduce(tl.abs(v), 0, _max_keep_nan)
         scale = _row_scale(amax)
         q = _round_half_even(tl.math.div_rn(v, scale))
@@ -97,13 +110,13 @@ def _quantize_per_token_kernel(
         run = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + cols < K
-            v = tl.load(x_row + (k0 + cols) * stride_xk, mask=mask, other=0.0).to(tl.float32)
+            v = _load_smoothed(x_row, smooth_ptr, k0 + cols, stride_xk, mask, HAS_SMOOTH)
             run = _max_keep_nan(run, tl.abs(v))
         amax = tl.reduce(run, 0, _max_keep_nan)
         scale = _row_scale(amax)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + cols < K
-            v = tl.load(x_row + (k0 + cols) * stride_xk, mask=mask, other=0.0).to(tl.float32)
+            v = _load_smoothed(x_row, smooth_ptr, k0 + cols, stride_xk, mask, HAS_SMOOTH)
             q = _round_half_even(tl.math.div_rn(v, scale))
             q = tl.where(q == q, q, 0.0)
             q = tl.minimum(tl.maximum(q, -127.0), 127.0)
@@ -478,8 +491,10 @@ def _launch_gemm(a, a_scale, w, w_scale, bias, out, a_int8: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric int8 quantization of ``x`` (M, K): ``(x_q (M, K) int8, x_s (M,) fp32)``."""
+def quantize_per_token(x: torch.Tensor, smooth: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8 quantization of ``x`` (M, K) (of ``x / smooth`` with SmoothQuant
+    factors ``smooth`` (K,) fp32): ``(x_q (M, K) int8, x_s (M,) fp32)``."""
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -492,12 +507,14 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x,
         q,
         s,
+        smooth.contiguous() if smooth is not None else s,  # (never read without HAS_SMOOTH)
         x.stride(0),
         x.stride(1),
         q.stride(0),
         k,
         BLOCK_K=block,
         ONE_PASS=k <= block,
+        HAS_SMOOTH=smooth is not None,
         num_warps=num_warps,
     )
     return q, s
@@ -519,9 +536,10 @@ def int8_mm_scaled(
     return out
 
 
-def int8_linear_w8a8(x, weight, weight_scale, bias):
-    """W8A8: quantize x per token (one light pass), then the int8 GEMM with the fused epilogue."""
-    x_q, x_s = quantize_per_token(x)
+def int8_linear_w8a8(x, weight, weight_scale, bias, smooth=None):
+    """W8A8: quantize x (x / smooth with SmoothQuant factors) per token (one light pass), then
+    the int8 GEMM with the fused epilogue."""
+    x_q, x_s = quantize_per_token(x, smooth)
     return int8_mm_scaled(x_q, x_s, weight, weight_scale, bias, x.dtype)
 
 

@@ -282,6 +282,47 @@ def test_triton_quantize_per_token_bit_exact(m, k, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+@pytest.mark.parametrize("m,k", [(5, 100), (3, 300)])  # one block, and two passes
+def test_triton_smoothed_w8a8_equals_the_reference_bit_for_bit(m, k, dtype):
+    """SmoothQuant factors are divided out inside the Triton quantization pass, in fp32, as the
+    reference divides: the same codes, scales and outputs; the input gradient is divided too."""
+    from fastkd.kernels import int8_linear as kern
+
+    x = (torch.randn(m, k, generator=_gen(8)) * 3).to(TRITON_DEVICE, dtype)
+    smooth = (torch.rand(k, generator=_gen(9)) * 4 + 0.05).to(TRITON_DEVICE)
+    q_t, s_t = kern.quantize_per_token(x, smooth)
+    q_r, s_r = ref.quantize_per_token(x, smooth)
+    assert torch.equal(q_t, q_r) and torch.equal(s_t, s_r)
+    assert not torch.equal(q_r, ref.quantize_per_token(x)[0])  # the factors did something
+    _, w, b = _layer_data(m, k, 7, torch.float32, seed=10, device=TRITON_DEVICE)
+    wq, ws = F.quantize_weight(w)
+    outs, grads = [], []
+    for backend in ("triton", "torch"):
+        xi = x.clone().requires_grad_(True)
+        y = F.int8_linear(xi, wq, ws, b.to(dtype), mode="w8a8", backend=backend,
+                          smooth_scale=smooth)
+        y.float().sum().backward()
+        outs.append(y)
+        grads.append(xi.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-3, atol=2e-3)
+    w_eff = (wq.float() * ws[:, None]) / smooth
+    torch.testing.assert_close(grads[1].float(), w_eff.sum(0).expand(m, k).to(dtype).float(),
+                               rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_int8_linear_smooth_scale_must_be_fp32_of_the_inputs_width():
+    x = torch.randn(3, 8)
+    wq, ws = F.quantize_weight(torch.randn(4, 8))
+    for bad in (torch.ones(7), torch.ones(8, dtype=torch.float16), torch.ones(2, 4)):
+        with pytest.raises(ValueError, match="smooth_scale must be float32"):
+            F.int8_linear(x, wq, ws, smooth_scale=bad)
+    with pytest.raises(TypeError):
+        F.int8_linear(x, wq, ws, smooth_scale=[1.0] * 8)
+
+
+@needs_triton
 @pytest.mark.parametrize("k", [4, 300])  # one block, and two passes
 def test_triton_quantize_per_token_codes_a_non_finite_row_as_the_reference(k):
     """A row with inf or nan has a nan scale; its codes were -127 from the kernel (its max and
@@ -1055,6 +1096,10 @@ def test_opcheck_all_int8_ops(backend):
         torch.library.opcheck(op, (x.clone().requires_grad_(), wq, ws, b.clone().requires_grad_(),
                                    backend))
         torch.library.opcheck(op, (x.half(), wq, ws, None, backend))
+    smooth = torch.rand(x.shape[1], device=device) + 0.5  # SmoothQuant factors (w8a8 only)
+    torch.library.opcheck(ops.int8_linear_w8a8, (x, wq, ws, b, backend, smooth))
+    torch.library.opcheck(ops.int8_linear_w8a8, (x.clone().requires_grad_(), wq, ws, None,
+                                                 backend, smooth))
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])

@@ -133,10 +133,9 @@ class Int8Linear(nn.Module):
                 f"Int8Linear(in_features={self.in_features}) got input of shape "
                 f"{tuple(x.shape)}: its last dimension must be {self.in_features}"
             )
-        if self.smooth_scale is not None:  # (one elementwise pass; the product is unchanged)
-            x = (x / self.smooth_scale).to(x.dtype)
         return F.int8_linear(
-            x, self.weight, self.weight_scale, self.bias, mode=self.mode, backend=self.backend
+            x, self.weight, self.weight_scale, self.bias, mode=self.mode, backend=self.backend,
+            smooth_scale=self.smooth_scale,
         )
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:

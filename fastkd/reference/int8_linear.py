@@ -36,10 +36,11 @@ MAX_K_W8A8 = (2**31 - 1) // (128 * 128)
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row int8 quantization of a 2-D float tensor: (codes int8, scales fp32)."""
+def quantize_rows(x: Tensor, smooth: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8 quantization of a 2-D float tensor (of ``x / smooth``, in fp32,
+    with per-column factors ``smooth``): (codes int8, scales fp32)."""
     rows, cols = x.shape
-    xf = x.float()
+    xf = x.float() if smooth is None else x.float() / smooth
     if cols == 0:
         amax = torch.zeros(rows, dtype=torch.float32, device=x.device)
     else:
@@ -56,9 +57,10 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token activation quantization of ``x`` (M, K): ``(x_q (M, K) int8, x_s (M,) fp32)``."""
-    return quantize_rows(x)
+def quantize_per_token(x: Tensor, smooth: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Per-token activation quantization of ``x`` (M, K) (of ``x / smooth`` with SmoothQuant
+    factors): ``(x_q (M, K) int8, x_s (M,) fp32)``."""
+    return quantize_rows(x, smooth)
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -193,10 +195,12 @@ def int8_mm_scaled(
 
 
 def int8_linear_w8a8(
-    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor]
+    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+    smooth: Optional[Tensor] = None,
 ) -> Tensor:
-    """W8A8 linear of ``x`` (M, K) float with int8 ``weight`` (N, K): (M, N) in ``x.dtype``."""
-    x_q, x_s = quantize_per_token(x)
+    """W8A8 linear of ``x`` (M, K) float (quantized as ``x / smooth`` with SmoothQuant factors)
+    with int8 ``weight`` (N, K): (M, N) in ``x.dtype``."""
+    x_q, x_s = quantize_per_token(x, smooth)
     return int8_mm_scaled(x_q, x_s, weight, weight_scale, bias, x.dtype)
 
 
