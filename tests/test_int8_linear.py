@@ -1154,6 +1154,24 @@ def test_gpu_triton_vs_reference(m, k, n, mode, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 100), (17, 1000), (300, 4096), (5, 5000)])  # 5000: two passes
+def test_gpu_smoothed_w8a8_codes_equal_the_reference(m, k, dtype):
+    x, w, b = _layer_data(m, k, 37, dtype, seed=21, device="cuda", outliers=True)
+    smooth = torch.rand(k, device="cuda") * 4 + 0.05
+    from fastkd.kernels import int8_linear as kern
+
+    q_t, s_t = kern.quantize_per_token(x, smooth)
+    q_r, s_r = ref.quantize_per_token(x, smooth)
+    assert torch.equal(q_t, q_r) and torch.equal(s_t, s_r)
+    wq, ws = F.quantize_weight(w)
+    y_t = F.int8_linear(x, wq, ws, b, mode="w8a8", backend="triton", smooth_scale=smooth)
+    truth = (q_r.double() @ wq.double().t()) * s_r.double()[:, None] * ws.double() + b.double()
+    assert (y_t.double() - truth).abs().max().item() <= 1e-2 * truth.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("m", [1, 16, 17, 300])
 def test_gpu_exact_integer_accumulators(m):
     a = torch.randint(-127, 128, (m, 1000), dtype=torch.int8, device="cuda")
