@@ -2,7 +2,8 @@
 # Everything a GPU lease is for, in one run (see the device tool's METHOD.md), in priority order
 # under one deadline, because a lease is short (15 minutes of device time, start-up included):
 #   1. build fastkd with its CUDA extension for this card (Triton-only if that build fails)
-#   2. the GPU tests (-m gpu; compute-sanitizer memcheck of the CUDA kernels is one of them)
+#   2. the GPU tests (-m gpu; compute-sanitizer memcheck, racecheck and synccheck of the CUDA
+#      kernels are one of them)
 #   3. the hardware ceilings, then the benchmarks as JSON (--quick sweeps unless
 #      GPU_CHECK_FULL=1), in the order GPU_CHECK_BENCHES gives: what waits longest first
 #   4. with GPU_CHECK_EXTRA=1 and time left: a host-vs-device profile of small calls and the

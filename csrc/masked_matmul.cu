@@ -540,6 +540,7 @@ at::Tensor masked_mm_grad_input_cuda(const at::Tensor& grad_in, const at::Tensor
   at::Tensor dx = at::empty({M, K}, dy.options());
   if (M == 0 || K == 0) return dx;
   check_sm80(dy);
+  TORCH_CHECK(ceil_div(M, TILE) <= INT32_MAX, "fastkd masked_mm_grad_input: too many rows");
   const dim3 grid(static_cast<unsigned>(ceil_div(M, TILE)), static_cast<unsigned>(tm.k_tiles));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (dy.scalar_type() == at::kHalf) {

@@ -174,7 +174,8 @@ def _group(flags: Tensor, g: int, reduce: str) -> Tensor:
     pad = (-rows) % g
     # A missing row (past the last tile-row) has no entries: empty for "any", full for "all".
     fill = torch.full((pad, width), reduce == "all", dtype=torch.bool, device=flags.device)
-    grouped = torch.cat([flags, fill]).reshape(-1, g, width)
+    # (the group count spelled out: -1 cannot be inferred when width is 0, an empty mask)
+    grouped = torch.cat([flags, fill]).reshape((rows + pad) // g, g, width)
     return grouped.any(dim=1) if reduce == "any" else grouped.all(dim=1)
 
 
