@@ -73,6 +73,23 @@ def test_masked_linear_picks_up_a_torch_prune_mask_of_a_conv1d():
         torch.testing.assert_close(masked(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
+def test_quantized_and_shared_layers_of_a_torch_pruned_conv1d_keep_its_pruning():
+    # a pruned nn.Linear's .weight is torch's masked weight; a pruned Conv1D's copy handed the
+    # quantizers its dense weight_orig (outputs ~27% off the pruned layer, pruned entries coded)
+    x = torch.randn(6, 37)
+    for make in (lambda c: Int8Linear.from_linear(c, mode="w8a16"),
+                 lambda c: Int8Linear.from_linear(c, mode="w8a16", input_moment=x.T @ x / 6),
+                 lambda c: SharedLinear.from_linear(c, bits=8, iters=5)):
+        conv = _conv1d()
+        prune.l1_unstructured(conv, "weight", amount=0.6)
+        layer = make(conv)
+        w = layer.dequantized_weight()
+        assert (w[conv.weight_mask.t() == 0] == 0).all()
+        with torch.no_grad():
+            ref = conv(x)
+            assert ((layer(x) - ref).norm() / ref.norm()).item() < 0.02
+
+
 def test_from_linear_rejects_other_layers():
     for cls in (Int8Linear, MaskedLinear, SharedLinear):
         with pytest.raises(TypeError, match="nn.Linear, a Hugging Face Conv1D or a fastkd MaskedLinear"):

@@ -226,12 +226,18 @@ def as_linear(module, who: str) -> nn.Linear:
     orig = module.weight_orig if pruned else module.weight
     n_in, n_out = orig.shape
     linear = nn.Linear(n_in, n_out, bias=module.bias is not None, device="meta")
-    linear.weight = nn.Parameter(orig.detach().t().contiguous(), requires_grad=orig.requires_grad)
+    weight = orig.detach().t().contiguous()
+    if pruned:
+        # as torch.nn.utils.prune leaves an nn.Linear: ``weight`` is the pruned weight (what the
+        # layer computes with, which Int8Linear / SharedLinear quantize), ``weight_orig`` the
+        # dense one and ``weight_mask`` the mask (which MaskedLinear takes)
+        mask = module.weight_mask.detach().t().contiguous()
+        linear.weight_orig = nn.Parameter(weight, requires_grad=orig.requires_grad)
+        linear.register_buffer("weight_mask", mask)
+        weight = weight * mask
+    linear.weight = nn.Parameter(weight, requires_grad=orig.requires_grad)
     if module.bias is not None:
         linear.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
-    if pruned:
-        linear.weight_orig = linear.weight
-        linear.register_buffer("weight_mask", module.weight_mask.detach().t().contiguous())
     linear.train(module.training)
     return linear
 
