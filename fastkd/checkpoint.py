@@ -369,6 +369,11 @@ def load_compressed(skeleton: nn.Module, path: Union[str, os.PathLike], *,
             f"meta device ({', '.join(unsaved[:3])}{', ...' if len(unsaved) > 3 else ''}), and "
             "no checkpoint holds them: build the skeleton with real buffers (meta parameters are "
             "fine, e.g. accelerate.init_empty_weights(include_buffers=False))")
+    if callable(getattr(skeleton, "tie_weights", None)) and any(
+            p.is_meta for p in skeleton.parameters()):
+        # a transformers model built under accelerate.init_empty_weights() comes untied (its
+        # lm_head and embedding two meta tensors): the checkpoint holds the tied weight once
+        skeleton.tie_weights()
     resized = rebuild_compressed(skeleton, read_compressed_header(path))
     if any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
         _load_assigning(skeleton, path, torch.device(device or "cpu"))

@@ -217,7 +217,15 @@ def test_meta_skeleton_of_a_tied_lm_loads_without_its_float_weights(tmp_path):
     fastkd.save_compressed(model, tmp_path / "m")
     with torch.device("meta"):
         all_meta = transformers.GPT2LMHeadModel(cfg).eval()  # no non-persistent buffers
-    for skeleton in (_meta_parameters(transformers.GPT2LMHeadModel(cfg).eval()), all_meta):
+    skeletons = [_meta_parameters(transformers.GPT2LMHeadModel(cfg).eval()), all_meta]
+    try:
+        import accelerate
+    except ImportError:
+        pass
+    else:  # the docstring's recipe; its skeleton comes untied (lm_head and wte two meta tensors)
+        with accelerate.init_empty_weights():
+            skeletons.append(transformers.GPT2LMHeadModel(cfg).eval())
+    for skeleton in skeletons:
         out = fastkd.load_compressed(skeleton, tmp_path / "m")
         assert not any(t.is_meta for t in (*out.parameters(), *out.buffers()))
         assert out.lm_head.weight is out.transformer.wte.weight  # still tied
