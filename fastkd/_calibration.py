@@ -3,6 +3,7 @@ share_weights_'s calibrated assignment and quantize_'s SmoothQuant scales)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -14,6 +15,10 @@ def check_calibration(calibration: Any) -> None:
     if isinstance(calibration, torch.Tensor):
         raise TypeError("calibration: pass a list of batches ([tensor]) or a callable taking "
                         "the model, not a bare tensor (it would be iterated row by row)")
+    if isinstance(calibration, Mapping):  # a tokenizer's output, one batch
+        raise TypeError("calibration: pass a list of batches ([batch]) or a callable taking the "
+                        "model, not one mapping (a tokenizer's output would be iterated over "
+                        "its keys)")
     if not (callable(calibration) or hasattr(calibration, "__iter__")):
         raise TypeError("calibration must be a callable taking the model, or an iterable of "
                         f"batches, got {type(calibration).__name__}")

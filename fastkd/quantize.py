@@ -44,6 +44,7 @@ def quantize_(
     smooth: Optional[float] = None,
     calibration: Any = None,
     damp: float = 0.1,
+    calibrate_codes: bool = True,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` in ``model`` for which ``filter_fn(module, name)``
     is true (all of them without a filter) by ``Int8Linear.from_linear(module, mode)``. Hugging
@@ -67,11 +68,16 @@ def quantize_(
     float model runs them once; then each selected linear's codes are chosen for its output error
     on those inputs instead of being rounded one by one (GPTQ, Frantar et al. 2023: the same
     per-channel scales, the rounding error of each column pushed onto the columns not yet
-    quantized through E[x x^T], damped by ``damp`` relative to the mean input power; this takes
-    in_features^2 x 8 bytes per layer and a Python loop over the input columns). On
-    all-MiniLM-L6-v2 with six calibration sentences, held-out inputs of one to three words went
-    from cosine 0.9965 to 0.9989 (w8a16; tests/test_int8_linear.py); 0.01 to 1 all did about as
-    well for ``damp``.
+    quantized through E[x x^T], damped by ``damp`` relative to the mean input power, and a Python
+    loop over the input columns). On all-MiniLM-L6-v2 with six calibration sentences, held-out
+    inputs of one to three words went from cosine 0.9965 to 0.9989 (w8a16;
+    tests/test_int8_linear.py); 0.01 to 1 all did about as well for ``damp``. Memory: the second
+    moments of every selected layer are held at once, in_features^2 x 8 bytes each on the layer's
+    device (summed over the layers: ~70 GB for all linears of an 8B Llama); quantize a large
+    model in several calls with ``filter_fn`` (a block or a few at a time: later calls then
+    calibrate on the already quantized earlier layers, as GPTQ does), or pass
+    ``calibrate_codes=False`` to round to nearest and use the calibration for ``smooth`` alone
+    (a few floats per input channel).
 
     ``smooth`` (``"w8a8"`` only; with ``calibration``): SmoothQuant (Xiao et al. 2023) with
     migration strength ``smooth`` = alpha in ``(0, 1]``. Per input channel k of each selected
@@ -80,9 +86,10 @@ def quantize_(
     activation quantization pass; the product is the same). Outlier channels of the activations, which set each
     token's int8 scale, shrink towards the weight's range: on all-MiniLM-L6-v2 with short inputs
     (where the special tokens dominate) the embedding cosine went from 0.975 to 0.995 at
-    alpha = 0.5. A layer the calibration never runs keeps plain rounding and no smoothing (a
-    warning names it); layers that were already ``Int8Linear`` and Mixture-of-Experts experts
-    are not calibrated.
+    alpha = 0.5. A layer the calibration never runs keeps plain rounding and no smoothing;
+    layers that were already ``Int8Linear`` (their float weights are gone) and
+    Mixture-of-Experts experts (their inputs are routed per token) are not calibrated either: a
+    warning names each of these.
 
     ``name`` is the module's qualified name in ``model`` (``"encoder.layer.0.attention.self.query"``).
     ``model`` itself may be an ``nn.Linear``; then it cannot be replaced in place and a
@@ -93,10 +100,11 @@ def quantize_(
     refuse_distributed(model, "quantize_")
     if unwrapped_model(model) is not model:  # torch.compile / DataParallel: the filter sees the
         quantize_(unwrapped_model(model), mode, filter_fn, backend=backend,  # model's own names
-                  smooth=smooth, calibration=calibration, damp=damp)
+                  smooth=smooth, calibration=calibration, damp=damp,
+                  calibrate_codes=calibrate_codes)
         return model
     _check_mode(mode)
-    _check_calibration_args(mode, smooth, calibration, damp)
+    _check_calibration_args(mode, smooth, calibration, damp, calibrate_codes)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable as filter_fn(module, name) -> bool")
     filter_fn = one_answer_per_layer("quantize_", model, filter_fn)
@@ -135,7 +143,14 @@ def quantize_(
               if isinstance(m, (Int8Linear, Int8Experts)) and m.mode != mode
               and _selected(filter_fn, m, name)]
     factors, moments = ({}, {}) if calibration is None else \
-        _calibrate(model, targets, smooth, calibration)
+        _calibrate(model, targets, smooth, calibration, calibrate_codes)
+    if calibration is not None:
+        left = [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Experts))
+                and _selected(filter_fn, m, n)] + [n for n, _ in experts]
+        if left:  # (the calibration ran, and changed nothing for these)
+            warnings.warn(f"quantize_: {len(left)} layer(s) are not calibrated ({shown(left)}): "
+                          "Mixture-of-Experts experts and layers already int8 keep plain "
+                          "rounding and no smoothing", stacklevel=2)
     swapped: dict = {}  # a linear shared under several names becomes one shared Int8Linear
     for name, module in targets:  # every layer first: a bad one leaves the model untouched
         if id(module) not in swapped:
@@ -165,7 +180,9 @@ def quantize_(
     return model
 
 
-def _check_calibration_args(mode: str, smooth, calibration, damp) -> None:
+def _check_calibration_args(mode: str, smooth, calibration, damp, calibrate_codes) -> None:
+    if not isinstance(calibrate_codes, bool):
+        raise TypeError(f"calibrate_codes must be a bool, got {calibrate_codes!r}")
     if calibration is not None:
         check_calibration(calibration)
         if isinstance(damp, bool) or not isinstance(damp, numbers.Real) \
@@ -186,35 +203,42 @@ def _check_calibration_args(mode: str, smooth, calibration, damp) -> None:
                          "activation range")
 
 
-def _calibrate(model: nn.Module, targets, alpha, calibration) -> tuple:
+def _calibrate(model: nn.Module, targets, alpha, calibration, with_moments: bool) -> tuple:
     """One run of ``calibration`` on the float model: (name -> SmoothQuant factors s, fp32
-    (in_features,), when ``alpha`` is not None; name -> E[x x^T], float64) for the targets it
-    ran. s_k = max|x_k|^alpha / max_n |W_nk|^(1 - alpha), 1 where a channel's input was
-    always 0."""
+    (in_features,), when ``alpha`` is not None; name -> E[x x^T], float64, when
+    ``with_moments``) for the targets it ran. s_k = max|x_k|^alpha / max_n |W_nk|^(1 - alpha),
+    1 where a channel's input was always 0."""
     amax: dict = {}
     sums: dict = {}
+    finite: dict = {}  # checked after the run: reading a flag in the hook breaks a compiled graph
 
     def observe(name, x):
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"the calibration inputs of {name!r} are not finite (inf/NaN "
-                             "activations): they cannot set its scales or weigh its error")
+        finite[name] = finite.get(name, True) & torch.isfinite(x).all()
         a = x.abs().amax(0) if x.shape[0] else x.new_zeros(x.shape[1])
         amax[name] = torch.maximum(amax[name], a) if name in amax else a
         h, cnt = sums.get(name, (0, 0))
-        sums[name] = ((x.T @ x).double() + h, cnt + x.shape[0])
+        if with_moments:
+            h = (x.T @ x).double() + h
+        sums[name] = (h, cnt + x.shape[0])
 
     observe_inputs(model, targets, calibration, observe)
-    moments = {n: h / cnt for n, (h, cnt) in sums.items() if cnt > 0}
+    bad = [n for n, ok in finite.items() if not bool(ok)]
+    if bad:
+        raise ValueError(f"the calibration inputs of {shown(bad)} are not finite (inf/NaN "
+                         "activations): they cannot set scales or weigh errors (nothing was "
+                         "changed)")
+    ran = {n for n, (_, cnt) in sums.items() if cnt > 0}
+    moments = {n: h / cnt for n, (h, cnt) in sums.items() if cnt > 0 and with_moments}
     factors = {}
     for name, module in targets:
-        if alpha is None or name not in moments:
+        if alpha is None or name not in ran:
             continue
         w = as_linear(module, "quantize_").weight.detach().float()
         w_max = w.abs().amax(0).clamp_min(1e-5)
         a = amax[name].to(w.device)
         s = a.clamp_min(1e-5).pow(float(alpha)) / w_max.pow(1.0 - float(alpha))
         factors[name] = torch.where(a > 0, s, torch.ones_like(s))
-    missed = [n for n, _ in targets if n not in moments]
+    missed = [n for n, _ in targets if n not in ran]
     if missed:
         warnings.warn(f"quantize_: the calibration never ran {len(missed)} layer(s) "
                       f"({shown(missed)}); they keep plain rounding"

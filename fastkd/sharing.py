@@ -173,7 +173,13 @@ def calibrated_assign(
     h = h[order][:, order]
     h.diagonal().add_(damp * live_mean)
     # upper Cholesky factor of H^-1: row j holds the updates that column j's error causes
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    try:
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError as err:  # (a singular moment: fewer tokens than inputs)
+        raise ValueError(
+            f"the calibration inputs' second moment, damped by damp={damp}, is not positive "
+            "definite (too few calibration tokens for this layer's inputs, or too small a damp); "
+            "raise damp or calibrate on more inputs") from err
     cent = cent.detach().double()
     mids = ((cent[:, 1:] + cent[:, :-1]) * 0.5).contiguous()
     idx = torch.empty(n, kdim, dtype=torch.long, device=w.device)

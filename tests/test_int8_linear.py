@@ -950,6 +950,15 @@ def test_smoothquant_bad_input():
             fastkd.quantize_(copy.deepcopy(model), calibration=calib, damp=bad)
     with pytest.raises(TypeError, match="bare tensor"):
         fastkd.quantize_(copy.deepcopy(model), smooth=0.5, calibration=calib[0])
+    with pytest.raises(TypeError, match="not one mapping"):  # a tokenizer's output, unwrapped
+        fastkd.quantize_(copy.deepcopy(model), calibration={"input": calib[0]})
+    with pytest.raises(TypeError, match="calibrate_codes must be a bool"):
+        fastkd.quantize_(copy.deepcopy(model), calibration=calib, calibrate_codes=1)
+    # fewer calibration tokens than inputs and next to no damping: a singular moment, named
+    wide = nn.Sequential(nn.Linear(64, 4))
+    with pytest.raises(ValueError, match="damp=1e-12, is not positive definite"):
+        fastkd.quantize_(wide, calibration=[torch.randn(3, 64)], damp=1e-12)
+    assert type(wide[0]) is nn.Linear
     nan_calib = [torch.full((2, 8), float("nan"))]
     kept = copy.deepcopy(model)
     with pytest.raises(ValueError, match="not finite"):
@@ -998,6 +1007,21 @@ def test_calibrated_codes_cut_the_output_error_of_held_out_inputs(mode, smooth):
         gain = _sqnr_db(ref_y, tuned(held_out)) - _sqnr_db(ref_y, plain(held_out))
     # w8a8's error is mostly its activations' rounding, which the codes cannot change
     assert gain >= (1.0 if mode == "w8a16" else 0.2), gain
+
+
+def test_smoothquant_without_calibrated_codes_and_layers_left_uncalibrated():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 8)
+    calib = [_outlier_inputs(16, 64, seed=3)]
+    model = nn.Sequential(copy.deepcopy(lin))
+    fastkd.quantize_(model, smooth=0.5, calibration=calib, calibrate_codes=False)
+    s = model[0].smooth_scale
+    codes, scale = F.quantize_weight(lin.weight.detach() * s)  # nearest rounding, smoothed
+    assert torch.equal(model[0].weight, codes) and torch.equal(model[0].weight_scale, scale)
+    # a second call on layers already int8: the calibration can change nothing there, and says so
+    with pytest.warns(UserWarning, match="1 layer.*not calibrated"):
+        fastkd.quantize_(model, mode="w8a16", calibration=calib)
+    assert torch.equal(model[0].weight, codes)
 
 
 def test_smoothquant_layers_the_calibration_skips_are_left_unsmoothed():

@@ -148,7 +148,8 @@ class Int8Linear(nn.Module):
         return w if dtype is None else w.to(dtype)
 
     def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
-        """A plain ``nn.Linear`` holding the dequantized weight ``weight * weight_scale`` (a copy;
+        """A plain ``nn.Linear`` holding the dequantized weight ``weight * weight_scale`` (divided
+        by ``smooth_scale`` along the inputs when the layer has one; a copy;
         see :func:`fastkd.decompress_` for a whole model), in ``dtype`` (default: the bias's
         dtype, else fp32: pass the model's dtype for a bf16/fp16 model without biases). It
         computes what ``w8a16`` computes, to rounding; ``w8a8`` also quantizes the activations,
