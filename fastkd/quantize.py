@@ -83,10 +83,10 @@ def quantize_(
     migration strength ``smooth`` = alpha in ``(0, 1]``. Per input channel k of each selected
     linear, ``s_k = max|x_k|^alpha / max_n |W_nk|^(1 - alpha)`` over the calibration inputs;
     the codes quantize ``W diag(s)`` and the layer divides its input by s (in fp32, inside the
-    activation quantization pass; the product is the same). Outlier channels of the activations, which set each
-    token's int8 scale, shrink towards the weight's range: on all-MiniLM-L6-v2 with short inputs
-    (where the special tokens dominate) the embedding cosine went from 0.975 to 0.995 at
-    alpha = 0.5. A layer the calibration never runs keeps plain rounding and no smoothing;
+    activation quantization pass; the product is the same). Outlier channels of the
+    activations, which set each token's int8 scale, shrink towards the weight's range: on
+    all-MiniLM-L6-v2 with short inputs (where the special tokens dominate) the embedding cosine
+    went from 0.975 to 0.995 at alpha = 0.5. A layer the calibration never runs keeps plain rounding and no smoothing;
     layers that were already ``Int8Linear`` (their float weights are gone) and
     Mixture-of-Experts experts (their inputs are routed per token) are not calibrated either: a
     warning names each of these.
