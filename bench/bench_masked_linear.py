@@ -302,8 +302,11 @@ def _cpu_points() -> list:
     return records
 
 
-def run(device: str = "cuda", quick: bool = False, rep_ms: int = 100, backward: bool = True) -> list:
-    """Records for this device (the `python -m fastkd bench` / gpu_check.sh convention)."""
+def run(device: str = "cuda", quick: bool = False, rep_ms: int = 100, backward: bool = True,
+        after_point=None) -> list:
+    """Records for this device (the `python -m fastkd bench` / gpu_check.sh convention).
+    ``after_point(records)``, if given, is called with the records so far after each point (a
+    run cut off by its time cap keeps them)."""
     if torch.device(device).type != "cuda":
         return _cpu_points()
     # Without fastkd._C the CUDA kernel's timings are recorded as errors; the rest still runs.
@@ -314,6 +317,8 @@ def run(device: str = "cuda", quick: bool = False, rep_ms: int = 100, backward: 
             for pattern, sparsity in patterns:
                 rec = one_point(m, k, n, pattern, sparsity, rep_ms, backward)
                 records.append(rec)
+                if after_point is not None:
+                    after_point(records)
                 sp = rec.get("fwd_speedup_vs_dense", {})
                 gsp = rec.get("fwd_graph_speedup_vs_dense", {})
                 bsp = rec.get("fwdbwd_graph_speedup_vs_dense", {})
@@ -322,7 +327,9 @@ def run(device: str = "cuda", quick: bool = False, rep_ms: int = 100, backward: 
                     f"M={m:<5} K={k:<5} N={n:<5} {pattern:>12} {str(sparsity):>5} "
                     f"cuda x{sp.get('fastkd_cuda', nan):.2f} "
                     f"triton x{sp.get('fastkd_triton', nan):.2f} "
-                    f"(graph x{gsp.get('fastkd_triton', nan):.2f}, "
+                    f"(graph x{gsp.get('fastkd_triton', nan):.2f}, cold "
+                    f"{rec.get('fwd_graph_cold_ms', {}).get('fastkd_triton', nan):.4f} ms vs "
+                    f"dense {rec.get('fwd_graph_cold_ms', {}).get('dense_linear', nan):.4f}, "
                     f"n128 x{gsp.get('fastkd_triton_n128', nan):.2f}, "
                     f"fwd+bwd x{bsp.get('fastkd_triton', nan):.2f}) "
                     f"auto x{sp.get('fastkd_auto', nan):.2f} "
@@ -345,14 +352,24 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON file path (default: print only)")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    records = run(device, args.quick, args.rep_ms, not args.no_backward)
+    out = args.out
+
+    def save(records, final=False):
+        if out is None:
+            return {}
+        targets = evaluate_targets(records) if device == "cuda" else {}
+        result = {"environment": environment(), "results": records, "targets": targets,
+                  "complete": final}
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(f"{out}.tmp", "w") as f:  # then rename: never a half-written file
+            json.dump(result, f, indent=1)
+        os.replace(f"{out}.tmp", out)
+        return result
+
+    records = run(device, args.quick, args.rep_ms, not args.no_backward, after_point=save)
     targets = evaluate_targets(records) if device == "cuda" else {}
     result = {"environment": environment(), "results": records, "targets": targets}
-    out = args.out
-    if out is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+    save(records, final=True)
     print(json.dumps(result["targets"], indent=1))
     print(f"wrote {out}")
     return 0

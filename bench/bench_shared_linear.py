@@ -148,8 +148,10 @@ def _impls(x, sl, lin, w_dense, k, bits, backend, variants, sweep):
 
 
 def run(device: str = "cuda", quick: bool = False, *, shapes=None, configs=None,
-        iters: int = 5, variants=None, sweep: bool = False) -> list:
+        iters: int = 5, variants=None, sweep: bool = False, after_case=None) -> list:
     """One record per (case, implementation); the `python -m fastkd bench` hook.
+    ``after_case(records)``, if given, is called with the records so far after each case (a run
+    cut off by its time cap keeps them).
 
     variants: time the Triton variants (v1, v2_fused, v2_dequant) one by one; default on CUDA only
     (on CPU they would run in the Triton interpreter: a check of this script, not a timing).
@@ -208,8 +210,11 @@ def run(device: str = "cuda", quick: bool = False, *, shapes=None, configs=None,
                 g_ms, g_x = rec.get("graph_ms") or 0, rec.get("graph_speedup_vs_dense") or 0
                 print(f"  {name:<44} M={m:<5} N={n:<6} K={k:<5} bits={bits} pc={per_channel!s:<5} "
                       f"{rec['ms']:.4f} ms x{rec['speedup_vs_dense'] or 0:.3f} | graph "
-                      f"{g_ms:.4f} ms x{g_x:.3f} | host {rec.get('host_us', 0):.0f} us", flush=True)
+                      f"{g_ms:.4f} ms x{g_x:.3f} (cold {rec.get('graph_cold_ms') or 0:.4f}) | "
+                      f"host {rec.get('host_us', 0):.0f} us", flush=True)
         del lin, sl, x, w_dense, ref, dense_ref
+        if after_case is not None:
+            after_case(records)
         if on_cuda:
             torch.cuda.empty_cache()
     return records
@@ -223,15 +228,20 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=5, help="k-means iterations building each layer")
     p.add_argument("--sweep", action="store_true", help="also time v2_fused tile candidates")
     args = p.parse_args(argv)
-    records = run(args.device, args.quick, iters=args.iters, sweep=args.sweep)
+    extra = {"benchmark": "shared_linear", "kmeans_iters": args.iters}
+
+    def save(records):
+        if args.out:
+            common.write_json(list(records), args.out, {**extra, "complete": False})
+
+    records = run(args.device, args.quick, iters=args.iters, sweep=args.sweep, after_case=save)
     common.print_table(records, ["impl", "variant", "m", "n", "k", "bits", "per_channel", "dtype",
                                  "ms", "ms_p20", "ms_p80", "speedup_vs_dense", "graph_ms",
                                  "graph_speedup_vs_dense", "host_us", "GBps", "TFLOPs",
                                  "weight_mem_vs_bf16", "rel_err_vs_fp32_dequant",
                                  "rel_err_vs_fp32_dense", "error"])
     if args.out:
-        print("wrote", common.write_json(records, args.out, {"benchmark": "shared_linear",
-                                                             "kmeans_iters": args.iters}))
+        print("wrote", common.write_json(records, args.out, {**extra, "complete": True}))
 
 
 if __name__ == "__main__":
