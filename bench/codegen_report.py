@@ -112,6 +112,9 @@ def analyse(kernel) -> dict:
         # fp32 max instructions that keep a nan operand, and those that drop it (return the other)
         "ptx_max_nan": len(re.findall(r"\bmax\.NaN\.f32\b", kernel.asm["ptx"])),
         "ptx_max_dropping_nan": len(re.findall(r"\bmax(?:\.ftz)?\.f32\b", kernel.asm["ptx"])),
+        # IEEE round-to-nearest fp32 divisions (what torch's tensor / tensor does; the
+        # approximate div.full would make codes differ from the reference's)
+        "ptx_div_rn": len(re.findall(r"\bdiv\.rn(?:\.ftz)?\.f32\b", kernel.asm["ptx"])),
     })
     return rec
 
@@ -163,12 +166,15 @@ def cases():
         kd_topk._kd_topk_bwd_ids_kernel, topk_types, dict(common, BLOCK_K=64), 4,
         values=topk_values)))
     # per-token quantization of bf16 activations, a row in one block (K = 4096) and in two passes
-    q_types = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "stride_xm": "i32",
-               "stride_xk": "i32", "stride_qm": "i32", "K": "i32"}
-    for k_row, block, one_pass in ((4096, 4096, True), (14336, 4096, False)):
-        out.append((f"int8_linear quantize K={k_row}", lambda b=block, o=one_pass, kr=k_row: (
+    # (and with SmoothQuant factors divided out in the same pass)
+    q_types = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "smooth_ptr": "*fp32",
+               "stride_xm": "i32", "stride_xk": "i32", "stride_qm": "i32", "K": "i32"}
+    for k_row, block, one_pass, smooth in ((4096, 4096, True, False), (14336, 4096, False, False),
+                                           (4096, 4096, True, True)):
+        label = f"int8_linear quantize K={k_row}" + (" smoothed" if smooth else "")
+        out.append((label, lambda b=block, o=one_pass, kr=k_row, sm=smooth: (
             compile_kernel(int8_linear._quantize_per_token_kernel, q_types,
-                           {"BLOCK_K": b, "ONE_PASS": o}, 8,
+                           {"BLOCK_K": b, "ONE_PASS": o, "HAS_SMOOTH": sm}, 8,
                            values={"stride_xm": kr, "stride_xk": 1, "stride_qm": kr, "K": kr}))))
     gemm_types = {"a_ptr": "*fp32", "a_scale_ptr": "*fp32", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
                   "bias_ptr": "*fp32", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",

@@ -74,9 +74,14 @@ def test_int8_quantization_keeps_a_nan():
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     kernels = json.loads(proc.stdout.strip().splitlines()[-1])["kernels"]
-    assert len(kernels) == 2, kernels  # a row in one block, and in two passes
+    assert len(kernels) == 3, kernels  # a row in one block, in two passes, and smoothed
     for name, r in kernels.items():
         assert r["ptx_max_nan"] > 0, (name, r)
+    # SmoothQuant's division by the factors is IEEE (div.rn), as the reference's, so the codes
+    # agree bit for bit: one more div.rn per element than the plain pass
+    plain, smoothed = kernels["int8_linear quantize K=4096"], \
+        kernels["int8_linear quantize K=4096 smoothed"]
+    assert smoothed["ptx_div_rn"] > plain["ptx_div_rn"] > 0, (plain, smoothed)
 
 
 def test_swapped_w8a16_gemm_keeps_the_weight_in_registers():
