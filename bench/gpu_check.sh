@@ -93,9 +93,13 @@ step "GPU tests"
 # behind them it would start near the step's end and be cut off.
 SAN_LOG=$(mktemp /tmp/gpu_check_sanitizer.XXXXXX)
 san_cap=190; [ "$(left)" -lt "$san_cap" ] && san_cap=$(left)
-timeout -s INT -k 15 "$san_cap" "$PY" -m pytest tests -m "gpu and slow" -q -rs --tb=short \
-    -p no:cacheprovider >"$SAN_LOG" 2>&1 &
-san_pid=$!
+if [ "$san_cap" -gt 5 ]; then  # (timeout 0 would mean no limit)
+    timeout -s INT -k 15 "$san_cap" "$PY" -m pytest tests -m "gpu and slow" -q -rs --tb=short \
+        -p no:cacheprovider >"$SAN_LOG" 2>&1 &
+    san_pid=$!
+else
+    echo "!!! skipped (deadline): the compute-sanitizer test" >"$SAN_LOG"; (exit 1) & san_pid=$!
+fi
 PYTEST_PAR=()
 "$PY" -c "import xdist, pytest_timeout" >/dev/null 2>&1 && PYTEST_PAR=(-n 13 --timeout=150)
 RUN_SIGNAL=INT run 200 "$PY" -m pytest tests -m "gpu and not slow" -q -rs --tb=short \
