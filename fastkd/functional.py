@@ -384,10 +384,11 @@ def int8_linear(
         mode: ``"w8a8"`` or ``"w8a16"``.
         backend: ``"auto"`` (Triton on CUDA, the torch reference elsewhere; ``FASTKD_BACKEND``
             overrides), ``"torch"`` or ``"triton"``.
-        smooth_scale: optional ``(K,)`` fp32 SmoothQuant factors s (``Int8Linear.smooth_scale``):
-            the layer computes on ``x / s`` (its weight codes hold ``W diag(s)``). Under
-            ``"w8a8"`` the division is done in fp32 inside the quantization pass; under
-            ``"w8a16"`` it is one elementwise pass first.
+        smooth_scale: optional ``(K,)`` fp32 SmoothQuant factors s (``Int8Linear.smooth_scale``),
+            finite and > 0 (not checked here: that would read the device per call;
+            ``Int8Linear.from_linear`` checks them): the layer computes on ``x / s`` (its weight
+            codes hold ``W diag(s)``). Under ``"w8a8"`` the division is done in fp32 inside the
+            quantization pass; under ``"w8a16"`` it is one elementwise pass first.
 
     Returns:
         ``(..., N)`` in ``x.dtype`` (the autocast dtype inside ``torch.autocast``, as ``F.linear``).

@@ -71,9 +71,10 @@ def quantize_(
     quantized through E[x x^T], damped by ``damp`` relative to the mean input power, and a Python
     loop over the input columns). On all-MiniLM-L6-v2 with six calibration sentences, held-out
     inputs of one to three words went from cosine 0.9965 to 0.9989 (w8a16;
-    tests/test_int8_linear.py); 0.01 to 1 all did about as well for ``damp``. Memory: the second
+    tests/test_int8_linear.py); ``damp`` (finite, > 0; default 0.1, where share_weights_ has
+    1.0) from 0.01 to 1 all did about as well. Memory: the second
     moments of every selected layer are held at once, in_features^2 x 8 bytes each on the layer's
-    device (summed over the layers: ~70 GB for all linears of an 8B Llama); quantize a large
+    device (summed over the layers: ~79 GB for all linears of an 8B Llama); quantize a large
     model in several calls with ``filter_fn`` (a block or a few at a time: later calls then
     calibrate on the already quantized earlier layers, as GPTQ does), or pass
     ``calibrate_codes=False`` to round to nearest and use the calibration for ``smooth`` alone
@@ -86,7 +87,7 @@ def quantize_(
     activation quantization pass; the product is the same). Outlier channels of the
     activations, which set each token's int8 scale, shrink towards the weight's range: on
     all-MiniLM-L6-v2 with short inputs (where the special tokens dominate) the embedding cosine
-    went from 0.975 to 0.995 at alpha = 0.5. A layer the calibration never runs keeps plain rounding and no smoothing;
+    went from 0.975 to 0.994 at alpha = 0.5. A layer the calibration never runs keeps plain rounding and no smoothing;
     layers that were already ``Int8Linear`` (their float weights are gone) and
     Mixture-of-Experts experts (their inputs are routed per token) are not calibrated either: a
     warning names each of these.
@@ -183,6 +184,9 @@ def quantize_(
 def _check_calibration_args(mode: str, smooth, calibration, damp, calibrate_codes) -> None:
     if not isinstance(calibrate_codes, bool):
         raise TypeError(f"calibrate_codes must be a bool, got {calibrate_codes!r}")
+    if calibration is not None and smooth is None and not calibrate_codes:
+        raise ValueError("calibration with calibrate_codes=False and no smooth would run the model "
+                         "for nothing: pass smooth=alpha, or leave calibration out")
     if calibration is not None:
         check_calibration(calibration)
         if isinstance(damp, bool) or not isinstance(damp, numbers.Real) \
@@ -228,7 +232,11 @@ def _calibrate(model: nn.Module, targets, alpha, calibration, with_moments: bool
                          "activations): they cannot set scales or weigh errors (nothing was "
                          "changed)")
     ran = {n for n, (_, cnt) in sums.items() if cnt > 0}
-    moments = {n: h / cnt for n, (h, cnt) in sums.items() if cnt > 0 and with_moments}
+    # divided in place: a copy per layer would hold every moment twice for a moment
+    # (an inference tensor, made under torch.inference_mode by a calibration callable such as
+    # SentenceTransformer.encode, cannot be changed in place out of it: divided as a copy)
+    moments = {n: h / cnt if h.is_inference() else h.div_(cnt)
+               for n, (h, cnt) in sums.items() if cnt > 0 and with_moments}
     factors = {}
     for name, module in targets:
         if alpha is None or name not in ran:

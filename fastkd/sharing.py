@@ -213,7 +213,11 @@ def _input_moments(model: nn.Module, targets, calibration) -> dict:
         sums[name] = ((x.T @ x).double() + s, cnt + x.shape[0])
 
     observe_inputs(model, targets, calibration, observe)
-    return {n: s / cnt for n, (s, cnt) in sums.items() if cnt > 0}
+    # divided in place: a copy per layer would hold every moment twice for a moment
+    # (an inference tensor, made under torch.inference_mode by a calibration callable such as
+    # SentenceTransformer.encode, cannot be changed in place out of it: divided as a copy)
+    return {n: s / cnt if s.is_inference() else s.div_(cnt)
+            for n, (s, cnt) in sums.items() if cnt > 0}
 
 
 def share_weights_(

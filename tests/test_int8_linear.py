@@ -952,6 +952,8 @@ def test_smoothquant_bad_input():
         fastkd.quantize_(copy.deepcopy(model), smooth=0.5, calibration=calib[0])
     with pytest.raises(TypeError, match="not one mapping"):  # a tokenizer's output, unwrapped
         fastkd.quantize_(copy.deepcopy(model), calibration={"input": calib[0]})
+    with pytest.raises(ValueError, match="for nothing"):  # nothing would use the calibration
+        fastkd.quantize_(copy.deepcopy(model), calibration=calib, calibrate_codes=False)
     with pytest.raises(TypeError, match="calibrate_codes must be a bool"):
         fastkd.quantize_(copy.deepcopy(model), calibration=calib, calibrate_codes=1)
     # fewer calibration tokens than inputs and next to no damping: a singular moment, named
@@ -1074,7 +1076,7 @@ def test_calibrated_int8_keeps_short_inputs_of_a_real_transformer():
     c_plain, c_smooth = cosines(plain), cosines(smoothed)
     short = slice(0, len(SHORT))
     assert c_plain[short].min().item() < 0.98  # what smoothing is for
-    assert c_smooth[short].min().item() >= 0.99, c_smooth
+    assert c_smooth[short].min().item() >= 0.994, c_smooth  # (the README's figure)
     assert c_smooth.min().item() >= 0.99 and c_smooth[len(SHORT):].min().item() >= 0.997
     # the weight-only mode: rounded to nearest its short inputs fall below 0.998; with codes
     # chosen for the output error on the calibration sentences (GPTQ) they stay above

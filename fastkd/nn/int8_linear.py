@@ -30,9 +30,11 @@ class Int8Linear(nn.Module):
         ``bias``: parameter ``(out_features,)`` in the activation dtype, or ``None``.
         ``smooth_scale``: ``None``, or (SmoothQuant, Xiao et al. 2023) a buffer ``(in_features,)``
             fp32 of per-input-channel factors s: the codes hold ``W diag(s)`` and the input is
-            divided by s before it is quantized, so the product is unchanged while activation
-            outliers move into the weight (``quantize_(..., smooth=alpha, calibration=...)`` or
-            ``from_linear(..., smooth_scale=s)``). Stays fp32, as ``weight_scale``.
+            divided by s (under w8a8 before it is quantized), so the product is unchanged while
+            activation outliers move into the weight (``quantize_(..., smooth=alpha,
+            calibration=...)`` or ``from_linear(..., smooth_scale=s)``). Stays fp32, as
+            ``weight_scale``. ``Int8Linear(..., smooth=True)`` builds it as ones: a skeleton for
+            a smoothed state dict (one without it takes it from the state dict as well).
 
     Modes: ``"w8a8"`` quantizes activations per token at run time and multiplies int8 x int8 with
     int32 accumulation; ``"w8a16"`` keeps activations in their dtype and dequantizes the weight
@@ -90,10 +92,12 @@ class Int8Linear(nn.Module):
         docstring; :func:`fastkd.quantize_` computes them from calibration inputs).
 
         ``input_moment`` (optional, ``(in_features, in_features)``): E[x x^T] of the layer's
-        inputs on calibration data. The scales stay ``max|w| / 127`` per channel; the codes are
-        then chosen for the output error on those inputs rather than rounded one by one (GPTQ,
-        Frantar et al. 2023: ``fastkd.sharing.calibrated_assign`` on the int8 grid, damped by
-        ``damp`` relative to the mean input power). Weights at exactly 0 (pruned) stay 0."""
+        inputs x on calibration data (of x itself, not of x / s: with ``smooth_scale`` it is
+        rescaled here). The scales stay ``max|w| / 127`` per channel; the codes are then chosen
+        for the output error on those inputs rather than rounded one by one (GPTQ, Frantar et
+        al. 2023: ``fastkd.sharing.calibrated_assign`` on the int8 grid, damped by ``damp``,
+        finite and > 0, relative to the mean input power). Weights at exactly 0 (pruned) stay
+        0."""
         original, linear = linear, as_linear(linear, "Int8Linear.from_linear")
         _check_mode(mode)
         w = linear.weight
