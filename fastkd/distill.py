@@ -377,12 +377,23 @@ def _in_dtype(dtype: torch.dtype, *tensors):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
-def _lm_head_weight(model: nn.Module, who: str):
+def _in_dtype_or_module(dtype, h, w, b):
+    """(h, w, b) in ``dtype`` (default: w's), as _in_dtype; a head module ``w`` stays as it is
+    and h takes ``dtype`` (default: its own)."""
+    if isinstance(w, nn.Module):
+        return _in_dtype(dtype or h.dtype, h)[0], w, b
+    return _in_dtype(dtype or w.dtype, h, w, b)
+
+
+def _lm_head_weight(model: nn.Module, who: str, evaluating: bool = False):
     """(weight (V, H), bias or None) of a Hugging Face model's lm head, as a tensor whose
     gradient is the head's own: an ``nn.Linear``'s weight; a ``MaskedLinear``'s ``W o M``
     (pruned entries get zero gradient); the dequantized weight of a ``w8a16`` ``Int8Linear``
     (no gradient: it has no float weight) or of a ``SharedLinear`` whose codebook is frozen.
-    The compressed heads are dequantized to a dense (V, H) copy per step."""
+    The compressed heads are dequantized to a dense (V, H) copy per step. With ``evaluating``
+    (no gradient is taken) a ``SharedLinear`` is dequantized whatever its codebook, and a
+    ``w8a8`` ``Int8Linear`` comes back as ``(the head module, None)``: its logits are its own
+    forward (it quantizes its input), chunk by chunk."""
     from .nn.int8_linear import Int8Linear
     from .nn.masked_linear import MaskedLinear
     from .nn.shared_linear import SharedLinear
@@ -404,7 +415,10 @@ def _lm_head_weight(model: nn.Module, who: str):
     dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
     if kind is Int8Linear and head.mode == "w8a16":
         return head.dequantized_weight(dtype), head.bias
-    if kind is SharedLinear and not (who == "student" and head.codebook.requires_grad):
+    if kind is Int8Linear and evaluating:
+        return head, None
+    if kind is SharedLinear and (evaluating or not (who == "student"
+                                                    and head.codebook.requires_grad)):
         weight = head.dequantized_weight()
         return (weight if dtype is None else weight.to(dtype)), head.bias
     why = {
@@ -838,16 +852,17 @@ class Distiller:
         s_out, t_out, target = self._align(s_out, t_out, target)
         return s_out, t_out, target, self._soft_rows(s_out, target, attention_mask)
 
-    def _fused_inputs(self, batch, target, attention_mask):
+    def _fused_inputs(self, batch, target, attention_mask, evaluating: bool = False):
         """What fused_linear_kd_loss takes for one batch: (student hidden, weight, bias, teacher
-        hidden, weight, bias, target, rows to count or None), shifted as in the unfused path."""
+        hidden, weight, bias, target, rows to count or None), shifted as in the unfused path.
+        With ``evaluating``, a weight may be the head module itself (see _lm_head_weight)."""
         if not isinstance(batch, Mapping):
             raise TypeError("fused_lm_head needs mapping batches (Hugging Face style)")
         if not self._fused_checked:
             self._check_fused_heads(batch)
         kwargs = {k: v for k, v in batch.items() if k != "labels"}
-        w_s, b_s = _lm_head_weight(self.student, "student")
-        w_t, b_t = _lm_head_weight(self.teacher, "teacher")
+        w_s, b_s = _lm_head_weight(self.student, "student", evaluating)
+        w_t, b_t = _lm_head_weight(self.teacher, "teacher", evaluating)
         h_t = self._teacher_forward(
             lambda m: _last_hidden(_body(m)(**kwargs)), raw=True)
         h_s = _last_hidden(_body(self.student)(**kwargs))
@@ -855,13 +870,15 @@ class Distiller:
         # that model (autocast / teacher_autocast), else its weight's. The caller runs the fused
         # loss with autocast off, so a teacher_autocast=False head stays in fp32 inside a bf16
         # student's autocast, as it does unfused.
-        h_s, w_s, b_s = _in_dtype(self._student_autocast or w_s.dtype, h_s, w_s, b_s)
-        h_t, w_t, b_t = _in_dtype(self._autocast_dtype or w_t.dtype, h_t, w_t, b_t)
+        # (a head module computes in its input's dtype: the autocast dtype, else the body's)
+        h_s, w_s, b_s = _in_dtype_or_module(self._student_autocast, h_s, w_s, b_s)
+        h_t, w_t, b_t = _in_dtype_or_module(self._autocast_dtype, h_t, w_t, b_t)
         # hidden states pair with targets and masks position by position, as logits do
         h_s, h_t, target = self._align(h_s, h_t, target, slice_outputs=True)
         keep = self._soft_rows(h_s, target, attention_mask)
         b_t = None if b_t is None else b_t.detach()
-        return h_s, w_s, b_s, h_t.detach(), w_t.detach(), b_t, target, keep
+        w_t = w_t if isinstance(w_t, nn.Module) else w_t.detach()
+        return h_s, w_s, b_s, h_t.detach(), w_t, b_t, target, keep
 
     def _fused_step_loss(self, batch, target, attention_mask):
         """The output loss of one batch through fused_linear_kd_loss (no N x V logits), and
@@ -885,17 +902,22 @@ class Distiller:
         chunks of rows, so no batch-sized N x V tensor exists at once."""
         from ._fused_linear_kd import default_chunk_rows
 
-        h_s, w_s, b_s, h_t, w_t, b_t, target, keep = self._fused_inputs(batch, target,
-                                                                         attention_mask)
+        h_s, w_s, b_s, h_t, w_t, b_t, target, keep = self._fused_inputs(
+            batch, target, attention_mask, evaluating=True)
         h_s, h_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
         target = None if target is None else target.reshape(-1)
         keep = None if keep is None else keep.reshape(-1)
         n_rows = h_s.shape[0]
-        step = default_chunk_rows(n_rows, w_s.shape[0])
+        vocab = w_s.out_features if isinstance(w_s, nn.Module) else w_s.shape[0]
+        step = default_chunk_rows(n_rows, vocab)
+
+        def logits(h, w, b):  # a head module (w8a8 int8) runs its own forward
+            return w(h) if isinstance(w, nn.Module) else F.linear(h, w, b)
+
         for r0 in range(0, n_rows, step):
             r1 = min(n_rows, r0 + step)
             with torch.autocast(self.device.type, enabled=False):  # dtypes set by _fused_inputs
-                s_logits, t_logits = F.linear(h_s[r0:r1], w_s, b_s), F.linear(h_t[r0:r1], w_t, b_t)
+                s_logits, t_logits = logits(h_s[r0:r1], w_s, b_s), logits(h_t[r0:r1], w_t, b_t)
             yield (s_logits, t_logits,
                    None if target is None else target[r0:r1],
                    None if keep is None else keep[r0:r1])

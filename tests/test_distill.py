@@ -614,6 +614,27 @@ def test_fused_lm_head_takes_compressed_heads_of_bf16_models():
     assert math.isfinite(losses[1]) and abs(losses[1] - losses[0]) < 1e-2 * abs(losses[0])
 
 
+def test_fused_evaluate_of_a_head_compressed_after_fit():
+    # distill with the fused head, compress, evaluate: evaluating takes no gradient, so a w8a8
+    # head (its own forward, chunk by chunk) and a trainable codebook serve; both were refused
+    teacher = _tiny_gpt2(0, 2, tie_word_embeddings=False)
+    batches = _lm_batches(seed=7)
+    for compress in (lambda m: fastkd.quantize_(m, mode="w8a8",
+                                                filter_fn=lambda mod, n: n == "lm_head"),
+                     lambda m: fastkd.share_weights_(m, bits=4, iters=2,
+                                                     filter_fn=lambda mod, n: n == "lm_head")):
+        student = _tiny_gpt2(1, 1, tie_word_embeddings=False)
+        d = Distiller(teacher, student, fused_lm_head=True, progress=False, backend="torch")
+        d.fit(batches, epochs=1)
+        compress(student)
+        fused = d.evaluate(batches)
+        plain = Distiller(teacher, student, progress=False, backend="torch").evaluate(batches)
+        assert fused.keys() == plain.keys()
+        for key in plain:
+            assert math.isclose(fused[key], plain[key], rel_tol=1e-4, abs_tol=1e-6), (key, fused,
+                                                                                    plain)
+
+
 def test_fused_lm_head_refuses_what_it_cannot_fuse():
     teacher, student = _tiny_gpt2(0, 2), _tiny_gpt2(1, 1)
     with pytest.raises(ValueError, match="Hugging Face language model"):
