@@ -86,6 +86,22 @@ def _find_stack(model: nn.Module, stack: Optional[str]):
     return model.get_submodule(parent_name) if parent_name else model, attr, mod
 
 
+def _pipeline_stacks(seq: nn.Sequential) -> list:
+    """Paths of the layer stacks (ModuleLists of two or more blocks of one class) inside an
+    nn.Sequential whose entries are of different classes and of which only one holds such a
+    stack: a pipeline wrapping one model, not a stack of blocks (each block of a stack may hold
+    its own ModuleList, e.g. of experts, and then they all do)."""
+    if len({type(m) for m in seq}) < 2:
+        return []
+    holders = {}
+    for child_name, child in seq.named_children():
+        for name, mod in child.named_modules(prefix=child_name):
+            if (isinstance(mod, nn.ModuleList) and len(mod) > 1
+                    and len({type(m) for m in mod}) == 1):
+                holders.setdefault(child_name, []).append(name)
+    return next(iter(holders.values())) if len(holders) == 1 else []
+
+
 def student_from_teacher(
     teacher: nn.Module, keep_layers: Sequence[int], *, stack: Optional[str] = None
 ) -> nn.Module:
@@ -113,6 +129,13 @@ def student_from_teacher(
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
     if isinstance(teacher, nn.Sequential) and stack is None:
+        inner = _pipeline_stacks(teacher)
+        if inner:
+            raise ValueError(
+                f"teacher is an nn.Sequential of different modules, one of which holds a layer "
+                f"stack ({', '.join(inner)}): a pipeline (a SentenceTransformer's transformer, "
+                f"pooling and normalisation), not a stack of blocks; keeping its entries would "
+                f"drop pipeline stages and keep every layer. Pass stack={inner[0]!r}")
         keep = _normalise_keep(keep_layers, len(teacher))
         names = list(teacher._modules)
         student = copy.deepcopy(teacher)

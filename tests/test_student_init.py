@@ -50,6 +50,31 @@ def test_ambiguous_stack_asks_for_path():
         student_from_teacher("x", [0])
 
 
+def test_a_sequential_pipeline_around_one_model_asks_for_its_stack():
+    # a SentenceTransformer is nn.Sequential(Transformer, Pooling, Normalize): keeping its
+    # entries [0, 1] dropped the normalisation and kept every transformer layer, silently
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.ModuleList([nn.Linear(4, 4) for _ in range(4)])
+
+        def forward(self, x):
+            for block in self.layer:
+                x = block(x)
+            return x
+
+    pipeline = nn.Sequential(Encoder(), nn.Tanh(), nn.LayerNorm(4))
+    with pytest.raises(ValueError, match=r"pipeline.*stack='0.layer'"):
+        student_from_teacher(pipeline, [0, 1])
+    student = student_from_teacher(pipeline, [0, 2], stack="0.layer")
+    assert len(student[0].layer) == 2 and len(student) == 3
+    # a stack whose blocks each hold a ModuleList (experts) is still a stack of blocks
+    moe = nn.Sequential(*[Encoder() for _ in range(3)])
+    assert len(student_from_teacher(moe, [0, 2])) == 2
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))  # no inner stack
+    assert len(student_from_teacher(mlp, [0, 1])) == 2
+
+
 transformers = pytest.importorskip("transformers")
 
 
