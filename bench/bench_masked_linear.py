@@ -354,22 +354,22 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out
 
-    def save(records, final=False):
-        if out is None:
-            return {}
+    def result_of(records, final):
         targets = evaluate_targets(records) if device == "cuda" else {}
-        result = {"environment": environment(), "results": records, "targets": targets,
-                  "complete": final}
+        return {"environment": environment(), "results": records, "targets": targets,
+                "complete": final}
+
+    def save(records, final=False):
+        result = result_of(records, final)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(f"{out}.tmp", "w") as f:  # then rename: never a half-written file
             json.dump(result, f, indent=1)
         os.replace(f"{out}.tmp", out)
         return result
 
-    records = run(device, args.quick, args.rep_ms, not args.no_backward, after_point=save)
-    targets = evaluate_targets(records) if device == "cuda" else {}
-    result = {"environment": environment(), "results": records, "targets": targets}
-    save(records, final=True)
+    records = run(device, args.quick, args.rep_ms, not args.no_backward,
+                  after_point=save if out is not None else None)
+    result = save(records, final=True) if out is not None else result_of(records, True)
     print(json.dumps(result["targets"], indent=1))
     print(f"wrote {out}")
     return 0

@@ -61,3 +61,38 @@ def observe_inputs(model: nn.Module, targets, calibration: Any,
             hd.remove()
         for m, t in flags:
             m.training = t
+
+
+def input_statistics(model: nn.Module, targets, calibration: Any, *, moments: bool = True,
+                     amax: bool = False) -> dict:
+    """What each target layer received while ``calibration`` ran (observe_inputs), for the
+    layers that received at least one row: ``{"moments": name -> E[x x^T] (float64, on the
+    layer's device; with ``moments``), "amax": name -> max_rows |x| per input channel (with
+    ``amax``), "finite": name -> whether every input was finite}``. The finiteness is read
+    after the run: reading it in the hook would break a compiled model's graph."""
+    sums: dict = {}
+    counts: dict = {}
+    peaks: dict = {}
+    finite: dict = {}
+
+    def observe(name, x):
+        counts[name] = counts.get(name, 0) + x.shape[0]
+        finite[name] = finite.get(name, True) & torch.isfinite(x).all()
+        if moments:
+            h = (x.T @ x).double()
+            sums[name] = sums[name] + h if name in sums else h
+        if amax and x.shape[0]:
+            a = x.abs().amax(0)
+            peaks[name] = torch.maximum(peaks[name], a) if name in peaks else a
+
+    observe_inputs(model, targets, calibration, observe)
+    ran = [n for n, c in counts.items() if c > 0]
+    # divided in place: a copy per layer would hold every moment twice for a moment (an
+    # inference tensor, made under torch.inference_mode by a calibration callable such as
+    # SentenceTransformer.encode, cannot be changed in place out of it: divided as a copy)
+    return {
+        "moments": {n: sums[n] / counts[n] if sums[n].is_inference() else sums[n].div_(counts[n])
+                    for n in ran if n in sums},
+        "amax": {n: peaks[n] for n in ran if n in peaks},
+        "finite": {n: bool(finite[n]) for n in ran},
+    }

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import functional as F
 from . import hf
-from ._calibration import check_calibration, observe_inputs
+from ._calibration import check_calibration, input_statistics
 from .nn._linear_like import (
     _selected,
     adapter_layers,
@@ -212,31 +212,15 @@ def _calibrate(model: nn.Module, targets, alpha, calibration, with_moments: bool
     (in_features,), when ``alpha`` is not None; name -> E[x x^T], float64, when
     ``with_moments``) for the targets it ran. s_k = max|x_k|^alpha / max_n |W_nk|^(1 - alpha),
     1 where a channel's input was always 0."""
-    amax: dict = {}
-    sums: dict = {}
-    finite: dict = {}  # checked after the run: reading a flag in the hook breaks a compiled graph
-
-    def observe(name, x):
-        finite[name] = finite.get(name, True) & torch.isfinite(x).all()
-        a = x.abs().amax(0) if x.shape[0] else x.new_zeros(x.shape[1])
-        amax[name] = torch.maximum(amax[name], a) if name in amax else a
-        h, cnt = sums.get(name, (0, 0))
-        if with_moments:
-            h = (x.T @ x).double() + h
-        sums[name] = (h, cnt + x.shape[0])
-
-    observe_inputs(model, targets, calibration, observe)
-    bad = [n for n, ok in finite.items() if not bool(ok)]
+    stats = input_statistics(model, targets, calibration, moments=with_moments,
+                             amax=alpha is not None)
+    bad = [n for n, ok in stats["finite"].items() if not ok]
     if bad:
         raise ValueError(f"the calibration inputs of {shown(bad)} are not finite (inf/NaN "
                          "activations): they cannot set scales or weigh errors (nothing was "
                          "changed)")
-    ran = {n for n, (_, cnt) in sums.items() if cnt > 0}
-    # divided in place: a copy per layer would hold every moment twice for a moment
-    # (an inference tensor, made under torch.inference_mode by a calibration callable such as
-    # SentenceTransformer.encode, cannot be changed in place out of it: divided as a copy)
-    moments = {n: h / cnt if h.is_inference() else h.div_(cnt)
-               for n, (h, cnt) in sums.items() if cnt > 0 and with_moments}
+    ran = stats["finite"].keys()  # (every layer that received a row has a finiteness flag)
+    moments, amax = stats["moments"], stats["amax"]
     factors = {}
     for name, module in targets:
         if alpha is None or name not in ran:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hf
-from ._calibration import check_calibration, observe_inputs
+from ._calibration import check_calibration, input_statistics
 from ._validate import check_bits, check_int
 
 __all__ = ["kmeans_1d", "calibrated_assign", "share_weights_"]
@@ -203,23 +203,6 @@ def calibrated_assign(
     return idx[:, torch.argsort(order)]
 
 
-def _input_moments(model: nn.Module, targets, calibration) -> dict:
-    """E[x x^T] (float64, on each layer's device) of the inputs each target layer receives while
-    ``calibration`` runs (fastkd._calibration.observe_inputs)."""
-    sums: dict = {}
-
-    def observe(name, x):
-        s, cnt = sums.get(name, (0, 0))
-        sums[name] = ((x.T @ x).double() + s, cnt + x.shape[0])
-
-    observe_inputs(model, targets, calibration, observe)
-    # divided in place: a copy per layer would hold every moment twice for a moment
-    # (an inference tensor, made under torch.inference_mode by a calibration callable such as
-    # SentenceTransformer.encode, cannot be changed in place out of it: divided as a copy)
-    return {n: s / cnt if s.is_inference() else s.div_(cnt)
-            for n, (s, cnt) in sums.items() if cnt > 0}
-
-
 def share_weights_(
     model: nn.Module,
     bits: int = 4,
@@ -327,7 +310,7 @@ def share_weights_(
     if calibration is not None:
         _check_damp(damp)
         check_calibration(calibration)
-        moments = _input_moments(model, targets, calibration)
+        moments = input_statistics(model, targets, calibration)["moments"]
         for n, h in moments.items():  # before any layer is replaced
             if not torch.isfinite(h).all():
                 raise ValueError(f"the calibration inputs of {n!r} are not finite (inf/NaN "
